@@ -1,0 +1,56 @@
+"""Stream an artifact to an authenticated caller, with its sha256 in a header.
+
+An async view with an async iterator: under ASGI, Django would otherwise read a
+synchronous iterator into memory whole, which a multi-GB artifact must not do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+
+from registry.models import ModelVersion
+from registry.services import artifact_store
+from registry.storage import CHUNK_BYTES
+from swarm_portal.auth import authenticate_async
+
+SHA256_HEADER = "X-Artifact-SHA256"
+
+
+async def _read_chunks(path: str) -> AsyncIterator[bytes]:
+    handle = await asyncio.to_thread(open, path, "rb")
+    try:
+        while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
+            yield chunk
+    finally:
+        handle.close()
+
+
+async def artifact_download(request: HttpRequest, model_name: str, number: int
+                            ) -> HttpResponseBase:
+    """Return the version's artifact as a stream, sha256 and size in the headers."""
+    if request.method not in ("GET", "HEAD"):
+        return JsonResponse({"error": "method not allowed"}, status=405)
+    if await authenticate_async(request) is None:
+        return JsonResponse({"error": "authentication credentials were not provided"},
+                            status=401, headers={"WWW-Authenticate": "Token"})
+    version = await (ModelVersion.objects.select_related("model")
+                     .filter(model__name=model_name, number=number).afirst())
+    if version is None:
+        return JsonResponse({"error": f"{model_name} has no version {number}"}, status=404)
+    path = artifact_store().path(version.artifact_name)
+    content = _read_chunks(str(path)) if request.method == "GET" else _empty()
+    response = StreamingHttpResponse(content, content_type="application/octet-stream")
+    response[SHA256_HEADER] = version.sha256
+    response["Content-Length"] = str(version.size_bytes)
+    suffix = "pt2" if version.format == "torch_export" else "pt"
+    response["Content-Disposition"] = (
+        f'attachment; filename="{version.model.name}-v{version.number}.{suffix}"')
+    return response
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield b""

@@ -1,0 +1,32 @@
+"""Portal forms for the registry pages."""
+
+from __future__ import annotations
+
+from django import forms
+
+from registry.models import Model, ModelFormat
+
+
+class ModelCreateForm(forms.ModelForm):
+    class Meta:
+        model = Model
+        fields = ["name", "description"]
+
+
+class VersionUploadForm(forms.Form):
+    """Fields beside the artifact; the artifact itself streams through our upload handler."""
+
+    signature = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 8}),
+        help_text='JSON: {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}], '
+                  '"outputs": [...]}',
+    )
+    metadata = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False,
+                               help_text="optional JSON object")
+    format = forms.ChoiceField(choices=[("", "detect from the file"), *ModelFormat.choices],
+                               required=False)
+
+
+class AliasMoveForm(forms.Form):
+    alias = forms.RegexField(regex=r"^[a-z][a-z0-9_-]{0,62}$", max_length=63)
+    version = forms.IntegerField(min_value=1)

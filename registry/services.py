@@ -1,0 +1,178 @@
+"""Every registry write: the row, the artifact and the audit trail in one place."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+
+from registry.models import ALIAS_NAME_VALIDATOR, Alias, AliasMove, Model, ModelVersion
+from registry.signature import SignatureError, parse_signature
+from registry.storage import ArtifactStore, StagingFile
+from registry.validation import ArtifactRejected, validate_artifact
+from swarm_portal.errors import Conflict, NotFound, ServiceError
+
+log = logging.getLogger(__name__)
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def artifact_store() -> ArtifactStore:
+    return ArtifactStore(settings.ARTIFACT_ROOT)
+
+
+def parse_json_field(raw: Any, field: str, default: Any) -> Any:
+    """Return a JSON form field (string or already parsed), or raise a 400 naming the field."""
+    if raw is None or raw == "":
+        return default
+    if isinstance(raw, (dict, list)):
+        return raw
+    try:
+        return json.loads(raw)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ServiceError(f"{field} is not valid JSON: {exc}") from None
+
+
+def checked_signature(raw: Any) -> dict[str, Any]:
+    try:
+        return parse_signature(raw).to_dict()
+    except SignatureError as exc:
+        raise ServiceError(f"signature: {exc}") from None
+
+
+def checked_metadata(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ServiceError("metadata must be a JSON object")
+    if len(json.dumps(raw)) > MAX_METADATA_BYTES:
+        raise ServiceError(f"metadata must be under {MAX_METADATA_BYTES} bytes of JSON")
+    return raw
+
+
+def do_create_model(*, name: str, description: str, owner: Any) -> Model:
+    """Create a model; its name must be unused."""
+    try:
+        with transaction.atomic():
+            return Model.objects.create(name=name, description=description, owner=owner)
+    except IntegrityError:
+        raise Conflict(f"a model named {name!r} already exists") from None
+
+
+def do_create_version(
+    *,
+    model: Model,
+    staging: StagingFile,
+    signature: Any,
+    metadata: Any,
+    declared_format: str | None,
+    user: Any,
+) -> ModelVersion:
+    """Validate a staged artifact in a child process, store it and record the version.
+
+    On any refusal nothing is left: no row, no stored file, no staging file.
+    """
+    try:
+        clean_signature = checked_signature(signature)
+        clean_metadata = checked_metadata(metadata)
+        staging.close()
+        if staging.size_bytes == 0:
+            raise ServiceError("the artifact is empty")
+        _refuse_duplicate(model, staging.sha256)
+        try:
+            result = validate_artifact(
+                staging.path, clean_signature, declared_format,
+                timeout_s=settings.VALIDATION_TIMEOUT_S,
+                memory_bytes=settings.VALIDATION_MEMORY_BYTES,
+            )
+        except ArtifactRejected as exc:
+            raise ServiceError(str(exc)) from None
+        return _store_version(model, staging, clean_signature, clean_metadata, result.format, user)
+    finally:
+        staging.discard()
+
+
+def _refuse_duplicate(model: Model, sha256: str) -> None:
+    existing = model.versions.filter(sha256=sha256).values_list("number", flat=True).first()
+    if existing is not None:
+        raise Conflict(f"this artifact is already version {existing} of {model.name}")
+
+
+def _store_version(model: Model, staging: StagingFile, signature: dict[str, Any],
+                   metadata: dict[str, Any], fmt: str, user: Any) -> ModelVersion:
+    store = artifact_store()
+    stored, created = store.commit(staging)
+    try:
+        with transaction.atomic():
+            locked = Model.objects.select_for_update().get(pk=model.pk)
+            last = locked.versions.aggregate(last=Max("number"))["last"] or 0
+            return ModelVersion.objects.create(
+                model=locked, number=last + 1, format=fmt, artifact_name=stored.name,
+                sha256=stored.sha256, size_bytes=stored.size_bytes, signature=signature,
+                metadata=metadata, created_by=user,
+            )
+    except IntegrityError:
+        if created:
+            store.delete(stored.name)
+        raise Conflict("this artifact was uploaded to this model at the same time") from None
+    except BaseException:
+        if created:
+            store.delete(stored.name)
+        raise
+
+
+def find_version(model: Model, number: Any) -> ModelVersion:
+    """Return the model's version `number`, or a 404 naming it."""
+    try:
+        return model.versions.get(number=int(number))
+    except (ValueError, TypeError, ModelVersion.DoesNotExist):
+        raise NotFound(f"{model.name} has no version {number!r}") from None
+
+
+@transaction.atomic
+def do_move_alias(*, model: Model, alias_name: str, version: ModelVersion, user: Any,
+                  is_rollback: bool = False) -> Alias:
+    """Point the alias at `version` (creating it if new) and audit the move."""
+    if version.model_id != model.pk:
+        raise ServiceError(f"version {version.number} does not belong to {model.name}")
+    try:
+        ALIAS_NAME_VALIDATOR(alias_name)
+    except ValidationError as exc:
+        raise ServiceError(f"alias name {alias_name!r}: {exc.messages[0]}") from None
+    alias = Alias.objects.select_for_update().filter(model=model, name=alias_name).first()
+    from_version = alias.version if alias else None
+    if alias is None:
+        alias = Alias(model=model, name=alias_name, version=version)
+    alias.version = version
+    alias.save()
+    AliasMove.objects.create(model=model, alias_name=alias_name, from_version=from_version,
+                             to_version=version, moved_by=user, is_rollback=is_rollback)
+    log.info("alias %s@%s moved %s -> %s by %s", model.name, alias_name,
+             from_version.number if from_version else None, version.number, user)
+    return alias
+
+
+@transaction.atomic
+def do_rollback_alias(*, model: Model, alias_name: str, user: Any) -> Alias:
+    """Move the alias back to the version it pointed at before its last move."""
+    alias = Alias.objects.select_for_update().filter(model=model, name=alias_name).first()
+    if alias is None:
+        raise NotFound(f"{model.name} has no alias {alias_name!r}")
+    last = AliasMove.objects.filter(model=model, alias_name=alias_name).first()
+    if last is None or last.from_version is None:
+        raise ServiceError(f"alias {alias_name!r} has no earlier version to roll back to")
+    return do_move_alias(model=model, alias_name=alias_name, version=last.from_version,
+                         user=user, is_rollback=True)
+
+
+@transaction.atomic
+def do_delete_alias(*, model: Model, alias_name: str, user: Any) -> None:
+    """Remove an alias, auditing the removal as a move to nothing."""
+    alias = Alias.objects.select_for_update().filter(model=model, name=alias_name).first()
+    if alias is None:
+        raise NotFound(f"{model.name} has no alias {alias_name!r}")
+    AliasMove.objects.create(model=model, alias_name=alias_name, from_version=alias.version,
+                             to_version=None, moved_by=user)
+    alias.delete()

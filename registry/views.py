@@ -1,0 +1,119 @@
+"""Registry pages: list, detail with versions and alias history, create, upload."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Max
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_protect
+from django.views.decorators.http import require_POST
+
+from registry import services
+from registry.api.views import alias_moves, create_version_from_request
+from registry.forms import AliasMoveForm, ModelCreateForm, VersionUploadForm
+from registry.models import Model
+from registry.permissions import is_operator
+from swarm_portal.errors import ServiceError
+
+
+def _require_operator(request: HttpRequest) -> None:
+    if not is_operator(request.user):
+        raise PermissionDenied("only staff or members of the operators group may do this")
+
+
+def model_list(request: HttpRequest) -> HttpResponse:
+    models = (Model.objects.select_related("owner")
+              .annotate(version_count=Count("versions"), latest=Max("versions__number")))
+    return render(request, "registry/model_list.html",
+                  {"models": models, "can_edit": is_operator(request.user)})
+
+
+def model_detail(request: HttpRequest, name: str) -> HttpResponse:
+    model = get_object_or_404(Model.objects.select_related("owner"), name=name)
+    context = {
+        "model": model,
+        "versions": model.versions.select_related("created_by"),
+        "aliases": model.aliases.select_related("version"),
+        "moves": alias_moves(model)[:50],
+        "can_edit": is_operator(request.user),
+        "alias_form": AliasMoveForm(),
+    }
+    return render(request, "registry/model_detail.html", context)
+
+
+def model_create(request: HttpRequest) -> HttpResponse:
+    _require_operator(request)
+    form = ModelCreateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            model = services.do_create_model(name=form.cleaned_data["name"],
+                                             description=form.cleaned_data["description"],
+                                             owner=request.user)
+        except ServiceError as exc:
+            form.add_error("name", exc.message)
+        else:
+            return redirect("registry:model-detail", name=model.name)
+    return render(request, "registry/model_create.html", {"form": form})
+
+
+@csrf_protect
+def version_upload(request: HttpRequest, name: str) -> HttpResponse:
+    """Show the upload form; on POST stream, validate and store the new version.
+
+    The page posts with XMLHttpRequest to show progress and wants JSON back; a
+    plain form post (no script) gets a redirect or the form with the error.
+    """
+    _require_operator(request)
+    model = get_object_or_404(Model, name=name)
+    wants_json = request.headers.get("Accept", "").startswith("application/json")
+    if request.method != "POST":
+        return render(request, "registry/upload.html",
+                      {"model": model, "form": VersionUploadForm()})
+    try:
+        version = create_version_from_request(request, model)
+    except ServiceError as exc:
+        if wants_json:
+            return JsonResponse({"error": exc.message}, status=exc.status_code)
+        form = VersionUploadForm(request.POST)
+        return render(request, "registry/upload.html",
+                      {"model": model, "form": form, "error": exc.message},
+                      status=exc.status_code)
+    target = reverse("registry:model-detail", kwargs={"name": model.name})
+    if wants_json:
+        return JsonResponse({"number": version.number, "sha256": version.sha256,
+                             "redirect": target}, status=201)
+    messages.success(request, f"Version {version.number} uploaded (sha256 {version.sha256}).")
+    return redirect(target)
+
+
+@require_POST
+def alias_move(request: HttpRequest, name: str) -> HttpResponse:
+    _require_operator(request)
+    model = get_object_or_404(Model, name=name)
+    form = AliasMoveForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ServiceError("; ".join(f"{k}: {v[0]}" for k, v in form.errors.items()))
+        version = services.find_version(model, form.cleaned_data["version"])
+        services.do_move_alias(model=model, alias_name=form.cleaned_data["alias"],
+                               version=version, user=request.user)
+        messages.success(request, f"{form.cleaned_data['alias']} now points at "
+                                  f"version {version.number}.")
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+    return redirect("registry:model-detail", name=model.name)
+
+
+@require_POST
+def alias_rollback(request: HttpRequest, name: str, alias: str) -> HttpResponse:
+    _require_operator(request)
+    model = get_object_or_404(Model, name=name)
+    try:
+        moved = services.do_rollback_alias(model=model, alias_name=alias, user=request.user)
+        messages.success(request, f"{alias} rolled back to version {moved.version.number}.")
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+    return redirect("registry:model-detail", name=model.name)

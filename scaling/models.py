@@ -1,0 +1,3 @@
+"""scaling data (filled in by later issues)."""
+
+from __future__ import annotations

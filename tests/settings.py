@@ -1,0 +1,19 @@
+"""Test settings: the production settings module, with safe defaults for what is unset."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123456789")
+os.environ.setdefault("SWARM_VAR_DIR", os.path.join(tempfile.gettempdir(), "swarm-portal-tests"))
+os.environ.setdefault("SECURE_COOKIES", "0")
+
+from swarm_portal.settings import *  # noqa: F403
+from swarm_portal.settings import DATABASES, VAR_DIR
+
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A file, not memory, so that server processes started by tests share the test database.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast test logins
