@@ -19,7 +19,7 @@ from swarm_portal.auth import authenticate_async
 SHA256_HEADER = "X-Artifact-SHA256"
 
 
-async def _read_chunks(path: str) -> AsyncIterator[bytes]:
+async def read_chunks(path: str) -> AsyncIterator[bytes]:
     handle = await asyncio.to_thread(open, path, "rb")
     try:
         while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
@@ -41,7 +41,7 @@ async def artifact_download(request: HttpRequest, model_name: str, number: int
     if version is None:
         return JsonResponse({"error": f"{model_name} has no version {number}"}, status=404)
     path = artifact_store().path(version.artifact_name)
-    content = _read_chunks(str(path)) if request.method == "GET" else _empty()
+    content = read_chunks(str(path)) if request.method == "GET" else _empty()
     response = StreamingHttpResponse(content, content_type="application/octet-stream")
     response[SHA256_HEADER] = version.sha256
     response["Content-Length"] = str(version.size_bytes)

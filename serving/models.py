@@ -1,3 +1,159 @@
-"""serving data (filled in by later issues)."""
+"""GPU servers (nodes), their devices, join tokens, deployments and replicas.
+
+Only changes of state are written here (a node going offline, a replica becoming
+ready); the per-second figures of heartbeats live in the cache (serving.live).
+"""
 
 from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from registry.models import Model, ModelVersion
+
+
+class JoinToken(models.Model):
+    """A secret that lets a GPU server join the pool; stored as a sha256 digest."""
+
+    name = models.CharField(max_length=100)
+    token_hash = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=12, help_text="first characters, to recognise it")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT,
+                                   related_name="join_tokens")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    uses_left = models.PositiveIntegerField(null=True, blank=True, help_text="empty: unlimited")
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+
+class NodeStatus(models.TextChoices):
+    READY = "ready", "ready"
+    DRAINING = "draining", "draining"
+    OFFLINE = "offline", "offline"
+
+
+class Node(models.Model):
+    """A machine running the worker agent."""
+
+    name = models.CharField(max_length=100)
+    address = models.CharField(max_length=255, help_text="host the gateway reaches replicas on")
+    labels = models.JSONField(default=dict, blank=True)
+    cost_per_hour = models.FloatField(default=0.0)
+    status = models.CharField(max_length=16, choices=NodeStatus.choices,
+                              default=NodeStatus.READY)
+    secret_hash = models.CharField(max_length=64)
+    agent_version = models.CharField(max_length=50, blank=True)
+    cached_artifacts = models.JSONField(default=list, blank=True)
+    join_token = models.ForeignKey(JoinToken, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="nodes")
+    registered_at = models.DateTimeField(auto_now_add=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    status_changed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} (#{self.pk})"
+
+
+class Gpu(models.Model):
+    """A device of a node: a GPU, or the CPU on a node without one. Live figures: cache."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
+    index = models.PositiveIntegerField()
+    kind = models.CharField(max_length=8, default="gpu")
+    uuid = models.CharField(max_length=100)
+    name = models.CharField(max_length=200)
+    memory_total_bytes = models.BigIntegerField()
+
+    class Meta:
+        ordering = ["node", "index"]
+        constraints = [models.UniqueConstraint(fields=["node", "index"], name="unique_gpu_index")]
+
+    def __str__(self) -> str:
+        return f"{self.node.name}/{self.index} {self.name}"
+
+
+class DevicePreference(models.TextChoices):
+    AUTO = "auto", "GPU when available, else CPU"
+    GPU = "gpu", "GPU only"
+    CPU = "cpu", "CPU only"
+
+
+class Deployment(models.Model):
+    """A model endpoint served by N replicas, pinned to a version or following an alias."""
+
+    name = models.SlugField(max_length=100, unique=True, help_text="endpoint name under /v2")
+    model = models.ForeignKey(Model, on_delete=models.PROTECT, related_name="deployments")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT,
+                                related_name="deployments")
+    alias_name = models.CharField(max_length=63, blank=True,
+                                  help_text="follow this registry alias when set")
+    replicas = models.PositiveIntegerField(default=1, help_text="desired replica count")
+    max_batch_size = models.PositiveIntegerField(default=8)
+    max_queue_delay_ms = models.FloatField(default=2.0)
+    device = models.CharField(max_length=8, choices=DevicePreference.choices,
+                              default=DevicePreference.AUTO)
+    memory_bytes = models.BigIntegerField(default=512 * 1024**2,
+                                          help_text="device memory one replica needs")
+    threads = models.PositiveIntegerField(default=1)
+    deleting = models.BooleanField(default=False, help_text="replicas drain, then it goes")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT,
+                                   related_name="deployments")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ReplicaState(models.TextChoices):
+    PENDING = "pending", "pending (no node with room)"
+    STARTING = "starting", "starting"
+    READY = "ready", "ready"
+    DRAINING = "draining", "draining"
+    FAILED = "failed", "failed"
+    STOPPED = "stopped", "stopped"
+
+
+ACTIVE_REPLICA_STATES = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY)
+
+
+class Replica(models.Model):
+    """One replica process of a deployment on a node."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE,
+                                   related_name="replica_set")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="replicas")
+    gpu_index = models.IntegerField(null=True, blank=True, help_text="empty: the CPU")
+    port = models.PositiveIntegerField(null=True, blank=True)
+    state = models.CharField(max_length=16, choices=ReplicaState.choices,
+                             default=ReplicaState.PENDING)
+    desired = models.BooleanField(default=True, help_text="false: being drained and removed")
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    state_changed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["deployment", "id"]
+        indexes = [models.Index(fields=["node", "desired"]),
+                   models.Index(fields=["deployment", "state"])]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name}#{self.pk} on {self.node_id} ({self.state})"
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.gpu_index is None else f"cuda:{self.gpu_index}"

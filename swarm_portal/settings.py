@@ -171,6 +171,24 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Latest heartbeat figures live in the cache, shared by the portal and Celery processes:
+# Redis in production, files under var/ in the embedded default.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                          "LOCATION": REDIS_URL, "KEY_PREFIX": "swarm"}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                          "LOCATION": str(VAR_DIR / "cache"), "KEY_PREFIX": "swarm",
+                          "OPTIONS": {"MAX_ENTRIES": 100_000}}}
+
+# Worker agents: heartbeat period, and how many missed heartbeats make a node offline.
+HEARTBEAT_INTERVAL_S = env_float("HEARTBEAT_INTERVAL_S", 1.0, minimum=0.1)
+MISSED_HEARTBEATS_OFFLINE = env_int("MISSED_HEARTBEATS_OFFLINE", 3, minimum=1)
+CELERY_BEAT_SCHEDULE = {
+    "sweep-nodes": {"task": "serving.tasks.sweep_nodes", "schedule": HEARTBEAT_INTERVAL_S},
+    "reconcile-deployments": {"task": "serving.tasks.reconcile_deployments", "schedule": 2.0},
+}
+
 # One code path for both modes: Redis in production, Celery's filesystem broker embedded.
 CELERY_BROKER_URL = REDIS_URL or "filesystem://"
 CELERY_BROKER_TRANSPORT_OPTIONS = (

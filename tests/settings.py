@@ -6,7 +6,8 @@ import os
 import tempfile
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123456789")
-os.environ.setdefault("SWARM_VAR_DIR", os.path.join(tempfile.gettempdir(), "swarm-portal-tests"))
+# A folder per run: two runs on one machine must not share a test database file.
+os.environ.setdefault("SWARM_VAR_DIR", tempfile.mkdtemp(prefix="swarm-portal-tests-"))
 os.environ.setdefault("SECURE_COOKIES", "0")
 
 from swarm_portal.settings import *  # noqa: F403

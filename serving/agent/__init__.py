@@ -1,0 +1,1 @@
+"""The worker agent (`swarm-worker`): runs on each GPU server. Never imports Django."""

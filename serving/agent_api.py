@@ -1,0 +1,91 @@
+"""The agent API: register, heartbeat, deregister, artifact download.
+
+Plain Django views, not DRF: a thousand nodes heartbeat every second, so this path
+stays lean. Bodies are validated by the shared dataclasses in serving.agent.protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from registry.downloads import SHA256_HEADER, read_chunks
+from registry.models import ModelVersion
+from registry.services import artifact_store
+from serving import services
+from serving.agent.protocol import HeartbeatRequest, ProtocolError, RegisterRequest
+from swarm_portal.errors import ServiceError
+
+MAX_AGENT_BODY_BYTES = 1024 * 1024
+
+
+def _error(message: str, status: int) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status)
+
+
+def _json_body(request: HttpRequest) -> Any:
+    if len(request.body) > MAX_AGENT_BODY_BYTES:
+        raise ServiceError("the request body is too large", 413)
+    try:
+        return json.loads(request.body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ServiceError(f"the body is not valid JSON: {exc}") from None
+
+
+def _agent_view(handler: Any) -> Any:
+    """Turn ServiceError and ProtocolError into 4xx JSON for one agent endpoint."""
+    @csrf_exempt
+    @require_POST
+    def view(request: HttpRequest) -> HttpResponse:
+        try:
+            return handler(request)
+        except ProtocolError as exc:
+            return _error(f"malformed message: {exc}", 400)
+        except ServiceError as exc:
+            return _error(exc.message, exc.status_code)
+    view.__name__ = handler.__name__
+    return view
+
+
+@_agent_view
+def register(request: HttpRequest) -> HttpResponse:
+    message = RegisterRequest.from_dict(_json_body(request))
+    return JsonResponse(services.do_register_node(message).to_dict(), status=201)
+
+
+@_agent_view
+def heartbeat(request: HttpRequest) -> HttpResponse:
+    node = services.authenticate_node(request.headers.get("Authorization", ""))
+    message = HeartbeatRequest.from_dict(_json_body(request))
+    return JsonResponse(services.do_heartbeat(node, message).to_dict())
+
+
+@_agent_view
+def deregister(request: HttpRequest) -> HttpResponse:
+    node = services.authenticate_node(request.headers.get("Authorization", ""))
+    services.do_deregister_node(node)
+    return HttpResponse(status=204)
+
+
+async def artifact(request: HttpRequest, sha256: str) -> HttpResponse:
+    """Stream an artifact to a node (async: multi-GB files never sit in memory)."""
+    if request.method != "GET":
+        return _error("method not allowed", 405)
+    try:
+        await sync_to_async(services.authenticate_node)(request.headers.get("Authorization", ""))
+    except ServiceError as exc:
+        return _error(exc.message, exc.status_code)
+    version = await ModelVersion.objects.filter(sha256=sha256).afirst()
+    if version is None:
+        return _error(f"no artifact with sha256 {sha256}", 404)
+    path = artifact_store().path(version.artifact_name)
+    response = StreamingHttpResponse(read_chunks(str(path)),
+                                     content_type="application/octet-stream")
+    response[SHA256_HEADER] = version.sha256
+    response["Content-Length"] = str(version.size_bytes)
+    return response

@@ -1,0 +1,114 @@
+"""Serving REST shapes: nodes (with live figures), join tokens, deployments, replicas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from serving.models import Deployment, DevicePreference, Gpu, JoinToken, Node, Replica
+
+
+class GpuSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Gpu
+        fields = ["index", "kind", "uuid", "name", "memory_total_bytes"]
+
+
+class LiveDeviceSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    kind = serializers.CharField()
+    name = serializers.CharField()
+    memory_total_bytes = serializers.IntegerField()
+    memory_used_bytes = serializers.IntegerField()
+    utilization_pct = serializers.FloatField()
+    temperature_c = serializers.FloatField(allow_null=True)
+    power_w = serializers.FloatField(allow_null=True)
+
+
+class NodeSerializer(serializers.ModelSerializer):
+    gpus = GpuSerializer(many=True, read_only=True)
+    live_devices = serializers.SerializerMethodField()
+    last_seen_s = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Node
+        fields = ["id", "name", "address", "labels", "cost_per_hour", "status", "agent_version",
+                  "registered_at", "last_heartbeat_at", "status_changed_at", "gpus",
+                  "live_devices", "last_seen_s", "cached_artifacts"]
+        read_only_fields = fields
+
+    def _figures(self, node: Node) -> dict[str, Any]:
+        return self.context.get("figures", {}).get(node.pk, {})
+
+    @extend_schema_field(LiveDeviceSerializer(many=True))
+    def get_live_devices(self, node: Node) -> list[dict[str, Any]]:
+        return self._figures(node).get("devices", [])
+
+    def get_last_seen_s(self, node: Node) -> float | None:
+        return self._figures(node).get("at_s")
+
+
+class JoinTokenSerializer(serializers.ModelSerializer):
+    created_by = serializers.CharField(source="created_by.username", read_only=True)
+    expires_in_hours = serializers.FloatField(write_only=True, required=False, min_value=0.01,
+                                              help_text="lifetime; empty: never expires")
+    uses = serializers.IntegerField(write_only=True, required=False, min_value=1,
+                                    help_text="how many nodes may join; empty: unlimited")
+
+    class Meta:
+        model = JoinToken
+        fields = ["id", "name", "prefix", "created_by", "created_at", "expires_at", "uses_left",
+                  "revoked_at", "expires_in_hours", "uses"]
+        read_only_fields = ["id", "prefix", "created_by", "created_at", "expires_at",
+                            "uses_left", "revoked_at"]
+
+
+class JoinTokenCreatedSerializer(JoinTokenSerializer):
+    token = serializers.CharField(read_only=True, help_text="the secret: shown only now")
+
+    class Meta(JoinTokenSerializer.Meta):
+        fields = [*JoinTokenSerializer.Meta.fields, "token"]
+
+
+class ReplicaSerializer(serializers.ModelSerializer):
+    deployment = serializers.CharField(source="deployment.name")
+    version = serializers.IntegerField(source="version.number")
+    node_name = serializers.CharField(source="node.name", allow_null=True, default=None)
+
+    class Meta:
+        model = Replica
+        fields = ["id", "deployment", "version", "node", "node_name", "gpu_index", "port",
+                  "state", "desired", "error", "created_at", "ready_at", "state_changed_at"]
+        read_only_fields = fields
+
+
+class DeploymentSerializer(serializers.ModelSerializer):
+    model = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    version = serializers.IntegerField(source="version.number", read_only=True)
+    ready_replicas = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Deployment
+        fields = ["name", "model", "version", "alias_name", "replicas", "ready_replicas",
+                  "max_batch_size", "max_queue_delay_ms", "device", "memory_bytes", "threads",
+                  "deleting", "created_at"]
+        read_only_fields = fields
+
+
+class DeploymentCreateSerializer(serializers.Serializer):
+    name = serializers.SlugField(max_length=100)
+    model = serializers.SlugField(max_length=100)
+    version = serializers.IntegerField(min_value=1, required=False)
+    alias = serializers.CharField(max_length=63, required=False, default="")
+    replicas = serializers.IntegerField(min_value=0, max_value=256, default=1)
+    max_batch_size = serializers.IntegerField(min_value=1, max_value=4096, default=8)
+    max_queue_delay_ms = serializers.FloatField(min_value=0.0, max_value=10_000.0, default=2.0)
+    device = serializers.ChoiceField(choices=DevicePreference.choices, default="auto")
+    memory_bytes = serializers.IntegerField(min_value=1, default=512 * 1024**2)
+    threads = serializers.IntegerField(min_value=1, max_value=256, default=1)
+
+
+class ScaleSerializer(serializers.Serializer):
+    replicas = serializers.IntegerField(min_value=0, max_value=256)

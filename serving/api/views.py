@@ -1,0 +1,135 @@
+"""Serving REST endpoints: nodes, join tokens, deployments, replicas."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db.models import Count, Q, QuerySet
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from registry.models import Model
+from registry.permissions import IsOperatorOrReadOnly
+from serving import live, services
+from serving.api.serializers import (
+    DeploymentCreateSerializer,
+    DeploymentSerializer,
+    JoinTokenCreatedSerializer,
+    JoinTokenSerializer,
+    NodeSerializer,
+    ReplicaSerializer,
+    ScaleSerializer,
+)
+from serving.models import Deployment, JoinToken, Node, Replica, ReplicaState
+
+ERROR = OpenApiResponse(description='{"error": "..."}')
+
+
+class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
+                  viewsets.GenericViewSet):
+    """GPU servers: list with live figures, drain, remove."""
+
+    permission_classes = [IsOperatorOrReadOnly]
+    serializer_class = NodeSerializer
+    queryset = Node.objects.prefetch_related("gpus")
+
+    def get_serializer_context(self) -> dict:
+        context = super().get_serializer_context()
+        context["figures"] = live.nodes_figures(list(Node.objects.values_list("pk", flat=True)))
+        return context
+
+    def perform_destroy(self, instance: Node) -> None:
+        services.do_remove_node(instance)
+
+    @extend_schema(request=None, responses={200: NodeSerializer})
+    @action(detail=True, methods=["post"])
+    def drain(self, request: Request, pk: str) -> Response:
+        """Stop placing replicas here and move the ones it has."""
+        node = self.get_object()
+        services.do_drain_node(node)
+        node.refresh_from_db()
+        return Response(self.get_serializer(node).data)
+
+
+class JoinTokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                       mixins.CreateModelMixin, viewsets.GenericViewSet):
+    """Join tokens for new GPU servers: the secret is shown once, at creation."""
+
+    permission_classes = [IsOperatorOrReadOnly]
+    serializer_class = JoinTokenSerializer
+    queryset = JoinToken.objects.select_related("created_by")
+
+    @extend_schema(responses={201: JoinTokenCreatedSerializer, 400: ERROR})
+    def create(self, request: Request) -> Response:
+        body = JoinTokenSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        hours = body.validated_data.get("expires_in_hours")
+        token, secret = services.do_create_join_token(
+            name=body.validated_data["name"], user=request.user,
+            expires_in=timedelta(hours=hours) if hours else None,
+            uses=body.validated_data.get("uses"))
+        token.token = secret
+        return Response(JoinTokenCreatedSerializer(token).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={200: JoinTokenSerializer})
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, pk: str) -> Response:
+        token = self.get_object()
+        services.do_revoke_join_token(token)
+        token.refresh_from_db()
+        return Response(JoinTokenSerializer(token).data)
+
+
+class DeploymentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                        mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    """Deployments: create from a version or an alias, scale by hand, delete."""
+
+    permission_classes = [IsOperatorOrReadOnly]
+    serializer_class = DeploymentSerializer
+    lookup_field = "name"
+
+    def get_queryset(self) -> QuerySet[Deployment]:
+        ready = Count("replica_set", filter=Q(replica_set__state=ReplicaState.READY,
+                                              replica_set__desired=True))
+        return Deployment.objects.select_related("model", "version").annotate(
+            ready_replicas=ready)
+
+    @extend_schema(request=DeploymentCreateSerializer,
+                   responses={201: DeploymentSerializer, 400: ERROR, 409: ERROR})
+    def create(self, request: Request) -> Response:
+        body = DeploymentCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = dict(body.validated_data)
+        model = get_object_or_404(Model, name=data.pop("model"))
+        deployment = services.do_create_deployment(
+            name=data.pop("name"), model=model, version_number=data.pop("version", None),
+            alias_name=data.pop("alias"), user=request.user, **data)
+        return Response(self.get_serializer(self.get_queryset().get(pk=deployment.pk)).data,
+                        status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance: Deployment) -> None:
+        services.do_delete_deployment(instance)
+
+    @extend_schema(request=ScaleSerializer, responses={200: DeploymentSerializer, 400: ERROR})
+    @action(detail=True, methods=["post"])
+    def scale(self, request: Request, name: str) -> Response:
+        """Set the number of replicas by hand."""
+        body = ScaleSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        services.do_scale_deployment(self.get_object(), body.validated_data["replicas"])
+        return Response(self.get_serializer(self.get_queryset().get(name=name)).data)
+
+
+class ReplicaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Replicas (read-only): where each runs and in which state. ?deployment=name filters."""
+
+    serializer_class = ReplicaSerializer
+
+    def get_queryset(self) -> QuerySet[Replica]:
+        replicas = Replica.objects.select_related("deployment", "version", "node")
+        name = self.request.query_params.get("deployment")
+        return replicas.filter(deployment__name=name) if name else replicas

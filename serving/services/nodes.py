@@ -1,0 +1,251 @@
+"""Join tokens, node registration, heartbeats, the offline sweep, drain and removal."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from serving import live, secrets
+from serving.agent.protocol import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+    ReplicaStatus,
+)
+from serving.models import Gpu, JoinToken, Node, NodeStatus, Replica, ReplicaState
+from serving.services.deployments import desired_for_node, reconcile_deployments_of
+from swarm_portal.errors import ServiceError
+
+log = logging.getLogger(__name__)
+LAST_HEARTBEAT_PERSIST_S = 10.0
+AGENT_STATES = {state.value for state in ReplicaState}
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+
+def do_create_join_token(*, name: str, user: Any, expires_in: timedelta | None,
+                         uses: int | None) -> tuple[JoinToken, str]:
+    """Create a join token; return it and its secret (shown once, stored as a digest)."""
+    secret = secrets.new_join_token()
+    token = JoinToken.objects.create(
+        name=name, token_hash=secrets.digest(secret), prefix=secret[:10], created_by=user,
+        expires_at=timezone.now() + expires_in if expires_in else None, uses_left=uses)
+    return token, secret
+
+
+def do_revoke_join_token(token: JoinToken) -> None:
+    JoinToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now())
+
+
+def _claim_join_token(secret: str, now: datetime) -> JoinToken:
+    """Use one use of a valid join token (a conditional update: two joins never share it)."""
+    usable = (Q(token_hash=secrets.digest(secret), revoked_at__isnull=True)
+              & (Q(expires_at__isnull=True) | Q(expires_at__gt=now)))
+    token = JoinToken.objects.filter(usable).first()
+    if token is None:
+        raise Unauthorized("the join token is unknown, expired or revoked")
+    if token.uses_left is not None:
+        claimed = JoinToken.objects.filter(pk=token.pk, uses_left__gt=0).update(
+            uses_left=F("uses_left") - 1)
+        if not claimed:
+            raise Unauthorized("the join token has no uses left")
+    return token
+
+
+@transaction.atomic
+def do_register_node(message: RegisterRequest, now: datetime | None = None) -> RegisterResponse:
+    """Admit a node that shows a valid join token; return its id and secrets."""
+    now = now or timezone.now()
+    token = _claim_join_token(message.join_token, now)
+    node = Node.objects.create(
+        name=message.name[:100], address=message.address[:255], labels=message.labels,
+        cost_per_hour=max(0.0, message.cost_per_hour), agent_version=message.agent_version[:50],
+        secret_hash="", join_token=token, last_heartbeat_at=now)
+    secret = secrets.new_node_secret(node.pk)
+    node.secret_hash = secrets.digest(secret)
+    node.save(update_fields=["secret_hash"])
+    _sync_devices(node, [asdict(d) for d in message.devices])
+    live.record_heartbeat(node.pk, now.timestamp(), [asdict(d) for d in message.devices], [])
+    log.info("node %s (#%s) joined with token %s", node.name, node.pk, token.prefix)
+    return RegisterResponse(node_id=node.pk, node_secret=secret,
+                            replica_key=secrets.replica_key(node.pk),
+                            heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S)
+
+
+def authenticate_node(authorization: str) -> Node:
+    """Return the node whose secret is in an `Authorization: Bearer` header, or raise 401."""
+    scheme, _, secret = authorization.partition(" ")
+    node_id = secrets.node_id_from_secret(secret.strip()) if scheme == "Bearer" else None
+    node = Node.objects.filter(pk=node_id).first() if node_id else None
+    if node is None or not secrets.matches(secret.strip(), node.secret_hash):
+        raise Unauthorized("a valid node secret is required (Authorization: Bearer swn_...)")
+    return node
+
+
+def _sync_devices(node: Node, devices: list[dict[str, Any]]) -> None:
+    """Keep the Gpu rows equal to the reported inventory (rarely changes)."""
+    current = {(g.index, g.uuid, g.name, g.kind, g.memory_total_bytes) for g in node.gpus.all()}
+    reported = {(d["index"], d["uuid"], d["name"], d["kind"], d["memory_total_bytes"])
+                for d in devices}
+    if current == reported:
+        return
+    node.gpus.all().delete()
+    Gpu.objects.bulk_create([
+        Gpu(node=node, index=i, uuid=u, name=n, kind=k, memory_total_bytes=m)
+        for i, u, n, k, m in sorted(reported)])
+
+
+def do_heartbeat(node: Node, message: HeartbeatRequest,
+                 now: datetime | None = None) -> HeartbeatResponse:
+    """Take a node's figures; persist only changes; answer with the replicas it should run."""
+    now = now or timezone.now()
+    devices = [asdict(d) for d in message.devices]
+    live.record_heartbeat(node.pk, now.timestamp(), devices,
+                          [asdict(r) for r in message.replicas])
+    with transaction.atomic():
+        node = Node.objects.select_for_update().get(pk=node.pk)
+        _persist_node_changes(node, message, now)
+        _sync_devices(node, devices)
+        changed = _apply_replica_statuses(node, message.replicas, now)
+    if changed:
+        reconcile_deployments_of(changed, now)
+    return HeartbeatResponse(desired=desired_for_node(node), replica_key=secrets.replica_key(
+        node.pk), heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, node_status=node.status)
+
+
+def _persist_node_changes(node: Node, message: HeartbeatRequest, now: datetime) -> None:
+    fields = []
+    if node.status == NodeStatus.OFFLINE:
+        node.status, node.status_changed_at = NodeStatus.READY, now
+        fields += ["status", "status_changed_at"]
+        log.info("node %s (#%s) is back", node.name, node.pk)
+    stale = (node.last_heartbeat_at is None
+             or (now - node.last_heartbeat_at).total_seconds() >= LAST_HEARTBEAT_PERSIST_S)
+    if stale or fields:
+        node.last_heartbeat_at = now
+        fields.append("last_heartbeat_at")
+    cached = sorted(set(message.cached_artifacts))
+    if cached != node.cached_artifacts:
+        node.cached_artifacts = cached
+        fields.append("cached_artifacts")
+    if fields:
+        node.save(update_fields=fields)
+
+
+def _apply_replica_statuses(node: Node, statuses: list[ReplicaStatus],
+                            now: datetime) -> set[int]:
+    """Write replica state changes; return the ids of deployments that need a reconcile."""
+    reported = {status.replica_id: status for status in statuses}
+    changed: set[int] = set()
+    for replica in node.replicas.exclude(state=ReplicaState.STOPPED):
+        status = reported.get(replica.pk)
+        new_state = _next_state(replica, status)
+        port = status.port if status else replica.port
+        error = (status.error if status else replica.error)[:2000]
+        if (new_state, port, error) == (replica.state, replica.port, replica.error):
+            continue
+        if new_state != replica.state:
+            replica.state_changed_at = now
+            changed.add(replica.deployment_id)
+            if new_state == ReplicaState.READY:
+                replica.ready_at = now
+        replica.state, replica.port, replica.error = new_state, port, error
+        replica.save(update_fields=["state", "port", "error", "state_changed_at", "ready_at"])
+    return changed
+
+
+def _next_state(replica: Replica, status: ReplicaStatus | None) -> str:
+    if status is None:
+        # Not (or no longer) running there: done if we asked it to go, else not started yet.
+        return ReplicaState.STOPPED if not replica.desired else replica.state
+    if status.state not in AGENT_STATES:
+        return replica.state
+    if not replica.desired and status.state in (ReplicaState.STARTING, ReplicaState.READY):
+        return ReplicaState.DRAINING
+    return status.state
+
+
+def sweep_nodes(now: datetime | None = None) -> list[int]:
+    """Mark nodes offline after missed heartbeats; move their replicas. Return their ids."""
+    now = now or timezone.now()
+    limit_s = settings.HEARTBEAT_INTERVAL_S * settings.MISSED_HEARTBEATS_OFFLINE
+    candidates = list(Node.objects.exclude(status=NodeStatus.OFFLINE)
+                      .values_list("pk", "last_heartbeat_at"))
+    figures = live.nodes_figures([pk for pk, _ in candidates])
+    gone = []
+    for pk, persisted_at in candidates:
+        last_s = figures.get(pk, {}).get("at_s") or (persisted_at.timestamp()
+                                                     if persisted_at else 0.0)
+        if now.timestamp() - last_s > limit_s and _mark_offline(pk, now):
+            gone.append(pk)
+    return gone
+
+
+def _mark_offline(node_id: int, now: datetime) -> bool:
+    with transaction.atomic():
+        claimed = Node.objects.filter(pk=node_id).exclude(status=NodeStatus.OFFLINE).update(
+            status=NodeStatus.OFFLINE, status_changed_at=now)
+        if not claimed:
+            return False  # another sweeper got there first
+        deployments = _release_replicas(Q(node_id=node_id), now, "node missed its heartbeats")
+    log.warning("node #%s is offline: missed heartbeats; moving its replicas", node_id)
+    reconcile_deployments_of(deployments, now)
+    return True
+
+
+def _release_replicas(where: Q, now: datetime, reason: str) -> set[int]:
+    """Give up the matching live replicas (they will be replaced elsewhere)."""
+    replicas = Replica.objects.filter(where).exclude(
+        state__in=[ReplicaState.FAILED, ReplicaState.STOPPED])
+    deployments = set(replicas.values_list("deployment_id", flat=True))
+    replicas.update(state=ReplicaState.FAILED, desired=False, error=reason,
+                    state_changed_at=now)
+    return deployments
+
+
+def do_drain_node(node: Node, now: datetime | None = None) -> None:
+    """Stop placing on the node and move its replicas; the agent drains them."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        Node.objects.filter(pk=node.pk).update(status=NodeStatus.DRAINING,
+                                               status_changed_at=now)
+        live_replicas = node.replicas.filter(desired=True)
+        deployments = set(live_replicas.values_list("deployment_id", flat=True))
+        live_replicas.update(desired=False)
+    reconcile_deployments_of(deployments, now)
+
+
+def do_remove_node(node: Node, now: datetime | None = None) -> None:
+    """Forget the node: its secret stops working and its replicas are replaced."""
+    now = now or timezone.now()
+    node_id = node.pk
+    with transaction.atomic():
+        deployments = _release_replicas(Q(node=node), now, "node removed")
+        Replica.objects.filter(node=node).update(state=ReplicaState.STOPPED, desired=False)
+        node.delete()
+    live.forget(node_id)
+    reconcile_deployments_of(deployments, now)
+
+
+def do_deregister_node(node: Node, now: datetime | None = None) -> None:
+    """An agent that shuts down cleanly: offline at once, replicas replaced elsewhere."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        Node.objects.filter(pk=node.pk).update(status=NodeStatus.OFFLINE,
+                                               status_changed_at=now)
+        deployments = _release_replicas(Q(node=node), now, "node deregistered")
+        Replica.objects.filter(node=node, state=ReplicaState.FAILED,
+                               error="node deregistered").update(state=ReplicaState.STOPPED)
+    live.forget(node.pk)
+    reconcile_deployments_of(deployments, now)

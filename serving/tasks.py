@@ -1,0 +1,19 @@
+"""Periodic serving work: the node health sweep and the reconcile safety net."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from serving import services
+
+
+@shared_task(ignore_result=True, acks_late=False)
+def sweep_nodes() -> list[int]:
+    """Mark nodes offline after missed heartbeats and move their replicas."""
+    return services.sweep_nodes()
+
+
+@shared_task(ignore_result=True, acks_late=False)
+def reconcile_deployments() -> None:
+    """Bring every deployment to its desired replicas (placement retries, deletions)."""
+    services.reconcile_all()
