@@ -13,6 +13,8 @@ os.environ.setdefault("SECURE_COOKIES", "0")
 from swarm_portal.settings import *  # noqa: F403
 from swarm_portal.settings import DATABASES, VAR_DIR
 
+# Threads that tests start (async views) must not keep connections open past a test.
+DATABASES["default"]["CONN_MAX_AGE"] = 0
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not memory, so that server processes started by tests share the test database.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
