@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean token
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m swarm_portal.launcher
+
+# An API token for the admin account of the embedded default (printed once, stored hashed).
+token: $(STAMP)
+	@$(BIN)/python -m swarm_portal.launcher manage create_api_token admin
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
