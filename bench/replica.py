@@ -1,0 +1,241 @@
+"""Benchmark one replica server: batched vs unbatched, at several concurrencies, in ONE run.
+
+Run by hand (not a test), from the repository root:
+
+    python bench/replica.py                 # 5 s per cell, concurrency 1, 16 and 64
+
+The reference MLP (TorchScript, 64 -> 256 -> 256 -> 10, FP32, torch.manual_seed(0)) is
+served by two replica processes started side by side on loopback, one batched
+(--max-batch-size 32 --max-queue-delay-ms 2) and one unbatched (--max-batch-size 1), both
+with --threads 1. For each concurrency the two are measured one after the other (an idle
+replica costs nothing), so drift on a noisy machine hits both alike: compare the ratios.
+The load generator is asyncio + aiohttp with keep-alive connections, one row per request,
+JSON body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KEY = "bench-replica-key-0123456789"
+HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+SIGNATURE = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+             "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]}
+CONFIGS = {"unbatched": ["--max-batch-size", "1", "--max-queue-delay-ms", "0"],
+           "batched": ["--max-batch-size", "32", "--max-queue-delay-ms", "2"]}
+READY_DEADLINE_S = 60.0
+
+
+def save_reference_mlp(directory: Path) -> Path:
+    """Write the reference MLP as TorchScript; return its path."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    ).eval()
+    path = directory / "reference-mlp.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Replica:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_replica(name: str, artifact: Path, signature_path: Path) -> Replica:
+    port = free_port()
+    command = [sys.executable, "-m", "serving.replica", "--artifact", str(artifact),
+               "--format", "torchscript", "--model-name", "mlp", "--model-version", "1",
+               "--signature-file", str(signature_path), "--host", "127.0.0.1",
+               "--port", str(port), "--device", "cpu", "--threads", "1", *CONFIGS[name]]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               env={**os.environ, "SWARM_REPLICA_KEY": KEY})
+    return Replica(name, process, port)
+
+
+async def wait_ready(session: aiohttp.ClientSession, replica: Replica) -> None:
+    give_up_at = time.monotonic() + READY_DEADLINE_S
+    while time.monotonic() < give_up_at:
+        if replica.process.poll() is not None:
+            raise SystemExit(f"replica {replica.name} exited with {replica.process.returncode}")
+        try:
+            async with session.get(f"{replica.url}/v2/health/ready") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise SystemExit(f"replica {replica.name} not ready within {READY_DEADLINE_S} s")
+
+
+def request_body() -> bytes:
+    row = np.random.default_rng(0).normal(size=64).astype(np.float32)
+    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                   "data": row.tolist()}]}).encode()
+
+
+@dataclass
+class Cell:
+    replica: str
+    concurrency: int
+    requests: int
+    errors: int
+    duration_s: float
+    latencies_ms: list[float]
+    batches: int
+    batched_rows: int
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.duration_s
+
+    def latency_ms(self, fraction: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    @property
+    def rows_per_batch(self) -> float:
+        return self.batched_rows / self.batches if self.batches else 0.0
+
+
+async def stats(session: aiohttp.ClientSession, replica: Replica) -> dict[str, Any]:
+    async with session.get(f"{replica.url}/stats") as response:
+        result: dict[str, Any] = await response.json()
+        return result
+
+
+async def drive(replica: Replica, concurrency: int, duration_s: float, warm_up_s: float,
+                body: bytes) -> Cell:
+    """Keep `concurrency` requests in flight for `duration_s` (after a warm-up)."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    # Stats go over their own session: the load's connector has no spare connection.
+    async with aiohttp.ClientSession(connector=connector, headers=HEADERS) as session, \
+            aiohttp.ClientSession(headers=HEADERS) as stats_session:
+        url = f"{replica.url}/v2/models/mlp/infer"
+        latencies_ms: list[float] = []
+        errors = 0
+        measuring = False
+        stop_at = time.monotonic() + warm_up_s + duration_s
+
+        async def worker() -> None:
+            nonlocal errors
+            while (started := time.monotonic()) < stop_at:
+                async with session.post(url, data=body) as response:
+                    await response.read()
+                    ok = response.status == 200
+                if measuring:
+                    latencies_ms.append((time.monotonic() - started) * 1000.0)
+                    errors += not ok
+
+        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        await asyncio.sleep(warm_up_s)
+        before = await stats(stats_session, replica)
+        measuring, started_s = True, time.monotonic()
+        await asyncio.gather(*workers)
+        elapsed_s = time.monotonic() - started_s
+        after = await stats(stats_session, replica)
+    return Cell(replica.name, concurrency, len(latencies_ms), errors, elapsed_s, latencies_ms,
+                after["batches"] - before["batches"],
+                after["batched_rows"] - before["batched_rows"])
+
+
+def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
+    print(f"\nreplica benchmark: {args.duration_s} s per cell, concurrency "
+          f"{', '.join(map(str, args.concurrency))}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| replica | concurrency | requests/s | p50 ms | p99 ms | rows per forward | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for cell in cells:
+        print(f"| {cell.replica} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
+              f"{cell.latency_ms(0.5):.2f} | {cell.latency_ms(0.99):.2f} | "
+              f"{cell.rows_per_batch:.1f} | {cell.errors} |")
+    print("\n| concurrency | batched / unbatched requests/s | batched p50 - unbatched p50 |")
+    print("|---|---|---|")
+    for concurrency in args.concurrency:
+        pair = {c.replica: c for c in cells if c.concurrency == concurrency}
+        batched, unbatched = pair["batched"], pair["unbatched"]
+        print(f"| {concurrency} | {batched.requests_per_s / unbatched.requests_per_s:.2f}x | "
+              f"{batched.latency_ms(0.5) - unbatched.latency_ms(0.5):+.3f} ms |")
+
+
+def median_round(rounds: list[Cell]) -> Cell:
+    """Return the round with the median throughput (one noisy round does not decide)."""
+    ordered = sorted(rounds, key=lambda cell: cell.requests_per_s)
+    return ordered[len(ordered) // 2]
+
+
+async def run(args: argparse.Namespace) -> list[Cell]:
+    body = request_body()
+    with tempfile.TemporaryDirectory() as directory:
+        artifact = save_reference_mlp(Path(directory))
+        signature_path = Path(directory) / "signature.json"
+        signature_path.write_text(json.dumps(SIGNATURE))
+        replicas = [start_replica(name, artifact, signature_path) for name in CONFIGS]
+        try:
+            async with aiohttp.ClientSession(headers=HEADERS) as session:
+                for replica in replicas:
+                    await wait_ready(session, replica)
+            cells = []
+            for concurrency in args.concurrency:
+                for replica in replicas:
+                    rounds = [await drive(replica, concurrency, args.duration_s,
+                                          args.warm_up_s, body) for _ in range(args.rounds)]
+                    cells.append(median_round(rounds))
+                    print(f"  {replica.name:9} c={concurrency:<3} "
+                          f"{cells[-1].requests_per_s:8.0f} req/s", file=sys.stderr)
+            return cells
+        finally:
+            for replica in replicas:
+                replica.process.terminate()
+                replica.process.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser.add_argument("--warm-up-s", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=1, help="median of this many rounds")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    args = parser.parse_args()
+    try:
+        import uvloop
+    except ImportError:
+        cells = asyncio.run(run(args))
+    else:
+        cells = uvloop.run(run(args))
+    print_report(cells, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The replica's plain ASGI application: auth, routing, and one handler per OIP endpoint.
+
+No framework: a dict lookup on the path finds the handler, every response is JSON (or an
+OIP binary body), and nothing here redirects or renders HTML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from serving.replica import codec
+from serving.replica.codec import CodecError, OutputTensor
+from serving.replica.config import ReplicaConfig
+from serving.replica.engine import InferenceEngine
+from serving.replica.runner import ModelFailure
+
+SERVER_NAME = "swarm-replica"
+SERVER_VERSION = "0.1.0"
+PLATFORMS = {"torchscript": "pytorch_torchscript", "torch_export": "pytorch_torch_export"}
+RETRY_AFTER_S = b"1"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+logger = logging.getLogger("serving.replica")
+
+_JSON: Headers = [(b"content-type", b"application/json")]
+_RETRY: Headers = [*_JSON, (b"retry-after", RETRY_AFTER_S)]
+
+
+@dataclass(frozen=True)
+class Response:
+    """Status, body and headers of one answer."""
+
+    status: int
+    body: bytes
+    headers: Headers
+
+
+def json_response(status: int, value: Any, headers: Headers = _JSON) -> Response:
+    """Return a JSON response."""
+    return Response(status, codec.dump_json(value), headers)
+
+
+def error_response(status: int, message: str, headers: Headers = _JSON) -> Response:
+    """Return an OIP error response {"error": message}."""
+    return Response(status, codec.error_body(message), headers)
+
+
+class ClientError(Exception):
+    """A request refused before it reaches the codec (status and message for the client)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+Handler = Callable[[Scope, Receive, dict[bytes, bytes]], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    handler: Handler
+    counts_in_flight: bool = False
+
+
+class ReplicaApp:
+    """ASGI callable serving one model version."""
+
+    def __init__(self, config: ReplicaConfig, engine: InferenceEngine) -> None:
+        self.config = config
+        self.engine = engine
+        self.state = "loading"
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._bearer = b"Bearer " + config.key.encode()
+        self._version = str(config.model_version)
+        self._routes = self._build_routes()
+        self._metadata = codec.dump_json({
+            "name": config.model_name, "versions": [self._version],
+            "platform": PLATFORMS[config.artifact_format],
+            **config.signature.to_dict(),
+        })
+
+    def _build_routes(self) -> dict[str, Route]:
+        routes = {
+            "/v2/health/live": Route("GET", self._live),
+            "/v2/health/ready": Route("GET", self._ready),
+            "/v2": Route("GET", self._server_metadata),
+            "/v2/": Route("GET", self._server_metadata),
+            "/stats": Route("GET", self._stats),
+        }
+        name = self.config.model_name
+        for base in (f"/v2/models/{name}", f"/v2/models/{name}/versions/{self._version}"):
+            routes[base] = Route("GET", self._model_metadata)
+            routes[f"{base}/ready"] = Route("GET", self._model_ready)
+            routes[f"{base}/infer"] = Route("POST", self._infer, counts_in_flight=True)
+        return routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = dict(scope["headers"])
+        route = self._routes.get(scope["path"])
+        if not hmac.compare_digest(headers.get(b"authorization", b""), self._bearer):
+            response = error_response(401, "missing or wrong bearer token",
+                                      [*_JSON, (b"www-authenticate", b"Bearer")])
+        elif route is None:
+            response = error_response(404, self._not_found_message(scope["path"]))
+        elif route.method != scope["method"]:
+            response = error_response(405, f"use {route.method} here",
+                                      [*_JSON, (b"allow", route.method.encode())])
+        elif route.counts_in_flight:
+            await self._send_counted(route, scope, receive, send, headers)
+            return
+        else:
+            response = await self._handle(route, scope, receive, headers)
+        await _send(send, response)
+
+    async def _send_counted(self, route: Route, scope: Scope, receive: Receive, send: Send,
+                            headers: dict[bytes, bytes]) -> None:
+        if self.state != "ready":
+            await _send(send, error_response(503, f"replica is {self.state}", _RETRY))
+            return
+        self.in_flight += 1
+        try:
+            await _send(send, await self._handle(route, scope, receive, headers))
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def _handle(self, route: Route, scope: Scope, receive: Receive,
+                      headers: dict[bytes, bytes]) -> Response:
+        try:
+            return await route.handler(scope, receive, headers)
+        except ClientError as exc:
+            return error_response(exc.status, str(exc))
+        except CodecError as exc:
+            return error_response(400, str(exc))
+        except Exception:
+            logger.exception("internal error on %s %s", scope["method"], scope["path"])
+            return error_response(500, "internal error in the replica server")
+
+    def _not_found_message(self, path: str) -> str:
+        parts = path.split("/")
+        if path.startswith("/v2/models/") and len(parts) > 3:
+            if parts[3] != self.config.model_name:
+                return f"unknown model {parts[3]!r}; this replica serves " \
+                       f"{self.config.model_name!r}"
+            if len(parts) > 5 and parts[4] == "versions" and parts[5] != self._version:
+                return f"unknown version {parts[5]!r} of model {parts[3]!r}; this replica " \
+                       f"serves version {self._version}"
+        return f"no such endpoint: {path}"
+
+    async def wait_idle(self) -> None:
+        """Return once no inference request is in flight."""
+        self._idle = asyncio.Event()
+        if self.in_flight:
+            await self._idle.wait()
+
+    async def _live(self, *_: Any) -> Response:
+        return json_response(200, {"live": True})
+
+    async def _ready(self, *_: Any) -> Response:
+        if self.state == "ready":
+            return json_response(200, {"ready": True})
+        return json_response(503, {"ready": False, "state": self.state}, _RETRY)
+
+    async def _server_metadata(self, *_: Any) -> Response:
+        return json_response(200, {"name": SERVER_NAME, "version": SERVER_VERSION,
+                                   "extensions": ["binary_tensor_data"]})
+
+    async def _model_metadata(self, *_: Any) -> Response:
+        return Response(200, self._metadata, _JSON)
+
+    async def _model_ready(self, *_: Any) -> Response:
+        ready = self.state == "ready"
+        return json_response(200 if ready else 503,
+                             {"name": self.config.model_name, "ready": ready},
+                             _JSON if ready else _RETRY)
+
+    async def _stats(self, *_: Any) -> Response:
+        return json_response(200, self.engine.stats.snapshot(
+            time.monotonic(), self.state, self.in_flight, self.engine.queue_depth))
+
+    async def _infer(self, scope: Scope, receive: Receive,
+                     headers: dict[bytes, bytes]) -> Response:
+        started_s = time.monotonic()
+        body = await self._read_body(receive, headers)
+        json_length = codec.parse_header_length(
+            headers.get(codec.HEADER_LENGTH_HEADER.encode()), len(body))
+        request = codec.decode_infer_request(body, json_length)
+        bound = codec.bind_to_signature(request, self.config.signature)
+        try:
+            outputs = await self.engine.infer(bound.arrays, bound.rows)
+        except ModelFailure as exc:
+            self.engine.stats.record_failure()
+            logger.error("inference failed: %s", exc)
+            return error_response(500, f"inference failed: {exc}")
+        specs = self.config.signature.outputs
+        encoded = codec.encode_infer_response(
+            self.config.model_name, self._version, request.request_id,
+            [OutputTensor(specs[i].name, specs[i].datatype, outputs[i], binary)
+             for i, binary in bound.outputs])
+        response_headers: Headers = [(b"content-type", encoded.content_type.encode())]
+        if encoded.json_length is not None:
+            response_headers.append((codec.HEADER_LENGTH_HEADER.encode(),
+                                     str(encoded.json_length).encode()))
+        finished_s = time.monotonic()
+        self.engine.stats.record_success(finished_s, (finished_s - started_s) * 1000.0)
+        return Response(200, encoded.body, response_headers)
+
+    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding != b"identity":
+            raise ClientError(400, f"Content-Encoding {encoding.decode('latin-1')!r} is not "
+                                   "supported")
+        limit_bytes = self.config.max_body_bytes
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > limit_bytes:
+            raise ClientError(413, f"the body is larger than {limit_bytes} bytes")
+        chunks: list[bytes] = []
+        size_bytes = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientError(400, "the client went away")
+            chunk = message.get("body", b"")
+            size_bytes += len(chunk)
+            if size_bytes > limit_bytes:
+                raise ClientError(413, f"the body is larger than {limit_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send(send: Send, response: Response) -> None:
+    headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
