@@ -1,0 +1,297 @@
+"""The agent loop: join, then heartbeat and reconcile replicas until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TypeVar
+
+from serving.agent import credentials as creds
+from serving.agent.cache import ArtifactCache
+from serving.agent.client import CredentialsRevoked, PortalClient, PortalError, PortalUnreachable
+from serving.agent.devices import DeviceBackend
+from serving.agent.processes import REPLICA_MODULE
+from serving.agent.protocol import (
+    DesiredReplica,
+    DeviceInfo,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+)
+from serving.agent.replicas import ReplicaManager, ReplicaSettings
+
+log = logging.getLogger(__name__)
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REVOKED = 3
+POLL_INTERVAL_S = 0.2  # how often replica states are checked between heartbeats
+MIN_HEARTBEAT_GAP_S = 0.2  # a state change is reported early, but not faster than this
+REGISTER_RETRY_MAX_S = 30.0
+HEARTBEAT_BACKOFF_MAX_S = 10.0  # a portal that comes back is not met by every node at once
+ARTIFACT_WORKERS = 2
+_FAILURE_LOG_EVERY = 30
+R = TypeVar("R")
+
+
+class AgentExit(Exception):
+    """The agent must stop with this exit code."""
+
+    def __init__(self, exit_code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What the agent was told on its command line."""
+
+    portal_url: str
+    cache_dir: Path
+    name: str
+    join_token: str | None = None
+    address: str = "127.0.0.1"
+    bind_host: str = "127.0.0.1"
+    port_range: range = range(9100, 9200)
+    cost_per_hour: float = 0.0
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_interval_s: float | None = None  # None: follow the portal (1 s until it says)
+    drain_grace_s: float = 30.0
+    ready_timeout_s: float = 300.0
+    http_timeout_s: float = 10.0
+    replica_module: str = REPLICA_MODULE  # the replica server to run (`python -m` name)
+
+
+class Agent:
+    """One node's agent: owns the portal client, the artifact cache and the replicas."""
+
+    def __init__(self, config: AgentConfig, devices: DeviceBackend,
+                 client: PortalClient | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.stop_requested = threading.Event()
+        self.state_dir = creds.node_state_dir(config.cache_dir, config.name)
+        self._dir_lock = creds.lock_node_dir(self.state_dir)
+        self.credentials: creds.NodeCredentials | None = None
+        self.interval_s = config.heartbeat_interval_s or 1.0
+        self._devices = devices
+        self._client = client or PortalClient(config.portal_url, config.http_timeout_s)
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(ARTIFACT_WORKERS, thread_name_prefix="artifact")
+        self.cache = ArtifactCache(config.cache_dir, self._client, self.stop_requested)
+        self.cache.remove_partial_downloads()
+        self.replicas = ReplicaManager(self._replica_settings(), self._prepare_artifact,
+                                       self._executor)
+        self._last_heartbeat_s: float | None = None
+        self._next_heartbeat_s = 0.0
+        self._change_pending = False
+        self.heartbeat_failures = 0
+
+    def run(self) -> int:
+        """Join, loop until stopped, drain and leave; return the process exit code."""
+        try:
+            self.join()
+            self._loop()
+        except AgentExit as stop:
+            if str(stop):
+                log.error("%s", stop)
+            self.shutdown(deregister=False)
+            return stop.exit_code
+        self.shutdown(deregister=True)
+        return EXIT_OK
+
+    def join(self) -> creds.NodeCredentials:
+        """Load this node's stored credentials, or register with the join token."""
+        stored = creds.load_credentials(self.state_dir, self.config.portal_url)
+        if stored is not None:
+            log.info("using stored credentials of node %d (%s)", stored.node_id, self.state_dir)
+            self._use(stored)
+            return stored
+        return self._register()
+
+    def step(self, now_s: float) -> None:
+        """Advance replica states, and heartbeat when due or when a state changed."""
+        if self.replicas.step(now_s):
+            self._change_pending = True
+        last_s = self._last_heartbeat_s
+        early = self._change_pending and (last_s is None or now_s - last_s >= MIN_HEARTBEAT_GAP_S)
+        if last_s is None or now_s >= self._next_heartbeat_s or early:
+            self.heartbeat(now_s)
+
+    def heartbeat(self, now_s: float) -> HeartbeatResponse | None:
+        """Send one heartbeat and reconcile its reply; return it (None when it failed)."""
+        self._last_heartbeat_s = now_s
+        self._next_heartbeat_s = now_s + self.interval_s
+        self._change_pending = False
+        try:
+            response = self._client.heartbeat(self._heartbeat_request())
+        except CredentialsRevoked as error:
+            self._on_revoked(error, now_s)
+            return None
+        except PortalError as error:
+            self._on_heartbeat_failure(error, now_s)
+            return None
+        if self.heartbeat_failures:
+            log.info("portal reachable again after %d failed heartbeats", self.heartbeat_failures)
+            self.heartbeat_failures = 0
+        self._apply(response, now_s)
+        return response
+
+    def shutdown(self, deregister: bool) -> None:
+        """Drain every replica (in-flight requests finish), then leave the pool."""
+        self.stop_requested.set()  # also cancels artifact downloads in flight
+        self.replicas.drain_all(self._clock())
+        if deregister and self.replicas.live_count():
+            self._report_quietly()  # the portal sees `draining` and stops routing there
+        self._wait_for_drain()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if deregister:
+            self._deregister()
+        self.replicas.close()
+        self._client.close()
+        self._dir_lock.close()
+
+    def _loop(self) -> None:
+        while not self.stop_requested.is_set():
+            self.step(self._clock())
+            self.stop_requested.wait(POLL_INTERVAL_S)
+        log.info("stop requested: draining %d replicas", self.replicas.live_count())
+
+    def _register(self) -> creds.NodeCredentials:
+        token = self.config.join_token
+        if not token:
+            raise AgentExit(EXIT_FAILED, f"no stored credentials for {self.config.portal_url} "
+                                         f"in {self.state_dir}: pass --token JOIN_TOKEN")
+        request = RegisterRequest(
+            join_token=token, name=self.config.name, address=self.config.address,
+            cost_per_hour=self.config.cost_per_hour, devices=self._read_devices(),
+            labels=dict(self.config.labels), agent_version=_agent_version())
+        response = self._call_with_retry(lambda: self._client.register(request))
+        stored = creds.NodeCredentials(
+            portal_url=self.config.portal_url, node_id=response.node_id,
+            node_secret=response.node_secret, replica_key=response.replica_key)
+        path = creds.save_credentials(self.state_dir, stored)
+        log.info("joined %s as node %d; credentials stored in %s", self.config.portal_url,
+                 stored.node_id, path)
+        self._use(stored, response.heartbeat_interval_s)
+        return stored
+
+    def _call_with_retry(self, call: Callable[[], R]) -> R:
+        """Return call(), retrying with backoff while the portal is unreachable."""
+        delay_s = 1.0
+        while True:
+            try:
+                return call()
+            except PortalUnreachable as error:
+                log.warning("portal unreachable (%s): retrying in %gs", error, delay_s)
+            except PortalError as error:
+                raise AgentExit(EXIT_FAILED, f"the portal refused to register this node: "
+                                             f"{error}") from error
+            if self.stop_requested.wait(delay_s):
+                raise AgentExit(EXIT_OK)
+            delay_s = min(delay_s * 2, REGISTER_RETRY_MAX_S)
+
+    def _use(self, stored: creds.NodeCredentials, interval_s: float | None = None) -> None:
+        self.credentials = stored
+        self._client.node_secret = stored.node_secret
+        if interval_s:
+            self._follow_interval(interval_s)
+
+    def _follow_interval(self, interval_s: float) -> None:
+        if self.config.heartbeat_interval_s is None and interval_s > 0:
+            self.interval_s = interval_s
+            if self._last_heartbeat_s is not None:
+                self._next_heartbeat_s = self._last_heartbeat_s + interval_s
+
+    def _heartbeat_request(self) -> HeartbeatRequest:
+        self.replicas.refresh_stats()
+        return HeartbeatRequest(devices=self._read_devices(), replicas=self.replicas.statuses(),
+                                cached_artifacts=self.cache.cached_sha256s())
+
+    def _apply(self, response: HeartbeatResponse, now_s: float) -> None:
+        assert self.credentials is not None
+        if response.replica_key != self.credentials.replica_key:
+            log.warning("the portal sent a new replica key: replicas started from now on use it")
+            self.credentials = creds.NodeCredentials(
+                portal_url=self.credentials.portal_url, node_id=self.credentials.node_id,
+                node_secret=self.credentials.node_secret, replica_key=response.replica_key)
+            creds.save_credentials(self.state_dir, self.credentials)
+        self._follow_interval(response.heartbeat_interval_s)
+        self.replicas.reconcile(response.desired, response.replica_key, now_s)
+
+    def _on_heartbeat_failure(self, error: PortalError, now_s: float) -> None:
+        self.heartbeat_failures += 1
+        backoff_s = self.interval_s * 2 ** min(self.heartbeat_failures - 1, 16)
+        self._next_heartbeat_s = now_s + max(self.interval_s, min(backoff_s,
+                                                                  HEARTBEAT_BACKOFF_MAX_S))
+        if self.heartbeat_failures % _FAILURE_LOG_EVERY == 1:
+            log.warning("heartbeat failed (%d in a row; replicas keep running, retrying): %s",
+                        self.heartbeat_failures, error)
+
+    def _on_revoked(self, error: CredentialsRevoked, now_s: float) -> None:
+        node_id = self.credentials.node_id if self.credentials else None
+        log.error("the portal rejected the credentials of node %s (the node was removed?): %s",
+                  node_id, error)
+        creds.forget_credentials(self.state_dir)
+        self.credentials = None
+        self._client.node_secret = None
+        if not self.config.join_token:
+            raise AgentExit(EXIT_REVOKED, "node credentials revoked and no --token given: "
+                                          "exiting (rejoin with a new join token)")
+        # The replicas belong to a node the portal no longer knows: drain them before
+        # joining again, so the new node never reports replicas that are not its own.
+        self.replicas.drain_all(now_s)
+        self._wait_for_drain()
+        self.replicas.forget_finished()
+        log.info("registering again with the join token")
+        self._register()
+
+    def _read_devices(self) -> list[DeviceInfo]:
+        try:
+            return self._devices.devices()
+        except Exception:  # a device library failing must not stop heartbeats
+            log.exception("could not read devices")
+            return []
+
+    def _prepare_artifact(self, desired: DesiredReplica) -> Path:
+        return self.cache.ensure(desired.sha256, desired.size_bytes)
+
+    def _replica_settings(self) -> ReplicaSettings:
+        return ReplicaSettings(
+            replicas_dir=self.state_dir / "replicas", port_range=self.config.port_range,
+            bind_host=self.config.bind_host, ready_timeout_s=self.config.ready_timeout_s,
+            drain_grace_s=self.config.drain_grace_s, replica_module=self.config.replica_module)
+
+    def _report_quietly(self) -> None:
+        try:
+            self._client.heartbeat(self._heartbeat_request())
+        except PortalError as error:
+            log.info("could not report draining replicas: %s", error)
+
+    def _wait_for_drain(self) -> None:
+        # The manager kills what has not drained after the grace period, so this ends.
+        while self.replicas.live_count():
+            self.replicas.step(self._clock())
+            time.sleep(POLL_INTERVAL_S / 2)
+
+    def _deregister(self) -> None:
+        if self.credentials is None:
+            return
+        try:
+            self._client.deregister()
+            log.info("node %d deregistered", self.credentials.node_id)
+        except PortalError as error:
+            log.warning("could not deregister (the portal will mark this node offline): %s",
+                        error)
+
+
+def _agent_version() -> str:
+    try:
+        return metadata.version("swarm-portal")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,171 @@
+"""`swarm-worker`: join a GPU server (or any machine) to a Swarm Portal pool."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+from urllib.parse import urlsplit
+
+from serving.agent.agent import EXIT_FAILED, Agent, AgentConfig
+from serving.agent.credentials import NodeDirBusy
+from serving.agent.devices import BACKEND_CHOICES, DeviceBackendError, detect_backend
+
+log = logging.getLogger("serving.agent")
+DEFAULT_CACHE_DIR = Path("~/.cache/swarm-worker")
+MAX_PORT = 65535
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="swarm-worker", description="Join this machine to a Swarm Portal pool and run "
+        "the model replicas the portal places on it.")
+    parser.add_argument("--portal", required=True, type=portal_url,
+                        help="portal base URL, e.g. https://portal.example.com")
+    parser.add_argument("--token", help="join token (needed only until credentials are stored)")
+    parser.add_argument("--name", default=socket.gethostname(), help="node name (hostname)")
+    parser.add_argument("--address", default="127.0.0.1",
+                        help="host the portal and gateway use to reach replicas (127.0.0.1)")
+    parser.add_argument("--bind-host", default=None,
+                        help="interface replicas listen on (default: 127.0.0.1 for a loopback "
+                        "--address, else 0.0.0.0)")
+    parser.add_argument("--port-range", default=range(9100, 9200), type=port_range,
+                        help="ports for replica servers, FIRST-LAST (9100-9199)")
+    parser.add_argument("--cost-per-hour", default=0.0, type=non_negative_float,
+                        help="what this node costs per hour, for placement (0)")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, type=Path,
+                        help="artifacts and credentials (~/.cache/swarm-worker)")
+    parser.add_argument("--label", action="append", default=[], type=label,
+                        help="node label KEY=VALUE (repeatable)")
+    parser.add_argument("--heartbeat-interval-s", default=None, type=positive_float,
+                        help="seconds between heartbeats (default: what the portal says, 1.0 "
+                        "until it says)")
+    parser.add_argument("--device-backend", default="auto", choices=BACKEND_CHOICES,
+                        help="auto: NVML when it finds a GPU, else the CPU")
+    parser.add_argument("--drain-grace-s", default=30.0, type=positive_float,
+                        help="how long a stopping replica may finish requests before a kill")
+    parser.add_argument("--ready-timeout-s", default=300.0, type=positive_float,
+                        help="how long a replica may take to load its model")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def portal_url(text: str) -> str:
+    """Return an http(s) URL without its trailing slash."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
+    return text.rstrip("/")
+
+
+def port_range(text: str) -> range:
+    """Return the ports FIRST-LAST (inclusive) as a range."""
+    first, dash, last = text.partition("-")
+    try:
+        start, end = int(first), int(last if dash else first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port range must be FIRST-LAST, got {text!r}") from None
+    if not 1 <= start <= end <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"port range must lie within 1-{MAX_PORT}, FIRST <= "
+                                         f"LAST, got {text!r}")
+    return range(start, end + 1)
+
+
+def label(text: str) -> tuple[str, str]:
+    """Return (key, value) from KEY=VALUE."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"label must be KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def positive_float(text: str) -> float:
+    """Return a float > 0."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """Return a float >= 0."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def default_bind_host(address: str) -> str:
+    """Return where replicas listen: loopback for a loopback address, else every interface."""
+    if address == "localhost":
+        return "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False  # a DNS name: the portal reaches us from elsewhere
+    return "127.0.0.1" if loopback else "0.0.0.0"  # noqa: S104 - replicas check their key
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """Return the AgentConfig the parsed arguments describe."""
+    return AgentConfig(
+        portal_url=args.portal, cache_dir=args.cache_dir.expanduser(), name=args.name,
+        join_token=args.token, address=args.address,
+        bind_host=args.bind_host or default_bind_host(args.address),
+        port_range=args.port_range, cost_per_hour=args.cost_per_hour,
+        labels=dict(args.label), heartbeat_interval_s=args.heartbeat_interval_s,
+        drain_grace_s=args.drain_grace_s, ready_timeout_s=args.ready_timeout_s)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the agent until SIGTERM/SIGINT, and return the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpcore"):  # one line per heartbeat and health poll otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        devices = detect_backend(args.device_backend)
+    except DeviceBackendError as error:
+        log.error("%s", error)
+        return EXIT_FAILED
+    log.info("devices: %s backend", devices.name)
+    try:
+        agent = Agent(config_from_args(args), devices)
+    except (OSError, NodeDirBusy) as error:
+        log.error("cannot use the cache directory: %s", error)
+        return EXIT_FAILED
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: draining replicas, then leaving", signal.Signals(signum).name)
+        agent.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return agent.run()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The node's credentials on disk, so that a restarted agent needs no new join token."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+CREDENTIALS_FILE = "credentials.json"
+LOCK_FILE = "agent.lock"
+_PRIVATE_FILE_MODE = 0o600
+_PRIVATE_DIR_MODE = 0o700
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class NodeCredentials:
+    """What the portal gave this node when it joined."""
+
+    portal_url: str
+    node_id: int
+    node_secret: str
+    replica_key: str
+
+
+def node_state_dir(cache_dir: Path, node_name: str) -> Path:
+    """Return this node's own directory in the cache (credentials, replica logs), created 0700.
+
+    Keyed by node name so that two agents on one machine can share the artifact cache.
+    """
+    safe_name = _UNSAFE_NAME_CHARS.sub("_", node_name) or "node"
+    path = cache_dir / "nodes" / safe_name
+    path.mkdir(parents=True, exist_ok=True, mode=_PRIVATE_DIR_MODE)
+    return path
+
+
+class NodeDirBusy(RuntimeError):
+    """Another agent already runs as this node from this cache directory."""
+
+
+def lock_node_dir(state_dir: Path) -> IO[bytes]:
+    """Return an open lock file held until it is closed or the process ends.
+
+    Two agents acting as one node would stop each other's replicas as orphans.
+    """
+    lock = (state_dir / LOCK_FILE).open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise NodeDirBusy(f"another agent is running with {state_dir}: give this one its own "
+                          "--name or --cache-dir") from None
+    return lock
+
+
+def load_credentials(state_dir: Path, portal_url: str) -> NodeCredentials | None:
+    """Return stored credentials for this portal, or None (missing, unreadable, other portal)."""
+    path = state_dir / CREDENTIALS_FILE
+    try:
+        raw = json.loads(path.read_text())
+        credentials = NodeCredentials(
+            portal_url=str(raw["portal_url"]), node_id=int(raw["node_id"]),
+            node_secret=str(raw["node_secret"]), replica_key=str(raw["replica_key"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("ignoring unreadable credentials in %s: %s", path, error)
+        return None
+    if credentials.portal_url.rstrip("/") != portal_url.rstrip("/"):
+        log.warning("credentials in %s belong to %s, not %s: ignoring them",
+                    path, credentials.portal_url, portal_url)
+        return None
+    return credentials
+
+
+def save_credentials(state_dir: Path, credentials: NodeCredentials) -> Path:
+    """Write the credentials atomically to a file only this user can read (0600)."""
+    path = state_dir / CREDENTIALS_FILE
+    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp_path.unlink(missing_ok=True)
+    # Created 0600 from the start: the secret is never readable by others, not even briefly.
+    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(asdict(credentials), out, indent=2)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def forget_credentials(state_dir: Path) -> None:
+    """Delete the stored credentials (the portal revoked them)."""
+    (state_dir / CREDENTIALS_FILE).unlink(missing_ok=True)

@@ -1,0 +1,322 @@
+"""The replica process manager: desired replicas in, running replica servers out.
+
+Each replica goes starting -> ready -> draining -> stopped, or to failed with a reason.
+`reconcile()` takes the portal's wishes, `step(now_s)` moves states along (process exits,
+readiness, drain deadlines) and `refresh_stats()` reads the figures each heartbeat carries.
+Artifacts are fetched and verified on an executor so that a large download never holds up
+the heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from registry.signature import SignatureError, parse_signature
+from serving.agent import processes
+from serving.agent.protocol import DesiredReplica, ReplicaStatus
+
+log = logging.getLogger(__name__)
+REPLICA_FORMATS = ("torchscript", "torch_export")
+READY_PATH = "/v2/health/ready"
+STATS_PATH = "/stats"
+_LIVE_STATES = ("starting", "ready", "draining")
+_STAT_FIELDS = ("in_flight", "queue_depth", "completed", "failed")
+_LATENCY_FIELDS = ("latency_p50_ms", "latency_p99_ms")
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - names, compared against
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """How this node runs replicas."""
+
+    replicas_dir: Path
+    port_range: range
+    bind_host: str = "127.0.0.1"
+    ready_timeout_s: float = 300.0
+    drain_grace_s: float = 30.0
+    http_timeout_s: float = 1.0
+    replica_module: str = processes.REPLICA_MODULE
+    python: str = sys.executable
+
+    @property
+    def connect_host(self) -> str:
+        """Return the host the agent itself uses to reach its replicas."""
+        return "127.0.0.1" if self.bind_host in _WILDCARD_HOSTS else self.bind_host
+
+
+@dataclass
+class ManagedReplica:
+    """One replica as the agent tracks it."""
+
+    desired: DesiredReplica
+    replica_key: str
+    artifact: Future[Path] | None = None
+    state: str = "starting"
+    error: str = ""
+    port: int | None = None
+    process: subprocess.Popen[bytes] | None = None
+    launched_at_s: float | None = None
+    drain_started_at_s: float | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def replica_id(self) -> int:
+        return self.desired.replica_id
+
+    def status(self) -> ReplicaStatus:
+        """Return what the next heartbeat says about this replica."""
+        return ReplicaStatus(replica_id=self.replica_id, state=self.state, port=self.port,
+                             error=self.error, **self.stats)
+
+
+class ReplicaManager:
+    """Starts, watches, drains and stops this node's replica server processes."""
+
+    def __init__(self, settings: ReplicaSettings,
+                 prepare_artifact: Callable[[DesiredReplica], Path],
+                 executor: Executor) -> None:
+        self.settings = settings
+        self.replicas: dict[int, ManagedReplica] = {}
+        self._prepare_artifact = prepare_artifact
+        self._executor = executor
+        self._http = httpx.Client(timeout=settings.http_timeout_s)
+        self._last_port: int | None = None
+        settings.replicas_dir.mkdir(parents=True, exist_ok=True)
+        processes.stop_orphans(settings.replicas_dir, settings.replica_module)
+
+    def reconcile(self, desired: list[DesiredReplica], replica_key: str, now_s: float) -> None:
+        """Start what the portal wants and is not here; drain what it no longer wants."""
+        wanted = {item.replica_id: item for item in desired}
+        for replica_id, replica in list(self.replicas.items()):
+            if replica_id in wanted:
+                continue
+            if replica.state in ("failed", "stopped"):
+                self._forget(replica)  # reported at least once; the portal let it go
+            else:
+                self._begin_drain(replica, now_s)
+        for replica_id, item in wanted.items():
+            current = self.replicas.get(replica_id)
+            if current is None or current.state == "stopped":
+                self._admit(item, replica_key)
+
+    def step(self, now_s: float) -> bool:
+        """Advance every replica's state; return whether any state changed."""
+        changed = False
+        for replica in list(self.replicas.values()):
+            before = replica.state
+            self._step_one(replica, now_s)
+            if replica.state != before:
+                log.info("replica %d: %s -> %s%s", replica.replica_id, before, replica.state,
+                         f" ({replica.error})" if replica.error else "")
+                changed = True
+        return changed
+
+    def refresh_stats(self) -> None:
+        """Read /stats from every replica that serves or drains."""
+        for replica in self.replicas.values():
+            if replica.state in ("ready", "draining") and _alive(replica.process):
+                self._read_stats(replica)
+
+    def statuses(self) -> list[ReplicaStatus]:
+        """Return one ReplicaStatus per tracked replica, by id."""
+        return [self.replicas[key].status() for key in sorted(self.replicas)]
+
+    def drain_all(self, now_s: float) -> None:
+        """Begin draining every replica (the agent is leaving)."""
+        for replica in self.replicas.values():
+            self._begin_drain(replica, now_s)
+
+    def forget_finished(self) -> None:
+        """Stop tracking every failed or stopped replica."""
+        for replica in list(self.replicas.values()):
+            if replica.state in ("failed", "stopped"):
+                self._forget(replica)
+
+    def live_count(self) -> int:
+        """Return how many replicas still start, serve or drain."""
+        return sum(1 for replica in self.replicas.values() if replica.state in _LIVE_STATES)
+
+    def close(self) -> None:
+        """Release the HTTP client (processes are left to drain_all)."""
+        self._http.close()
+
+    def _forget(self, replica: ManagedReplica) -> None:
+        del self.replicas[replica.replica_id]
+        if replica.state == "stopped":
+            # A failed replica's directory stays: its stderr.log tells an operator why.
+            shutil.rmtree(self._replica_dir(replica), ignore_errors=True)
+
+    def _admit(self, desired: DesiredReplica, replica_key: str) -> None:
+        log.info("replica %d: starting %s v%d on %s", desired.replica_id, desired.model_name,
+                 desired.version, desired.device)
+        replica = ManagedReplica(desired=desired, replica_key=replica_key)
+        replica.artifact = self._executor.submit(self._prepare_artifact, desired)
+        self.replicas[desired.replica_id] = replica
+
+    def _step_one(self, replica: ManagedReplica, now_s: float) -> None:
+        if replica.state == "starting" and replica.process is None:
+            self._launch_when_artifact_ready(replica, now_s)
+        elif replica.state == "starting":
+            self._check_starting(replica, now_s)
+        elif replica.state == "ready":
+            self._check_exited(replica, "exited unexpectedly")
+        elif replica.state == "draining":
+            self._check_draining(replica, now_s)
+
+    def _launch_when_artifact_ready(self, replica: ManagedReplica, now_s: float) -> None:
+        artifact = replica.artifact
+        if artifact is None or not artifact.done():
+            return
+        error = artifact.exception()
+        if error is not None:
+            _fail(replica, f"artifact not usable: {error}")
+            return
+        try:
+            self._launch(replica, artifact.result(), now_s)
+        except (OSError, RuntimeError, ValueError) as launch_error:
+            _fail(replica, f"could not start: {launch_error}")
+
+    def _launch(self, replica: ManagedReplica, artifact_path: Path, now_s: float) -> None:
+        desired = replica.desired
+        if desired.format not in REPLICA_FORMATS:
+            raise ValueError(f"unknown model format {desired.format!r}")
+        try:
+            parse_signature(desired.signature)
+        except SignatureError as error:
+            raise ValueError(f"bad signature: {error}") from error
+        taken = [r.port for r in self.replicas.values() if r.port is not None]
+        port = processes.pick_port(self.settings.bind_host, self.settings.port_range, taken,
+                                   self._last_port)
+        self._last_port = port
+        replica.port = port
+        replica.process = processes.launch_replica(self._launch_spec(replica, artifact_path))
+        replica.launched_at_s = now_s
+        log.info("replica %d: process %d on port %d", desired.replica_id, replica.process.pid,
+                 port)
+
+    def _launch_spec(self, replica: ManagedReplica, artifact_path: Path) -> processes.LaunchSpec:
+        assert replica.port is not None
+        return processes.LaunchSpec(
+            desired=replica.desired, artifact_path=artifact_path,
+            replica_dir=self.settings.replicas_dir / str(replica.replica_id),
+            bind_host=self.settings.bind_host, port=replica.port,
+            replica_key=replica.replica_key, replica_module=self.settings.replica_module,
+            python=self.settings.python)
+
+    def _check_starting(self, replica: ManagedReplica, now_s: float) -> None:
+        if self._check_exited(replica, "exited before it was ready"):
+            return
+        if self._answers(replica, READY_PATH):
+            replica.state = "ready"
+            return
+        assert replica.launched_at_s is not None
+        if now_s - replica.launched_at_s >= self.settings.ready_timeout_s:
+            self._kill(replica)
+            reason = f"not ready within {self.settings.ready_timeout_s:g}s"
+            _fail(replica, _with_stderr(reason, self._replica_dir(replica)))
+
+    def _check_exited(self, replica: ManagedReplica, what: str) -> bool:
+        process = replica.process
+        if process is None or process.poll() is None:
+            return False
+        reason = f"replica process {what} (exit code {process.returncode})"
+        _fail(replica, _with_stderr(reason, self._replica_dir(replica)))
+        return True
+
+    def _check_draining(self, replica: ManagedReplica, now_s: float) -> None:
+        process = replica.process
+        if process is None or process.poll() is not None:
+            replica.state = "stopped"
+            replica.stats = {}
+            return
+        assert replica.drain_started_at_s is not None
+        if now_s - replica.drain_started_at_s >= self.settings.drain_grace_s:
+            log.warning("replica %d did not drain within %gs: killing it", replica.replica_id,
+                        self.settings.drain_grace_s)
+            self._kill(replica)
+            replica.error = f"killed: did not drain within {self.settings.drain_grace_s:g}s"
+            replica.state = "stopped"
+            replica.stats = {}
+
+    def _begin_drain(self, replica: ManagedReplica, now_s: float) -> None:
+        if replica.state not in ("starting", "ready"):
+            return
+        if replica.process is None:
+            # Still fetching its artifact: nothing runs yet, so nothing to drain.
+            if replica.artifact is not None:
+                replica.artifact.cancel()
+            replica.state = "stopped"
+            return
+        log.info("replica %d: %s -> draining", replica.replica_id, replica.state)
+        processes.signal_group(replica.process, signal.SIGTERM)
+        replica.state = "draining"
+        replica.drain_started_at_s = now_s
+
+    def _kill(self, replica: ManagedReplica) -> None:
+        if replica.process is not None:
+            processes.signal_group(replica.process, signal.SIGKILL)
+            replica.process.wait()
+
+    def _answers(self, replica: ManagedReplica, path: str) -> bool:
+        try:
+            response = self._get(replica, path)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == httpx.codes.OK
+
+    def _read_stats(self, replica: ManagedReplica) -> None:
+        try:
+            response = self._get(replica, STATS_PATH)
+            raw = response.json() if response.status_code == httpx.codes.OK else None
+        except (httpx.HTTPError, ValueError) as error:
+            log.debug("replica %d: no stats: %s", replica.replica_id, error)
+            return
+        if isinstance(raw, dict):
+            replica.stats = _parse_stats(raw)
+
+    def _get(self, replica: ManagedReplica, path: str) -> httpx.Response:
+        url = f"http://{self.settings.connect_host}:{replica.port}{path}"
+        return self._http.get(url, headers={"Authorization": f"Bearer {replica.replica_key}"})
+
+    def _replica_dir(self, replica: ManagedReplica) -> Path:
+        return self.settings.replicas_dir / str(replica.replica_id)
+
+
+def _alive(process: subprocess.Popen[bytes] | None) -> bool:
+    return process is not None and process.poll() is None
+
+
+def _fail(replica: ManagedReplica, reason: str) -> None:
+    replica.state = "failed"
+    replica.error = reason
+    replica.stats = {}
+
+
+def _with_stderr(reason: str, replica_dir: Path) -> str:
+    line = processes.last_stderr_line(replica_dir)
+    return f"{reason}: {line}" if line else reason
+
+
+def _parse_stats(raw: dict[str, Any]) -> dict[str, Any]:
+    """Return the ReplicaStatus figures from a /stats reply, skipping malformed values."""
+    figures: dict[str, Any] = {}
+    for name in _STAT_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            figures[name] = int(value)
+    for name in _LATENCY_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            figures[name] = float(value)
+    return figures

@@ -1,0 +1,114 @@
+"""`swarm-worker`: its options, the real process under SIGTERM, and its import hygiene."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serving.agent import cli
+from serving.agent.agent import EXIT_REVOKED
+from tests.agent_fakes import JOIN_TOKEN, FakePortal, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def portal() -> Iterator[FakePortal]:
+    with FakePortal() as running:
+        yield running
+
+
+def test_options_become_the_agent_config(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args([
+        "--portal", "https://portal.example/", "--token", "t", "--name", "gpu-7",
+        "--address", "gpu-7.example", "--port-range", "9200-9209", "--cost-per-hour", "2.5",
+        "--cache-dir", str(tmp_path), "--label", "zone=eu", "--label", "tier = spot"])
+
+    config = cli.config_from_args(args)
+
+    assert config.portal_url == "https://portal.example"
+    assert config.port_range == range(9200, 9210)
+    assert config.labels == {"zone": "eu", "tier": "spot"}
+    assert config.bind_host == "0.0.0.0"  # noqa: S104 - reachable from the portal elsewhere
+    assert config.heartbeat_interval_s is None  # follow the portal
+    assert (config.cost_per_hour, config.name, config.join_token) == (2.5, "gpu-7", "t")
+
+
+def test_a_loopback_address_keeps_replicas_on_loopback(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args(["--portal", "http://127.0.0.1:8000"])
+
+    config = cli.config_from_args(args)
+
+    assert (config.address, config.bind_host) == ("127.0.0.1", "127.0.0.1")
+    assert config.cache_dir == Path("~/.cache/swarm-worker").expanduser()
+
+
+@pytest.mark.parametrize("bad", [
+    ["--portal", "ftp://portal"],
+    ["--portal", "http://p", "--port-range", "9300-9200"],
+    ["--portal", "http://p", "--port-range", "0-10"],
+    ["--portal", "http://p", "--label", "novalue"],
+    ["--portal", "http://p", "--cost-per-hour", "-1"],
+    ["--portal", "http://p", "--heartbeat-interval-s", "0"],
+    ["--portal", "http://p", "--device-backend", "tpu"],
+])
+def test_bad_options_are_refused_with_a_usage_error(bad: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(bad)
+    assert exit_info.value.code == 2
+
+
+def start_worker(portal: FakePortal, tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "serving.agent", "--portal", portal.url, "--name", "cli-box",
+         "--cache-dir", str(tmp_path / "cache"), "--port-range", "19500-19509",
+         "--device-backend", "cpu", *extra],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def heartbeats_from(portal: FakePortal, node_id: int) -> int:
+    with portal.lock:
+        return sum(1 for node, _ in portal.state.heartbeats if node == node_id)
+
+
+@pytest.mark.slow
+def test_the_worker_process_leaves_cleanly_on_sigterm_and_restarts_without_a_token(
+        portal: FakePortal, tmp_path: Path) -> None:
+    worker = start_worker(portal, tmp_path, "--token", JOIN_TOKEN)
+    wait_until(lambda: heartbeats_from(portal, 1), what="the worker's first heartbeat")
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=30) == 0, worker.stdout.read().decode()  # type: ignore[union-attr]
+    assert portal.state.deregistered == [1]
+    restarted = start_worker(portal, tmp_path)  # no --token: the stored credentials suffice
+    before = heartbeats_from(portal, 1)
+    wait_until(lambda: heartbeats_from(portal, 1) > before, what="heartbeats after restart")
+    portal.revoke(1)
+    assert restarted.wait(timeout=30) == EXIT_REVOKED
+    output = restarted.stdout.read().decode()  # type: ignore[union-attr]
+    assert "rejected the credentials of node 1" in output
+    assert len(portal.state.registrations) == 1
+
+
+def test_importing_the_agent_loads_neither_django_nor_torch() -> None:
+    probe = (
+        "import sys, json\n"
+        "import serving.agent.cli, serving.agent.agent, serving.agent.replicas\n"
+        "import serving.agent.cache, serving.agent.devices, serving.agent.client\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('django', 'rest_framework', 'torch', 'celery', 'channels'))\n"
+        "print(json.dumps(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60, check=True,
+                            env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": ""})
+
+    assert json.loads(result.stdout) == []
+
