@@ -173,12 +173,13 @@ else:
 
 # Latest heartbeat figures live in the cache, shared by the portal and Celery processes:
 # Redis in production, files under var/ in the embedded default.
+CACHE_KEY_PREFIX = env_str("CACHE_KEY_PREFIX", "swarm")
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
-                          "LOCATION": REDIS_URL, "KEY_PREFIX": "swarm"}}
+                          "LOCATION": REDIS_URL, "KEY_PREFIX": CACHE_KEY_PREFIX}}
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
-                          "LOCATION": str(VAR_DIR / "cache"), "KEY_PREFIX": "swarm",
+                          "LOCATION": str(VAR_DIR / "cache"), "KEY_PREFIX": CACHE_KEY_PREFIX,
                           "OPTIONS": {"MAX_ENTRIES": 100_000}}}
 
 # Worker agents: heartbeat period, and how many missed heartbeats make a node offline.

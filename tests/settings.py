@@ -9,6 +9,8 @@ os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use
 # A folder per run: two runs on one machine must not share a test database file.
 os.environ.setdefault("SWARM_VAR_DIR", tempfile.mkdtemp(prefix="swarm-portal-tests-"))
 os.environ.setdefault("SECURE_COOKIES", "0")
+# Runs share one Redis in CI: keys of one run (and its server processes) never meet another's.
+os.environ.setdefault("CACHE_KEY_PREFIX", f"swarm-test-{os.getpid()}")
 
 from swarm_portal.settings import *  # noqa: F403
 from swarm_portal.settings import DATABASES, VAR_DIR
