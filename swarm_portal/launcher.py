@@ -69,17 +69,18 @@ def _worker_command(env: dict[str, str], portal_url: str, name: str, ports: str,
 def _start_all(env: dict[str, str], host: str, port: str) -> list[subprocess.Popen[bytes]]:
     python = sys.executable
     portal = [python, "-m", "uvicorn", "swarm_portal.asgi:application", "--host", host,
-              "--port", port, "--no-server-header"]
+              "--port", port, "--no-server-header", "--no-access-log"]
     celery = [python, "-m", "celery", "-A", "swarm_portal", "worker", "--beat",
               "--concurrency", "1", "--loglevel", "WARNING",
               "--schedule", str(Path(env["SWARM_VAR_DIR"]) / "celery" / "beat-schedule")]
-    children = [subprocess.Popen(portal, cwd=ROOT, env=env),
-                subprocess.Popen(celery, cwd=ROOT, env=env)]
+    # Own sessions: Ctrl-C reaches only this supervisor, which stops the children in order.
+    children = [subprocess.Popen(portal, cwd=ROOT, env=env, start_new_session=True),
+                subprocess.Popen(celery, cwd=ROOT, env=env, start_new_session=True)]
     portal_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
     token = _manage(env, "local_join_token", "--uses", str(len(LOCAL_WORKERS))).strip()
     for name, ports in LOCAL_WORKERS:
         command = _worker_command(env, portal_url, name, ports, token)
-        children.append(subprocess.Popen(command, cwd=ROOT, env=env))
+        children.append(subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True))
     return children
 
 
@@ -95,14 +96,17 @@ def _supervise(children: list[subprocess.Popen[bytes]]) -> int:
     while not stopping and all(child.poll() is None for child in children):
         time.sleep(0.2)
     failed = [child.args for child in children if child.poll() not in (None, 0)]
-    for child in reversed(children):  # workers first: they drain, then deregister
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in reversed(children):
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
+    portal_and_celery, workers = children[:2], children[2:]
+    # Workers first, while the portal still answers: they drain, then deregister.
+    for group in (workers, portal_and_celery):
+        for child in group:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in group:
+            try:
+                child.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                child.kill()
     if failed and not stopping:
         print(f"stopped because a process exited: {failed[0]}", file=sys.stderr)
         return 1
