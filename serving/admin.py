@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 
 from serving import services
-from serving.models import Deployment, Gpu, JoinToken, Node, Replica
+from serving.models import ApiKey, Deployment, DeploymentRevision, Gpu, JoinToken, Node, Replica
 
 
 class GpuInline(admin.TabularInline):
@@ -80,4 +80,35 @@ class ReplicaAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in Replica._meta.fields]
 
     def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Keys are created through the API or the portal, where the secret is shown once."""
+
+    list_display = ["name", "prefix", "all_deployments", "rate_limit_rps", "expires_at",
+                    "revoked_at"]
+    readonly_fields = ["key_hash", "prefix", "created_by", "created_at"]
+    actions = ["revoke"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description="Revoke the selected keys")
+    def revoke(self, request, queryset) -> None:
+        for key in queryset:
+            services.do_revoke_api_key(key)
+
+
+@admin.register(DeploymentRevision)
+class DeploymentRevisionAdmin(admin.ModelAdmin):
+    list_display = ["deployment", "number", "reason", "created_by", "created_at"]
+    list_select_related = ["deployment", "created_by"]
+    readonly_fields = ["deployment", "number", "spec", "reason", "created_by", "created_at"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False

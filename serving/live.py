@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django.core.cache import cache
+from django.db import transaction
 
 FIGURES_TTL_S = 300
 
@@ -38,3 +40,20 @@ def last_heartbeat_s(node_id: int) -> float | None:
 
 def forget(node_id: int) -> None:
     cache.delete(_node_key(node_id))
+
+
+ROUTES_REVISION_KEY = "routes:revision"
+
+
+def bump_routes() -> None:
+    """Tell every gateway (any process) that its routing table is stale."""
+    cache.set(ROUTES_REVISION_KEY, time.time_ns(), None)
+
+
+def bump_routes_on_commit() -> None:
+    """Bump once the current transaction commits (the new rows are visible by then)."""
+    transaction.on_commit(bump_routes)
+
+
+def routes_revision() -> str:
+    return str(cache.get(ROUTES_REVISION_KEY, 0))

@@ -87,8 +87,18 @@ class DevicePreference(models.TextChoices):
     CPU = "cpu", "CPU only"
 
 
+class BalancingPolicy(models.TextChoices):
+    P2C_EWMA = "p2c_ewma", "power of two choices, EWMA latency"
+    LEAST_OUTSTANDING = "least_outstanding", "least outstanding requests"
+    ROUND_ROBIN = "round_robin", "round robin"
+
+
 class Deployment(models.Model):
-    """A model endpoint served by N replicas, pinned to a version or following an alias."""
+    """A model endpoint served by N replicas, pinned to a version or following an alias.
+
+    `version` is the primary version; `traffic` ({"<version number>": weight}) splits
+    requests over several versions for a canary, and is {} when all go to `version`.
+    """
 
     name = models.SlugField(max_length=100, unique=True, help_text="endpoint name under /v2")
     model = models.ForeignKey(Model, on_delete=models.PROTECT, related_name="deployments")
@@ -104,6 +114,13 @@ class Deployment(models.Model):
     memory_bytes = models.BigIntegerField(default=512 * 1024**2,
                                           help_text="device memory one replica needs")
     threads = models.PositiveIntegerField(default=1)
+    traffic = models.JSONField(default=dict, blank=True,
+                               help_text='canary split {"<version>": weight}; {}: all to version')
+    policy = models.CharField(max_length=24, choices=BalancingPolicy.choices,
+                              default=BalancingPolicy.P2C_EWMA)
+    max_in_flight_per_replica = models.PositiveIntegerField(default=64)
+    queue_limit = models.PositiveIntegerField(default=256)
+    request_timeout_s = models.FloatField(default=30.0)
     deleting = models.BooleanField(default=False, help_text="replicas drain, then it goes")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT,
                                    related_name="deployments")
@@ -157,3 +174,47 @@ class Replica(models.Model):
     @property
     def device(self) -> str:
         return "cpu" if self.gpu_index is None else f"cuda:{self.gpu_index}"
+
+
+class DeploymentRevision(models.Model):
+    """An immutable snapshot of a deployment's versions, weights and settings."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE,
+                                   related_name="revisions")
+    number = models.PositiveIntegerField()
+    spec = models.JSONField(help_text="the deployment's settings at this revision")
+    reason = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["deployment", "-number"]
+        constraints = [models.UniqueConstraint(fields=["deployment", "number"],
+                                               name="unique_revision_number")]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name} r{self.number}"
+
+
+class ApiKey(models.Model):
+    """A client key for /v2, scoped to deployments; stored as a sha256 digest."""
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=12)
+    key_hash = models.CharField(max_length=64, unique=True)
+    deployments = models.ManyToManyField(Deployment, blank=True, related_name="api_keys")
+    all_deployments = models.BooleanField(default=False)
+    rate_limit_rps = models.FloatField(null=True, blank=True, help_text="empty: unlimited")
+    burst = models.PositiveIntegerField(default=0)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT,
+                                   related_name="api_keys")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

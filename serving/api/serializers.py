@@ -7,7 +7,17 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from serving.models import Deployment, DevicePreference, Gpu, JoinToken, Node, Replica
+from serving.models import (
+    ApiKey,
+    BalancingPolicy,
+    Deployment,
+    DeploymentRevision,
+    DevicePreference,
+    Gpu,
+    JoinToken,
+    Node,
+    Replica,
+)
 
 
 class GpuSerializer(serializers.ModelSerializer):
@@ -91,9 +101,10 @@ class DeploymentSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Deployment
-        fields = ["name", "model", "version", "alias_name", "replicas", "ready_replicas",
-                  "max_batch_size", "max_queue_delay_ms", "device", "memory_bytes", "threads",
-                  "deleting", "created_at"]
+        fields = ["name", "model", "version", "alias_name", "traffic", "replicas",
+                  "ready_replicas", "max_batch_size", "max_queue_delay_ms", "device",
+                  "memory_bytes", "threads", "policy", "max_in_flight_per_replica",
+                  "queue_limit", "request_timeout_s", "deleting", "created_at"]
         read_only_fields = fields
 
 
@@ -108,6 +119,72 @@ class DeploymentCreateSerializer(serializers.Serializer):
     device = serializers.ChoiceField(choices=DevicePreference.choices, default="auto")
     memory_bytes = serializers.IntegerField(min_value=1, default=512 * 1024**2)
     threads = serializers.IntegerField(min_value=1, max_value=256, default=1)
+    policy = serializers.ChoiceField(choices=BalancingPolicy.choices, default="p2c_ewma")
+    max_in_flight_per_replica = serializers.IntegerField(min_value=1, max_value=100_000,
+                                                         default=64)
+    queue_limit = serializers.IntegerField(min_value=0, max_value=100_000, default=256)
+    request_timeout_s = serializers.FloatField(min_value=0.01, max_value=3600.0, default=30.0)
+
+
+class DeploymentUpdateSerializer(serializers.Serializer):
+    """A partial change: versions, weights or settings (each change is a revision)."""
+
+    version = serializers.IntegerField(min_value=1, required=False)
+    alias = serializers.CharField(max_length=63, required=False, allow_blank=True)
+    traffic = serializers.DictField(child=serializers.FloatField(min_value=0), required=False,
+                                    help_text='canary split {"<version>": weight}; {}: none')
+    replicas = serializers.IntegerField(min_value=0, max_value=256, required=False)
+    max_batch_size = serializers.IntegerField(min_value=1, max_value=4096, required=False)
+    max_queue_delay_ms = serializers.FloatField(min_value=0.0, max_value=10_000.0,
+                                                required=False)
+    policy = serializers.ChoiceField(choices=BalancingPolicy.choices, required=False)
+    max_in_flight_per_replica = serializers.IntegerField(min_value=1, max_value=100_000,
+                                                         required=False)
+    queue_limit = serializers.IntegerField(min_value=0, max_value=100_000, required=False)
+    request_timeout_s = serializers.FloatField(min_value=0.01, max_value=3600.0,
+                                               required=False)
+
+
+class RevisionSerializer(serializers.ModelSerializer):
+    created_by = serializers.CharField(source="created_by.username", allow_null=True,
+                                       default=None)
+
+    class Meta:
+        model = DeploymentRevision
+        fields = ["number", "spec", "reason", "created_by", "created_at"]
+        read_only_fields = fields
+
+
+class RollbackSerializer(serializers.Serializer):
+    revision = serializers.IntegerField(min_value=1)
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    created_by = serializers.CharField(source="created_by.username", read_only=True)
+    deployments = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
+
+    class Meta:
+        model = ApiKey
+        fields = ["id", "name", "prefix", "deployments", "all_deployments", "rate_limit_rps",
+                  "burst", "expires_at", "revoked_at", "created_by", "created_at"]
+        read_only_fields = fields
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    deployments = serializers.ListField(child=serializers.SlugField(), required=False,
+                                        help_text="names; leave out for every deployment")
+    expires_in_hours = serializers.FloatField(min_value=0.0001, required=False)
+    rate_limit_rps = serializers.FloatField(min_value=0.001, required=False)
+    burst = serializers.IntegerField(min_value=0, default=0)
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    key = serializers.CharField(read_only=True, help_text="the secret: shown only now")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = [*ApiKeySerializer.Meta.fields, "key"]
+        read_only_fields = fields
 
 
 class ScaleSerializer(serializers.Serializer):

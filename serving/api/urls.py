@@ -13,6 +13,7 @@ router.register("nodes", views.NodeViewSet, basename="node")
 router.register("join-tokens", views.JoinTokenViewSet, basename="join-token")
 router.register("deployments", views.DeploymentViewSet, basename="deployment")
 router.register("replicas", views.ReplicaViewSet, basename="replica")
+router.register("api-keys", views.ApiKeyViewSet, basename="api-key")
 
 urlpatterns = [
     path("agent/register", agent_api.register, name="agent-register"),

@@ -16,15 +16,21 @@ from registry.models import Model
 from registry.permissions import IsOperatorOrReadOnly
 from serving import live, services
 from serving.api.serializers import (
+    ApiKeyCreatedSerializer,
+    ApiKeyCreateSerializer,
+    ApiKeySerializer,
     DeploymentCreateSerializer,
     DeploymentSerializer,
+    DeploymentUpdateSerializer,
     JoinTokenCreatedSerializer,
     JoinTokenSerializer,
     NodeSerializer,
     ReplicaSerializer,
+    RevisionSerializer,
+    RollbackSerializer,
     ScaleSerializer,
 )
-from serving.models import Deployment, JoinToken, Node, Replica, ReplicaState
+from serving.models import ApiKey, Deployment, JoinToken, Node, Replica, ReplicaState
 
 ERROR = OpenApiResponse(description='{"error": "..."}')
 
@@ -86,11 +92,48 @@ class JoinTokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
 
 class DeploymentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
                         mixins.DestroyModelMixin, viewsets.GenericViewSet):
-    """Deployments: create from a version or an alias, scale by hand, delete."""
+    """Deployments: create, change versions/weights/settings, scale, roll back, delete."""
 
     permission_classes = [IsOperatorOrReadOnly]
     serializer_class = DeploymentSerializer
     lookup_field = "name"
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    def _reply(self, name: str, status_code: int = status.HTTP_200_OK) -> Response:
+        return Response(self.get_serializer(self.get_queryset().get(name=name)).data,
+                        status=status_code)
+
+    @extend_schema(request=DeploymentUpdateSerializer,
+                   responses={200: DeploymentSerializer, 400: ERROR})
+    def partial_update(self, request: Request, name: str) -> Response:
+        """Change the version (or alias), the canary split or settings: a new revision."""
+        body = DeploymentUpdateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        changes = dict(body.validated_data)
+        if "alias" in changes:
+            changes["alias_name"] = changes.pop("alias")
+        services.do_update_deployment(self.get_object(), changes, request.user,
+                                      reason="changed: " + ", ".join(sorted(changes)))
+        return self._reply(name)
+
+    @extend_schema(request=None, responses=RevisionSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def revisions(self, request: Request, name: str) -> Response:
+        """Every revision of this deployment, newest first."""
+        revisions = self.get_object().revisions.select_related("created_by")
+        page = self.paginate_queryset(revisions)
+        return self.get_paginated_response(RevisionSerializer(page, many=True).data)
+
+    @extend_schema(request=RollbackSerializer,
+                   responses={200: DeploymentSerializer, 404: ERROR})
+    @action(detail=True, methods=["post"])
+    def rollback(self, request: Request, name: str) -> Response:
+        """Restore an earlier revision's versions, weights and settings."""
+        body = RollbackSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        services.do_rollback_deployment(self.get_object(), body.validated_data["revision"],
+                                        request.user)
+        return self._reply(name)
 
     def get_queryset(self) -> QuerySet[Deployment]:
         ready = Count("replica_set", filter=Q(replica_set__state=ReplicaState.READY,
@@ -108,8 +151,7 @@ class DeploymentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
         deployment = services.do_create_deployment(
             name=data.pop("name"), model=model, version_number=data.pop("version", None),
             alias_name=data.pop("alias"), user=request.user, **data)
-        return Response(self.get_serializer(self.get_queryset().get(pk=deployment.pk)).data,
-                        status=status.HTTP_201_CREATED)
+        return self._reply(deployment.name, status.HTTP_201_CREATED)
 
     def perform_destroy(self, instance: Deployment) -> None:
         services.do_delete_deployment(instance)
@@ -120,8 +162,9 @@ class DeploymentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
         """Set the number of replicas by hand."""
         body = ScaleSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        services.do_scale_deployment(self.get_object(), body.validated_data["replicas"])
-        return Response(self.get_serializer(self.get_queryset().get(name=name)).data)
+        services.do_scale_deployment(self.get_object(), body.validated_data["replicas"],
+                                     request.user)
+        return self._reply(name)
 
 
 class ReplicaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -133,3 +176,33 @@ class ReplicaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         replicas = Replica.objects.select_related("deployment", "version", "node")
         name = self.request.query_params.get("deployment")
         return replicas.filter(deployment__name=name) if name else replicas
+
+
+class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """API keys for /v2 clients: the secret is shown once, at creation."""
+
+    permission_classes = [IsOperatorOrReadOnly]
+    serializer_class = ApiKeySerializer
+    queryset = ApiKey.objects.select_related("created_by").prefetch_related("deployments")
+
+    @extend_schema(request=ApiKeyCreateSerializer,
+                   responses={201: ApiKeyCreatedSerializer, 400: ERROR})
+    def create(self, request: Request) -> Response:
+        body = ApiKeyCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        hours = data.get("expires_in_hours")
+        key, secret = services.do_create_api_key(
+            name=data["name"], user=request.user, deployments=data.get("deployments"),
+            expires_in=timedelta(hours=hours) if hours else None,
+            rate_limit_rps=data.get("rate_limit_rps"), burst=data["burst"])
+        key.key = secret
+        return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={200: ApiKeySerializer})
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, pk: str) -> Response:
+        key = self.get_object()
+        services.do_revoke_api_key(key)
+        key.refresh_from_db()
+        return Response(ApiKeySerializer(key).data)

@@ -21,7 +21,7 @@ from serving.agent.protocol import (
     ReplicaStatus,
 )
 from serving.models import Gpu, JoinToken, Node, NodeStatus, Replica, ReplicaState
-from serving.services.deployments import desired_for_node, reconcile_deployments_of
+from serving.services.reconcile import desired_for_node, reconcile_deployments_of
 from swarm_portal.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
         _persist_node_changes(node, message, now)
         _sync_devices(node, devices)
         changed = _apply_replica_statuses(node, message.replicas, now)
+        if changed:
+            live.bump_routes_on_commit()
     if changed:
         reconcile_deployments_of(changed, now)
     return HeartbeatResponse(desired=desired_for_node(node), replica_key=secrets.replica_key(
@@ -211,6 +213,7 @@ def _release_replicas(where: Q, now: datetime, reason: str) -> set[int]:
     deployments = set(replicas.values_list("deployment_id", flat=True))
     replicas.update(state=ReplicaState.FAILED, desired=False, error=reason,
                     state_changed_at=now)
+    live.bump_routes_on_commit()
     return deployments
 
 
@@ -223,6 +226,7 @@ def do_drain_node(node: Node, now: datetime | None = None) -> None:
         live_replicas = node.replicas.filter(desired=True)
         deployments = set(live_replicas.values_list("deployment_id", flat=True))
         live_replicas.update(desired=False)
+        live.bump_routes_on_commit()
     reconcile_deployments_of(deployments, now)
 
 

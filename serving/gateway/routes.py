@@ -1,0 +1,112 @@
+"""The gateway's in-memory routing table (pure dataclasses: no Django, no I/O).
+
+The portal builds a RouteTable from the database (serving/gateway_source.py) and the
+gateway swaps it in whole when it changes; the request path only reads it. Tests and
+benchmarks build tables by hand or from JSON (`RouteTable.from_dict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ReplicaRoute:
+    """A ready (or draining) replica the gateway may send requests to."""
+
+    replica_id: int
+    host: str
+    port: int
+    replica_key: str  # sent as `Authorization: Bearer <key>`; clients never see it
+    version: int
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What model metadata says about one served version."""
+
+    platform: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DeploymentRoute:
+    """One endpoint (/v2/models/{name}) and how to balance it."""
+
+    name: str
+    deployment_id: int
+    weights: dict[int, float]  # version -> traffic weight (a canary split); >0 is served
+    versions: dict[int, VersionInfo]  # every version with replicas or weight
+    replicas: tuple[ReplicaRoute, ...] = ()
+    policy: str = "p2c_ewma"  # serving.balancing.Policy value
+    max_in_flight_per_replica: int = 64
+    queue_limit: int = 256  # requests that may wait at the gateway when all are at cap
+    queue_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class ApiKeyRoute:
+    """An API key, by the sha256 hex digest of its secret."""
+
+    key_id: int
+    digest: str
+    deployments: frozenset[str] | None  # None: every deployment
+    expires_at_s: float | None  # unix time
+    rate_limit_rps: float | None  # None: unlimited
+    burst: int = 0  # bucket size; 0 means max(1, rate_limit_rps)
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """Everything the gateway needs to route and authorise a request."""
+
+    revision: str
+    deployments: dict[str, DeploymentRoute] = field(default_factory=dict)
+    api_keys: dict[str, ApiKeyRoute] = field(default_factory=dict)  # by digest
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        for key in raw["api_keys"].values():
+            if key["deployments"] is not None:
+                key["deployments"] = sorted(key["deployments"])
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RouteTable:
+        deployments = {}
+        for name, d in raw.get("deployments", {}).items():
+            deployments[name] = DeploymentRoute(**{
+                **d,
+                "weights": {int(v): float(w) for v, w in d["weights"].items()},
+                "versions": {int(v): VersionInfo(**info) for v, info in d["versions"].items()},
+                "replicas": tuple(ReplicaRoute(**r) for r in d.get("replicas", ())),
+            })
+        keys = {}
+        for digest, k in raw.get("api_keys", {}).items():
+            scope = k.get("deployments")
+            keys[digest] = ApiKeyRoute(**{**k, "deployments": None if scope is None
+                                          else frozenset(scope)})
+        return cls(revision=str(raw.get("revision", "")), deployments=deployments,
+                   api_keys=keys)
+
+
+class TableSource(Protocol):
+    """Where the gateway gets its table: the database in the portal, a file in tests."""
+
+    async def revision(self) -> str:
+        """Return a cheap token that changes whenever the table would change."""
+
+    async def load(self) -> RouteTable:
+        """Return the whole current table (may take a few database queries)."""
+
+
+class SessionAuth(Protocol):
+    """Checks a portal session cookie (logged-in users may call deployments)."""
+
+    async def allows(self, session_key: str, deployment: str) -> bool:
+        """Return whether the session belongs to an active user allowed to call it."""

@@ -1,0 +1,133 @@
+"""The gateway's table from the database, and portal sessions for the playground.
+
+The gateway (serving/gateway/, no Django) polls `revision()` a few times a second: a
+cache read. Only when it changes, or every few seconds as a safety net, does it call
+`load()`, which builds the whole table in a handful of queries, off the request path.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.contrib.sessions.backends.base import SessionBase
+from django.db import close_old_connections
+from django.utils.module_loading import import_string
+
+from registry.models import ModelVersion
+from serving import live
+from serving.gateway.routes import (
+    ApiKeyRoute,
+    DeploymentRoute,
+    ReplicaRoute,
+    RouteTable,
+    VersionInfo,
+)
+from serving.models import ApiKey, Deployment, NodeStatus, Replica, ReplicaState
+from serving.secrets import replica_key
+
+
+def effective_weights(target: dict[int, float], ready: set[int]) -> dict[int, float]:
+    """Return the split to use now: the target over versions that have ready replicas.
+
+    While a roll is under way (the new version not ready yet) the versions that are
+    ready keep serving; versions ready but outside the target get weight 0, so they
+    are reachable only by pinning /versions/{v}.
+    """
+    served = {v: w for v, w in target.items() if v in ready and w > 0}
+    if not served:
+        served = {v: 1.0 for v in ready} or dict(target)
+    return {**{v: 0.0 for v in ready}, **served}
+
+
+def _routable_replicas() -> dict[int, list[ReplicaRoute]]:
+    rows = (Replica.objects.filter(state__in=[ReplicaState.READY, ReplicaState.DRAINING],
+                                   node__status__in=[NodeStatus.READY, NodeStatus.DRAINING],
+                                   port__isnull=False)
+            .values_list("deployment_id", "pk", "node_id", "node__address", "port",
+                         "version__number", "state", "desired"))
+    by_deployment: dict[int, list[ReplicaRoute]] = defaultdict(list)
+    for deployment_id, pk, node_id, address, port, number, state, desired in rows:
+        by_deployment[deployment_id].append(ReplicaRoute(
+            replica_id=pk, host=address, port=port, replica_key=replica_key(node_id),
+            version=number, draining=state == ReplicaState.DRAINING or not desired))
+    return by_deployment
+
+
+def _version_infos(model_ids: set[int]) -> dict[tuple[int, int], VersionInfo]:
+    rows = ModelVersion.objects.filter(model_id__in=model_ids).values_list(
+        "model_id", "number", "format", "signature")
+    return {(model_id, number): VersionInfo(platform=f"pytorch_{fmt}",
+                                            inputs=signature["inputs"],
+                                            outputs=signature["outputs"])
+            for model_id, number, fmt, signature in rows}
+
+
+def _deployment_route(deployment: Deployment, replicas: list[ReplicaRoute],
+                      infos: dict[tuple[int, int], VersionInfo]) -> DeploymentRoute:
+    target = ({int(v): float(w) for v, w in deployment.traffic.items()}
+              or {deployment.version.number: 1.0})
+    ready = {r.version for r in replicas if not r.draining}
+    weights = effective_weights(target, ready)
+    numbers = set(weights) | {r.version for r in replicas}
+    return DeploymentRoute(
+        name=deployment.name, deployment_id=deployment.pk, weights=weights,
+        versions={n: infos[(deployment.model_id, n)] for n in numbers
+                  if (deployment.model_id, n) in infos},
+        replicas=tuple(sorted(replicas, key=lambda r: r.replica_id)),
+        policy=deployment.policy, max_in_flight_per_replica=deployment.max_in_flight_per_replica,
+        queue_limit=deployment.queue_limit, request_timeout_s=deployment.request_timeout_s)
+
+
+def _api_keys() -> dict[str, ApiKeyRoute]:
+    keys = ApiKey.objects.filter(revoked_at__isnull=True).prefetch_related("deployments")
+    return {key.key_hash: ApiKeyRoute(
+        key_id=key.pk, digest=key.key_hash,
+        deployments=None if key.all_deployments else frozenset(
+            d.name for d in key.deployments.all()),
+        expires_at_s=key.expires_at.timestamp() if key.expires_at else None,
+        rate_limit_rps=key.rate_limit_rps, burst=key.burst) for key in keys}
+
+
+def build_route_table(revision: str = "") -> RouteTable:
+    """Return the whole routing table from the database (a handful of queries)."""
+    # Runs in a worker thread outside any request cycle: drop dead or expired connections.
+    close_old_connections()
+    deployments = list(Deployment.objects.filter(deleting=False).select_related("version"))
+    replicas = _routable_replicas()
+    infos = _version_infos({d.model_id for d in deployments})
+    return RouteTable(
+        revision=revision,
+        deployments={d.name: _deployment_route(d, replicas.get(d.pk, []), infos)
+                     for d in deployments},
+        api_keys=_api_keys())
+
+
+class DatabaseTableSource:
+    """TableSource backed by the database and the cache's revision counter."""
+
+    async def revision(self) -> str:
+        return await sync_to_async(live.routes_revision, thread_sensitive=False)()
+
+    async def load(self) -> RouteTable:
+        revision = await self.revision()
+        return await sync_to_async(build_route_table, thread_sensitive=False)(revision)
+
+
+def _session_user_active(session_key: str) -> bool:
+    from django.conf import settings
+
+    store: SessionBase = import_string(f"{settings.SESSION_ENGINE}.SessionStore")(session_key)
+    user_id: Any = store.get("_auth_user_id")
+    if user_id is None:
+        return False
+    return get_user_model().objects.filter(pk=user_id, is_active=True).exists()
+
+
+class PortalSessionAuth:
+    """SessionAuth: any active, logged-in portal user may call deployments (playground)."""
+
+    async def allows(self, session_key: str, deployment: str) -> bool:
+        return await sync_to_async(_session_user_active, thread_sensitive=False)(session_key)
