@@ -219,6 +219,12 @@ def _format_events(events: Sequence[ScaleEvent], limit: int) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scaling.simulator", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's options (shared by this CLI and `manage.py simulate`)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--pattern", choices=PATTERNS, default="burst")
     source.add_argument("--csv", help="trace file with timestamp_s,requests_per_s rows")
@@ -235,7 +241,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale-to-zero", action="store_true")
     parser.add_argument("--events", type=int, default=20, help="scale events to print")
     parser.add_argument("--plot", help="write a PNG of load, replicas and latency here")
-    return parser
 
 
 def _or_default(value: float | None, default: float) -> float:
@@ -244,7 +249,11 @@ def _or_default(value: float | None, default: float) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator CLI; print the report and the time it took."""
-    args = _parser().parse_args(argv)
+    return run_cli(_parser().parse_args(argv))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run a simulation described by parsed options; print the report."""
     fleet = default_fleet(args.nodes)
     saturated_in_flight = fleet.slowest_rate_per_s * fleet.base_latency_s
     config = ScalingPolicyConfig(

@@ -181,3 +181,13 @@ def test_the_pure_modules_import_no_django():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "[]"
+
+
+def test_manage_simulate_writes_a_report_and_a_plot(tmp_path, capsys):
+    from django.core.management import call_command
+
+    plot = tmp_path / "sim.png"
+    call_command("simulate", "--pattern", "burst", "--nodes", "20", "--duration-s", "600",
+                 "--plot", str(plot))
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "scale events" in capsys.readouterr().out
