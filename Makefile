@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 
-.PHONY: run test lint install clean token
+.PHONY: run test lint install clean token api-key
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 # An API token for the admin account of the embedded default (printed once, stored hashed).
 token: $(STAMP)
 	@$(BIN)/python -m swarm_portal.launcher manage create_api_token admin
+
+# An API key for inference under /v2, valid for every deployment (printed once).
+api-key: $(STAMP)
+	@$(BIN)/python -m swarm_portal.launcher manage create_api_key --name make-api-key
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -182,6 +182,16 @@ else:
                           "LOCATION": str(VAR_DIR / "cache"), "KEY_PREFIX": CACHE_KEY_PREFIX,
                           "OPTIONS": {"MAX_ENTRIES": 100_000}}}
 
+# The inference gateway (/v2): largest request body, and who may read /metrics.
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 64 * 1024**2, minimum=1024)
+# Prometheus: a bearer token for /metrics; unset, /metrics answers only with METRICS_PUBLIC=1.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+METRICS_PUBLIC = env_bool("METRICS_PUBLIC", False)
+if not METRICS_TOKEN and not METRICS_PUBLIC:
+    import secrets as _secrets
+
+    METRICS_TOKEN = _secrets.token_urlsafe(32)  # closed: nobody knows this one
+
 # Worker agents: heartbeat period, and how many missed heartbeats make a node offline.
 HEARTBEAT_INTERVAL_S = env_float("HEARTBEAT_INTERVAL_S", 1.0, minimum=0.1)
 MISSED_HEARTBEATS_OFFLINE = env_int("MISSED_HEARTBEATS_OFFLINE", 3, minimum=1)

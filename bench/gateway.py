@@ -1,0 +1,321 @@
+"""Benchmark the gateway: one replica direct vs through the standalone gateway, in ONE run.
+
+Run by hand (not a test), from the repository root:
+
+    python bench/gateway.py                 # 5 s per cell, concurrency 1, 16 and 64
+
+The reference MLP (TorchScript, 64 -> 256 -> 256 -> 10, FP32, torch.manual_seed(0), built by
+bench/replica.py) is served by one batched replica (--max-batch-size 32
+--max-queue-delay-ms 2, --threads 1) on loopback. The gateway runs as
+`python -m serving.gateway.standalone` with a one-deployment table, an API key (sha256
+lookup, no rate limit) and metrics on. For each concurrency the targets alternate
+(direct, gateway, direct, gateway, ...) for `--rounds` rounds and each cell reports the
+median round, so drift on a noisy machine hits both alike: compare the ratios. The load
+generator is asyncio + aiohttp with keep-alive connections, one row per request, JSON body;
+it shares the 2 cores with the replica and the gateway.
+
+`--compare-bare` adds two bare proxies as targets (uvicorn and a forward with no auth,
+balancing or metrics): one on the gateway's upstream pool, one on an aiohttp session, to
+show what the hop itself costs and why the gateway does not use aiohttp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import torch
+from replica import (  # bench/replica.py: the same model, replica and request as its benchmark
+    HEADERS as REPLICA_HEADERS,
+)
+from replica import (
+    KEY,
+    READY_DEADLINE_S,
+    SIGNATURE,
+    free_port,
+    request_body,
+    save_reference_mlp,
+    start_replica,
+    wait_ready,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "swk_bench_gateway_key"
+GATEWAY_HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+BARE_PROXIES = ("bare-pool", "bare-aiohttp")
+INFER_PATH = "/v2/models/mlp/infer"
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Cell:
+    target: str
+    concurrency: int
+    requests: int
+    errors: int
+    duration_s: float
+    latencies_ms: list[float]
+    cpu_s: dict[str, float]  # process name -> CPU seconds used during the cell
+
+    def cpu_us_per_request(self, process: str) -> float:
+        return self.cpu_s[process] / self.requests * 1e6
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.duration_s
+
+    def latency_ms(self, fraction: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def cpu_s(pid: int) -> float:
+    """Return the CPU time (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def write_table(path: Path, replica_port: int) -> None:
+    """Write the gateway's routing table: one deployment, one replica, one API key."""
+    info = {"platform": "pytorch_torchscript", **SIGNATURE}
+    table = {
+        "revision": "bench",
+        "deployments": {"mlp": {
+            "name": "mlp", "deployment_id": 1, "weights": {"1": 1.0}, "versions": {"1": info},
+            "replicas": [{"replica_id": 1, "host": "127.0.0.1", "port": replica_port,
+                          "replica_key": KEY, "version": 1}],
+            "max_in_flight_per_replica": 1024, "queue_limit": 1024,
+        }},
+        "api_keys": {hashlib.sha256(API_KEY.encode()).hexdigest(): {
+            "key_id": 1, "digest": hashlib.sha256(API_KEY.encode()).hexdigest(),
+            "deployments": ["mlp"], "expires_at_s": None, "rate_limit_rps": None}},
+    }
+    path.write_text(json.dumps(table))
+
+
+def start_proxy(name: str, table_path: Path, replica_port: int,
+                port: int) -> subprocess.Popen[bytes]:
+    """Start the gateway, or a bare proxy (this script with --serve-bare)."""
+    if name == "gateway":
+        command = [sys.executable, "-m", "serving.gateway.standalone", "--table",
+                   str(table_path), "--port", str(port)]
+    else:
+        command = [sys.executable, __file__, "--serve-bare", name, "--port", str(port),
+                   "--upstream-port", str(replica_port)]
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+
+
+async def wait_proxy(session: aiohttp.ClientSession, target: Target,
+                     process: subprocess.Popen[bytes], body: bytes) -> None:
+    give_up_at = time.monotonic() + READY_DEADLINE_S
+    while time.monotonic() < give_up_at:
+        if process.poll() is not None:
+            raise SystemExit(f"{target.name} exited with {process.returncode}")
+        try:
+            async with session.post(f"{target.url}{INFER_PATH}", data=body,
+                                    headers=target.headers) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise SystemExit(f"{target.name} did not get ready")
+
+
+def bare_proxy(kind: str, upstream_port: int) -> Any:
+    """Return an ASGI app that forwards every request to the replica and nothing else."""
+    sys.path.insert(0, str(REPO_ROOT))  # run as a script: bench/ is on the path, not the root
+    from serving.gateway.upstream import UpstreamPool
+
+    pool, sessions = UpstreamPool(), []
+    replica_auth = (b"authorization", f"Bearer {KEY}".encode())
+    url = f"http://127.0.0.1:{upstream_port}{INFER_PATH}"
+
+    async def forward_aiohttp(body: bytes) -> tuple[int, bytes, bytes]:
+        if not sessions:
+            sessions.append(aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30)))
+        async with sessions[0].post(url, data=body, headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}) as reply:
+            return reply.status, reply.headers["Content-Type"].encode(), await reply.read()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = (await receive()).get("body", b"")
+        if kind == "bare-aiohttp":
+            status, content_type, answer = await forward_aiohttp(body)
+        else:
+            reply = await pool.request("127.0.0.1", upstream_port, b"POST", INFER_PATH.encode(),
+                                       [(b"content-type", b"application/json"), replica_auth],
+                                       body)
+            status, answer = reply.status, reply.body
+            content_type = dict(reply.headers).get(b"content-type", b"application/json")
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", content_type), (b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+def serve_bare(kind: str, port: int, upstream_port: int) -> None:
+    """Serve a bare proxy with the standalone gateway's uvicorn settings."""
+    import uvicorn
+    import uvloop
+
+    config = uvicorn.Config(bare_proxy(kind, upstream_port), host="127.0.0.1", port=port,
+                            loop="none", http="httptools", lifespan="off", access_log=False,
+                            log_level="warning", server_header=False, date_header=False,
+                            proxy_headers=False)
+    uvloop.run(uvicorn.Server(config).serve())
+
+
+async def drive(target: Target, concurrency: int, duration_s: float, warm_up_s: float,
+                body: bytes, pids: dict[str, int]) -> Cell:
+    """Keep `concurrency` requests in flight for `duration_s` (after a warm-up)."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=target.headers) as session:
+        url = f"{target.url}/v2/models/mlp/infer"
+        latencies_ms: list[float] = []
+        errors = 0
+        measuring = False
+        stop_at = time.monotonic() + warm_up_s + duration_s
+
+        async def worker() -> None:
+            nonlocal errors
+            while (started := time.monotonic()) < stop_at:
+                async with session.post(url, data=body) as response:
+                    await response.read()
+                    ok = response.status == 200
+                if measuring:
+                    latencies_ms.append((time.monotonic() - started) * 1000.0)
+                    errors += not ok
+
+        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        await asyncio.sleep(warm_up_s)
+        measuring, started_s = True, time.monotonic()
+        cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+        await asyncio.gather(*workers)
+        elapsed_s = time.monotonic() - started_s
+        used = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
+    return Cell(target.name, concurrency, len(latencies_ms), errors, elapsed_s, latencies_ms,
+                used)
+
+
+def median_round(rounds: list[Cell]) -> Cell:
+    """Return the round with the median throughput (one noisy round does not decide)."""
+    return sorted(rounds, key=lambda cell: cell.requests_per_s)[len(rounds) // 2]
+
+
+async def measure(targets: list[Target], args: argparse.Namespace, body: bytes,
+                  pids: dict[str, int]) -> list[Cell]:
+    cells: list[Cell] = []
+    for concurrency in args.concurrency:
+        rounds: dict[str, list[Cell]] = {t.name: [] for t in targets}
+        for _ in range(args.rounds):
+            for target in targets:  # alternate: direct, gateway, direct, gateway, ...
+                rounds[target.name].append(await drive(
+                    target, concurrency, args.duration_s, args.warm_up_s, body, pids))
+        for target in targets:
+            cells.append(median_round(rounds[target.name]))
+            print(f"  {target.name:8} c={concurrency:<3} {cells[-1].requests_per_s:8.0f} req/s "
+                  f"p50 {cells[-1].latency_ms(0.5):.3f} ms", file=sys.stderr)
+    return cells
+
+
+async def run(args: argparse.Namespace) -> list[Cell]:
+    body = request_body()
+    with tempfile.TemporaryDirectory() as directory:
+        artifact = save_reference_mlp(Path(directory))
+        signature_path = Path(directory) / "signature.json"
+        signature_path.write_text(json.dumps(SIGNATURE))
+        replica = start_replica("batched", artifact, signature_path)
+        table_path = Path(directory) / "table.json"
+        write_table(table_path, replica.port)
+        targets = [Target("direct", replica.url, REPLICA_HEADERS)]
+        processes: dict[str, subprocess.Popen[bytes]] = {}
+        for name in ("gateway", *(BARE_PROXIES if args.compare_bare else ())):
+            port = free_port()
+            processes[name] = start_proxy(name, table_path, replica.port, port)
+            headers = GATEWAY_HEADERS if name == "gateway" else REPLICA_HEADERS
+            targets.append(Target(name, f"http://127.0.0.1:{port}", headers))
+        try:
+            async with aiohttp.ClientSession(headers=REPLICA_HEADERS) as session:
+                await wait_ready(session, replica)
+                for target in targets[1:]:
+                    await wait_proxy(session, target, processes[target.name], body)
+            pids = {"replica": replica.process.pid,
+                    **{name: process.pid for name, process in processes.items()}}
+            return await measure(targets, args, body, pids)
+        finally:
+            for process in [*processes.values(), replica.process]:
+                process.terminate()
+                process.wait(timeout=30)
+
+
+def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
+    print(f"\ngateway benchmark: {args.duration_s} s per cell, median of {args.rounds} "
+          f"alternating round(s), concurrency {', '.join(map(str, args.concurrency))}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs\n")
+    print("| target | concurrency | requests/s | p50 ms | p99 ms | errors "
+          "| replica CPU us/req | proxy CPU us/req |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cell in cells:
+        proxy_cpu = (f"{cell.cpu_us_per_request(cell.target):.0f}"
+                     if cell.target != "direct" else "-")
+        print(f"| {cell.target} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
+              f"{cell.latency_ms(0.5):.2f} | {cell.latency_ms(0.99):.2f} | {cell.errors} | "
+              f"{cell.cpu_us_per_request('replica'):.0f} | {proxy_cpu} |")
+    print("\n| concurrency | target | requests/s vs direct | p50 - direct p50 |")
+    print("|---|---|---|---|")
+    for concurrency in args.concurrency:
+        row = {c.target: c for c in cells if c.concurrency == concurrency}
+        direct = row.pop("direct")
+        for name, cell in row.items():
+            print(f"| {concurrency} | {name} | {cell.requests_per_s / direct.requests_per_s:.2f}"
+                  f" | {cell.latency_ms(0.5) - direct.latency_ms(0.5):+.3f} ms |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser.add_argument("--warm-up-s", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3, help="median of this many rounds")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--compare-bare", action="store_true",
+                        help="also measure bare proxies (our pool, aiohttp) for reference")
+    parser.add_argument("--serve-bare", choices=BARE_PROXIES, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(args.serve_bare, args.port, args.upstream_port)
+        return
+    try:
+        import uvloop
+    except ImportError:
+        cells = asyncio.run(run(args))
+    else:
+        cells = uvloop.run(run(args))
+    print_report(cells, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""The gateway's plain ASGI application: OIP v2 REST for every deployment in the table.
+
+No framework: a dict lookup finds the fixed endpoints, `/v2/models/...` is split once, and
+every answer is JSON (or the replica's own body). Auth, rate limits and metrics are plain
+code over in-memory state; the routing table is refreshed by a background task started on
+the first request (the portal's ASGI stack has no lifespan), so no request waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from serving.balancing import BalancerConfig
+from serving.gateway.auth import Authenticator, Rejected, SessionCache
+from serving.gateway.deployments import DeploymentRuntime, Fleet
+from serving.gateway.forwarding import Forwarder, UpstreamRequest
+from serving.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from serving.gateway.ratelimit import RateLimiter, retry_after_s
+from serving.gateway.refresh import TableRefresher
+from serving.gateway.requests import (
+    ClientGone,
+    DisconnectWatch,
+    ModelPath,
+    parse_model_path,
+    read_body,
+)
+from serving.gateway.responses import (
+    JSON_HEADERS,
+    Headers,
+    Receive,
+    Response,
+    Scope,
+    Send,
+    error,
+    json_response,
+    retry_later,
+    send_response,
+)
+from serving.gateway.routes import ApiKeyRoute, RouteTable, SessionAuth, TableSource
+from serving.gateway.upstream import UpstreamPool
+from serving.traffic import version_for_request
+
+SERVER_NAME = "swarm-portal"
+SERVER_VERSION = "0.1.0"
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# Sent on to the replica; the client's Authorization is replaced by the replica key.
+FORWARD_HEADERS = frozenset({b"content-type", b"inference-header-content-length", b"accept",
+                             b"content-encoding"})
+MAX_CACHED_PATHS = 10_000
+# Requests shorter than this never pay for a task watching for the client to go away.
+WATCH_AFTER_S = 0.05
+_UNPARSED = ModelPath("", None, "", "")
+logger = logging.getLogger("serving.gateway")
+
+
+class GatewayApp:
+    """ASGI callable serving /v2 (and /metrics) for every deployment in the routing table."""
+
+    def __init__(self, source: TableSource, session_auth: SessionAuth | None = None, *,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics_enabled: bool = True,
+                 metrics_token: str | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None,
+                 balancer_config: BalancerConfig | None = None,
+                 pool: UpstreamPool | None = None,
+                 poll_interval_s: float = 0.2, full_reload_s: float = 5.0) -> None:
+        self.max_body_bytes = max_body_bytes
+        self._clock = clock
+        # Canary splits and p2c need fair draws, not secrets.
+        self._rng = rng or random.Random()  # noqa: S311
+        self.fleet = Fleet(self._rng, balancer_config or BalancerConfig())
+        self.metrics = GatewayMetrics(metrics_enabled, lambda: self.fleet.live(clock()))
+        self._metrics_bearer = f"Bearer {metrics_token}".encode() if metrics_token else None
+        sessions = SessionCache(session_auth, clock) if session_auth is not None else None
+        self._auth = Authenticator(sessions, wall_clock)
+        self._limiter = RateLimiter()
+        self.pool = pool or UpstreamPool()
+        self._forwarder = Forwarder(self.pool, self.metrics, clock)
+        self.refresher = TableRefresher(source, self._apply_table, clock, poll_interval_s,
+                                        full_reload_s)
+        self._ready = False
+        self._start_task: asyncio.Task[None] | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._server_metadata = json_response(200, {
+            "name": SERVER_NAME, "version": SERVER_VERSION,
+            "extensions": ["binary_tensor_data"]})
+        self._model_paths: dict[str, ModelPath | None] = {}
+        self._fixed: dict[str, Callable[[Scope], Response]] = {
+            "/v2": self._metadata_endpoint, "/v2/": self._metadata_endpoint,
+            "/v2/health/live": self._live, "/v2/health/ready": self._health_ready,
+            "/metrics": self._metrics_endpoint,
+        }
+
+    # introspection, for tests and the portal
+
+    @property
+    def table(self) -> RouteTable:
+        """Return the routing table in use."""
+        return self.fleet.table
+
+    def in_flight(self) -> dict[str, int]:
+        """Return attempts in flight per deployment (leases not yet released)."""
+        return self.fleet.in_flight()
+
+    def queue_depth(self) -> dict[str, int]:
+        """Return requests waiting for a replica per deployment."""
+        return self.fleet.queue_depth()
+
+    async def aclose(self) -> None:
+        """Stop the refresh loop and close idle upstream connections."""
+        for task in (self._poll_task, self._start_task):
+            if task is not None and not task.done():
+                task.cancel()
+        self.pool.close()
+
+    # ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await _lifespan(receive, send)
+            return
+        if not self._ready:
+            await self._start()
+        path: str = scope["path"]
+        fixed = self._fixed.get(path)
+        if fixed is not None:
+            response = fixed(scope)
+        elif path.startswith("/v2/models/"):
+            await self._model_endpoint(scope, receive, send)
+            return
+        else:
+            response = error(404, f"no such endpoint: {path}")
+        await send_response(send, response)
+
+    async def _start(self) -> None:
+        """Load the first table and start the refresh loop (once; the loop retries)."""
+        if self._start_task is None:
+            self._start_task = asyncio.get_running_loop().create_task(self._load_first())
+        await asyncio.shield(self._start_task)
+
+    async def _load_first(self) -> None:
+        try:
+            await self.refresher.load()
+        except Exception:
+            # Requests get 503 meanwhile; only the refresh loop asks the source again.
+            logger.exception("could not load the routing table; retrying in the background")
+        finally:
+            self._poll_task = asyncio.get_running_loop().create_task(self.refresher.run())
+
+    def _apply_table(self, table: RouteTable) -> None:
+        self.fleet.apply(table)
+        self._limiter.forget_all_but({key.key_id for key in table.api_keys.values()})
+        self._ready = True
+
+    # fixed endpoints
+
+    def _metadata_endpoint(self, scope: Scope) -> Response:
+        if scope["method"] not in ("GET", "HEAD"):
+            return _method_not_allowed("GET")
+        return self._server_metadata
+
+    def _live(self, scope: Scope) -> Response:
+        return json_response(200, {"live": True})
+
+    def _health_ready(self, scope: Scope) -> Response:
+        if self._ready:
+            return json_response(200, {"ready": True})
+        return json_response(503, {"ready": False}, [(b"retry-after", b"1")])
+
+    def _metrics_endpoint(self, scope: Scope) -> Response:
+        if not self.metrics.enabled:
+            return error(404, "metrics are off")
+        if self._metrics_bearer is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._metrics_bearer):
+                return error(401, "the metrics need 'Authorization: Bearer <metrics token>'",
+                             [(b"www-authenticate", b"Bearer")])
+        return Response(200, self.metrics.render(), [(b"content-type", CONTENT_TYPE)])
+
+    # /v2/models/...
+
+    async def _model_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self._model_response(scope, receive)
+        except Exception:
+            logger.exception("internal error on %s %s", scope["method"], scope["path"])
+            response = error(500, "internal error in the gateway")
+        if response is not None:
+            await send_response(send, response)
+
+    async def _model_response(self, scope: Scope, receive: Receive) -> Response | None:
+        target = self._model_path(scope)
+        if isinstance(target, Response):
+            return target
+        if not self._ready:
+            return retry_later(503, "the gateway has no routing table yet", 1)
+        try:
+            key = await self._auth.authorize(self.fleet.table.api_keys, scope["headers"],
+                                             target.name)
+        except Rejected as rejected:
+            self.metrics.rejected(target.name, rejected.response.status)
+            return rejected.response
+        runtime = self.fleet.deployments.get(target.name)
+        if runtime is None:
+            return error(404, f"unknown model {target.name!r}")
+        if target.version is not None and target.version not in runtime.routing_weights:
+            return error(404, f"unknown version {target.version_text!r} of model "
+                              f"{target.name!r}")
+        if target.action == "":
+            return Response(200, runtime.metadata(target.version), JSON_HEADERS)
+        if target.action == "ready":
+            return self._model_ready(runtime, target)
+        refused = self._rate_limited(key, target.name)
+        if refused is not None:
+            return refused
+        return await self._infer(scope, receive, runtime, target)
+
+    def _model_path(self, scope: Scope) -> ModelPath | Response:
+        """Return the parsed model path, or the 404/405 answer when there is none."""
+        path: str = scope["path"]
+        target = self._model_paths.get(path, _UNPARSED)
+        if target is _UNPARSED:
+            target = parse_model_path(path)
+            if len(self._model_paths) >= MAX_CACHED_PATHS:
+                self._model_paths.clear()  # bounded: random paths must not grow memory
+            self._model_paths[path] = target
+        if target is None:
+            return error(404, f"no such endpoint: {path}")
+        wanted = "POST" if target.action == "infer" else "GET"
+        if scope["method"] != wanted and not (wanted == "GET" and scope["method"] == "HEAD"):
+            return _method_not_allowed(wanted)
+        return target
+
+    def _rate_limited(self, key: ApiKeyRoute | None, deployment: str) -> Response | None:
+        """Count an inference request against its key; return a 429 when over the limit."""
+        if key is None:  # a portal session: the playground has no per-key limit
+            return None
+        wait_s = self._limiter.wait_s(key, self._clock())
+        if wait_s <= 0:
+            return None
+        self.metrics.rejected(deployment, 429)
+        return retry_later(429, "rate limit exceeded for this API key", retry_after_s(wait_s))
+
+    def _model_ready(self, runtime: DeploymentRuntime, target: ModelPath) -> Response:
+        if runtime.is_ready(target.version):
+            return json_response(200, {"name": runtime.name, "ready": True})
+        return json_response(503, {"name": runtime.name, "ready": False},
+                             [(b"retry-after", b"1")])
+
+    async def _infer(self, scope: Scope, receive: Receive, runtime: DeploymentRuntime,
+                     target: ModelPath) -> Response | None:
+        started_s = self._clock()
+        forwarded, declared = _forwarded_headers(scope["headers"])
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return self._too_large(runtime)
+        try:
+            body = await read_body(receive, self.max_body_bytes)
+        except ClientGone:
+            self.metrics.cancelled(runtime.name)
+            return None
+        if body is None:
+            return self._too_large(runtime)
+        version = self._version(runtime, target)
+        if version is None:
+            self.metrics.rejected(runtime.name, 503)
+            return retry_later(503, f"no version of {runtime.name!r} takes traffic", 1)
+        query: bytes = scope["query_string"]
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
+        request = UpstreamRequest(b"POST", path + b"?" + query if query else path,
+                                  forwarded, body)
+        deadline = asyncio.get_running_loop().time() + runtime.route.request_timeout_s
+        response = await self._forward_watching(receive, runtime, version, request, deadline)
+        if response is None:
+            self.metrics.cancelled(runtime.name)
+            return None
+        self.metrics.for_version(runtime.name, version).observe(
+            response.status, self._clock() - started_s)
+        return response
+
+    def _version(self, runtime: DeploymentRuntime, target: ModelPath) -> int | None:
+        """Return the version this request goes to (None: no version takes traffic)."""
+        if target.version is not None:
+            return target.version  # checked against the table already
+        if runtime.sole_version is not None:
+            return runtime.sole_version  # the common case: no draw
+        if not runtime.has_traffic:
+            return None
+        return version_for_request(runtime.routing_weights, self._rng)
+
+    def _too_large(self, runtime: DeploymentRuntime) -> Response:
+        self.metrics.rejected(runtime.name, 413)
+        return error(413, f"the request body is larger than {self.max_body_bytes} bytes")
+
+    async def _forward_watching(self, receive: Receive, runtime: DeploymentRuntime,
+                                version: int, request: UpstreamRequest,
+                                deadline: float) -> Response | None:
+        """Forward, but give up (None) once the client has disconnected."""
+        watch = DisconnectWatch(receive, WATCH_AFTER_S)
+        try:
+            return await self._forwarder.forward(runtime, version, request, deadline)
+        except asyncio.CancelledError:
+            if not watch.client_gone:
+                raise
+            watch.task.uncancel()
+            return None
+        finally:
+            watch.stop()
+
+
+def _forwarded_headers(headers: Headers) -> tuple[Headers, bytes]:
+    """Return the headers to send on to the replica, and the declared Content-Length."""
+    forwarded: Headers = []
+    declared = b""
+    for name, value in headers:
+        if name in FORWARD_HEADERS:
+            forwarded.append((name, value))
+        elif name == b"content-length":
+            declared = value
+    return forwarded, declared
+
+
+def _method_not_allowed(allowed: str) -> Response:
+    return error(405, f"use {allowed} here", [(b"allow", allowed.encode())])
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # Answered only so the app runs under servers with lifespan on; nothing to set up.
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

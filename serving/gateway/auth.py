@@ -1,0 +1,142 @@
+"""Who may call a deployment: API keys from the routing table, or a cached portal session."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from serving.gateway.responses import Response, error
+from serving.gateway.routes import ApiKeyRoute, SessionAuth
+
+SESSION_COOKIE = b"sessionid"
+MAX_CACHED_DIGESTS = 10_000
+_CHALLENGE = [(b"www-authenticate", b"Bearer")]
+
+
+class Rejected(Exception):
+    """The caller may not make this request; `response` says why (401/403/503)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _unauthorized(message: str) -> Rejected:
+    return Rejected(error(401, message, _CHALLENGE))
+
+
+def credentials(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None]:
+    """Return the Authorization and Cookie header values (None when absent)."""
+    authorization = cookie = None
+    for name, value in headers:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"cookie":
+            cookie = value
+    return authorization, cookie
+
+
+def session_key(cookie: bytes) -> str | None:
+    """Return the portal session key in a Cookie header, if any."""
+    for part in cookie.split(b";"):
+        name, _, value = part.strip().partition(b"=")
+        if name == SESSION_COOKIE and value:
+            return value.decode("latin-1")
+    return None
+
+
+def key_digest(authorization: bytes) -> str:
+    """Return the sha256 hex digest of a `Bearer <key>` value; raise Rejected if malformed."""
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        raise _unauthorized("the Authorization header must be 'Bearer <API key>'")
+    return hashlib.sha256(token).hexdigest()
+
+
+class SessionCache:
+    """Remembers SessionAuth answers for a few seconds; one lookup per question at a time."""
+
+    def __init__(self, session_auth: SessionAuth, clock: Callable[[], float] = time.monotonic,
+                 allowed_ttl_s: float = 5.0, denied_ttl_s: float = 2.0,
+                 max_entries: int = 10_000) -> None:
+        self._session_auth = session_auth
+        self._clock = clock
+        self._ttl_s = {True: allowed_ttl_s, False: denied_ttl_s}
+        self._max_entries = max_entries
+        self._answers: dict[tuple[str, str], tuple[bool, float]] = {}
+        self._pending: dict[tuple[str, str], asyncio.Future[bool]] = {}
+
+    async def allows(self, session: str, deployment: str) -> bool:
+        """Return whether the session may call the deployment (cached)."""
+        question = (session, deployment)
+        answer = self._answers.get(question)
+        if answer is not None and answer[1] > self._clock():
+            return answer[0]
+        pending = self._pending.get(question)
+        if pending is None:
+            # A burst of requests from one browser asks the database once, not N times.
+            pending = asyncio.ensure_future(self._ask(question))
+            self._pending[question] = pending
+        return await asyncio.shield(pending)
+
+    async def _ask(self, question: tuple[str, str]) -> bool:
+        try:
+            allowed = bool(await self._session_auth.allows(*question))
+        finally:
+            self._pending.pop(question, None)
+        if len(self._answers) >= self._max_entries:
+            self._answers.clear()  # crude, but bounded; a refill costs one lookup per session
+        self._answers[question] = (allowed, self._clock() + self._ttl_s[allowed])
+        return allowed
+
+
+class Authenticator:
+    """Decide who is calling a deployment: an API key, a portal session, or nobody."""
+
+    def __init__(self, sessions: SessionCache | None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self._sessions = sessions
+        self._wall_clock = wall_clock
+        # Clients resend the same header on every request: hash each one once.
+        self._digests: dict[bytes, str] = {}
+
+    async def authorize(self, api_keys: Mapping[str, ApiKeyRoute],
+                        headers: Sequence[tuple[bytes, bytes]],
+                        deployment: str) -> ApiKeyRoute | None:
+        """Return the caller's key (None for a session); raise Rejected when not allowed."""
+        authorization, cookie = credentials(headers)
+        if authorization is None:
+            session = session_key(cookie) if cookie is not None else None
+            if session is None or self._sessions is None:
+                raise _unauthorized("missing API key: send 'Authorization: Bearer <API key>'")
+            await self._check_session(session, deployment)
+            return None
+        digest = self._digests.get(authorization)
+        if digest is None:
+            digest = key_digest(authorization)
+            if len(self._digests) >= MAX_CACHED_DIGESTS:
+                self._digests.clear()
+            self._digests[authorization] = digest
+        key = api_keys.get(digest)
+        if key is None:
+            raise _unauthorized("unknown API key")
+        if key.expires_at_s is not None and self._wall_clock() >= key.expires_at_s:
+            raise _unauthorized("the API key has expired")
+        if key.deployments is not None and deployment not in key.deployments:
+            raise Rejected(error(403, f"this API key may not call {deployment!r}"))
+        return key
+
+    async def _check_session(self, session: str, deployment: str) -> None:
+        assert self._sessions is not None
+        try:
+            allowed = await self._sessions.allows(session, deployment)
+        except Exception as exc:
+            raise Rejected(error(503, "cannot check the session now",
+                                 [(b"retry-after", b"1")])) from exc
+        if not allowed:
+            # SessionAuth cannot tell "not logged in" from "not allowed": 401 asks to log in.
+            raise _unauthorized(f"the session may not call {deployment!r}; log in or send "
+                                "an API key")

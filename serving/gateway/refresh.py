@@ -1,0 +1,67 @@
+"""Keep the gateway's routing table current: poll a cheap revision, reload on change.
+
+The request path never calls the source; this loop does, every `poll_interval_s`, and
+reloads in full every `full_reload_s` anyway, in case a change slipped past the revision.
+A failing source leaves the last good table in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from serving.gateway.routes import RouteTable, TableSource
+
+logger = logging.getLogger("serving.gateway")
+
+
+class TableRefresher:
+    """Loads tables from a source and hands each new one to `apply`."""
+
+    def __init__(self, source: TableSource, apply: Callable[[RouteTable], None],
+                 clock: Callable[[], float] = time.monotonic, poll_interval_s: float = 0.2,
+                 full_reload_s: float = 5.0) -> None:
+        self._source = source
+        self._apply = apply
+        self._clock = clock
+        self.poll_interval_s = poll_interval_s
+        self.full_reload_s = full_reload_s
+        self.revision: str | None = None
+        self._loaded_at_s = -float("inf")
+
+    async def load(self) -> None:
+        """Load the whole table now and apply it."""
+        # The revision is read first: a change during load() shows as a new revision next
+        # time and costs one extra reload, never a missed change.
+        revision = await self._source.revision()
+        table = await self._source.load()
+        self._apply(table)
+        self.revision = revision
+        self._loaded_at_s = self._clock()
+
+    async def step(self) -> bool:
+        """Poll once; return whether a new table was loaded."""
+        if self._clock() - self._loaded_at_s >= self.full_reload_s:
+            await self.load()
+            return True
+        if await self._source.revision() != self.revision:
+            await self.load()
+            return True
+        return False
+
+    async def run(self) -> None:
+        """Poll until cancelled; errors are logged and retried at the next poll."""
+        failures = 0
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.step()
+            except Exception:
+                failures += 1
+                if failures % 100 == 1:  # the first of a streak, then every 20 s or so
+                    logger.exception("could not refresh the routing table (%d times); "
+                                     "keeping the old one", failures)
+            else:
+                failures = 0

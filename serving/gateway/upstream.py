@@ -1,0 +1,275 @@
+"""A small keep-alive HTTP/1.1 client pool for talking to replicas (asyncio + httptools).
+
+One `UpstreamPool` per process. It keeps a LIFO list of idle connections per host:port (the
+most recently used first: it is the one least likely to have been closed by the server, and
+the old ones at the bottom age out), bounded in size, each dropped after `idle_timeout_s`,
+which is shorter than the replica's 75 s keep-alive so the gateway, not the replica, closes
+idle connections. Bodies are sent with Content-Length and read whole.
+
+DESIGN.md measured this design at 0.8-1.0 of direct throughput where aiohttp got 0.6-0.85
+and httpx ~0.08: per request it costs one write, one parser feed and one future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class UpstreamError(Exception):
+    """The replica could not be reached or broke the connection: try another one."""
+
+
+class ConnectFailed(UpstreamError):
+    """The TCP connection could not be opened (refused, unreachable, connect timeout)."""
+
+
+class ConnectionBroken(UpstreamError):
+    """The connection ended (EOF, reset, garbage) before a whole response arrived."""
+
+    def __init__(self, message: str, response_started: bool) -> None:
+        super().__init__(message)
+        self.response_started = response_started
+
+
+class UpstreamTimeout(TimeoutError):
+    """The request's deadline passed before the whole response arrived."""
+
+
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 0.4 us more per request
+class UpstreamResponse:
+    """A complete response: status, headers (names lower-case) and the whole body."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request in flight (no pipelining)."""
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._headers: Headers = []
+        self._body: list[bytes] = []
+        self._response_started = False
+        self.closed = False
+        self.idle_since_s = 0.0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._response_started = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"malformed response from the replica: {exc}")
+            self.close()
+
+    def eof_received(self) -> bool:
+        self._fail("the replica closed the connection")
+        self.closed = True
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(f"connection lost: {exc}" if exc else "the replica closed the connection")
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        response = UpstreamResponse(self._parser.get_status_code(), self._headers, body)
+        keep_alive = self._parser.should_keep_alive()
+        self._headers, self._body, self._response_started = [], [], False
+        waiter, self._waiter = self._waiter, None
+        if not keep_alive:
+            self.close()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    # used by the pool
+
+    def _fail(self, message: str) -> None:
+        self._fail_with(ConnectionBroken(message, self._response_started))
+
+    def _fail_with(self, exc: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _time_out(self) -> None:
+        self._fail_with(UpstreamTimeout("the replica did not answer in time"))
+        self.close()  # a late answer must not be read as the next request's
+
+    def close(self) -> None:
+        """Close the connection (it is never reused afterwards)."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    async def exchange(self, head: bytes, body: bytes, deadline: float | None,
+                       ) -> UpstreamResponse:
+        """Send one request and return its response (UpstreamTimeout after `deadline`)."""
+        transport = self._transport
+        if self.closed or transport is None or transport.is_closing():
+            raise ConnectionBroken("the connection is closed", response_started=False)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiter = waiter
+        # A timer on the loop is cheaper than asyncio.timeout(), which cancels the task.
+        timer = loop.call_at(deadline, self._time_out) if deadline is not None else None
+        if len(body) <= 65536:
+            transport.write(head + body)  # one syscall; the copy is cheap at this size
+        else:
+            transport.write(head)
+            transport.write(body)
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+class UpstreamPool:
+    """Keep-alive HTTP/1.1 connections to replicas, reused per host:port."""
+
+    def __init__(self, *, max_idle_per_host: int = 256, idle_timeout_s: float = 30.0,
+                 connect_timeout_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_idle_per_host = max_idle_per_host
+        self.idle_timeout_s = idle_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._clock = clock
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._host_headers: dict[tuple[str, int], bytes] = {}
+        self.connections_opened = 0  # for tests and the benchmark: reuse shows as few opens
+
+    def idle_count(self, host: str, port: int) -> int:
+        """Return how many idle connections the pool holds for host:port."""
+        return sum(not c.closed for c in self._idle.get((host, port), ()))
+
+    async def request(self, host: str, port: int, method: bytes, target: bytes,
+                      headers: Sequence[tuple[bytes, bytes]], body: bytes = b"",
+                      deadline: float | None = None) -> UpstreamResponse:
+        """Send one request to host:port and return the whole response.
+
+        `deadline` is in event-loop time. Raises ConnectFailed, ConnectionBroken or
+        UpstreamTimeout; after a timeout or a cancellation the connection is closed, since
+        its state is unknown.
+        """
+        key = (host, port)
+        head = self._head(key, method, target, headers, len(body))
+        connection = self._take_idle(key)
+        if connection is not None:
+            try:
+                response = await self._exchange(connection, head, body, deadline)
+            except ConnectionBroken as exc:
+                if exc.response_started:
+                    raise
+                # The replica closed the idle connection as we reused it (the keep-alive
+                # race): nothing of ours was answered, so once more on a fresh connection.
+            else:
+                self._give_back(key, connection)
+                return response
+        connection = await self._connect(key, deadline)
+        response = await self._exchange(connection, head, body, deadline)
+        self._give_back(key, connection)
+        return response
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
+
+    def _head(self, key: tuple[str, int], method: bytes, target: bytes,
+              headers: Sequence[tuple[bytes, bytes]], length_bytes: int) -> bytes:
+        host = self._host_headers.get(key)
+        if host is None:
+            host = self._host_headers[key] = f"{key[0]}:{key[1]}".encode()
+        lines = b"".join([b"%s: %s\r\n" % header for header in headers])
+        return b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+            method, target, host, length_bytes, lines)
+
+    async def _exchange(self, connection: _Connection, head: bytes, body: bytes,
+                        deadline: float | None) -> UpstreamResponse:
+        try:
+            return await connection.exchange(head, body, deadline)
+        except BaseException:
+            connection.close()  # broken, or cancelled mid-response: never reuse it
+            raise
+
+    def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
+        connections = self._idle.get(key)
+        if not connections:
+            return None
+        oldest_allowed_s = self._clock() - self.idle_timeout_s
+        while connections:
+            connection = connections.pop()
+            if connection.closed:
+                continue
+            if connection.idle_since_s < oldest_allowed_s:
+                # The newest is too old, so all below it are: drop the lot.
+                connection.close()
+                for stale in connections:
+                    stale.close()
+                connections.clear()
+                return None
+            return connection
+        return None
+
+    def _give_back(self, key: tuple[str, int], connection: _Connection) -> None:
+        if connection.closed:
+            return
+        connections = self._idle.setdefault(key, [])
+        now_s = self._clock()
+        connection.idle_since_s = now_s
+        connections.append(connection)
+        oldest_allowed_s = now_s - self.idle_timeout_s
+        # Trim from the bottom: connections over the bound, closed, or idle too long.
+        while connections and (len(connections) > self.max_idle_per_host
+                               or connections[0].closed
+                               or connections[0].idle_since_s < oldest_allowed_s):
+            connections.pop(0).close()
+
+    async def _connect(self, key: tuple[str, int], deadline: float | None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        limit_s = self.connect_timeout_s
+        if deadline is not None:
+            limit_s = min(limit_s, deadline - loop.time())
+        try:
+            async with asyncio.timeout(limit_s):
+                _, connection = await loop.create_connection(_Connection, key[0], key[1])
+        except TimeoutError as exc:
+            if deadline is not None and loop.time() >= deadline:
+                raise UpstreamTimeout(f"connect to {key[0]}:{key[1]} timed out") from exc
+            raise ConnectFailed(f"connect to {key[0]}:{key[1]} timed out") from exc
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {exc}") from exc
+        sock = connection._transport.get_extra_info("socket") if connection._transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connections_opened += 1
+        return connection
