@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -33,19 +32,6 @@ DEMO_SIGNATURE = {
     "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}],
     "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, 3]}],
 }
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition",
-               poll_s: float = 0.02) -> Any:
-    """Return condition()'s first truthy value, or fail once the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(poll_s)
 
 
 def replica_key_of(node_id: int) -> str:

@@ -13,7 +13,8 @@ import pytest
 
 from serving.agent import cli
 from serving.agent.agent import EXIT_REVOKED
-from tests.agent_fakes import JOIN_TOKEN, FakePortal, wait_until
+from tests.agent_fakes import JOIN_TOKEN, FakePortal
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +14,8 @@ from registry.demo import DEMO_SIGNATURE, save_torchscript
 from serving.agent.cache import ArtifactCache
 from serving.agent.client import PortalClient
 from serving.agent.replicas import ReplicaManager, ReplicaSettings
-from tests.agent_fakes import FakePortal, desired_replica, wait_until
-
-if importlib.util.find_spec("serving.replica") is None:
-    pytest.skip("serving.replica is not written yet", allow_module_level=True)
+from tests.agent_fakes import FakePortal, desired_replica
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 KEY = "a-replica-key-of-32-characters!!"  # the replica wants at least 16 characters
