@@ -19,8 +19,8 @@ from tests.agent_fakes import (
     JOIN_TOKEN,
     FakePortal,
     desired_replica,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 PORTS = range(19400, 19440)
 

@@ -22,8 +22,8 @@ from tests.agent_fakes import (
     FAKE_REPLICA_MODULE,
     FakePortal,
     desired_replica,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 KEY = "replica-key-1"
 PORTS = range(19300, 19340)
