@@ -44,6 +44,7 @@ from replica import (
     READY_DEADLINE_S,
     SIGNATURE,
     free_port,
+    keep_in_flight,
     request_body,
     save_reference_mlp,
     start_replica,
@@ -189,34 +190,19 @@ def serve_bare(kind: str, port: int, upstream_port: int) -> None:
 
 async def drive(target: Target, concurrency: int, duration_s: float, warm_up_s: float,
                 body: bytes, pids: dict[str, int]) -> Cell:
-    """Keep `concurrency` requests in flight for `duration_s` (after a warm-up)."""
+    """Load one target for one cell; measure each process's CPU over it."""
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, headers=target.headers) as session:
-        url = f"{target.url}/v2/models/mlp/infer"
-        latencies_ms: list[float] = []
-        errors = 0
-        measuring = False
-        stop_at = time.monotonic() + warm_up_s + duration_s
+        cpu_before: dict[str, float] = {}
 
-        async def worker() -> None:
-            nonlocal errors
-            while (started := time.monotonic()) < stop_at:
-                async with session.post(url, data=body) as response:
-                    await response.read()
-                    ok = response.status == 200
-                if measuring:
-                    latencies_ms.append((time.monotonic() - started) * 1000.0)
-                    errors += not ok
+        async def read_before() -> None:
+            cpu_before.update({name: cpu_s(pid) for name, pid in pids.items()})
 
-        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        await asyncio.sleep(warm_up_s)
-        measuring, started_s = True, time.monotonic()
-        cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
-        await asyncio.gather(*workers)
-        elapsed_s = time.monotonic() - started_s
+        load = await keep_in_flight(session, f"{target.url}/v2/models/mlp/infer", body,
+                                    concurrency, duration_s, warm_up_s, read_before)
         used = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
-    return Cell(target.name, concurrency, len(latencies_ms), errors, elapsed_s, latencies_ms,
-                used)
+    return Cell(target.name, concurrency, len(load.latencies_ms), load.errors, load.elapsed_s,
+                load.latencies_ms, used)
 
 
 def median_round(rounds: list[Cell]) -> Cell:

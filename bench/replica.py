@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,38 +136,64 @@ async def stats(session: aiohttp.ClientSession, replica: Replica) -> dict[str, A
         return result
 
 
+@dataclass
+class Load:
+    """What one load cell saw: per-request latencies after the warm-up, errors, duration."""
+
+    latencies_ms: list[float]
+    errors: int
+    elapsed_s: float
+
+
+async def keep_in_flight(session: aiohttp.ClientSession, url: str, body: bytes,
+                         concurrency: int, duration_s: float, warm_up_s: float,
+                         on_measure: Callable[[], Awaitable[None]] | None = None) -> Load:
+    """Keep `concurrency` requests in flight for `duration_s` after a warm-up.
+
+    `on_measure` runs once when the warm-up ends (to read counters before the cell).
+    Shared by bench/replica.py and bench/gateway.py so both load the same way.
+    """
+    latencies_ms: list[float] = []
+    errors = 0
+    measuring = False
+    stop_at = time.monotonic() + warm_up_s + duration_s
+
+    async def worker() -> None:
+        nonlocal errors
+        while (started := time.monotonic()) < stop_at:
+            async with session.post(url, data=body) as response:
+                await response.read()
+                ok = response.status == 200
+            if measuring:
+                latencies_ms.append((time.monotonic() - started) * 1000.0)
+                errors += not ok
+
+    workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(warm_up_s)
+    if on_measure is not None:
+        await on_measure()
+    measuring, started_s = True, time.monotonic()
+    await asyncio.gather(*workers)
+    return Load(latencies_ms, errors, time.monotonic() - started_s)
+
+
 async def drive(replica: Replica, concurrency: int, duration_s: float, warm_up_s: float,
                 body: bytes) -> Cell:
-    """Keep `concurrency` requests in flight for `duration_s` (after a warm-up)."""
+    """Load one replica for one cell; count its batches from /stats."""
     connector = aiohttp.TCPConnector(limit=concurrency)
     # Stats go over their own session: the load's connector has no spare connection.
     async with aiohttp.ClientSession(connector=connector, headers=HEADERS) as session, \
             aiohttp.ClientSession(headers=HEADERS) as stats_session:
-        url = f"{replica.url}/v2/models/mlp/infer"
-        latencies_ms: list[float] = []
-        errors = 0
-        measuring = False
-        stop_at = time.monotonic() + warm_up_s + duration_s
+        before: dict[str, Any] = {}
 
-        async def worker() -> None:
-            nonlocal errors
-            while (started := time.monotonic()) < stop_at:
-                async with session.post(url, data=body) as response:
-                    await response.read()
-                    ok = response.status == 200
-                if measuring:
-                    latencies_ms.append((time.monotonic() - started) * 1000.0)
-                    errors += not ok
+        async def read_before() -> None:
+            before.update(await stats(stats_session, replica))
 
-        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        await asyncio.sleep(warm_up_s)
-        before = await stats(stats_session, replica)
-        measuring, started_s = True, time.monotonic()
-        await asyncio.gather(*workers)
-        elapsed_s = time.monotonic() - started_s
+        load = await keep_in_flight(session, f"{replica.url}/v2/models/mlp/infer", body,
+                                    concurrency, duration_s, warm_up_s, read_before)
         after = await stats(stats_session, replica)
-    return Cell(replica.name, concurrency, len(latencies_ms), errors, elapsed_s, latencies_ms,
-                after["batches"] - before["batches"],
+    return Cell(replica.name, concurrency, len(load.latencies_ms), load.errors, load.elapsed_s,
+                load.latencies_ms, after["batches"] - before["batches"],
                 after["batched_rows"] - before["batched_rows"])
 
 
