@@ -10,9 +10,14 @@ bench/replica.py) is served by one batched replica (--max-batch-size 32
 `python -m serving.gateway.standalone` with a one-deployment table, an API key (sha256
 lookup, no rate limit) and metrics on. For each concurrency the targets alternate
 (direct, gateway, direct, gateway, ...) for `--rounds` rounds and each cell reports the
-median round, so drift on a noisy machine hits both alike: compare the ratios. The load
-generator is asyncio + aiohttp with keep-alive connections, one row per request, JSON body;
-it shares the 2 cores with the replica and the gateway.
+median round, so drift on a noisy machine hits both alike: compare the ratios.
+
+The load generator is `wrk` when it is installed (`--client wrk`, the default then): C, one
+thread, keep-alive connections, one row per request, JSON body, a Lua hook that counts every
+answer that is not 200. It costs a few microseconds per request, so it leaves the 2 cores to
+the replica and the gateway. `--client aiohttp` is the older asyncio + aiohttp generator
+(shared with bench/replica.py), which uses most of a core itself: against the gateway it
+makes three busy processes on two cores where direct has two, and understates the ratio.
 
 `--compare-bare` adds two bare proxies as targets (uvicorn and a forward with no auth,
 balancing or metrics): one on the gateway's upstream pool, one on an aiohttp session, to
@@ -26,6 +31,9 @@ import asyncio
 import hashlib
 import json
 import os
+import re
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +64,25 @@ API_KEY = "swk_bench_gateway_key"
 GATEWAY_HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 BARE_PROXIES = ("bare-pool", "bare-aiohttp")
 INFER_PATH = "/v2/models/mlp/infer"
+CLIENTS = ("wrk", "aiohttp")
+# wrk: the request, a count of answers that are not 200, and one result line from done().
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [==[%(body)s]==]
+%(headers)s
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) not_ok = 0 end
+function response(status, headers, body) if status ~= 200 then not_ok = not_ok + 1 end end
+function done(summary, latency, requests)
+  local not_ok_total = 0
+  for _, thread in ipairs(threads) do not_ok_total = not_ok_total + thread:get("not_ok") end
+  local e = summary.errors
+  io.write(string.format("WRK_RESULT %%d %%d %%d %%d %%d %%d\\n", summary.requests,
+    summary.duration, latency:percentile(50), latency:percentile(99), not_ok_total,
+    e.connect + e.read + e.write + e.timeout))
+end
+"""
 
 
 @dataclass
@@ -72,8 +99,8 @@ class Cell:
     requests: int
     errors: int
     duration_s: float
-    latencies_ms: list[float]
-    cpu_s: dict[str, float]  # process name -> CPU seconds used during the cell
+    percentiles_ms: dict[float, float]  # 0.5 -> p50, 0.99 -> p99
+    cpu_s: dict[str, float]  # process name -> CPU seconds used during the cell ("client" too)
 
     def cpu_us_per_request(self, process: str) -> float:
         return self.cpu_s[process] / self.requests * 1e6
@@ -83,8 +110,12 @@ class Cell:
         return self.requests / self.duration_s
 
     def latency_ms(self, fraction: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+        return self.percentiles_ms[fraction]
+
+
+def percentiles(latencies_ms: list[float]) -> dict[float, float]:
+    ordered = sorted(latencies_ms) or [float("nan")]
+    return {f: ordered[min(len(ordered) - 1, int(f * len(ordered)))] for f in (0.5, 0.99)}
 
 
 def cpu_s(pid: int) -> float:
@@ -188,21 +219,67 @@ def serve_bare(kind: str, port: int, upstream_port: int) -> None:
     uvloop.run(uvicorn.Server(config).serve())
 
 
-async def drive(target: Target, concurrency: int, duration_s: float, warm_up_s: float,
-                body: bytes, pids: dict[str, int]) -> Cell:
+async def drive(target: Target, concurrency: int, args: argparse.Namespace, body: bytes,
+                pids: dict[str, int], scripts: Path) -> Cell:
     """Load one target for one cell; measure each process's CPU over it."""
+    if args.client == "wrk":
+        return drive_wrk(target, concurrency, args, body, pids, scripts)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, headers=target.headers) as session:
         cpu_before: dict[str, float] = {}
 
         async def read_before() -> None:
-            cpu_before.update({name: cpu_s(pid) for name, pid in pids.items()})
+            cpu_before.update({name: cpu_s(pid) for name, pid in pids.items()},
+                              client=time.process_time())
 
-        load = await keep_in_flight(session, f"{target.url}/v2/models/mlp/infer", body,
-                                    concurrency, duration_s, warm_up_s, read_before)
+        load = await keep_in_flight(session, f"{target.url}{INFER_PATH}", body,
+                                    concurrency, args.duration_s, args.warm_up_s, read_before)
         used = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
+        used["client"] = time.process_time() - cpu_before["client"]
     return Cell(target.name, concurrency, len(load.latencies_ms), load.errors, load.elapsed_s,
-                load.latencies_ms, used)
+                percentiles(load.latencies_ms), used)
+
+
+def wrk_script(target: Target, body: bytes, scripts: Path) -> Path:
+    """Write (once per target) the Lua script that makes wrk send our request."""
+    path = scripts / f"{target.name}.lua"
+    if not path.exists():
+        headers = "\n".join(f'wrk.headers["{name}"] = "{value}"'
+                            for name, value in target.headers.items())
+        path.write_text(WRK_SCRIPT % {"body": body.decode(), "headers": headers})
+    return path
+
+
+def run_wrk(target: Target, concurrency: int, duration_s: float, threads: int,
+            script: Path) -> tuple[list[int], float]:
+    """Run wrk once; return its WRK_RESULT figures and the CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    threads = max(1, min(threads, concurrency))  # wrk needs a connection per thread
+    done = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s",
+         "--timeout", "10s", "-s", str(script), f"{target.url}{INFER_PATH}"],
+        capture_output=True, text=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    match = re.search(r"^WRK_RESULT ([\d ]+)$", done.stdout, re.MULTILINE)
+    if match is None:
+        raise SystemExit(f"wrk printed no result:\n{done.stdout}\n{done.stderr}")
+    used_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return [int(field) for field in match.group(1).split()], used_s
+
+
+def drive_wrk(target: Target, concurrency: int, args: argparse.Namespace, body: bytes,
+              pids: dict[str, int], scripts: Path) -> Cell:
+    """One cell with wrk: a warm-up run, then the measured run with CPU read around it."""
+    script = wrk_script(target, body, scripts)
+    if args.warm_up_s > 0:
+        run_wrk(target, concurrency, args.warm_up_s, args.wrk_threads, script)
+    cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+    (requests, duration_us, p50_us, p99_us, not_ok, failed), client_s = run_wrk(
+        target, concurrency, args.duration_s, args.wrk_threads, script)
+    used = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
+    used["client"] = client_s
+    return Cell(target.name, concurrency, requests, not_ok + failed, duration_us / 1e6,
+                {0.5: p50_us / 1000.0, 0.99: p99_us / 1000.0}, used)
 
 
 def median_round(rounds: list[Cell]) -> Cell:
@@ -211,14 +288,14 @@ def median_round(rounds: list[Cell]) -> Cell:
 
 
 async def measure(targets: list[Target], args: argparse.Namespace, body: bytes,
-                  pids: dict[str, int]) -> list[Cell]:
+                  pids: dict[str, int], scripts: Path) -> list[Cell]:
     cells: list[Cell] = []
     for concurrency in args.concurrency:
         rounds: dict[str, list[Cell]] = {t.name: [] for t in targets}
         for _ in range(args.rounds):
             for target in targets:  # alternate: direct, gateway, direct, gateway, ...
                 rounds[target.name].append(await drive(
-                    target, concurrency, args.duration_s, args.warm_up_s, body, pids))
+                    target, concurrency, args, body, pids, scripts))
         for target in targets:
             cells.append(median_round(rounds[target.name]))
             print(f"  {target.name:8} c={concurrency:<3} {cells[-1].requests_per_s:8.0f} req/s "
@@ -249,7 +326,7 @@ async def run(args: argparse.Namespace) -> list[Cell]:
                     await wait_proxy(session, target, processes[target.name], body)
             pids = {"replica": replica.process.pid,
                     **{name: process.pid for name, process in processes.items()}}
-            return await measure(targets, args, body, pids)
+            return await measure(targets, args, body, pids, Path(directory))
         finally:
             for process in [*processes.values(), replica.process]:
                 process.terminate()
@@ -257,18 +334,21 @@ async def run(args: argparse.Namespace) -> list[Cell]:
 
 
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
+    client = "wrk (1 thread)" if args.client == "wrk" and args.wrk_threads == 1 \
+        else f"wrk ({args.wrk_threads} threads)" if args.client == "wrk" else "aiohttp"
     print(f"\ngateway benchmark: {args.duration_s} s per cell, median of {args.rounds} "
           f"alternating round(s), concurrency {', '.join(map(str, args.concurrency))}, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs\n")
+          f"load from {client}, torch {torch.__version__}, {os.cpu_count()} CPUs\n")
     print("| target | concurrency | requests/s | p50 ms | p99 ms | errors "
-          "| replica CPU us/req | proxy CPU us/req |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| replica CPU us/req | proxy CPU us/req | client CPU us/req |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         proxy_cpu = (f"{cell.cpu_us_per_request(cell.target):.0f}"
                      if cell.target != "direct" else "-")
         print(f"| {cell.target} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
               f"{cell.latency_ms(0.5):.2f} | {cell.latency_ms(0.99):.2f} | {cell.errors} | "
-              f"{cell.cpu_us_per_request('replica'):.0f} | {proxy_cpu} |")
+              f"{cell.cpu_us_per_request('replica'):.0f} | {proxy_cpu} | "
+              f"{cell.cpu_us_per_request('client'):.0f} |")
     print("\n| concurrency | target | requests/s vs direct | p50 - direct p50 |")
     print("|---|---|---|---|")
     for concurrency in args.concurrency:
@@ -285,6 +365,11 @@ def main() -> None:
     parser.add_argument("--warm-up-s", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3, help="median of this many rounds")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--client", choices=CLIENTS,
+                        default="wrk" if shutil.which("wrk") else "aiohttp",
+                        help="load generator (default: wrk when installed)")
+    parser.add_argument("--wrk-threads", type=int, default=1,
+                        help="wrk threads (at most one per connection)")
     parser.add_argument("--compare-bare", action="store_true",
                         help="also measure bare proxies (our pool, aiohttp) for reference")
     parser.add_argument("--serve-bare", choices=BARE_PROXIES, help=argparse.SUPPRESS)
@@ -294,6 +379,8 @@ def main() -> None:
     if args.serve_bare:
         serve_bare(args.serve_bare, args.port, args.upstream_port)
         return
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        parser.error("wrk is not installed (apt-get install wrk), or use --client aiohttp")
     try:
         import uvloop
     except ImportError:

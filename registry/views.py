@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Max
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.csrf import csrf_protect
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
 from registry import services
-from registry.api.views import alias_moves, create_version_from_request
+from registry.api.views import alias_moves, create_version_from_request, staging_upload_handler
 from registry.forms import AliasMoveForm, ModelCreateForm, VersionUploadForm
 from registry.models import Model
-from registry.permissions import is_operator
+from registry.permissions import WRITE_REFUSED, is_operator
 from swarm_portal.errors import ServiceError
 
 
 def _require_operator(request: HttpRequest) -> None:
     if not is_operator(request.user):
-        raise PermissionDenied("only staff or members of the operators group may do this")
+        raise PermissionDenied(WRITE_REFUSED)
 
 
 def model_list(request: HttpRequest) -> HttpResponse:
@@ -59,21 +61,35 @@ def model_create(request: HttpRequest) -> HttpResponse:
     return render(request, "registry/model_create.html", {"form": form})
 
 
-@csrf_protect
+@csrf_exempt
 def version_upload(request: HttpRequest, name: str) -> HttpResponse:
     """Show the upload form; on POST stream, validate and store the new version.
 
     The page posts with XMLHttpRequest to show progress and wants JSON back; a
     plain form post (no script) gets a redirect or the form with the error.
+    Django's CSRF check reads the body, so the streaming upload handler is installed
+    first and the check runs after, in _checked_upload (as Django's docs prescribe).
     """
     _require_operator(request)
     model = get_object_or_404(Model, name=name)
+    if request.method != "POST":
+        return _checked_upload(request, model, None)
+    handler = staging_upload_handler()
+    request.upload_handlers = [handler]
+    try:
+        return _checked_upload(request, model, handler)
+    finally:
+        handler.discard()  # a refused CSRF check leaves no staged file either
+
+
+@csrf_protect
+def _checked_upload(request: HttpRequest, model: Model, handler: Any) -> HttpResponse:
     wants_json = request.headers.get("Accept", "").startswith("application/json")
     if request.method != "POST":
         return render(request, "registry/upload.html",
                       {"model": model, "form": VersionUploadForm()})
     try:
-        version = create_version_from_request(request, model)
+        version = create_version_from_request(request, model, handler)
     except ServiceError as exc:
         if wants_json:
             return JsonResponse({"error": exc.message}, status=exc.status_code)

@@ -12,6 +12,7 @@ cold start; a node with no replica costs nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -239,6 +240,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, help="default: every slot in the fleet")
     parser.add_argument("--scale-to-zero", action="store_true")
+    parser.add_argument("--stable-window-s", type=float, default=60.0)
+    parser.add_argument("--panic-window-s", type=float, default=6.0)
+    parser.add_argument("--scale-down-delay-s", type=float, default=30.0)
+    parser.add_argument("--base-latency-s", type=float, default=0.2,
+                        help="service time of one request with no queue")
+    parser.add_argument("--cold-start-s", type=float, default=30.0,
+                        help="from placement until a new replica serves")
     parser.add_argument("--events", type=int, default=20, help="scale events to print")
     parser.add_argument("--plot", help="write a PNG of load, replicas and latency here")
 
@@ -254,14 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run a simulation described by parsed options; print the report."""
-    fleet = default_fleet(args.nodes)
+    fleet = dataclasses.replace(default_fleet(args.nodes), base_latency_s=args.base_latency_s,
+                                cold_start_s=args.cold_start_s)
     saturated_in_flight = fleet.slowest_rate_per_s * fleet.base_latency_s
     config = ScalingPolicyConfig(
         min_replicas=args.min_replicas,
         max_replicas=fleet.replica_slots if args.max_replicas is None else args.max_replicas,
         target_in_flight_per_replica=_or_default(args.target_in_flight,
                                                  0.7 * saturated_in_flight),
-        scale_to_zero=args.scale_to_zero)
+        scale_to_zero=args.scale_to_zero, stable_window_s=args.stable_window_s,
+        panic_window_s=args.panic_window_s, scale_down_delay_s=args.scale_down_delay_s)
     if args.csv:
         trace = load_trace_csv(args.csv)
     else:

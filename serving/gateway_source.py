@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.backends.base import SessionBase
 from django.db import close_old_connections, connection
@@ -78,7 +79,8 @@ def _deployment_route(deployment: Deployment, replicas: list[ReplicaRoute],
                   if (deployment.model_id, n) in infos},
         replicas=tuple(sorted(replicas, key=lambda r: r.replica_id)),
         policy=deployment.policy, max_in_flight_per_replica=deployment.max_in_flight_per_replica,
-        queue_limit=deployment.queue_limit, request_timeout_s=deployment.request_timeout_s)
+        queue_limit=deployment.queue_limit, request_timeout_s=deployment.request_timeout_s,
+        hold_timeout_s=settings.GATEWAY_HOLD_TIMEOUT_S if deployment.hold_at_zero else 0.0)
 
 
 def _api_keys() -> dict[str, ApiKeyRoute]:
@@ -132,8 +134,6 @@ class DatabaseTableSource:
 
 
 def _session_user_active(session_key: str) -> bool:
-    from django.conf import settings
-
     store: SessionBase = import_string(f"{settings.SESSION_ENGINE}.SessionStore")(session_key)
     user_id: Any = store.get("_auth_user_id")
     if user_id is None:
@@ -146,3 +146,16 @@ class PortalSessionAuth:
 
     async def allows(self, session_key: str, deployment: str) -> bool:
         return await _closing(_session_user_active)(session_key)
+
+
+def _send_activation(deployment_id: int, held: int) -> None:
+    from swarm_portal.celery import app
+
+    # By name: serving does not import the scaling app that defines the task.
+    app.send_task("scaling.tasks.activate_deployment", args=[deployment_id, held],
+                  expires=settings.GATEWAY_HOLD_TIMEOUT_S or None)
+
+
+async def celery_activator(deployment_id: int, held: int) -> None:
+    """Activator for the gateway: ask the auto-scaler (a Celery task) to start a replica."""
+    await sync_to_async(_send_activation, thread_sensitive=False)(deployment_id, held)

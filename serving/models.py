@@ -122,6 +122,9 @@ class Deployment(models.Model):
     queue_limit = models.PositiveIntegerField(default=256)
     request_timeout_s = models.FloatField(default=30.0)
     deleting = models.BooleanField(default=False, help_text="replicas drain, then it goes")
+    # Set by the auto-scaler's policy (scaling app): at zero replicas the gateway holds
+    # requests while a replica starts, instead of answering 503 at once.
+    hold_at_zero = models.BooleanField(default=False)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT,
                                    related_name="deployments")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -4,4 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-websocket_urlpatterns: list[Any] = []
+from dashboards.routing import websocket_urlpatterns as dashboard_routes
+
+websocket_urlpatterns: list[Any] = [*dashboard_routes]

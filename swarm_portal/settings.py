@@ -67,6 +67,7 @@ INSTALLED_APPS = [
     "registry",
     "serving",
     "scaling",
+    "dashboards",
 ]
 
 MIDDLEWARE = [
@@ -165,7 +166,9 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # Several deployments (or test runs) may share one Redis: keep groups apart.
+            "CONFIG": {"hosts": [REDIS_URL],
+                       "prefix": env_str("CACHE_KEY_PREFIX", "swarm") + ":asgi"},
         }
     }
 else:
@@ -195,13 +198,36 @@ if not METRICS_TOKEN and not METRICS_PUBLIC:
 # Worker agents: heartbeat period, and how many missed heartbeats make a node offline.
 HEARTBEAT_INTERVAL_S = env_float("HEARTBEAT_INTERVAL_S", 1.0, minimum=0.1)
 MISSED_HEARTBEATS_OFFLINE = env_int("MISSED_HEARTBEATS_OFFLINE", 3, minimum=1)
+# The auto-scaler: how often it decides (at most 2 s), and how long the gateway holds a
+# request for a deployment at zero replicas while one starts (then 503).
+SCALING_TICK_S = env_float("SCALING_TICK_S", 0.5, minimum=0.1)
+if SCALING_TICK_S > 2:
+    raise ImproperlyConfigured("environment variable SCALING_TICK_S must be at most 2 (seconds)")
+GATEWAY_HOLD_TIMEOUT_S = env_float("GATEWAY_HOLD_TIMEOUT_S", 60.0, minimum=0)
+# GPU-server providers (scaling/providers/): where the auto-scaler gets nodes from.
+SCALING_PROVIDER = env_str("SCALING_PROVIDER", "static")
+if SCALING_PROVIDER not in ("static", "local"):
+    raise ImproperlyConfigured(
+        f"environment variable SCALING_PROVIDER must be static or local, got {SCALING_PROVIDER!r}")
+LOCAL_FLEET_MIN_NODES = env_int("LOCAL_FLEET_MIN_NODES", 1, minimum=0)
+LOCAL_FLEET_MAX_NODES = env_int("LOCAL_FLEET_MAX_NODES", 3, minimum=LOCAL_FLEET_MIN_NODES)
+LOCAL_FLEET_PORTAL_URL = env_str("LOCAL_FLEET_PORTAL_URL", "http://127.0.0.1:8000")
+LOCAL_FLEET_BASE_PORT = env_int("LOCAL_FLEET_BASE_PORT", 9100, minimum=1)
+NODE_IDLE_RELEASE_S = env_float("NODE_IDLE_RELEASE_S", 60.0, minimum=0.0)
+# A tick that waited longer than its period is stale: drop it rather than pile them up.
 CELERY_BEAT_SCHEDULE = {
-    "sweep-nodes": {"task": "serving.tasks.sweep_nodes", "schedule": HEARTBEAT_INTERVAL_S},
-    "reconcile-deployments": {"task": "serving.tasks.reconcile_deployments", "schedule": 2.0},
+    "sweep-nodes": {"task": "serving.tasks.sweep_nodes", "schedule": HEARTBEAT_INTERVAL_S,
+                    "options": {"expires": max(HEARTBEAT_INTERVAL_S, 1.0)}},
+    "reconcile-deployments": {"task": "serving.tasks.reconcile_deployments", "schedule": 2.0,
+                              "options": {"expires": 2.0}},
+    "autoscale": {"task": "scaling.tasks.autoscale_tick", "schedule": SCALING_TICK_S,
+                  "options": {"expires": max(SCALING_TICK_S, 1.0)}},
 }
 
 # One code path for both modes: Redis in production, Celery's filesystem broker embedded.
 CELERY_BROKER_URL = REDIS_URL or "filesystem://"
+if not REDIS_URL:  # kombu's own filesystem transport can hand a worker a half-written file
+    CELERY_BROKER_TRANSPORT = "swarm_portal.kombu_filesystem:Transport"
 CELERY_BROKER_TRANSPORT_OPTIONS = (
     {}
     if REDIS_URL
@@ -211,6 +237,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
         "processed_folder": str(VAR_DIR / "celery" / "processed"),
         "control_folder": str(VAR_DIR / "celery" / "control"),
         "store_processed": False,
+        # The worker looks for new task files this often (kombu's default is 1 s): the
+        # auto-scaler's tick and cold-start activations must not wait for it.
+        "polling_interval": 0.1,
     }
 )
 CELERY_TASK_SERIALIZER = "json"

@@ -11,7 +11,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from swarm_portal import health
 
 urlpatterns = [
-    path("", RedirectView.as_view(pattern_name="registry:model-list"), name="home"),
+    path("", RedirectView.as_view(pattern_name="dashboards:overview"), name="home"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", health.healthz, name="healthz"),
@@ -19,7 +19,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("registry.api.urls")),
     path("api/", include("serving.api.urls")),
+    path("api/", include("scaling.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("", include("registry.urls")),
+    path("", include("dashboards.urls")),
 ]

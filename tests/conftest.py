@@ -102,3 +102,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def join_secret(operator) -> str:
+    """A join token's secret (unlimited uses), for registering test nodes."""
+    from serving import services
+
+    _token, secret = services.do_create_join_token(name="test", user=operator,
+                                                   expires_in=None, uses=None)
+    return secret
+
+
+@pytest.fixture
+def gpu_node(join_secret):
+    """A registered node with one 80 GiB GPU (no agent: tests send its heartbeats)."""
+    from tests.dashboards_helpers import register_node
+
+    return register_node(join_secret, "gpu-a")
+
+
+@pytest.fixture
+def served_deployment(gpu_node, model, operator, model_files):
+    """The `mlp` deployment of version 1, one replica placed on gpu_node."""
+    from serving import services
+
+    add_version = factories.add_version
+    version = add_version(model, operator, model_files["torchscript"])
+    return services.do_create_deployment(name="mlp", model=model, version_number=version.number,
+                                         alias_name="", user=operator, replicas=1,
+                                         memory_bytes=1024**3)

@@ -255,3 +255,14 @@ def test_the_orphan_check_never_signals_an_unrelated_process(tmp_path: Path) -> 
 
     assert processes.stop_orphans(tmp_path / "replicas") == 0
     assert not (replica_dir / processes.PID_FILE).exists()
+
+
+def test_the_mean_in_flight_is_request_seconds_over_replica_seconds_between_polls():
+    from serving.agent.replicas import _mean_in_flight
+
+    first = {"clock_s": 100.0, "in_flight_seconds": 40.0}
+    assert _mean_in_flight(None, first) is None  # nothing to compare yet
+    assert _mean_in_flight((100.0, 40.0), {"clock_s": 102.0, "in_flight_seconds": 43.0}) == 1.5
+    # A restarted replica (clock or counter went back) gives no figure rather than a wrong one.
+    assert _mean_in_flight((100.0, 40.0), {"clock_s": 5.0, "in_flight_seconds": 1.0}) is None
+    assert _mean_in_flight((100.0, 40.0), {"clock_s": 101.0}) is None

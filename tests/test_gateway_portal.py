@@ -206,7 +206,10 @@ def test_canary_weights_pinning_rollback_and_revocation(portal_fleet, operator):
                                                alias_name="", user=operator, replicas=3)
     services.do_update_deployment(deployment, {"traffic": {"1": 3, "2": 1}}, operator)
     agent.settle(3)
-    wait_until(lambda: served_versions(client, 20).get("2", 0) > 0, 5, "the canary to serve")
+    app = portal_fleet["app"]
+    # Both versions ready in the gateway's table: the split applies from then on.
+    wait_until(lambda: all(app.table.deployments["mlp"].weights.get(v, 0) > 0 for v in (1, 2)),
+               10, "both versions to take traffic in the gateway's table")
     counts = served_versions(client, 400)
     assert 260 <= counts["1"] <= 340, counts  # 75 % of 400, within ~4.6 standard deviations
     assert served_versions(client, 20, "/v2/models/mlp/versions/2/infer") == {"2": 20}

@@ -18,7 +18,12 @@ from serving.gateway.auth import Authenticator, Rejected, SessionCache, session_
 from serving.gateway.deployments import DeploymentRuntime, Fleet, WaitQueue
 from serving.gateway.filesource import FileTableSource, write_table
 from serving.gateway.refresh import TableRefresher
-from serving.gateway.requests import UNKNOWN_VERSION, ModelPath, parse_model_path
+from serving.gateway.requests import (
+    UNKNOWN_VERSION,
+    DisconnectWatcher,
+    ModelPath,
+    parse_model_path,
+)
 from serving.gateway.routes import ReplicaRoute, RouteTable, VersionInfo
 from tests.gateway_helpers import (
     BEARER,
@@ -114,6 +119,59 @@ async def test_a_waiter_that_leaves_after_being_woken_passes_the_turn_on():
     queue.wake(1)
     leaving.cancel()  # woken, but its client went away before it ran
     assert await staying is True
+
+
+class FakeClient:
+    """An ASGI receive() that counts its callers and disconnects when told to."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> dict[str, str]:
+        self.calls += 1
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+async def watched_request(watcher: DisconnectWatcher, client: FakeClient,
+                          run_s: float) -> bool:
+    """Run a request for `run_s` under the watcher; return whether its client went away."""
+    watch = watcher.watch(asyncio.get_running_loop(), client.receive)
+    try:
+        await asyncio.sleep(run_s)
+    except asyncio.CancelledError:
+        assert watch.client_gone
+        return True
+    finally:
+        watcher.stop(watch)
+    return False
+
+
+async def test_a_short_request_is_never_watched():
+    watcher, client = DisconnectWatcher(0.05), FakeClient()
+    assert await watched_request(watcher, client, 0.001) is False
+    await asyncio.sleep(0.08)  # past the shared timer: nothing left to start
+    assert client.calls == 0
+
+
+async def test_long_requests_are_watched_from_after_s_each_and_cancelled_on_disconnect():
+    watcher = DisconnectWatcher(0.05)
+    first_client, second_client, third_client = FakeClient(), FakeClient(), FakeClient()
+    first = asyncio.ensure_future(watched_request(watcher, first_client, 5))
+    await asyncio.sleep(0.03)
+    second = asyncio.ensure_future(watched_request(watcher, second_client, 5))
+    third = asyncio.ensure_future(watched_request(watcher, third_client, 0.2))
+    await asyncio.sleep(0.035)  # the first is 65 ms old, the others 35 ms
+    assert (first_client.calls, second_client.calls) == (1, 0)
+    await asyncio.sleep(0.03)  # the timer re-armed for the second and third
+    assert (second_client.calls, third_client.calls) == (1, 1)
+    first_client.gone.set()
+    assert await first is True
+    assert await third is False  # it finished first: stop() ended its watcher
+    assert not second.done()
+    second_client.gone.set()
+    assert await second is True
 
 
 async def test_the_refresher_reloads_on_a_new_revision_and_in_full_now_and_then():

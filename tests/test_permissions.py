@@ -46,7 +46,7 @@ def test_viewer_reads_but_cannot_write(viewer_api, client, viewer, model, operat
         {"artifact": SimpleUploadedFile("m.pt", model_files["torchscript_b"].read_bytes()),
          "signature": json.dumps(SIGNATURE)}, format="multipart")
     assert upload.status_code == 403
-    assert "operators group" in upload.json()["error"]
+    assert "operator and admin roles" in upload.json()["error"]
     move = viewer_api.put(f"/api/models/{model.name}/aliases/production/", {"version": 1},
                           format="json")
     assert move.status_code == 403

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -241,10 +242,23 @@ def test_stats_report_state_counters_and_latency(client):
     client.post(INFER, json=json_request(features(1, 5)))
     snapshot = stats(client)
     assert set(snapshot) == {"state", "in_flight", "queue_depth", "completed", "failed",
-                             "latency_p50_ms", "latency_p99_ms", "batches", "batched_rows"}
+                             "latency_p50_ms", "latency_p99_ms", "batches", "batched_rows",
+                             "in_flight_seconds", "clock_s"}
     assert snapshot["state"] == "ready" and snapshot["in_flight"] == 0
     assert snapshot["queue_depth"] == 0 and snapshot["completed"] >= 1
     assert 0 < snapshot["latency_p50_ms"] <= snapshot["latency_p99_ms"]
+
+
+def test_in_flight_seconds_add_up_the_time_requests_spent_in_flight(client):
+    before = stats(client)
+    started_s = time.monotonic()
+    client.post(INFER, json=json_request(features(1, 5)))
+    elapsed_s = time.monotonic() - started_s
+    after = stats(client)
+    busy_s = after["in_flight_seconds"] - before["in_flight_seconds"]
+    # One request was in flight for part of the client's round trip, and never longer.
+    assert 0 < busy_s <= elapsed_s
+    assert after["clock_s"] > before["clock_s"]
 
 
 async def fire_concurrently(replica: ReplicaProcess, requests: list[dict]) -> list[httpx.Response]:

@@ -109,11 +109,20 @@ class ModelVersionViewSet(ModelScopedMixin, mixins.ListModelMixin, mixins.Retrie
         return Response(body, status=status.HTTP_201_CREATED)
 
 
-def create_version_from_request(request: Any, model: Model) -> ModelVersion:
-    """Stream the request's artifact to staging and hand it to the version service."""
-    handler = StagingUploadHandler(services.artifact_store(), settings.MAX_UPLOAD_BYTES)
+def staging_upload_handler() -> StagingUploadHandler:
+    return StagingUploadHandler(services.artifact_store(), settings.MAX_UPLOAD_BYTES)
+
+
+def create_version_from_request(request: Any, model: Model,
+                                handler: StagingUploadHandler | None = None) -> ModelVersion:
+    """Stream the request's artifact to staging and hand it to the version service.
+
+    `handler`: one the caller installed already (before a CSRF check read the body).
+    """
     django_request = getattr(request, "_request", request)
-    django_request.upload_handlers = [handler]
+    if handler is None:
+        handler = staging_upload_handler()
+        django_request.upload_handlers = [handler]
     try:
         data = request.POST if django_request is request else request.data
         upload = request.FILES.get(ARTIFACT_FIELD)

@@ -149,8 +149,9 @@ class ReplicaStatus(Message):
     state: str
     port: int | None = None
     error: str = ""
-    in_flight: int = 0
-    queue_depth: int = 0
+    in_flight: int = 0  # at the moment of the heartbeat, queued requests included
+    queue_depth: int = 0  # of those, waiting for a batch
+    mean_in_flight: float | None = None  # averaged since the previous heartbeat
     completed: int = 0
     failed: int = 0
     latency_p50_ms: float | None = None

@@ -69,6 +69,9 @@ class ManagedReplica:
     launched_at_s: float | None = None
     drain_started_at_s: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    # (replica clock s, request-seconds) at the previous /stats: the mean concurrency
+    # between two polls is the difference of the second over the difference of the first.
+    busy_clock: tuple[float, float] | None = None
 
     @property
     def replica_id(self) -> int:
@@ -284,6 +287,10 @@ class ReplicaManager:
             return
         if isinstance(raw, dict):
             replica.stats = _parse_stats(raw)
+            mean = _mean_in_flight(replica.busy_clock, raw)
+            if mean is not None:
+                replica.stats["mean_in_flight"] = mean
+            replica.busy_clock = _busy_clock(raw)
 
     def _get(self, replica: ManagedReplica, path: str) -> httpx.Response:
         url = f"http://{self.settings.connect_host}:{replica.port}{path}"
@@ -320,3 +327,19 @@ def _parse_stats(raw: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             figures[name] = float(value)
     return figures
+
+
+def _busy_clock(raw: dict[str, Any]) -> tuple[float, float] | None:
+    clock_s, busy_s = raw.get("clock_s"), raw.get("in_flight_seconds")
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in (clock_s, busy_s)):
+        return float(clock_s), float(busy_s)  # type: ignore[arg-type]
+    return None
+
+
+def _mean_in_flight(previous: tuple[float, float] | None, raw: dict[str, Any]) -> float | None:
+    """Return the mean requests in flight since the previous /stats (None: not known yet)."""
+    current = _busy_clock(raw)
+    if previous is None or current is None or current[0] <= previous[0] \
+            or current[1] < previous[1]:
+        return None  # first poll, or the replica restarted
+    return round((current[1] - previous[1]) / (current[0] - previous[0]), 4)

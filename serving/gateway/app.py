@@ -19,12 +19,13 @@ from serving.balancing import BalancerConfig
 from serving.gateway.auth import Authenticator, Rejected, SessionCache
 from serving.gateway.deployments import DeploymentRuntime, Fleet
 from serving.gateway.forwarding import Forwarder, UpstreamRequest
+from serving.gateway.hold import Activator, ColdStarts
 from serving.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from serving.gateway.ratelimit import RateLimiter, retry_after_s
 from serving.gateway.refresh import TableRefresher
 from serving.gateway.requests import (
     ClientGone,
-    DisconnectWatch,
+    DisconnectWatcher,
     ModelPath,
     parse_model_path,
     read_body,
@@ -69,6 +70,7 @@ class GatewayApp:
                  rng: random.Random | None = None,
                  balancer_config: BalancerConfig | None = None,
                  pool: UpstreamPool | None = None,
+                 activator: Activator | None = None,
                  poll_interval_s: float = 0.2, full_reload_s: float = 5.0) -> None:
         self.max_body_bytes = max_body_bytes
         self._clock = clock
@@ -82,6 +84,8 @@ class GatewayApp:
         self._limiter = RateLimiter()
         self.pool = pool or UpstreamPool()
         self._forwarder = Forwarder(self.pool, self.metrics, clock)
+        self._disconnects = DisconnectWatcher(WATCH_AFTER_S)
+        self.cold_starts = ColdStarts(activator)
         self.refresher = TableRefresher(source, self._apply_table, clock, poll_interval_s,
                                         full_reload_s)
         self._ready = False
@@ -117,6 +121,7 @@ class GatewayApp:
         for task in (self._poll_task, self._start_task):
             if task is not None and not task.done():
                 task.cancel()
+        self.cold_starts.cancel()
         self.pool.close()
 
     # ASGI
@@ -271,18 +276,32 @@ class GatewayApp:
         if version is None:
             self.metrics.rejected(runtime.name, 503)
             return retry_later(503, f"no version of {runtime.name!r} takes traffic", 1)
+        if not runtime.route.replicas and runtime.route.hold_timeout_s > 0:
+            refused = await self._hold(runtime)
+            if refused is not None:
+                return refused
         query: bytes = scope["query_string"]
         path: bytes = scope.get("raw_path") or scope["path"].encode()
         request = UpstreamRequest(b"POST", path + b"?" + query if query else path,
                                   forwarded, body)
-        deadline = asyncio.get_running_loop().time() + runtime.route.request_timeout_s
-        response = await self._forward_watching(receive, runtime, version, request, deadline)
+        loop = asyncio.get_running_loop()  # once per request: each call costs a getpid()
+        deadline = loop.time() + runtime.route.request_timeout_s
+        response = await self._forward_watching(loop, receive, runtime, version, request,
+                                                deadline)
         if response is None:
             self.metrics.cancelled(runtime.name)
             return None
         self.metrics.for_version(runtime.name, version).observe(
             response.status, self._clock() - started_s)
         return response
+
+    async def _hold(self, runtime: DeploymentRuntime) -> Response | None:
+        """Wait while a deployment at zero starts a replica; the 503 if none comes."""
+        refused = await self.cold_starts.hold(runtime, runtime.route.hold_timeout_s)
+        if refused is None:
+            return None
+        self.metrics.rejected(runtime.name, 503)
+        return retry_later(503, refused, 1)
 
     def _version(self, runtime: DeploymentRuntime, target: ModelPath) -> int | None:
         """Return the version this request goes to (None: no version takes traffic)."""
@@ -298,11 +317,11 @@ class GatewayApp:
         self.metrics.rejected(runtime.name, 413)
         return error(413, f"the request body is larger than {self.max_body_bytes} bytes")
 
-    async def _forward_watching(self, receive: Receive, runtime: DeploymentRuntime,
-                                version: int, request: UpstreamRequest,
-                                deadline: float) -> Response | None:
+    async def _forward_watching(self, loop: asyncio.AbstractEventLoop, receive: Receive,
+                                runtime: DeploymentRuntime, version: int,
+                                request: UpstreamRequest, deadline: float) -> Response | None:
         """Forward, but give up (None) once the client has disconnected."""
-        watch = DisconnectWatch(receive, WATCH_AFTER_S)
+        watch = self._disconnects.watch(loop, receive)
         try:
             return await self._forwarder.forward(runtime, version, request, deadline)
         except asyncio.CancelledError:
@@ -311,7 +330,7 @@ class GatewayApp:
             watch.task.uncancel()
             return None
         finally:
-            watch.stop()
+            self._disconnects.stop(watch)
 
 
 def _forwarded_headers(headers: Headers) -> tuple[Headers, bytes]:

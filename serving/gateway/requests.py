@@ -70,27 +70,18 @@ async def read_body(receive: Receive, limit_bytes: int) -> bytes | None:
 
 
 class DisconnectWatch:
-    """Cancels the current task when the client disconnects, checked from `after_s` on.
+    """One request's watch: cancels its task when the client disconnects (see below)."""
 
-    A watcher task per request costs more than the rest of the gateway's own work, so it
-    starts only once a request has run `after_s`: a shorter request just finishes (its
-    answer goes nowhere), a longer one is cancelled within `after_s` of the disconnect.
-    """
+    __slots__ = ("_receive", "_watcher", "client_gone", "since_s", "task")
 
-    __slots__ = ("_receive", "_timer", "_watcher", "client_gone", "task")
-
-    def __init__(self, receive: Receive, after_s: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def __init__(self, task: asyncio.Task[object], receive: Receive, since_s: float) -> None:
         self.task = task
         self.client_gone = False
+        self.since_s = since_s
         self._receive = receive
         self._watcher: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = task.get_loop().call_later(
-            after_s, self._start)
 
     def _start(self) -> None:
-        self._timer = None
         self._watcher = self.task.get_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -99,9 +90,57 @@ class DisconnectWatch:
         self.client_gone = True
         self.task.cancel()  # the attempt releases its lease as CANCELLED on the way out
 
-    def stop(self) -> None:
-        """Stop watching (the request is done)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        elif self._watcher is not None:
-            self._watcher.cancel()
+
+class DisconnectWatcher:
+    """Watches requests for a client disconnect, each from `after_s` after it began.
+
+    A watcher task per request costs more than the rest of the gateway's own work, so it
+    starts only once a request has run `after_s`: a shorter request just finishes (its
+    answer goes nowhere), a longer one is cancelled within `after_s` of the disconnect.
+    One timer serves every request (a loop timer per request costs ~2 us): it fires when
+    the oldest pending request reaches `after_s`, starts the watchers that are due, and
+    re-arms for the next oldest.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._pending: dict[DisconnectWatch, None] = {}  # oldest first: insertion order
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, receive: Receive) -> DisconnectWatch:
+        """Start watching the current request (call `stop` when it is done)."""
+        task = asyncio.current_task(loop)
+        assert task is not None
+        now_s = loop.time()
+        watch = DisconnectWatch(task, receive, now_s)
+        if loop is not self._loop:  # a new event loop (tests): the old timer never fires
+            self._pending.clear()
+            self._loop, self._timer = loop, None
+        self._pending[watch] = None
+        if self._timer is None:
+            self._timer = loop.call_at(now_s + self.after_s, self._start_due)
+        return watch
+
+    def stop(self, watch: DisconnectWatch) -> None:
+        """Stop watching a request (it is done)."""
+        watcher = watch._watcher
+        if watcher is None:
+            self._pending.pop(watch, None)
+        else:
+            watcher.cancel()
+
+    def _start_due(self) -> None:
+        self._timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        pending = self._pending
+        due_s = loop.time() - self.after_s + 0.001  # loop timers may fire a little early
+        while pending:
+            oldest = next(iter(pending))
+            if oldest.since_s > due_s:
+                self._timer = loop.call_at(oldest.since_s + self.after_s, self._start_due)
+                return
+            del pending[oldest]
+            oldest._start()

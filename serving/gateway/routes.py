@@ -47,6 +47,8 @@ class DeploymentRoute:
     queue_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
     max_attempts: int = 3
+    # > 0: at zero replicas, hold requests this long while the auto-scaler starts one.
+    hold_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
         self._headers: Headers = []
         self._body: list[bytes] = []
@@ -71,6 +72,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
         self._transport = cast(asyncio.Transport, transport)
+        # Kept: asyncio.get_running_loop() costs a getpid() syscall per call on 3.11.
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._response_started = True
@@ -131,10 +134,9 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, head: bytes, body: bytes, deadline: float | None,
                        ) -> UpstreamResponse:
         """Send one request and return its response (UpstreamTimeout after `deadline`)."""
-        transport = self._transport
-        if self.closed or transport is None or transport.is_closing():
+        transport, loop = self._transport, self._loop
+        if self.closed or transport is None or loop is None or transport.is_closing():
             raise ConnectionBroken("the connection is closed", response_started=False)
-        loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._waiter = waiter
         # A timer on the loop is cheaper than asyncio.timeout(), which cancels the task.

@@ -80,6 +80,11 @@ class ReplicaApp:
         self.engine = engine
         self.state = "loading"
         self.in_flight = 0
+        # Request-seconds served so far (the integral of in_flight over time): pollers take
+        # differences to get the mean concurrency over their interval (Little's law), which
+        # an instantaneous in_flight sampled once a second misses at low load.
+        self._in_flight_s = 0.0
+        self._in_flight_since_s = time.monotonic()
         self._idle: asyncio.Event | None = None
         self._bearer = b"Bearer " + config.key.encode()
         self._version = str(config.model_version)
@@ -130,13 +135,19 @@ class ReplicaApp:
         if self.state != "ready":
             await _send(send, error_response(503, f"replica is {self.state}", _RETRY))
             return
+        self._account_in_flight(time.monotonic())
         self.in_flight += 1
         try:
             await _send(send, await self._handle(route, scope, receive, headers))
         finally:
+            self._account_in_flight(time.monotonic())
             self.in_flight -= 1
             if self.in_flight == 0 and self._idle is not None:
                 self._idle.set()
+
+    def _account_in_flight(self, now_s: float) -> None:
+        self._in_flight_s += self.in_flight * (now_s - self._in_flight_since_s)
+        self._in_flight_since_s = now_s
 
     async def _handle(self, route: Route, scope: Scope, receive: Receive,
                       headers: dict[bytes, bytes]) -> Response:
@@ -189,8 +200,12 @@ class ReplicaApp:
                              _JSON if ready else _RETRY)
 
     async def _stats(self, *_: Any) -> Response:
-        return json_response(200, self.engine.stats.snapshot(
-            time.monotonic(), self.state, self.in_flight, self.engine.queue_depth))
+        now_s = time.monotonic()
+        self._account_in_flight(now_s)
+        snapshot = self.engine.stats.snapshot(now_s, self.state, self.in_flight,
+                                              self.engine.queue_depth)
+        snapshot.update(in_flight_seconds=round(self._in_flight_s, 6), clock_s=now_s)
+        return json_response(200, snapshot)
 
     async def _infer(self, scope: Scope, receive: Receive,
                      headers: dict[bytes, bytes]) -> Response:

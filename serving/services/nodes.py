@@ -12,6 +12,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from dashboards import events as dashboard_events
 from serving import live, secrets
 from serving.agent.protocol import (
     HeartbeatRequest,
@@ -77,6 +78,7 @@ def do_register_node(message: RegisterRequest, now: datetime | None = None) -> R
     node.save(update_fields=["secret_hash"])
     _sync_devices(node, [asdict(d) for d in message.devices])
     live.record_heartbeat(node.pk, now.timestamp(), [asdict(d) for d in message.devices], [])
+    dashboard_events.node_status(node.pk)
     log.info("node %s (#%s) joined with token %s", node.name, node.pk, token.prefix)
     return RegisterResponse(node_id=node.pk, node_secret=secret,
                             replica_key=secrets.replica_key(node.pk),
@@ -113,6 +115,8 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
     devices = [asdict(d) for d in message.devices]
     live.record_heartbeat(node.pk, now.timestamp(), devices,
                           [asdict(r) for r in message.replicas])
+    dashboard_events.node_figures(node.pk, now.timestamp(), devices,
+                                  [asdict(r) for r in message.replicas])
     with transaction.atomic():
         node = Node.objects.select_for_update().get(pk=node.pk)
         _persist_node_changes(node, message, now)
@@ -122,6 +126,7 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
             live.bump_routes_on_commit()
     if changed:
         reconcile_deployments_of(changed, now)
+        dashboard_events.replicas_changed(changed)
     return HeartbeatResponse(desired=desired_for_node(node), replica_key=secrets.replica_key(
         node.pk), heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, node_status=node.status)
 
@@ -132,6 +137,7 @@ def _persist_node_changes(node: Node, message: HeartbeatRequest, now: datetime) 
         node.status, node.status_changed_at = NodeStatus.READY, now
         fields += ["status", "status_changed_at"]
         log.info("node %s (#%s) is back", node.name, node.pk)
+        dashboard_events.node_status(node.pk)
     stale = (node.last_heartbeat_at is None
              or (now - node.last_heartbeat_at).total_seconds() >= LAST_HEARTBEAT_PERSIST_S)
     if stale or fields:
@@ -203,6 +209,8 @@ def _mark_offline(node_id: int, now: datetime) -> bool:
         deployments = _release_replicas(Q(node_id=node_id), now, "node missed its heartbeats")
     log.warning("node #%s is offline: missed heartbeats; moving its replicas", node_id)
     reconcile_deployments_of(deployments, now)
+    dashboard_events.node_status(node_id)
+    dashboard_events.replicas_changed(deployments)
     return True
 
 
@@ -228,6 +236,8 @@ def do_drain_node(node: Node, now: datetime | None = None) -> None:
         live_replicas.update(desired=False)
         live.bump_routes_on_commit()
     reconcile_deployments_of(deployments, now)
+    dashboard_events.node_status(node.pk)
+    dashboard_events.replicas_changed(deployments)
 
 
 def do_remove_node(node: Node, now: datetime | None = None) -> None:
@@ -240,6 +250,8 @@ def do_remove_node(node: Node, now: datetime | None = None) -> None:
         node.delete()
     live.forget(node_id)
     reconcile_deployments_of(deployments, now)
+    dashboard_events.node_status(node_id, "removed", node.name)
+    dashboard_events.replicas_changed(deployments)
 
 
 def do_deregister_node(node: Node, now: datetime | None = None) -> None:
@@ -253,3 +265,5 @@ def do_deregister_node(node: Node, now: datetime | None = None) -> None:
                                error="node deregistered").update(state=ReplicaState.STOPPED)
     live.forget(node.pk)
     reconcile_deployments_of(deployments, now)
+    dashboard_events.node_status(node.pk)
+    dashboard_events.replicas_changed(deployments)

@@ -16,6 +16,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from dashboards import events as dashboard_events
 from registry.models import Alias, ModelVersion
 from serving import live
 from serving.agent.protocol import DesiredReplica
@@ -77,6 +78,7 @@ def reconcile_deployment(deployment_id: int, now: datetime | None = None) -> Non
             return
         if not deployment.deleting and _reconcile_locked(deployment, now):
             live.bump_routes_on_commit()
+            dashboard_events.replicas_changed([deployment_id])
     if deployment.deleting:
         delete_if_drained(deployment_id)
 

@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 
-from registry.permissions import OPERATORS_GROUP
+from registry.permissions import ROLE_GROUPS
 
 
 class Command(BaseCommand):
@@ -19,7 +19,8 @@ class Command(BaseCommand):
         parser.add_argument("--username", default=os.environ.get("SWARM_ADMIN_USER", "admin"))
 
     def handle(self, *args, username: str, **options) -> None:
-        Group.objects.get_or_create(name=OPERATORS_GROUP)
+        for name in ROLE_GROUPS:
+            Group.objects.get_or_create(name=name)
         users = get_user_model().objects
         if users.filter(username=username).exists():
             self.stdout.write(f"admin account {username!r} exists (password unchanged)")

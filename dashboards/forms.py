@@ -1,0 +1,81 @@
+"""Forms of the dashboards' controls: they parse input; the services decide what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from serving.services.deployments import MAX_REPLICAS
+
+
+class ScaleForm(forms.Form):
+    replicas = forms.IntegerField(min_value=0, max_value=MAX_REPLICAS)
+
+
+class RollbackForm(forms.Form):
+    revision = forms.IntegerField(min_value=1)
+
+
+class TrafficForm(forms.Form):
+    """Canary weights as `version=weight` pairs, e.g. `1=90, 2=10`; empty: all to the primary."""
+
+    traffic = forms.CharField(required=False, max_length=500)
+
+    def clean_traffic(self) -> dict[str, float]:
+        text = self.cleaned_data["traffic"].strip()
+        split: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
+            number, sep, weight = part.partition("=")
+            try:
+                if not sep:
+                    raise ValueError
+                split[str(int(number))] = float(weight)
+            except ValueError:
+                raise forms.ValidationError(
+                    f"{part!r} is not version=weight (for example 1=90, 2=10)") from None
+        return split
+
+
+class PolicyForm(forms.Form):
+    """The auto-scaler's settings for one deployment (scaling.models.ScalingPolicy)."""
+
+    enabled = forms.BooleanField(required=False)
+    min_replicas = forms.IntegerField(min_value=0)
+    max_replicas = forms.IntegerField(min_value=0)
+    target_in_flight_per_replica = forms.FloatField(min_value=0.001)
+    stable_window_s = forms.FloatField(min_value=0.1)
+    panic_window_s = forms.FloatField(min_value=0.1)
+    scale_down_delay_s = forms.FloatField(min_value=0)
+    max_step_up = forms.IntegerField(min_value=1, required=False)
+    max_step_down = forms.IntegerField(min_value=1, required=False)
+    scale_to_zero = forms.BooleanField(required=False)
+    idle_before_zero_s = forms.FloatField(min_value=0)
+
+    @classmethod
+    def for_policy(cls, policy: Any) -> PolicyForm:
+        if policy is None:
+            return cls(initial={"enabled": True, "min_replicas": 1, "max_replicas": 4,
+                                "target_in_flight_per_replica": 8.0, "stable_window_s": 60.0,
+                                "panic_window_s": 6.0, "scale_down_delay_s": 30.0,
+                                "idle_before_zero_s": 300.0})
+        return cls(initial={name: getattr(policy, name) for name in cls.base_fields})
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    deployments = forms.CharField(required=False, max_length=2000,
+                                  help_text="comma-separated names; empty: every deployment")
+    rate_limit_rps = forms.FloatField(required=False, min_value=0.001)
+    burst = forms.IntegerField(required=False, min_value=0, initial=0)
+    expires_in_days = forms.IntegerField(required=False, min_value=1, max_value=3650)
+
+    def deployment_names(self) -> list[str] | None:
+        names = [n.strip() for n in self.cleaned_data["deployments"].split(",") if n.strip()]
+        return names or None
+
+
+class JoinTokenForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    uses = forms.IntegerField(required=False, min_value=1, help_text="empty: unlimited")
+    expires_in_hours = forms.IntegerField(required=False, min_value=1, max_value=24 * 365)

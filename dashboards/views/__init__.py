@@ -1,0 +1,32 @@
+"""The dashboards' pages and controls (thin: queries in dashboards.queries, writes in services)."""
+
+from __future__ import annotations
+
+from dashboards.views.access import access, key_create, key_revoke, token_create, token_revoke
+from dashboards.views.deployments import (
+    deployment_detail,
+    deployment_list,
+    deployment_policy,
+    deployment_rollback,
+    deployment_scale,
+    deployment_traffic,
+)
+from dashboards.views.pages import fleet, overview
+from dashboards.views.playground import playground
+
+__all__ = [
+    "access",
+    "deployment_detail",
+    "deployment_list",
+    "deployment_policy",
+    "deployment_rollback",
+    "deployment_scale",
+    "deployment_traffic",
+    "fleet",
+    "key_create",
+    "key_revoke",
+    "overview",
+    "playground",
+    "token_create",
+    "token_revoke",
+]

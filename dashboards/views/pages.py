@@ -1,0 +1,45 @@
+"""Read pages: the overview and the fleet."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from dashboards import figures, history, queries
+from dashboards.views.common import viewer_page
+
+
+@viewer_page
+def overview(request: HttpRequest) -> HttpResponse:
+    nodes = queries.fleet_nodes()
+    histories = queries.node_histories([node.id for node in nodes])
+    context = {
+        "summary": queries.summary(nodes, histories),
+        "events": queries.recent_events(),
+        "series": figures.fleet_series(histories, history.HISTORY_STEP_S).to_dict(),
+        "seed": _figures_seed(nodes, histories),
+    }
+    template = ("dashboards/_summary.html" if request.GET.get("partial") == "summary"
+                else "dashboards/overview.html")
+    return render(request, template, context)
+
+
+@viewer_page
+def fleet(request: HttpRequest) -> HttpResponse:
+    nodes = queries.fleet_nodes()
+    histories = queries.node_histories([node.id for node in nodes])
+    context = {
+        "nodes": nodes,
+        "series": {node.id: figures.device_series(histories.get(node.id, [])).to_dict()
+                   for node in nodes},
+        "seed": _figures_seed(nodes, histories),
+    }
+    template = ("dashboards/_fleet_nodes.html" if request.GET.get("partial") == "nodes"
+                else "dashboards/fleet.html")
+    return render(request, template, context)
+
+
+def _figures_seed(nodes: list[queries.NodeRow],
+                  histories: dict[int, list[figures.Sample]]) -> dict[str, object]:
+    """Return the newest sample per node: the browser's first point for rates and totals."""
+    return {str(node.id): histories[node.id][-1] for node in nodes if histories.get(node.id)}

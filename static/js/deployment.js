@@ -1,0 +1,78 @@
+// One deployment: replicas and their states, live rates, latency and errors, scaling events.
+(function () {
+  "use strict";
+  var L = window.SwarmLive;
+  var root = document.getElementById("deployment");
+  var deploymentId = Number(root.dataset.deployment);
+  var rates = new L.RateTracker();
+  var seed = L.json("series") || { t: [] };
+  var rpsChart = new L.Chart(document.getElementById("chart-rps"), ["rps"], seed);
+  var latencyChart = new L.Chart(document.getElementById("chart-latency"), ["p50_ms", "p99_ms", "error_rate"], seed);
+  var lastPointS = 0;
+
+  function latest(name) { var col = seed[name]; return col && col.length ? col[col.length - 1] : null; }
+  function showFigures(f) {
+    document.getElementById("tile-rps").textContent = L.num(f.rps);
+    document.getElementById("tile-latency").textContent = L.num(f.p50_ms) + " / " + L.num(f.p99_ms) + " ms";
+    document.getElementById("tile-errors").textContent = L.num(100 * (f.error_rate || 0), 2) + "%";
+  }
+  if (seed.t.length) showFigures({ rps: latest("rps"), p50_ms: latest("p50_ms"), p99_ms: latest("p99_ms"), error_rate: latest("error_rate") });
+
+  function replicaIds() {
+    return Array.prototype.map.call(document.querySelectorAll("#replicas tr[data-replica]"), function (row) { return Number(row.dataset.replica); });
+  }
+
+  function cell(row, text, className) {
+    var td = document.createElement("td");
+    td.textContent = text;
+    if (className) td.className = className;
+    row.appendChild(td);
+  }
+
+  function showReplicas(message) {
+    document.getElementById("desired").textContent = message.desired_replicas;
+    var body = document.querySelector("#replicas tbody");
+    body.innerHTML = "";
+    message.replicas.forEach(function (r) {
+      var row = document.createElement("tr");
+      row.dataset.replica = r.id;
+      cell(row, "#" + r.id);
+      cell(row, "v" + r.version);
+      cell(row, r.node || "–");
+      cell(row, r.gpu_index == null ? "cpu" : "cuda:" + r.gpu_index);
+      cell(row, r.state, "state " + r.state);
+      cell(row, (r.desired ? "" : "retiring ") + (r.error || ""), "muted");
+      body.appendChild(row);
+    });
+    if (!message.replicas.length) body.innerHTML = '<tr class="empty"><td colspan="6" class="muted">No replicas.</td></tr>';
+  }
+
+  function addScalingEvent(message) {
+    var body = document.querySelector("#scaling-events tbody");
+    var empty = body.querySelector(".empty");
+    if (empty) empty.remove();
+    var row = document.createElement("tr");
+    cell(row, message.at.replace("T", " ").slice(0, 19));
+    cell(row, String(message.from_replicas));
+    cell(row, String(message.to_replicas));
+    cell(row, message.reason);
+    body.insertBefore(row, body.firstChild);
+  }
+
+  L.connect("/ws/deployments/", function (message) {
+    if (message.type === "node.figures") {
+      rates.update(message);
+      var f = rates.combine(replicaIds());
+      showFigures(f);
+      if (message.at_s - lastPointS >= 1) {
+        lastPointS = message.at_s;
+        rpsChart.push(message.at_s, f);
+        latencyChart.push(message.at_s, f);
+      }
+    } else if (message.type === "replicas.changed" && message.deployment_id === deploymentId) {
+      showReplicas(message);
+    } else if (message.type === "scaling.event" && message.deployment_id === deploymentId) {
+      addScalingEvent(message);
+    }
+  });
+})();

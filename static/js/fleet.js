@@ -1,0 +1,64 @@
+// Fleet page: per-GPU figures and a utilisation chart per node, live from heartbeats.
+(function () {
+  "use strict";
+  var L = window.SwarmLive;
+  var series = L.json("series") || {};
+  var charts = {};
+  var refreshTimer = null;
+
+  function gib(bytes) { return bytes == null ? "–" : (bytes / Math.pow(1024, 3)).toFixed(1); }
+
+  function mountCharts() {
+    charts = {};
+    document.querySelectorAll("[data-chart]").forEach(function (el) {
+      var nodeId = el.dataset.chart.replace("node-", "");
+      var seed = series[nodeId] || { t: [] };
+      var names = Object.keys(seed).filter(function (k) { return k !== "t"; });
+      if (!names.length) {
+        names = Array.prototype.map.call(document.querySelectorAll("#node-" + nodeId + " tr[data-gpu]"), function (row) { return "gpu" + row.dataset.gpu; });
+      }
+      el.innerHTML = "";
+      charts[nodeId] = new L.Chart(el, names, seed, 160, [0, 100]);
+    });
+  }
+
+  // Nodes joined, left or changed their replicas: fetch the server-rendered list again.
+  function refreshNodes() {
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(function () {
+      fetch(location.pathname + "?partial=nodes", { credentials: "same-origin" })
+        .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+        .then(function (html) {
+          var holder = document.createElement("div");
+          holder.innerHTML = html;
+          document.getElementById("fleet-nodes").replaceWith(holder.firstElementChild);
+          mountCharts();
+        });
+    }, 150);
+  }
+
+  function showFigures(message) {
+    var card = document.getElementById("node-" + message.node_id);
+    if (!card) { refreshNodes(); return; }
+    var values = {};
+    message.devices.forEach(function (d) {
+      values["gpu" + d.index] = d.utilization_pct;
+      var row = card.querySelector('tr[data-gpu="' + d.index + '"]');
+      if (!row) return;
+      row.querySelector(".util").textContent = L.pct(d.utilization_pct);
+      row.querySelector(".memory").textContent = gib(d.memory_used_bytes) + " / " + gib(Number(row.dataset.memoryTotal)) + " GiB";
+      row.querySelector(".temperature").textContent = d.temperature_c == null ? "–" : d.temperature_c + " °C";
+      row.querySelector(".power").textContent = d.power_w == null ? "–" : d.power_w + " W";
+    });
+    var chart = charts[message.node_id];
+    if (chart) chart.push(message.at_s, values);
+  }
+
+  function onMessage(message) {
+    if (message.type === "node.figures") showFigures(message);
+    else if (message.type === "node.status" || message.type === "replicas.changed") refreshNodes();
+  }
+
+  mountCharts();
+  L.connect("/ws/fleet/", onMessage);
+})();
