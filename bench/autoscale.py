@@ -323,7 +323,7 @@ def main() -> None:
     parser.add_argument("--base-s", type=float, default=15.0)
     parser.add_argument("--step-s", type=float, default=30.0)
     parser.add_argument("--iterations", type=int, default=200, help="model cost per request")
-    parser.add_argument("--target-in-flight", type=float, default=0.1)
+    parser.add_argument("--target-in-flight", type=float, default=0.05)
     parser.add_argument("--plot", default=str(REPO_ROOT / "docs" / "autoscale-sim.png"))
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="swarm-autoscale-"))

@@ -24,7 +24,7 @@ from serving import services
 from serving.agent.protocol import DeviceInfo, HeartbeatRequest, RegisterRequest, ReplicaStatus
 from serving.gateway.app import GatewayApp
 from serving.gateway_source import DatabaseTableSource, PortalSessionAuth
-from serving.models import Node
+from serving.models import Node, Replica
 from serving.secrets import replica_key
 from tests.factories import DEMO_SIGNATURE, add_version
 from tests.gateway_helpers import GatewayThread
@@ -207,9 +207,20 @@ def test_canary_weights_pinning_rollback_and_revocation(portal_fleet, operator):
     services.do_update_deployment(deployment, {"traffic": {"1": 3, "2": 1}}, operator)
     agent.settle(3)
     app = portal_fleet["app"]
+    served_versions(client, 1)  # the gateway loads its first table on its first request
+
+    def both_weighted() -> bool:
+        route = app.table.deployments.get("mlp")
+        return route is not None and all(route.weights.get(v, 0) > 0 for v in (1, 2))
+
     # Both versions ready in the gateway's table: the split applies from then on.
-    wait_until(lambda: all(app.table.deployments["mlp"].weights.get(v, 0) > 0 for v in (1, 2)),
-               10, "both versions to take traffic in the gateway's table")
+    try:
+        wait_until(both_weighted, 10, "both versions to take traffic in the gateway's table")
+    except AssertionError as exc:
+        rows = list(Replica.objects.values_list("pk", "version__number", "state", "desired",
+                                                "port"))
+        raise AssertionError(f"{exc}; the route now: {app.table.deployments.get('mlp')}; "
+                             f"replicas: {rows}") from None
     counts = served_versions(client, 400)
     assert 260 <= counts["1"] <= 340, counts  # 75 % of 400, within ~4.6 standard deviations
     assert served_versions(client, 20, "/v2/models/mlp/versions/2/infer") == {"2": 20}
