@@ -72,6 +72,7 @@ def _prepare(env: dict[str, str]) -> None:
     print(_manage(env, "ensure_admin"), end="", flush=True)
     print(_manage(env, "register_demo_model"), end="", flush=True)
     print(_manage(env, "ensure_demo_deployment"), end="", flush=True)
+    print(_manage(env, "ensure_demo_policy"), end="", flush=True)
 
 
 def _worker_command(env: dict[str, str], portal_url: str, name: str, ports: str,

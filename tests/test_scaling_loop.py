@@ -201,3 +201,23 @@ def test_the_events_api_lists_newest_first_with_reasons(viewer_api, node, deploy
     assert body["results"][0]["to_replicas"] == 4
     assert body["results"][0]["reason"].startswith("panic")
     assert viewer_api.get("/api/scaling-events/?deployment=other").json()["count"] == 0
+
+
+def test_the_demo_gets_a_policy_once_and_keeps_an_edited_one(operator, model_files):
+    from django.core.management import call_command
+
+    from registry.demo import DEMO_MODEL_NAME
+    from registry.models import Model
+
+    call_command("ensure_demo_policy")  # no demo deployment yet: nothing happens
+    assert not ScalingPolicy.objects.exists()
+    demo = Model.objects.create(name=DEMO_MODEL_NAME, owner=operator)
+    add_version(demo, operator, model_files["torchscript"])
+    deployment = services.do_create_deployment(name=DEMO_MODEL_NAME, model=demo,
+                                               version_number=1, alias_name="",
+                                               user=operator, replicas=2)
+    call_command("ensure_demo_policy")
+    assert ScalingPolicy.objects.get().max_replicas == 3
+    scaling.do_set_policy(deployment, max_replicas=5)
+    call_command("ensure_demo_policy")
+    assert ScalingPolicy.objects.get().max_replicas == 5
