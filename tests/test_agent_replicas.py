@@ -47,9 +47,10 @@ def write_artifacts(root: Path) -> Callable[[DesiredReplica], Path]:
 
 def make_manager(tmp_path: Path, executor: ThreadPoolExecutor,
                  prepare: Callable[[DesiredReplica], Path] | None = None,
-                 drain_grace_s: float = 10.0) -> ReplicaManager:
+                 drain_grace_s: float = 10.0, drain_delay_s: float = 0.0) -> ReplicaManager:
     config = ReplicaSettings(replicas_dir=tmp_path / "replicas", port_range=PORTS,
-                             replica_module=FAKE_REPLICA_MODULE, drain_grace_s=drain_grace_s)
+                             replica_module=FAKE_REPLICA_MODULE, drain_grace_s=drain_grace_s,
+                             drain_delay_s=drain_delay_s)
     return ReplicaManager(config, prepare or write_artifacts(tmp_path), executor)
 
 
@@ -149,6 +150,29 @@ def test_an_undesired_replica_drains_on_sigterm_then_is_forgotten(
     manager.reconcile([], KEY, time.monotonic())
     assert manager.statuses() == []
     assert not (manager.settings.replicas_dir / "4").exists()  # its files went with it
+
+
+def test_a_ready_replica_keeps_serving_through_the_drain_delay_before_its_sigterm(
+        tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    manager = make_manager(tmp_path, executor, drain_delay_s=2.0)
+    try:
+        manager.reconcile([fake(6, "ready")], KEY, time.monotonic())
+        step_until_state(manager, 6, "ready")
+        process = manager.replicas[6].process
+        assert process is not None
+        started_s = time.monotonic()
+        manager.reconcile([], KEY, started_s)
+        assert manager.statuses()[0].state == "draining"  # the portal hears it at once
+        step(manager, started_s + 1.9)
+        assert process.poll() is None and not manager.replicas[6].signalled
+        step(manager, started_s + 2.0)
+        assert manager.replicas[6].signalled  # now told to stop
+        step_until_state(manager, 6, "stopped")
+        assert process.returncode == 0  # drained by its SIGTERM, not killed
+    finally:
+        manager.drain_all(time.monotonic())
+        wait_until(lambda: not step(manager) and manager.live_count() == 0, what="cleanup")
+        manager.close()
 
 
 def test_a_replica_that_does_not_drain_is_killed_after_the_grace_period(

@@ -153,6 +153,13 @@ def test_sigterm_drains_an_agent_without_failing_in_flight_requests(cluster):
                                 f"status {response.status_code}")
             except httpx.ConnectError:
                 outcomes.append("refused")  # the replica is gone: nothing was in flight
+            except httpx.RemoteProtocolError as exc:
+                # A connection accepted as the server stops, before it read a request: the
+                # server closes it unanswered (uvicorn only waits for requests it has begun),
+                # so nothing ran; the gateway's pool retries these on another replica.
+                if "without sending a response" not in str(exc):
+                    raise
+                outcomes.append("refused")
             except httpx.HTTPError as exc:
                 outcomes.append(f"broken: {exc!r}")
 

@@ -34,6 +34,7 @@ from tests.replica_models import REPO_ROOT, ReplicaProcess, free_port, replica_c
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 CPU = DeviceInfo(index=0, kind="cpu", name="cpu", uuid="cpu-0",
                  memory_total_bytes=64 * 1024**3, memory_used_bytes=0, utilization_pct=1.0)
+DRAIN_DELAY_S = 2.0  # the agent's default --drain-delay-s
 ROW = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4],
                    "data": [0.1, 0.2, 0.3, 0.4]}]}
 
@@ -45,6 +46,7 @@ class Agent:
         self.node, self.directory, self.artifacts = node, directory, artifacts
         self.processes: dict[int, ReplicaProcess] = {}  # replica id -> process
         self.stopped: set[int] = set()
+        self.retiring: dict[int, float] = {}  # replica id -> when the portal let it go
 
     def _start(self, replica_id: int, version: int) -> ReplicaProcess:
         signature = self.directory / "signature.json"
@@ -61,28 +63,34 @@ class Agent:
 
     def heartbeat(self) -> None:
         """Start what the portal wants, stop the rest, report the ready ones."""
-        reply = services.do_heartbeat(self.node, HeartbeatRequest(devices=[CPU], replicas=[
-            ReplicaStatus(replica_id=rid, state="ready", port=p.port)
-            for rid, p in self.processes.items()
-            if rid not in self.stopped and _ready(p, self.node.pk)]))
+        reply = services.do_heartbeat(self.node, HeartbeatRequest(replicas=self._statuses(),
+                                                                  devices=[CPU]))
         wanted = {d.replica_id: d.version for d in reply.desired}
         for replica_id, version in wanted.items():
             if replica_id not in self.processes:
                 self.processes[replica_id] = self._start(replica_id, version)
+        now_s = time.monotonic()
         for replica_id in set(self.processes) - set(wanted) - self.stopped:
-            self.processes[replica_id].stop()  # drains: in-flight requests finish
-            self.stopped.add(replica_id)
-        ready = [rid for rid, p in self.processes.items()
-                 if rid not in self.stopped and _ready(p, self.node.pk)]
-        services.do_heartbeat(self.node, HeartbeatRequest(devices=[CPU], replicas=[
-            ReplicaStatus(replica_id=rid, state="ready", port=self.processes[rid].port)
-            for rid in ready]))
+            # As the real agent does: reported draining at once, stopped after a pause in
+            # which the gateways reload their tables and send it nothing new.
+            since_s = self.retiring.setdefault(replica_id, now_s)
+            if now_s - since_s >= DRAIN_DELAY_S:
+                self.processes[replica_id].stop()  # drains: in-flight requests finish
+                self.stopped.add(replica_id)
+        services.do_heartbeat(self.node, HeartbeatRequest(devices=[CPU],
+                                                          replicas=self._statuses()))
+
+    def _statuses(self) -> list[ReplicaStatus]:
+        return [ReplicaStatus(replica_id=rid, port=p.port,
+                              state="draining" if rid in self.retiring else "ready")
+                for rid, p in self.processes.items()
+                if rid not in self.stopped and _ready(p, self.node.pk)]
 
     def settle(self, count: int) -> None:
         """Heartbeat until `count` replicas are ready."""
         def done() -> bool:
             self.heartbeat()
-            live = [r for r in self.processes if r not in self.stopped]
+            live = [r for r in self.processes if r not in self.stopped | set(self.retiring)]
             return len(live) == count and all(_ready(self.processes[r], self.node.pk)
                                               for r in live)
         wait_until(done, 90, f"{count} ready replicas", interval_s=0.3)

@@ -84,7 +84,9 @@ def test_the_default_policy_uses_every_replica_under_load(fleet, serve):
     assert statuses == [200] * 200
     served = completed(a) - before[0], completed(b) - before[1]
     assert sum(served) == 200
-    assert min(served) >= 20, served
+    # p2c weighs outstanding requests by each replica's latency, so a replica slowed by a
+    # busy machine rightly gets less, but never nothing: one stuck at 0 would be a bug.
+    assert min(served) >= 10, served
 
 
 def test_canary_weights_hold_within_statistical_tolerance(fleet, serve):

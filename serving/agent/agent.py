@@ -62,6 +62,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval_s: float | None = None  # None: follow the portal (1 s until it says)
     drain_grace_s: float = 30.0
+    drain_delay_s: float = 2.0
     ready_timeout_s: float = 300.0
     http_timeout_s: float = 10.0
     replica_module: str = REPLICA_MODULE  # the replica server to run (`python -m` name)
@@ -265,7 +266,8 @@ class Agent:
         return ReplicaSettings(
             replicas_dir=self.state_dir / "replicas", port_range=self.config.port_range,
             bind_host=self.config.bind_host, ready_timeout_s=self.config.ready_timeout_s,
-            drain_grace_s=self.config.drain_grace_s, replica_module=self.config.replica_module)
+            drain_grace_s=self.config.drain_grace_s, drain_delay_s=self.config.drain_delay_s,
+            replica_module=self.config.replica_module)
 
     def _report_quietly(self) -> None:
         try:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: NVML when it finds a GPU, else the CPU")
     parser.add_argument("--drain-grace-s", default=30.0, type=positive_float,
                         help="how long a stopping replica may finish requests before a kill")
+    parser.add_argument("--drain-delay-s", default=2.0, type=non_negative_float,
+                        help="how long a ready replica keeps serving, reported as draining, "
+                        "before it is told to stop (gateways move away meanwhile)")
     parser.add_argument("--ready-timeout-s", default=300.0, type=positive_float,
                         help="how long a replica may take to load its model")
     parser.add_argument("--log-level", default="INFO",
@@ -131,7 +134,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         bind_host=args.bind_host or default_bind_host(args.address),
         port_range=args.port_range, cost_per_hour=args.cost_per_hour,
         labels=dict(args.label), heartbeat_interval_s=args.heartbeat_interval_s,
-        drain_grace_s=args.drain_grace_s, ready_timeout_s=args.ready_timeout_s)
+        drain_grace_s=args.drain_grace_s, drain_delay_s=args.drain_delay_s,
+        ready_timeout_s=args.ready_timeout_s)
 
 
 def run(argv: list[str] | None = None) -> int:

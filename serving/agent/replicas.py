@@ -45,6 +45,10 @@ class ReplicaSettings:
     bind_host: str = "127.0.0.1"
     ready_timeout_s: float = 300.0
     drain_grace_s: float = 30.0
+    # A ready replica is reported "draining" this long before it gets SIGTERM and starts
+    # refusing requests, so every gateway has reloaded its table and sends it nothing new
+    # (the preStop pause of Kubernetes, for the same race). Counts within drain_grace_s.
+    drain_delay_s: float = 2.0
     http_timeout_s: float = 1.0
     replica_module: str = processes.REPLICA_MODULE
     python: str = sys.executable
@@ -68,6 +72,7 @@ class ManagedReplica:
     process: subprocess.Popen[bytes] | None = None
     launched_at_s: float | None = None
     drain_started_at_s: float | None = None
+    signalled: bool = False  # SIGTERM sent (after the drain delay)
     stats: dict[str, Any] = field(default_factory=dict)
     # (replica clock s, request-seconds) at the previous /stats: the mean concurrency
     # between two polls is the difference of the second over the difference of the first.
@@ -243,6 +248,7 @@ class ReplicaManager:
             replica.state = "stopped"
             replica.stats = {}
             return
+        self._signal_when_due(replica, now_s)
         assert replica.drain_started_at_s is not None
         if now_s - replica.drain_started_at_s >= self.settings.drain_grace_s:
             log.warning("replica %d did not drain within %gs: killing it", replica.replica_id,
@@ -262,9 +268,18 @@ class ReplicaManager:
             replica.state = "stopped"
             return
         log.info("replica %d: %s -> draining", replica.replica_id, replica.state)
-        processes.signal_group(replica.process, signal.SIGTERM)
+        # Not ready yet: no gateway sends it anything, so no pause before the signal.
+        delay_s = self.settings.drain_delay_s if replica.state == "ready" else 0.0
         replica.state = "draining"
-        replica.drain_started_at_s = now_s
+        replica.drain_started_at_s = now_s - (self.settings.drain_delay_s - delay_s)
+        self._signal_when_due(replica, now_s)
+
+    def _signal_when_due(self, replica: ManagedReplica, now_s: float) -> None:
+        assert replica.drain_started_at_s is not None and replica.process is not None
+        if not replica.signalled and \
+                now_s - replica.drain_started_at_s >= self.settings.drain_delay_s:
+            processes.signal_group(replica.process, signal.SIGTERM)
+            replica.signalled = True
 
     def _kill(self, replica: ManagedReplica) -> None:
         if replica.process is not None:
