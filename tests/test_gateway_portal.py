@@ -61,8 +61,8 @@ class Agent:
                 cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         return ReplicaProcess(process, port, stderr_path)
 
-    def heartbeat(self) -> None:
-        """Start what the portal wants, stop the rest, report the ready ones."""
+    def heartbeat(self) -> set[int]:
+        """Start what the portal wants, stop the rest, report the ready ones; return them."""
         reply = services.do_heartbeat(self.node, HeartbeatRequest(replicas=self._statuses(),
                                                                   devices=[CPU]))
         wanted = {d.replica_id: d.version for d in reply.desired}
@@ -77,8 +77,9 @@ class Agent:
             if now_s - since_s >= DRAIN_DELAY_S:
                 self.processes[replica_id].stop()  # drains: in-flight requests finish
                 self.stopped.add(replica_id)
-        services.do_heartbeat(self.node, HeartbeatRequest(devices=[CPU],
-                                                          replicas=self._statuses()))
+        reported = self._statuses()
+        services.do_heartbeat(self.node, HeartbeatRequest(devices=[CPU], replicas=reported))
+        return {status.replica_id for status in reported if status.state == "ready"}
 
     def _statuses(self) -> list[ReplicaStatus]:
         return [ReplicaStatus(replica_id=rid, port=p.port,
@@ -89,10 +90,11 @@ class Agent:
     def settle(self, count: int) -> None:
         """Heartbeat until `count` replicas are ready."""
         def done() -> bool:
-            self.heartbeat()
-            live = [r for r in self.processes if r not in self.stopped | set(self.retiring)]
-            return len(live) == count and all(_ready(self.processes[r], self.node.pk)
-                                              for r in live)
+            # What the portal was told, not a fresh look: a health check that timed out in
+            # the report but answered just after would leave the portal a step behind.
+            ready = self.heartbeat()
+            live = set(self.processes) - self.stopped - set(self.retiring)
+            return len(live) == count and ready == live
         wait_until(done, 90, f"{count} ready replicas", interval_s=0.3)
 
     def close(self) -> None:
