@@ -189,3 +189,39 @@ async def test_a_heartbeat_and_a_replica_state_change_reach_open_pages(memory_la
         (replica.pk, "ready", "gpu-a")]
     for communicator in (fleet, deployments):
         await communicator.disconnect()
+
+
+async def test_an_auto_scaler_decision_reaches_open_pages_with_its_reason(
+        memory_layer, viewer, gpu_node, served_deployment):
+    from scaling import services as scaling
+    from serving import services
+    from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
+    from serving.models import Replica
+    from tests.dashboards_helpers import gpu
+
+    cookie = await sync_to_async(session_cookie)(viewer)
+    overview, deployments = socket("/ws/overview/", cookie), socket("/ws/deployments/", cookie)
+    for communicator in (overview, deployments):
+        assert (await communicator.connect(timeout=5))[0]
+    await sync_to_async(scaling.do_set_policy)(served_deployment, min_replicas=1,
+                                               max_replicas=3, target_in_flight_per_replica=2.0)
+    replica = await sync_to_async(Replica.objects.get)()
+    await sync_to_async(services.do_heartbeat)(gpu_node, HeartbeatRequest(
+        devices=[gpu()], replicas=[ReplicaStatus(replica_id=replica.pk, state="ready",
+                                                 port=9100, mean_in_flight=6.0)]))
+    events = await sync_to_async(scaling.tick)()
+    assert [(e.from_replicas, e.to_replicas) for e in events] == [(1, 3)]
+
+    async def scaling_event(communicator):
+        for _ in range(10):
+            message = await communicator.receive_json_from(timeout=2)
+            if message["type"] == "scaling.event":
+                return message
+        raise AssertionError("no scaling.event among the first ten messages")
+
+    for communicator in (overview, deployments):
+        message = await scaling_event(communicator)
+        assert (message["deployment_name"], message["from_replicas"],
+                message["to_replicas"]) == ("mlp", 1, 3)
+        assert message["reason"] == events[0].reason
+        await communicator.disconnect()
