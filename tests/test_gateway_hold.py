@@ -8,6 +8,8 @@ here it records its calls so the tests can see what the gateway asked for.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import pytest
 
 from serving.gateway.app import GatewayApp
 from tests.gateway_helpers import (
+    BEARER,
     MLP,
     Fleet,
     GatewayThread,
@@ -129,3 +132,16 @@ def test_holding_is_bounded_by_the_queue_limit(at_zero):
         assert "hold queue is full" in refused.json()["error"]
         source.set(table(deployment(MLP, [], hold_timeout_s=0.0)))
         assert [future.result(timeout=10).status_code for future in held] == [503, 503]
+
+
+def test_a_client_that_hangs_up_while_held_is_no_longer_counted(at_zero):
+    gateway, _source, _activations = at_zero
+    body = json.dumps(mlp_request(features(1))).encode()
+    head = (f"POST {INFER} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"authorization: {BEARER['Authorization']}\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as client:
+        client.sendall(head + body)
+        wait_for(lambda: gateway.app.cold_starts.held.get(MLP) == 1, "the request to be held")
+    # Well before the 20 s hold timeout: the hang-up ends the hold.
+    wait_for(lambda: gateway.app.cold_starts.held.get(MLP) == 0, "the hold to end", 5)

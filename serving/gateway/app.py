@@ -56,6 +56,7 @@ MAX_CACHED_PATHS = 10_000
 # Requests shorter than this never pay for a task watching for the client to go away.
 WATCH_AFTER_S = 0.05
 _UNPARSED = ModelPath("", None, "", "")
+_CLIENT_GONE = Response(499, b"", [])  # a marker: the client hung up while held
 logger = logging.getLogger("serving.gateway")
 
 
@@ -277,9 +278,9 @@ class GatewayApp:
             self.metrics.rejected(runtime.name, 503)
             return retry_later(503, f"no version of {runtime.name!r} takes traffic", 1)
         if not runtime.route.replicas and runtime.route.hold_timeout_s > 0:
-            refused = await self._hold(runtime)
+            refused = await self._hold(receive, runtime)
             if refused is not None:
-                return refused
+                return None if refused is _CLIENT_GONE else refused
         query: bytes = scope["query_string"]
         path: bytes = scope.get("raw_path") or scope["path"].encode()
         request = UpstreamRequest(b"POST", path + b"?" + query if query else path,
@@ -295,9 +296,20 @@ class GatewayApp:
             response.status, self._clock() - started_s)
         return response
 
-    async def _hold(self, runtime: DeploymentRuntime) -> Response | None:
-        """Wait while a deployment at zero starts a replica; the 503 if none comes."""
-        refused = await self.cold_starts.hold(runtime, runtime.route.hold_timeout_s)
+    async def _hold(self, receive: Receive, runtime: DeploymentRuntime) -> Response | None:
+        """Wait while a deployment at zero starts a replica: None once one is listed, the
+        503 if none comes in time, _CLIENT_GONE if the client hangs up meanwhile."""
+        watch = self._disconnects.watch(asyncio.get_running_loop(), receive)
+        try:
+            refused = await self.cold_starts.hold(runtime, runtime.route.hold_timeout_s)
+        except asyncio.CancelledError:
+            if not watch.client_gone:
+                raise
+            watch.task.uncancel()
+            self.metrics.cancelled(runtime.name)
+            return _CLIENT_GONE  # no longer held: the count the auto-scaler sees drops
+        finally:
+            self._disconnects.stop(watch)
         if refused is None:
             return None
         self.metrics.rejected(runtime.name, 503)
