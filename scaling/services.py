@@ -195,8 +195,7 @@ def _decide_and_apply(policy_id: int, now_s: float, samples: list[ReplicaSample]
         if decision.desired_replicas == deployment.replicas:
             return None
         event = _record_change(deployment, decision, len(samples), held)
-    reconcile_deployment(deployment.pk)
-    live.bump_routes()
+    reconcile_deployment(deployment.pk)  # places or drains replicas, bumps routes if so
     return event
 
 

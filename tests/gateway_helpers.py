@@ -52,6 +52,7 @@ from tests.replica_models import (
     save_torchscript,
     wait_until_ready,
 )
+from tests.waiting import wait_until
 
 DEADLINE_S = 30.0
 MLP, SLOW = "tabular", "slow"
@@ -66,13 +67,7 @@ BEARER: Mapping[str, str] = MappingProxyType({"Authorization": f"Bearer {SECRET}
 
 def wait_for(condition: Callable[[], Any], what: str, deadline_s: float = DEADLINE_S) -> Any:
     """Return the first truthy value of `condition()`; fail after the deadline."""
-    give_up_at = time.monotonic() + deadline_s
-    while time.monotonic() < give_up_at:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+    return wait_until(condition, deadline_s, what, interval_s=0.01)
 
 
 async def eventually(check: Callable[[], Any], what: str,

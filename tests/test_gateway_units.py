@@ -148,23 +148,28 @@ async def watched_request(watcher: DisconnectWatcher, client: FakeClient,
     return False
 
 
+# Real timers at 0.2 s, with checks 80-100 ms away from any due time: a loop lagging that
+# much would be needed to see a watcher start early or late.
+AFTER_S = 0.2
+
+
 async def test_a_short_request_is_never_watched():
-    watcher, client = DisconnectWatcher(0.05), FakeClient()
+    watcher, client = DisconnectWatcher(AFTER_S), FakeClient()
     assert await watched_request(watcher, client, 0.001) is False
-    await asyncio.sleep(0.08)  # past the shared timer: nothing left to start
+    await asyncio.sleep(AFTER_S + 0.1)  # past the shared timer: nothing left to start
     assert client.calls == 0
 
 
 async def test_long_requests_are_watched_from_after_s_each_and_cancelled_on_disconnect():
-    watcher = DisconnectWatcher(0.05)
+    watcher = DisconnectWatcher(AFTER_S)
     first_client, second_client, third_client = FakeClient(), FakeClient(), FakeClient()
     first = asyncio.ensure_future(watched_request(watcher, first_client, 5))
-    await asyncio.sleep(0.03)
+    await asyncio.sleep(0.1)
     second = asyncio.ensure_future(watched_request(watcher, second_client, 5))
-    third = asyncio.ensure_future(watched_request(watcher, third_client, 0.2))
-    await asyncio.sleep(0.035)  # the first is 65 ms old, the others 35 ms
+    third = asyncio.ensure_future(watched_request(watcher, third_client, 0.5))
+    await asyncio.sleep(0.12)  # the first is 220 ms old, the others 120 ms
     assert (first_client.calls, second_client.calls) == (1, 0)
-    await asyncio.sleep(0.03)  # the timer re-armed for the second and third
+    await asyncio.sleep(0.1)  # 320 and 220 ms: the timer re-armed for the second and third
     assert (second_client.calls, third_client.calls) == (1, 1)
     first_client.gone.set()
     assert await first is True

@@ -13,6 +13,7 @@ from serving.gateway.upstream import (
     UpstreamPool,
     UpstreamTimeout,
 )
+from tests.gateway_helpers import eventually
 from tests.replica_models import free_port
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
@@ -162,7 +163,7 @@ async def test_a_cancelled_request_closes_its_connection(server):
     server.script = {1: "hang"}
     pool = UpstreamPool()
     request = asyncio.ensure_future(post(pool, server))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: server.requests, "the request to reach the replica")
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
         await request

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -26,21 +25,12 @@ from tests.replica_models import (
     save_torchscript,
     start_replica,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 SLOW_ITERATIONS = 1200  # about 0.1-0.2 s per request on one core here
 IN_FLIGHT = 4
 DEADLINE_S = 30.0
-
-
-def wait_for(condition, what: str, deadline_s: float = DEADLINE_S):
-    give_up_at = time.monotonic() + deadline_s
-    while time.monotonic() < give_up_at:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def slow_request(value: float) -> dict:
@@ -80,10 +70,11 @@ def test_a_signal_drains_in_flight_requests_refuses_new_ones_and_exits_0(tmp_pat
                     return own.post("/v2/models/slow/infer", json=slow_request(value))
 
             futures = [pool.submit(post, value) for value in values]
-            wait_for(lambda: stats_in_flight(client) == IN_FLIGHT, "requests in flight")
+            wait_until(lambda: stats_in_flight(client) == IN_FLIGHT, DEADLINE_S,
+                       "requests in flight")
             replica.process.send_signal(sig)
-            wait_for(lambda: client.get("/v2/health/ready").status_code == 503,
-                     "ready to turn 503")
+            wait_until(lambda: client.get("/v2/health/ready").status_code == 503, DEADLINE_S,
+                       "ready to turn 503")
             outcome = refused_or_503(client)
             responses = [future.result(timeout=DEADLINE_S) for future in futures]
         assert replica.process.wait(timeout=DEADLINE_S) == 0, replica.stderr()

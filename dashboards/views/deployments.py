@@ -68,7 +68,6 @@ def deployment_scale(request: HttpRequest, name: str) -> HttpResponse:
         _valid(form)
         replicas = form.cleaned_data["replicas"]
         services.do_scale_deployment(deployment, replicas, request.user)
-        events.replicas_changed([deployment.pk])
         return f"{deployment.name} scaled to {replicas} replicas."
     return run_action(request, scale, DETAIL, name=name)
 
@@ -82,7 +81,6 @@ def deployment_traffic(request: HttpRequest, name: str) -> HttpResponse:
         _valid(form)
         services.do_update_deployment(deployment, {"traffic": form.cleaned_data["traffic"]},
                                       request.user, reason="canary weights set")
-        events.replicas_changed([deployment.pk])
         return f"Traffic of {deployment.name} set."
     return run_action(request, set_weights, DETAIL, name=name)
 
@@ -96,7 +94,6 @@ def deployment_rollback(request: HttpRequest, name: str) -> HttpResponse:
         _valid(form)
         number = form.cleaned_data["revision"]
         services.do_rollback_deployment(deployment, number, request.user)
-        events.replicas_changed([deployment.pk])
         return f"{deployment.name} rolled back to revision {number}."
     return run_action(request, roll_back, DETAIL, name=name)
 
