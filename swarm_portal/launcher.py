@@ -75,12 +75,10 @@ def _prepare(env: dict[str, str]) -> None:
     print(_manage(env, "ensure_demo_policy"), end="", flush=True)
 
 
-def _worker_command(env: dict[str, str], portal_url: str, name: str, ports: str,
-                    token: str) -> list[str]:
+def _worker_command(env: dict[str, str], portal_url: str, name: str, ports: str) -> list[str]:
     cache_dir = Path(env["SWARM_VAR_DIR"]) / "workers" / name
-    command = [sys.executable, "-m", "serving.agent.cli", "--portal", portal_url,
-               "--name", name, "--port-range", ports, "--cache-dir", str(cache_dir)]
-    return [*command, "--token", token] if token else command
+    return [sys.executable, "-m", "serving.agent.cli", "--portal", portal_url,
+            "--name", name, "--port-range", ports, "--cache-dir", str(cache_dir)]
 
 
 def _start_all(env: dict[str, str], host: str, port: str) -> list[subprocess.Popen[bytes]]:
@@ -116,8 +114,10 @@ def _start_local_fleet(env: dict[str, str]) -> None:
 def _start_fixed_workers(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     """Start local-1 and local-2 as children: the static provider adds nothing itself."""
     token = _manage(env, "local_join_token", "--uses", str(len(LOCAL_WORKERS))).strip()
-    return [subprocess.Popen(_worker_command(env, env["LOCAL_FLEET_PORTAL_URL"], name, ports,
-                                             token), cwd=ROOT, env=env, start_new_session=True)
+    # The token goes in the environment: a command line is readable by every user (ps).
+    worker_env = {**env, "SWARM_JOIN_TOKEN": token} if token else env
+    return [subprocess.Popen(_worker_command(env, env["LOCAL_FLEET_PORTAL_URL"], name, ports),
+                             cwd=ROOT, env=worker_env, start_new_session=True)
             for name, ports in LOCAL_WORKERS]
 
 

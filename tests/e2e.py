@@ -64,9 +64,10 @@ class LiveAgent:
         command = [sys.executable, "-m", "serving.agent.cli", "--portal", self.portal_url,
                    "--name", self.name, "--port-range", self.ports, "--cache-dir",
                    str(self.cache_dir), "--drain-grace-s", "20", "--log-level", "INFO"]
-        if self.token:
-            command += ["--token", self.token]
-        env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DJANGO_SETTINGS_MODULE", "SWARM_JOIN_TOKEN")}
+        if self.token:  # in the environment: a command line is readable by every user (ps)
+            env["SWARM_JOIN_TOKEN"] = self.token
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env)
         return self
 

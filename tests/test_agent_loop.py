@@ -9,11 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from serving.agent import credentials as creds
 from serving.agent.agent import EXIT_FAILED, EXIT_OK, EXIT_REVOKED, Agent, AgentConfig
+from serving.agent.client import PortalClient
 from serving.agent.devices import CpuBackend
+from serving.agent.protocol import HEARTBEAT_PATH
 from tests.agent_fakes import (
     FAKE_REPLICA_MODULE,
     JOIN_TOKEN,
@@ -237,3 +240,49 @@ def test_two_agents_cannot_act_as_one_node_from_one_cache(portal: FakePortal,
     assert other_name.cache.artifacts_dir == again.cache.artifacts_dir
     other_name.shutdown(deregister=False)
     again.shutdown(deregister=False)
+
+
+class TimingOutHeartbeats(httpx.HTTPTransport):
+    """A real transport to the fake portal whose heartbeats time out while `slow` is set."""
+
+    slow = False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.slow and request.url.path == HEARTBEAT_PATH:
+            raise httpx.ReadTimeout("the portal is busy", request=request)
+        return super().handle_request(request)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.999])
+def test_a_timed_out_or_refused_heartbeat_backs_off_with_jitter_and_keeps_replicas(
+        portal: FakePortal, tmp_path: Path, jitter: float) -> None:
+    portal.add_artifact(b"ready")
+    portal.state.desired[1] = [desired_replica(14, b"ready")]
+    transport = TimingOutHeartbeats()
+    config = AgentConfig(portal_url=portal.url, cache_dir=tmp_path / "cache", name="box-1",
+                         join_token=JOIN_TOKEN, port_range=PORTS, heartbeat_interval_s=1.0,
+                         replica_module=FAKE_REPLICA_MODULE)
+    agent = Agent(config, CpuBackend(), client=PortalClient(portal.url, transport=transport),
+                  jitter=lambda: jitter)
+    agent.join()
+    wait_until(lambda: agent.step(time.monotonic()) or portal.replica_states(1) == {14: "ready"},
+               what="replica 14 reported ready")
+    process = agent.replicas.replicas[14].process
+
+    times_s = []
+    for failures in range(1, 6):  # 1 s interval: backoffs 1, 2, 4, 8, 10 (the cap) seconds
+        transport.slow = failures % 2 == 1  # alternately a time-out and a 503
+        portal.state.unavailable = not transport.slow
+        assert agent.heartbeat(1000.0) is None
+        times_s.append(agent.next_heartbeat_s - 1000.0)
+
+    ceilings_s = [1.0, 2.0, 4.0, 8.0, 10.0]
+    expected_s = [max(1.0, c * (0.5 + 0.5 * jitter)) for c in ceilings_s]
+    assert times_s == pytest.approx(expected_s)
+    assert agent.heartbeat_failures == 5
+    assert agent.replicas.replicas[14].state == "ready" and process is not None
+    assert process.poll() is None  # nothing stopped while the portal was busy
+    transport.slow = portal.state.unavailable = False
+    assert agent.heartbeat(1001.0) is not None and agent.heartbeat_failures == 0
+    assert portal.replica_states(1) == {14: "ready"}
+    agent.shutdown(deregister=False)

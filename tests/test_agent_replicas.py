@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -243,20 +242,6 @@ def test_a_replica_removed_while_its_artifact_downloads_is_stopped(
     assert manager.replicas[8].process is None
 
 
-def test_replicas_left_running_by_a_previous_agent_are_stopped(
-        tmp_path: Path, executor: ThreadPoolExecutor) -> None:
-    first = make_manager(tmp_path, executor)
-    first.reconcile([fake(9, "ready")], KEY, time.monotonic())
-    step_until_state(first, 9, "ready")
-    orphan = first.replicas[9].process
-    assert orphan is not None
-
-    make_manager(tmp_path, executor)  # the agent restarted without stopping its replicas
-
-    wait_until(lambda: orphan.poll() is not None, what="the orphan to exit")
-    assert orphan.returncode == 0  # drained by SIGTERM
-
-
 def test_ports_are_handed_out_round_the_range_skipping_busy_ones() -> None:
     ports = range(19350, 19354)
     with socket.socket() as busy:
@@ -270,15 +255,6 @@ def test_ports_are_handed_out_round_the_range_skipping_busy_ones() -> None:
     assert (first, second, wrapped) == (19350, 19352, 19350)
     with pytest.raises(RuntimeError, match="no free port in 19350-19353"):
         processes.pick_port("127.0.0.1", ports, taken=[19350, 19351, 19352, 19353], after=None)
-
-
-def test_the_orphan_check_never_signals_an_unrelated_process(tmp_path: Path) -> None:
-    replica_dir = tmp_path / "replicas" / "1"
-    replica_dir.mkdir(parents=True)
-    (replica_dir / processes.PID_FILE).write_text(str(os.getpid()))  # this test, not a replica
-
-    assert processes.stop_orphans(tmp_path / "replicas") == 0
-    assert not (replica_dir / processes.PID_FILE).exists()
 
 
 def test_the_mean_in_flight_is_request_seconds_over_replica_seconds_between_polls():

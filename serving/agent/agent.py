@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from serving.agent import credentials as creds
 from serving.agent.cache import ArtifactCache
 from serving.agent.client import CredentialsRevoked, PortalClient, PortalError, PortalUnreachable
 from serving.agent.devices import DeviceBackend
-from serving.agent.processes import REPLICA_MODULE
+from serving.agent.processes import DEFAULT_WATCHDOG_S, REPLICA_MODULE
 from serving.agent.protocol import (
     DesiredReplica,
     DeviceInfo,
@@ -36,6 +37,7 @@ REGISTER_RETRY_MAX_S = 30.0
 HEARTBEAT_BACKOFF_MAX_S = 10.0  # a portal that comes back is not met by every node at once
 ARTIFACT_WORKERS = 2
 _FAILURE_LOG_EVERY = 30
+JOIN_HINT = "give the join token in SWARM_JOIN_TOKEN or --token-file PATH"
 R = TypeVar("R")
 
 
@@ -66,6 +68,7 @@ class AgentConfig:
     ready_timeout_s: float = 300.0
     http_timeout_s: float = 10.0
     replica_module: str = REPLICA_MODULE  # the replica server to run (`python -m` name)
+    replica_watchdog_s: float = DEFAULT_WATCHDOG_S  # replicas drain after this long alone
 
 
 class Agent:
@@ -73,7 +76,8 @@ class Agent:
 
     def __init__(self, config: AgentConfig, devices: DeviceBackend,
                  client: PortalClient | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 jitter: Callable[[], float] = random.random) -> None:
         self.config = config
         self.stop_requested = threading.Event()
         self.state_dir = creds.node_state_dir(config.cache_dir, config.name)
@@ -83,6 +87,7 @@ class Agent:
         self._devices = devices
         self._client = client or PortalClient(config.portal_url, config.http_timeout_s)
         self._clock = clock
+        self._jitter = jitter  # in [0, 1): spreads retries so nodes do not retry in step
         self._executor = ThreadPoolExecutor(ARTIFACT_WORKERS, thread_name_prefix="artifact")
         self.cache = ArtifactCache(config.cache_dir, self._client, self.stop_requested)
         self.cache.remove_partial_downloads()
@@ -92,6 +97,11 @@ class Agent:
         self._next_heartbeat_s = 0.0
         self._change_pending = False
         self.heartbeat_failures = 0
+
+    @property
+    def next_heartbeat_s(self) -> float:
+        """Return when (on the agent's clock) the next heartbeat is due."""
+        return self._next_heartbeat_s
 
     def run(self) -> int:
         """Join, loop until stopped, drain and leave; return the process exit code."""
@@ -107,12 +117,21 @@ class Agent:
         return EXIT_OK
 
     def join(self) -> creds.NodeCredentials:
-        """Load this node's stored credentials, or register with the join token."""
+        """Load this node's stored credentials, or register with the join token.
+
+        With stored credentials this is the same node as before: the replicas a previous
+        run left are adopted, so the first heartbeat reports them ready. A new node starts
+        clean: anything left running belongs to a node the portal may have removed.
+        """
         stored = creds.load_credentials(self.state_dir, self.config.portal_url)
         if stored is not None:
             log.info("using stored credentials of node %d (%s)", stored.node_id, self.state_dir)
             self._use(stored)
+            adopted = self.replicas.adopt(stored.replica_key, self._clock())
+            if adopted:
+                log.info("adopted %d running replicas from the previous run", adopted)
             return stored
+        self._drain_leftovers()
         return self._register()
 
     def step(self, now_s: float) -> None:
@@ -167,7 +186,7 @@ class Agent:
         token = self.config.join_token
         if not token:
             raise AgentExit(EXIT_FAILED, f"no stored credentials for {self.config.portal_url} "
-                                         f"in {self.state_dir}: pass --token JOIN_TOKEN")
+                                         f"in {self.state_dir}: {JOIN_HINT}")
         request = RegisterRequest(
             join_token=token, name=self.config.name, address=self.config.address,
             cost_per_hour=self.config.cost_per_hour, devices=self._read_devices(),
@@ -226,10 +245,14 @@ class Agent:
         self.replicas.reconcile(response.desired, response.replica_key, now_s)
 
     def _on_heartbeat_failure(self, error: PortalError, now_s: float) -> None:
+        # Replicas and their states stay as they are: a busy portal is no reason to stop
+        # serving. Only the next try moves, by a jittered exponential backoff ("equal
+        # jitter"), so a fleet that a slow portal failed at once does not retry at once.
         self.heartbeat_failures += 1
-        backoff_s = self.interval_s * 2 ** min(self.heartbeat_failures - 1, 16)
-        self._next_heartbeat_s = now_s + max(self.interval_s, min(backoff_s,
-                                                                  HEARTBEAT_BACKOFF_MAX_S))
+        backoff_s = min(self.interval_s * 2 ** min(self.heartbeat_failures - 1, 16),
+                        HEARTBEAT_BACKOFF_MAX_S)
+        jittered_s = backoff_s * (0.5 + 0.5 * self._jitter())
+        self._next_heartbeat_s = now_s + max(self.interval_s, jittered_s)
         if self.heartbeat_failures % _FAILURE_LOG_EVERY == 1:
             log.warning("heartbeat failed (%d in a row; replicas keep running, retrying): %s",
                         self.heartbeat_failures, error)
@@ -242,8 +265,8 @@ class Agent:
         self.credentials = None
         self._client.node_secret = None
         if not self.config.join_token:
-            raise AgentExit(EXIT_REVOKED, "node credentials revoked and no --token given: "
-                                          "exiting (rejoin with a new join token)")
+            raise AgentExit(EXIT_REVOKED, "node credentials revoked and no join token given: "
+                                          f"exiting (to rejoin, {JOIN_HINT})")
         # The replicas belong to a node the portal no longer knows: drain them before
         # joining again, so the new node never reports replicas that are not its own.
         self.replicas.drain_all(now_s)
@@ -251,6 +274,12 @@ class Agent:
         self.replicas.forget_finished()
         log.info("registering again with the join token")
         self._register()
+
+    def _drain_leftovers(self) -> None:
+        """Drain replicas a previous run left (no credentials: they are no node's now)."""
+        self.replicas.adopt(None, self._clock())
+        self._wait_for_drain()
+        self.replicas.forget_finished()
 
     def _read_devices(self) -> list[DeviceInfo]:
         try:
@@ -267,7 +296,8 @@ class Agent:
             replicas_dir=self.state_dir / "replicas", port_range=self.config.port_range,
             bind_host=self.config.bind_host, ready_timeout_s=self.config.ready_timeout_s,
             drain_grace_s=self.config.drain_grace_s, drain_delay_s=self.config.drain_delay_s,
-            replica_module=self.config.replica_module)
+            replica_module=self.config.replica_module,
+            watchdog_s=self.config.replica_watchdog_s)
 
     def _report_quietly(self) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -13,12 +14,18 @@ from types import FrameType
 from urllib.parse import urlsplit
 
 from serving.agent.agent import EXIT_FAILED, Agent, AgentConfig
-from serving.agent.credentials import NodeDirBusy
+from serving.agent.credentials import NodeDirBusy, TokenFileError, read_join_token_file
 from serving.agent.devices import BACKEND_CHOICES, DeviceBackendError, detect_backend
 
 log = logging.getLogger("serving.agent")
 DEFAULT_CACHE_DIR = Path("~/.cache/swarm-worker")
 MAX_PORT = 65535
+EXIT_USAGE = 2
+JOIN_TOKEN_ENV = "SWARM_JOIN_TOKEN"  # noqa: S105 - a variable name
+TOKEN_ON_COMMAND_LINE = (
+    "--token puts the join token on the command line, where any user of this machine can "
+    f"read it (ps): give it in the {JOIN_TOKEN_ENV} environment variable or in a file only "
+    "you can read, with --token-file PATH")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the model replicas the portal places on it.")
     parser.add_argument("--portal", required=True, type=portal_url,
                         help="portal base URL, e.g. https://portal.example.com")
-    parser.add_argument("--token", help="join token (needed only until credentials are stored)")
+    parser.add_argument("--token-file", type=Path, default=None,
+                        help="file holding the join token, readable by its owner only (chmod "
+                        f"600); or set {JOIN_TOKEN_ENV}. Needed only until credentials are "
+                        "stored")
+    # Refused in run() with a message that says what to do instead.
+    parser.add_argument("--token", help=argparse.SUPPRESS)
     parser.add_argument("--name", default=socket.gethostname(), help="node name (hostname)")
     parser.add_argument("--address", default="127.0.0.1",
                         help="host the portal and gateway use to reach replicas (127.0.0.1)")
@@ -55,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "before it is told to stop (gateways move away meanwhile)")
     parser.add_argument("--ready-timeout-s", default=300.0, type=positive_float,
                         help="how long a replica may take to load its model")
+    parser.add_argument("--replica-watchdog-s", default=60.0, type=positive_float,
+                        help="a replica drains itself after this long without an agent; a "
+                        "restarted agent adopts replicas still running (60)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
@@ -126,21 +141,42 @@ def default_bind_host(address: str) -> str:
     return "127.0.0.1" if loopback else "0.0.0.0"  # noqa: S104 - replicas check their key
 
 
-def config_from_args(args: argparse.Namespace) -> AgentConfig:
+def join_token(args: argparse.Namespace) -> str | None:
+    """Return the join token from --token-file or SWARM_JOIN_TOKEN (None: neither given).
+
+    Taken out of this process's environment once read, so nothing started later inherits it.
+    """
+    from_env = os.environ.pop(JOIN_TOKEN_ENV, "").strip() or None
+    if args.token_file is not None:
+        return read_join_token_file(args.token_file.expanduser())
+    return from_env
+
+
+def config_from_args(args: argparse.Namespace, token: str | None = None) -> AgentConfig:
     """Return the AgentConfig the parsed arguments describe."""
     return AgentConfig(
         portal_url=args.portal, cache_dir=args.cache_dir.expanduser(), name=args.name,
-        join_token=args.token, address=args.address,
+        join_token=token, address=args.address,
         bind_host=args.bind_host or default_bind_host(args.address),
         port_range=args.port_range, cost_per_hour=args.cost_per_hour,
         labels=dict(args.label), heartbeat_interval_s=args.heartbeat_interval_s,
         drain_grace_s=args.drain_grace_s, drain_delay_s=args.drain_delay_s,
-        ready_timeout_s=args.ready_timeout_s)
+        ready_timeout_s=args.ready_timeout_s, replica_watchdog_s=args.replica_watchdog_s)
 
 
 def run(argv: list[str] | None = None) -> int:
     """Parse arguments, run the agent until SIGTERM/SIGINT, and return the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.token is not None:
+        parser.print_usage(sys.stderr)
+        print(f"swarm-worker: error: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        token = join_token(args)
+    except TokenFileError as error:
+        print(f"swarm-worker: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "httpcore"):  # one line per heartbeat and health poll otherwise
@@ -152,7 +188,7 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     log.info("devices: %s backend", devices.name)
     try:
-        agent = Agent(config_from_args(args), devices)
+        agent = Agent(config_from_args(args, token), devices)
     except (OSError, NodeDirBusy) as error:
         log.error("cannot use the cache directory: %s", error)
         return EXIT_FAILED

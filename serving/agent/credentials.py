@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -17,6 +18,12 @@ LOCK_FILE = "agent.lock"
 _PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_GROUP_OR_OTHER_READ = stat.S_IRGRP | stat.S_IROTH
+_TOKEN_FILE_MAX_BYTES = 4096
+
+
+class TokenFileError(ValueError):
+    """A join token file this agent refuses to use; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -101,3 +108,32 @@ def save_credentials(state_dir: Path, credentials: NodeCredentials) -> Path:
 def forget_credentials(state_dir: Path) -> None:
     """Delete the stored credentials (the portal revoked them)."""
     (state_dir / CREDENTIALS_FILE).unlink(missing_ok=True)
+
+
+def read_join_token_file(path: Path) -> str:
+    """Return the join token in `path`: a regular file only its owner may read.
+
+    The file is opened once and checked through that descriptor, so what is checked is what
+    is read. It is left in place: the worker deletes nothing of the user's.
+    """
+    try:
+        # O_NONBLOCK: a FIFO given by mistake must not hang the agent before the check.
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as error:
+        raise TokenFileError(f"cannot open the join token file {path}: "
+                             f"{error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TokenFileError(f"the join token file {path} is not a regular file")
+        if info.st_mode & _GROUP_OR_OTHER_READ:
+            raise TokenFileError(
+                f"the join token file {path} is readable by other users (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}): run `chmod 600 {path}` and start again")
+        raw = os.read(fd, _TOKEN_FILE_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    token = raw.decode(errors="replace").strip()
+    if not token or len(raw) > _TOKEN_FILE_MAX_BYTES or any(ch.isspace() for ch in token):
+        raise TokenFileError(f"the join token file {path} must hold one join token")
+    return token

@@ -1,4 +1,4 @@
-"""Low-level help for replica server processes: command line, launch, ports, signals."""
+"""Low-level help for replica server processes: command line, environment, launch, ports."""
 
 from __future__ import annotations
 
@@ -6,24 +6,36 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import serving
+from serving.agent import survivors
 from serving.agent.protocol import DesiredReplica
 
 log = logging.getLogger(__name__)
 REPLICA_MODULE = "serving.replica"
 REPLICA_KEY_ENV = "SWARM_REPLICA_KEY"
-PID_FILE = "pid"
+AGENT_PID_ENV = "SWARM_AGENT_PID"
+# The replica's watchdog (serving/replica/__main__.py) reads these two.
+ALIVE_FILE_ENV = "SWARM_AGENT_ALIVE_FILE"
+WATCHDOG_ENV = "SWARM_AGENT_WATCHDOG_S"
+DEFAULT_WATCHDOG_S = 60.0
+# A replica gets only these from the agent's environment: the agent may run with the
+# portal's secrets (`make run`) or a join token in its environment, and a model file is code.
+REPLICA_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+})
+REPLICA_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_CUDA_")
 STDERR_FILE = "stderr.log"
 STDOUT_FILE = "stdout.log"
-SIGNATURE_FILE = "signature.json"
+SIGNATURE_FILE = survivors.SIGNATURE_FILE
 _STDERR_TAIL_BYTES = 4096
 # The directory that holds the `serving` package, so the child finds it from any cwd.
 _CODE_ROOT = str(Path(serving.__file__).resolve().parent.parent)
@@ -41,6 +53,35 @@ class LaunchSpec:
     replica_key: str
     replica_module: str = REPLICA_MODULE
     python: str = sys.executable
+    alive_file: Path | None = None  # None: no watchdog, the replica never drains itself
+    watchdog_s: float = DEFAULT_WATCHDOG_S
+
+
+class ReplicaProcess(Protocol):
+    """What the manager needs of a replica process: ours (Popen) or adopted."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int | None: ...
+
+
+def replica_env(spec: LaunchSpec, agent_env: Mapping[str, str]) -> dict[str, str]:
+    """Return the replica's whole environment: the allow-listed part of ours, plus its own."""
+    env = {name: value for name, value in agent_env.items()
+           if name in REPLICA_ENV_NAMES or name.startswith(REPLICA_ENV_PREFIXES)}
+    env[REPLICA_KEY_ENV] = spec.replica_key  # never on the command line: `ps` shows that
+    env[AGENT_PID_ENV] = str(os.getpid())
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_CODE_ROOT, agent_env.get("PYTHONPATH")) if p)
+    if spec.alive_file is not None:
+        env[ALIVE_FILE_ENV] = str(spec.alive_file)
+        env[WATCHDOG_ENV] = f"{spec.watchdog_s:g}"
+    return env
 
 
 def replica_command(spec: LaunchSpec, signature_path: Path) -> list[str]:
@@ -67,19 +108,26 @@ def launch_replica(spec: LaunchSpec) -> subprocess.Popen[bytes]:
     spec.replica_dir.mkdir(parents=True, exist_ok=True)
     signature_path = spec.replica_dir / SIGNATURE_FILE
     signature_path.write_text(json.dumps(spec.desired.signature))
-    env = dict(os.environ)
-    env[REPLICA_KEY_ENV] = spec.replica_key
-    env["SWARM_AGENT_PID"] = str(os.getpid())  # the replica drains when this process dies
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH")) if p)
+    env = replica_env(spec, os.environ)
     with (spec.replica_dir / STDOUT_FILE).open("wb") as stdout, \
             (spec.replica_dir / STDERR_FILE).open("wb") as stderr:
-        # A new session: Ctrl-C on the agent's terminal must not kill replicas mid-request;
-        # the agent drains them itself.
+        # A new session: Ctrl-C on the agent's terminal must not kill replicas mid-request
+        # (the agent drains them itself), and a replica outlives a killed agent.
         process = subprocess.Popen(
             replica_command(spec, signature_path), env=env, cwd=spec.replica_dir,
             stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
-    (spec.replica_dir / PID_FILE).write_text(str(process.pid))
+    _record_launch(spec, process.pid)
     return process
+
+
+def _record_launch(spec: LaunchSpec, pid: int) -> None:
+    """Leave what a restarted agent needs to adopt this process (see survivors.py)."""
+    ticks = survivors.start_ticks(pid)
+    if ticks is None:
+        return  # gone already: nothing to adopt
+    survivors.write_record(spec.replica_dir, survivors.ReplicaRecord(
+        replica_id=spec.desired.replica_id, pid=pid, start_ticks=ticks, port=spec.port,
+        key_sha256=survivors.key_sha256(spec.replica_key), desired=spec.desired.to_dict()))
 
 
 def last_stderr_line(replica_dir: Path) -> str:
@@ -95,7 +143,7 @@ def last_stderr_line(replica_dir: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+def signal_group(process: ReplicaProcess, signum: int) -> None:
     """Send `signum` to the replica's process group (it and any children it started)."""
     if process.poll() is not None:
         return
@@ -127,39 +175,3 @@ def pick_port(host: str, port_range: range, taken: Iterable[int], after: int | N
         if port not in taken_ports and port_is_free(host, port):
             return port
     raise RuntimeError(f"no free port in {port_range.start}-{port_range.stop - 1}")
-
-
-def stop_orphans(replicas_dir: Path, replica_module: str = REPLICA_MODULE) -> int:
-    """SIGTERM replica servers a previous agent run left behind; return how many.
-
-    A pid counts only if /proc shows it still runs the replica module from that very
-    directory, so a reused pid is never signalled.
-    """
-    stopped = 0
-    for pid_file in replicas_dir.glob(f"*/{PID_FILE}"):
-        pid = _read_pid(pid_file)
-        if pid is not None and _runs_replica_from(pid, pid_file.parent, replica_module):
-            log.warning("stopping replica process %d left over from a previous run", pid)
-            try:
-                os.killpg(pid, signal.SIGTERM)
-                stopped += 1
-            except (ProcessLookupError, PermissionError):
-                pass
-        pid_file.unlink(missing_ok=True)
-    return stopped
-
-
-def _read_pid(pid_file: Path) -> int | None:
-    try:
-        return int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _runs_replica_from(pid: int, replica_dir: Path, replica_module: str) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    wanted = str(replica_dir / SIGNATURE_FILE).encode()
-    return replica_module.encode() in argv and wanted in argv

@@ -4,7 +4,8 @@ Each replica goes starting -> ready -> draining -> stopped, or to failed with a 
 `reconcile()` takes the portal's wishes, `step(now_s)` moves states along (process exits,
 readiness, drain deadlines) and `refresh_stats()` reads the figures each heartbeat carries.
 Artifacts are fetched and verified on an executor so that a large download never holds up
-the heartbeats.
+the heartbeats. Replicas outlive a killed agent: `adopt()` takes back the ones a previous
+run left that are still provably the same process and healthy (see survivors.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from registry.signature import SignatureError, parse_signature
-from serving.agent import processes
+from serving.agent import processes, survivors
 from serving.agent.protocol import DesiredReplica, ReplicaStatus
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ _LIVE_STATES = ("starting", "ready", "draining")
 _STAT_FIELDS = ("in_flight", "queue_depth", "completed", "failed")
 _LATENCY_FIELDS = ("latency_p50_ms", "latency_p99_ms")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - names, compared against
+ALIVE_FILE = "agent.alive"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class ReplicaSettings:
     http_timeout_s: float = 1.0
     replica_module: str = processes.REPLICA_MODULE
     python: str = sys.executable
+    # A replica drains itself when no agent has touched its alive file for this long.
+    watchdog_s: float = processes.DEFAULT_WATCHDOG_S
 
     @property
     def connect_host(self) -> str:
@@ -69,7 +72,7 @@ class ManagedReplica:
     state: str = "starting"
     error: str = ""
     port: int | None = None
-    process: subprocess.Popen[bytes] | None = None
+    process: processes.ReplicaProcess | None = None
     launched_at_s: float | None = None
     drain_started_at_s: float | None = None
     signalled: bool = False  # SIGTERM sent (after the drain delay)
@@ -77,6 +80,9 @@ class ManagedReplica:
     # (replica clock s, request-seconds) at the previous /stats: the mean concurrency
     # between two polls is the difference of the second over the difference of the first.
     busy_clock: tuple[float, float] | None = None
+    # Adopted from a previous agent run and not yet confirmed by a heartbeat reply: the
+    # first reconcile drains it unless the portal still wants exactly it, under this key.
+    unconfirmed: bool = False
 
     @property
     def replica_id(self) -> int:
@@ -101,12 +107,42 @@ class ReplicaManager:
         self._http = httpx.Client(timeout=settings.http_timeout_s)
         self._last_port: int | None = None
         settings.replicas_dir.mkdir(parents=True, exist_ok=True)
-        processes.stop_orphans(settings.replicas_dir, settings.replica_module)
+        self.alive_file = survivors.AliveFile(settings.replicas_dir / ALIVE_FILE)
+        self.alive_file.touch()  # before the scan: a waiting survivor must not give up now
+        self._survivors = survivors.find_survivors(settings.replicas_dir,
+                                                   settings.replica_module)
+
+    def adopt(self, replica_key: str | None, now_s: float) -> int:
+        """Take over the replicas a previous agent run left running; return how many serve.
+
+        One that is healthy under `replica_key` is ready at once, so the first heartbeat
+        keeps it in the portal's routing table; any other is drained (None: drain all).
+        """
+        adopted = 0
+        for survivor in self._survivors:
+            replica = self._adopted_replica(survivor, replica_key or "", now_s)
+            self.replicas[replica.replica_id] = replica
+            key_matches = replica_key is not None and \
+                survivor.record.key_sha256 == survivors.key_sha256(replica_key)
+            if key_matches and self._answers(replica, READY_PATH):
+                log.info("replica %d: adopted process %d on port %d, ready",
+                         replica.replica_id, survivor.process.pid, replica.port)
+                replica.state = "ready"
+                adopted += 1
+            else:
+                why = "its key is not the current one" if not key_matches else "not ready"
+                log.warning("replica %d: process %d left by a previous run: %s: draining it",
+                            replica.replica_id, survivor.process.pid, why)
+                self._begin_drain(replica, now_s)
+        self._survivors = []
+        return adopted
 
     def reconcile(self, desired: list[DesiredReplica], replica_key: str, now_s: float) -> None:
         """Start what the portal wants and is not here; drain what it no longer wants."""
         wanted = {item.replica_id: item for item in desired}
         for replica_id, replica in list(self.replicas.items()):
+            if replica.unconfirmed:
+                self._confirm_adopted(replica, wanted.get(replica_id), replica_key, now_s)
             if replica_id in wanted:
                 continue
             if replica.state in ("failed", "stopped"):
@@ -120,6 +156,7 @@ class ReplicaManager:
 
     def step(self, now_s: float) -> bool:
         """Advance every replica's state; return whether any state changed."""
+        self.alive_file.touch()
         changed = False
         for replica in list(self.replicas.values()):
             before = replica.state
@@ -158,6 +195,22 @@ class ReplicaManager:
     def close(self) -> None:
         """Release the HTTP client (processes are left to drain_all)."""
         self._http.close()
+
+    def _adopted_replica(self, survivor: survivors.Survivor, replica_key: str,
+                         now_s: float) -> ManagedReplica:
+        record = survivor.record
+        self._last_port = record.port
+        return ManagedReplica(desired=record.desired_replica(), replica_key=replica_key,
+                              port=record.port, process=survivor.process, launched_at_s=now_s,
+                              unconfirmed=True)
+
+    def _confirm_adopted(self, replica: ManagedReplica, wanted: DesiredReplica | None,
+                         replica_key: str, now_s: float) -> None:
+        replica.unconfirmed = False
+        if wanted is not None and (wanted != replica.desired or replica_key != replica.replica_key):
+            log.warning("replica %d: the portal now wants it otherwise (other spec or key): "
+                        "draining the adopted process", replica.replica_id)
+            self._begin_drain(replica, now_s)
 
     def _forget(self, replica: ManagedReplica) -> None:
         del self.replicas[replica.replica_id]
@@ -220,7 +273,8 @@ class ReplicaManager:
             replica_dir=self.settings.replicas_dir / str(replica.replica_id),
             bind_host=self.settings.bind_host, port=replica.port,
             replica_key=replica.replica_key, replica_module=self.settings.replica_module,
-            python=self.settings.python)
+            python=self.settings.python, alive_file=self.alive_file.path,
+            watchdog_s=self.settings.watchdog_s)
 
     def _check_starting(self, replica: ManagedReplica, now_s: float) -> None:
         if self._check_exited(replica, "exited before it was ready"):
@@ -238,7 +292,10 @@ class ReplicaManager:
         process = replica.process
         if process is None or process.poll() is None:
             return False
-        reason = f"replica process {what} (exit code {process.returncode})"
+        # An adopted process is not our child: how it ended is not ours to know.
+        exit_text = "exit code unknown" if isinstance(process, survivors.AdoptedProcess) \
+            else f"exit code {process.returncode}"
+        reason = f"replica process {what} ({exit_text})"
         _fail(replica, _with_stderr(reason, self._replica_dir(replica)))
         return True
 
@@ -315,7 +372,7 @@ class ReplicaManager:
         return self.settings.replicas_dir / str(replica.replica_id)
 
 
-def _alive(process: subprocess.Popen[bytes] | None) -> bool:
+def _alive(process: processes.ReplicaProcess | None) -> bool:
     return process is not None and process.poll() is None
 
 

@@ -1,0 +1,238 @@
+"""Replicas outlive their agent: a restarted agent adopts the ones it can verify.
+
+Fake replica server processes (tests.agent_fakes) for the rules; the real replica server
+and a real `swarm-worker` killed with SIGKILL in test_agent_adopt_real.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from serving.agent import survivors
+from serving.agent.protocol import DesiredReplica
+from serving.agent.replicas import ALIVE_FILE, ReplicaManager, ReplicaSettings
+from tests.agent_fakes import FAKE_REPLICA_MODULE, desired_replica
+from tests.waiting import wait_until
+
+KEY = "replica-key-of-node-1"
+PORTS = range(19700, 19720)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Everything a replica may find in its environment (serving/agent/processes.py says why).
+ALLOWED_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+                 "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                 "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "PYTHONPATH",
+                 "SWARM_REPLICA_KEY", "SWARM_AGENT_PID", "SWARM_AGENT_ALIVE_FILE",
+                 "SWARM_AGENT_WATCHDOG_S"}
+ALLOWED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_CUDA_")
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(2)
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def managers(tmp_path: Path, executor: ThreadPoolExecutor) -> Iterator[list[ReplicaManager]]:
+    """Managers over one replicas dir (one per agent run); every replica stopped at the end."""
+    made: list[ReplicaManager] = []
+    yield made
+    for manager in reversed(made):
+        manager.drain_all(time.monotonic())
+        wait_until(lambda m=manager: not m.step(time.monotonic()) and m.live_count() == 0,
+                   what="cleanup")
+        manager.close()
+
+
+def new_manager(tmp_path: Path, executor: ThreadPoolExecutor,
+                made: list[ReplicaManager]) -> ReplicaManager:
+    settings = ReplicaSettings(replicas_dir=tmp_path / "replicas", port_range=PORTS,
+                               replica_module=FAKE_REPLICA_MODULE, drain_grace_s=10.0,
+                               drain_delay_s=0.0)
+
+    def prepare(desired: DesiredReplica) -> Path:
+        path = tmp_path / f"artifact-{desired.replica_id}"
+        path.write_text(desired.model_name)  # the fake reads its mode from the artifact
+        return path
+
+    manager = ReplicaManager(settings, prepare, executor)
+    made.append(manager)
+    return manager
+
+
+def fake(replica_id: int, **overrides: object) -> DesiredReplica:
+    return desired_replica(replica_id, b"unused", model_name="ready", **overrides)
+
+
+def start_ready(manager: ReplicaManager, *replica_ids: int) -> subprocess.Popen[bytes]:
+    """Start these replicas (and stop any other); return the first one's process."""
+    manager.reconcile([fake(replica_id) for replica_id in replica_ids], KEY, time.monotonic())
+
+    def ready() -> bool:
+        manager.step(time.monotonic())
+        return all(manager.replicas[i].state == "ready" for i in replica_ids)
+    wait_until(ready, what=f"replicas {replica_ids} ready")
+    process = manager.replicas[replica_ids[0]].process
+    assert isinstance(process, subprocess.Popen)
+    return process
+
+
+def step_until(manager: ReplicaManager, replica_id: int, state: str) -> None:
+    def reached() -> bool:
+        manager.step(time.monotonic())
+        return manager.replicas[replica_id].state == state
+    wait_until(reached, what=f"replica {replica_id} to be {state}")
+
+
+def test_a_restarted_agent_adopts_its_healthy_replica_and_reports_it_ready(
+        tmp_path: Path, executor: ThreadPoolExecutor, managers: list[ReplicaManager]) -> None:
+    first = new_manager(tmp_path, executor, managers)
+    process = start_ready(first, 9)
+    port = first.replicas[9].port
+
+    second = new_manager(tmp_path, executor, managers)  # the agent restarted
+    assert second.adopt(KEY, time.monotonic()) == 1
+
+    [status] = second.statuses()  # what the first heartbeat says
+    assert (status.replica_id, status.state, status.port) == (9, "ready", port)
+    assert second.replicas[9].process.pid == process.pid  # type: ignore[union-attr]
+    second.reconcile([fake(9)], KEY, time.monotonic())  # the portal still wants it
+    second.refresh_stats()
+    assert second.replicas[9].state == "ready" and second.replicas[9].stats["completed"] == 7
+    assert process.poll() is None
+
+    second.reconcile([], KEY, time.monotonic())  # an adopted replica drains like any other
+    step_until(second, 9, "stopped")
+    assert process.wait(timeout=10) == 0  # drained on SIGTERM, not killed
+
+
+@pytest.mark.parametrize("reply", ["not wanted", "other key", "other version"])
+def test_the_first_reply_drains_an_adopted_replica_the_portal_wants_otherwise(
+        tmp_path: Path, executor: ThreadPoolExecutor, managers: list[ReplicaManager],
+        reply: str) -> None:
+    process = start_ready(new_manager(tmp_path, executor, managers), 9)
+    second = new_manager(tmp_path, executor, managers)
+    second.adopt(KEY, time.monotonic())
+
+    desired, key = {"not wanted": ([], KEY), "other key": ([fake(9)], "rotated-key-1234"),
+                    "other version": ([fake(9, version=2)], KEY)}[reply]
+    second.reconcile(desired, key, time.monotonic())
+
+    assert second.replicas[9].state == "draining"
+    step_until(second, 9, "stopped")
+    assert process.wait(timeout=10) == 0
+    if desired:  # once the old process is gone, the one the portal wants starts
+        second.reconcile(desired, key, time.monotonic())
+        step_until(second, 9, "ready")
+        assert second.replicas[9].process.pid != process.pid  # type: ignore[union-attr]
+
+
+def test_a_survivor_under_another_key_or_without_credentials_is_drained(
+        tmp_path: Path, executor: ThreadPoolExecutor, managers: list[ReplicaManager]) -> None:
+    first = new_manager(tmp_path, executor, managers)
+    rotated = start_ready(first, 9, 10)
+    no_credentials = first.replicas[10].process
+    assert isinstance(no_credentials, subprocess.Popen)
+    (tmp_path / "replicas" / "10" / survivors.RECORD_FILE).rename(tmp_path / "record-10")
+
+    second = new_manager(tmp_path, executor, managers)
+    assert second.adopt("another-key-for-node", time.monotonic()) == 0
+    (tmp_path / "record-10").rename(tmp_path / "replicas" / "10" / survivors.RECORD_FILE)
+    third = new_manager(tmp_path, executor, managers)
+    assert third.adopt(None, time.monotonic()) == 0  # no credentials: no node to keep it for
+
+    assert second.replicas[9].state == "draining" and third.replicas[10].state == "draining"
+    assert rotated.wait(timeout=10) == 0 and no_credentials.wait(timeout=10) == 0
+
+
+def test_a_recorded_pid_now_running_something_else_is_never_signalled(
+        tmp_path: Path, executor: ThreadPoolExecutor, managers: list[ReplicaManager]) -> None:
+    first = new_manager(tmp_path, executor, managers)
+    replica = start_ready(first, 9)
+    replica_dir = tmp_path / "replicas" / "9"
+    record = survivors.read_record(replica_dir)
+    assert record is not None and record.pid == replica.pid
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ticks = wait_until(lambda: survivors.start_ticks(bystander.pid), what="bystander")
+        survivors.write_record(replica_dir, survivors.ReplicaRecord(
+            **{**record.__dict__, "pid": bystander.pid, "start_ticks": ticks}))
+        (tmp_path / "replicas" / "10").mkdir()  # a reused pid: same pid, other start time
+        survivors.write_record(tmp_path / "replicas" / "10", survivors.ReplicaRecord(
+            **{**record.__dict__, "replica_id": 10, "start_ticks": record.start_ticks + 1}))
+
+        second = new_manager(tmp_path, executor, managers)
+        assert second.adopt(KEY, time.monotonic()) == 0
+
+        assert second.replicas == {}
+        assert bystander.poll() is None and replica.poll() is None
+        assert not (replica_dir / survivors.RECORD_FILE).exists()  # not looked at again
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_replica_sees_only_allow_listed_variables_and_no_secret(
+        tmp_path: Path, executor: ThreadPoolExecutor, managers: list[ReplicaManager],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets = {"SECRET_KEY": "django-secret-value", "SWARM_JOIN_TOKEN": "swj_join_secret",
+               "AWS_SECRET_ACCESS_KEY": "aws-secret-value", "DATABASE_URL": "postgres://u:pw@h/db",
+               "LD_PRELOAD": "/tmp/evil.so"}
+    for name, value in {**secrets, "CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "2"}.items():
+        monkeypatch.setenv(name, value)
+    process = start_ready(new_manager(tmp_path, executor, managers), 9)
+
+    environ = dict(item.split(b"=", 1) for item in
+                   Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0") if item)
+    names = {name.decode() for name in environ}
+    assert {n for n in names if n not in ALLOWED_NAMES and not n.startswith(ALLOWED_PREFIXES)} \
+        == set()
+    assert not any(secret.encode() in value for secret in secrets.values()
+                   for value in environ.values())
+    assert environ[b"CUDA_VISIBLE_DEVICES"] == b"1" and environ[b"OMP_NUM_THREADS"] == b"2"
+    assert environ[b"SWARM_REPLICA_KEY"] == KEY.encode()
+    cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    assert KEY.encode() not in cmdline  # `ps` shows the command line to every user
+    record = (tmp_path / "replicas" / "9" / survivors.RECORD_FILE).read_text()
+    assert KEY not in record  # the record keeps a hash of the key only
+
+
+WATCHED = """
+import signal, sys
+from serving.replica.__main__ import start_watchdog
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+start_watchdog({"SWARM_AGENT_ALIVE_FILE": sys.argv[1], "SWARM_AGENT_WATCHDOG_S": "1"})
+print("watching", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def test_a_replica_drains_itself_once_no_agent_touches_its_alive_file(tmp_path: Path) -> None:
+    alive_file = tmp_path / ALIVE_FILE
+    alive_file.touch()
+    watched = subprocess.Popen([sys.executable, "-c", WATCHED, str(alive_file)], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE)
+    try:
+        assert watched.stdout is not None and watched.stdout.readline() == b"watching\n"
+        kept_until = time.monotonic() + 3.0  # three watchdog periods, with an agent about
+        while time.monotonic() < kept_until:
+            os.utime(alive_file)
+            assert watched.poll() is None, "drained although an agent was about"
+            time.sleep(0.1)  # the agent's pace of touching, not a wait for a condition
+
+        assert watched.wait(timeout=10) == 0  # the agent is gone: SIGTERM, drained
+    finally:
+        if watched.poll() is None:
+            watched.send_signal(signal.SIGKILL)
+            watched.wait()
