@@ -2,17 +2,20 @@
 
 Plain Django views, not DRF: a thousand nodes heartbeat every second, so this path
 stays lean. Bodies are validated by the shared dataclasses in serving.agent.protocol.
+Every answer is JSON: bad input is a 4xx naming the problem, a cache outage a 503 with
+Retry-After (the agent retries), never an HTML error page.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
 
 from registry.downloads import SHA256_HEADER, read_chunks
 from registry.models import ModelVersion
@@ -22,32 +25,44 @@ from serving.agent.protocol import HeartbeatRequest, ProtocolError, RegisterRequ
 from swarm_portal.errors import ServiceError
 
 MAX_AGENT_BODY_BYTES = 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
-def _error(message: str, status: int) -> JsonResponse:
-    return JsonResponse({"error": message}, status=status)
+def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status, headers=headers)
 
 
 def _json_body(request: HttpRequest) -> Any:
-    if len(request.body) > MAX_AGENT_BODY_BYTES:
+    content_type = request.content_type or ""
+    if content_type != "application/json":
+        raise ServiceError(f"the body must be application/json, not {content_type[:50]!r}",
+                           415)
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise ServiceError("the request body is too large", 413) from None
+    if len(body) > MAX_AGENT_BODY_BYTES:
         raise ServiceError("the request body is too large", 413)
     try:
-        return json.loads(request.body or b"null")
+        return json.loads(body or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ServiceError(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ServiceError("the body is not valid JSON: nested too deeply") from None
 
 
 def _agent_view(handler: Any) -> Any:
     """Turn ServiceError and ProtocolError into 4xx JSON for one agent endpoint."""
     @csrf_exempt
-    @require_POST
     def view(request: HttpRequest) -> HttpResponse:
+        if request.method != "POST":
+            return _error("method not allowed", 405, {"Allow": "POST"})
         try:
             return handler(request)
         except ProtocolError as exc:
             return _error(f"malformed message: {exc}", 400)
         except ServiceError as exc:
-            return _error(exc.message, exc.status_code)
+            return _error(exc.message, exc.status_code, exc.headers)
     view.__name__ = handler.__name__
     return view
 
@@ -75,11 +90,13 @@ def deregister(request: HttpRequest) -> HttpResponse:
 async def artifact(request: HttpRequest, sha256: str) -> HttpResponse:
     """Stream an artifact to a node (async: multi-GB files never sit in memory)."""
     if request.method != "GET":
-        return _error("method not allowed", 405)
+        return _error("method not allowed", 405, {"Allow": "GET"})
     try:
         await sync_to_async(services.authenticate_node)(request.headers.get("Authorization", ""))
     except ServiceError as exc:
-        return _error(exc.message, exc.status_code)
+        return _error(exc.message, exc.status_code, exc.headers)
+    if not _SHA256.fullmatch(sha256):
+        return _error("an artifact is named by its sha256: 64 lowercase hex digits", 404)
     version = await ModelVersion.objects.filter(sha256=sha256).afirst()
     if version is None:
         return _error(f"no artifact with sha256 {sha256}", 404)

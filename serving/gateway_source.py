@@ -15,6 +15,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.backends.base import SessionBase
 from django.db import close_old_connections, connection
+from django.db.models import Q
 from django.utils.module_loading import import_string
 
 from registry.models import ModelVersion
@@ -44,9 +45,13 @@ def effective_weights(target: dict[int, float], ready: set[int]) -> dict[int, fl
 
 
 def _routable_replicas() -> dict[int, list[ReplicaRoute]]:
-    rows = (Replica.objects.filter(state__in=[ReplicaState.READY, ReplicaState.DRAINING],
-                                   node__status__in=[NodeStatus.READY, NodeStatus.DRAINING],
-                                   port__isnull=False)
+    # A node declared offline keeps its ready replicas in the table until their
+    # replacements are ready (make before break): a node that only missed heartbeats
+    # still serves, and the gateway ejects replicas that really stopped answering.
+    on_live_node = Q(state__in=[ReplicaState.READY, ReplicaState.DRAINING],
+                     node__status__in=[NodeStatus.READY, NodeStatus.DRAINING])
+    standing_in = Q(state=ReplicaState.READY, desired=True, node__status=NodeStatus.OFFLINE)
+    rows = (Replica.objects.filter(on_live_node | standing_in, port__isnull=False)
             .values_list("deployment_id", "pk", "node_id", "node__address", "port",
                          "version__number", "state", "desired"))
     by_deployment: dict[int, list[ReplicaRoute]] = defaultdict(list)

@@ -1,14 +1,50 @@
-"""The latest heartbeat figures per node and replica, kept in the cache, not the database."""
+"""The latest heartbeat figures per node and replica, kept in the cache, not the database.
+
+The cache may be down (Redis restarting) or come back empty. Reads and writes here raise
+CacheUnavailable for the first, and a missing figure means "unknown", never "missed":
+callers decide nothing from an absence alone (see serving.liveness).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from django.core.cache import cache
 from django.db import transaction
 
+log = logging.getLogger(__name__)
 FIGURES_TTL_S = 300
+# The gateway's last successful response per replica: evidence that a node whose
+# heartbeats are late still serves (written at most once a second per gateway).
+REPLICA_SUCCESS_TTL_S = 60
+SWEEP_CLOCK_KEY = "sweep:clock"
+
+
+class CacheUnavailable(RuntimeError):
+    """The shared cache did not answer; what it holds is unknown for now."""
+
+
+def _cache_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import redis
+    except ImportError:  # the embedded default (file cache) has no Redis client
+        return (OSError,)
+    return (redis.RedisError, OSError)
+
+
+_CACHE_ERRORS = _cache_errors()
+
+
+@contextlib.contextmanager
+def _guarded(what: str) -> Iterator[None]:
+    try:
+        yield
+    except _CACHE_ERRORS as exc:
+        raise CacheUnavailable(f"the cache is unavailable ({what}): {exc}") from exc
 
 
 def _node_key(node_id: int) -> str:
@@ -18,18 +54,21 @@ def _node_key(node_id: int) -> str:
 def record_heartbeat(node_id: int, at_s: float, devices: list[dict[str, Any]],
                      replicas: list[dict[str, Any]]) -> None:
     """Store a heartbeat's figures (overwritten by the next one)."""
-    cache.set(_node_key(node_id), {"at_s": at_s, "devices": devices, "replicas": replicas},
-              FIGURES_TTL_S)
+    with _guarded("recording a heartbeat"):
+        cache.set(_node_key(node_id), {"at_s": at_s, "devices": devices, "replicas": replicas},
+                  FIGURES_TTL_S)
 
 
 def node_figures(node_id: int) -> dict[str, Any] | None:
     """Return the last heartbeat's figures of a node, or None."""
-    return cache.get(_node_key(node_id))
+    with _guarded("reading a node's figures"):
+        return cache.get(_node_key(node_id))
 
 
 def nodes_figures(node_ids: list[int]) -> dict[int, dict[str, Any]]:
     """Return the last figures of many nodes in one cache round trip."""
-    found = cache.get_many([_node_key(node_id) for node_id in node_ids])
+    with _guarded("reading nodes' figures"):
+        found = cache.get_many([_node_key(node_id) for node_id in node_ids])
     return {int(key.split(":")[1]): value for key, value in found.items()}
 
 
@@ -39,15 +78,66 @@ def last_heartbeat_s(node_id: int) -> float | None:
 
 
 def forget(node_id: int) -> None:
-    cache.delete(_node_key(node_id))
+    """Drop a node's figures; a cache outage leaves them to expire on their own."""
+    try:
+        with _guarded("forgetting a node"):
+            cache.delete(_node_key(node_id))
+    except CacheUnavailable as exc:
+        log.warning("%s", exc)
+
+
+def _success_key(replica_id: int) -> str:
+    return f"replica:{replica_id}:ok"
+
+
+def record_replica_successes(latest_s_by_replica: dict[int, float]) -> None:
+    """Record when a gateway last had a successful response from each replica.
+
+    For the gateway: call it at most once a second with the replicas that answered
+    successfully since the last call (one cache round trip). Never raises.
+    """
+    if not latest_s_by_replica:
+        return
+    try:
+        with _guarded("recording replica successes"):
+            cache.set_many({_success_key(pk): at_s for pk, at_s in latest_s_by_replica.items()},
+                           REPLICA_SUCCESS_TTL_S)
+    except CacheUnavailable as exc:
+        log.warning("%s", exc)
+
+
+def replica_successes(replica_ids: list[int]) -> dict[int, float]:
+    """Return {replica id: last successful response seen by a gateway, epoch seconds}."""
+    with _guarded("reading replica successes"):
+        found = cache.get_many([_success_key(pk) for pk in replica_ids])
+    return {int(key.split(":")[1]): float(value) for key, value in found.items()}
+
+
+def sweep_clock() -> dict[str, float] | None:
+    """Return the offline sweep's clock ({"started_s", "last_s"}), None when absent."""
+    with _guarded("reading the sweep clock"):
+        return cache.get(SWEEP_CLOCK_KEY)
+
+
+def set_sweep_clock(clock: dict[str, float]) -> None:
+    with _guarded("writing the sweep clock"):
+        cache.set(SWEEP_CLOCK_KEY, clock, FIGURES_TTL_S)
 
 
 ROUTES_REVISION_KEY = "routes:revision"
 
 
 def bump_routes() -> None:
-    """Tell every gateway (any process) that its routing table is stale."""
-    cache.set(ROUTES_REVISION_KEY, time.time_ns(), None)
+    """Tell every gateway (any process) that its routing table is stale.
+
+    A cache outage is logged, not raised: this runs after commit, and the gateways'
+    periodic full reload picks the change up anyway.
+    """
+    try:
+        with _guarded("bumping the routes revision"):
+            cache.set(ROUTES_REVISION_KEY, time.time_ns(), None)
+    except CacheUnavailable as exc:
+        log.warning("%s", exc)
 
 
 def bump_routes_on_commit() -> None:

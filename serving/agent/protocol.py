@@ -16,6 +16,7 @@ Authentication:
 from __future__ import annotations
 
 import functools
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
@@ -39,16 +40,130 @@ class ProtocolError(ValueError):
 
 T = TypeVar("T", bound="Message")
 
+# Bounds every field gets unless its metadata says otherwise: a value the database or the
+# cache cannot hold must be refused here (400), not fail later as a 500.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1  # Django's PositiveIntegerField
+MAX_TEXT_CHARS = 65_536  # error texts may be tracebacks; the portal truncates them
+MAX_LIST_ITEMS = 10_000
+MAX_JSON_DEPTH = 32  # inside free-form objects (labels, signature)
 
-def _check_type(name: str, value: Any, kind: Any, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return
-    if kind is int and isinstance(value, bool):
+
+def limits(*, minimum: int | None = None, maximum: int | None = None,
+           max_chars: int | None = None, max_items: int | None = None,
+           item_max_chars: int | None = None) -> dict[str, int | None]:
+    """Return field metadata with bounds tighter than the defaults (those of a DB column)."""
+    return {"minimum": minimum, "maximum": maximum, "max_chars": max_chars,
+            "max_items": max_items, "item_max_chars": item_max_chars}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What from_dict checks for one field: its type, bounds and nested message class."""
+
+    kind: Any
+    optional: bool = False
+    nested: Any = None  # a Message class: the field is a list of these
+    item: Any = None  # element type of a list of plain values
+    minimum: int = INT64_MIN
+    maximum: int = INT64_MAX
+    max_chars: int = MAX_TEXT_CHARS
+    max_items: int = MAX_LIST_ITEMS
+    item_max_chars: int = MAX_TEXT_CHARS
+
+
+def _check_int(name: str, value: Any, spec: _Spec) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"{name} must be an integer")
-    if not isinstance(value, kind):
-        raise ProtocolError(f"{name} must be {getattr(kind, '__name__', kind)}")
+    if not spec.minimum <= value <= spec.maximum:
+        raise ProtocolError(f"{name} must be between {spec.minimum} and {spec.maximum}")
+    return value
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"{name} must be a number")
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise ProtocolError(f"{name} is out of range")
+    number = float(value)
+    if not math.isfinite(number):  # Python's json accepts NaN and Infinity
+        raise ProtocolError(f"{name} must be a finite number")
+    return number
+
+
+def _check_str(name: str, value: Any, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{name} must be a string")
+    if len(value) > max_chars:
+        raise ProtocolError(f"{name} is longer than {max_chars} characters")
+    if "\x00" in value or not _is_utf8(value):  # neither fits a database text column
+        raise ProtocolError(f"{name} must be text without NUL or unpaired surrogates")
+    return value
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_json(name: str, value: Any, depth: int = 0) -> None:
+    """Check a free-form JSON value: bounded depth, finite numbers, clean strings."""
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(f"{name} is nested too deeply")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_str(f"{name} key", key, MAX_TEXT_CHARS)
+            _check_json(f"{name}.{key}"[:200], item, depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(f"{name}[{index}]", item, depth + 1)
+    elif isinstance(value, str):
+        _check_str(name, value, MAX_TEXT_CHARS)
+    elif isinstance(value, float):
+        _check_float(name, value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        _check_int(name, value, _Spec(int))
+
+
+def _check_value(name: str, value: Any, kind: Any, spec: _Spec, max_chars: int) -> Any:
+    if kind is int:
+        return _check_int(name, value, spec)
+    if kind is float:
+        return _check_float(name, value)
+    if kind is str:
+        return _check_str(name, value, max_chars)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{name} must be true or false")
+        return value
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{name} must be a JSON object")
+        _check_json(name, value)
+        return value
+    if kind is Any:
+        _check_json(name, value)
+        return value
+    raise ProtocolError(f"{name} has an unsupported type")  # a field we forgot to describe
+
+
+def _convert(name: str, value: Any, spec: _Spec) -> Any:
+    if value is None and spec.optional:
+        return None
+    if spec.kind is not list:
+        return _check_value(name, value, spec.kind, spec, spec.max_chars)
+    if not isinstance(value, list):
+        raise ProtocolError(f"{name} must be a list")
+    if len(value) > spec.max_items:
+        raise ProtocolError(f"{name} has more than {spec.max_items} items")
+    if spec.nested is not None:
+        return [spec.nested.from_dict(item, f"{name}[{i}].") for i, item in enumerate(value)]
+    item_spec = _Spec(spec.item)
+    return [_check_value(f"{name}[{i}]", item, spec.item, item_spec, spec.item_max_chars)
+            for i, item in enumerate(value)]
 
 
 @dataclass
@@ -63,31 +178,37 @@ class Message:
         if not isinstance(raw, dict):
             raise ProtocolError(f"{where or cls.__name__} must be a JSON object")
         values: dict[str, Any] = {}
+        specs = _field_specs(cls)
         for spec in fields(cls):
             name = f"{where}{spec.name}"
-            kind, optional, nested = _field_types(cls)[spec.name]
             if spec.name not in raw:
                 if _has_default(spec):
                     continue
                 raise ProtocolError(f"{name} is required")
-            values[spec.name] = _convert(name, raw[spec.name], kind, optional, nested)
+            values[spec.name] = _convert(name, raw[spec.name], specs[spec.name])
         return cls(**values)
 
 
 @functools.cache
-def _field_types(cls: type) -> dict[str, tuple[Any, bool, Any]]:
-    """Return {field: (python type, optional, nested Message class)} from the annotations."""
+def _field_specs(cls: type) -> dict[str, _Spec]:
+    """Return each field's checks, from its annotation and its `limits` metadata."""
+    hints = typing.get_type_hints(cls)
     result = {}
-    for name, hint in typing.get_type_hints(cls).items():
+    for spec in fields(cls):
+        hint = hints[spec.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = type(None) in typing.get_args(hint)
         origin = typing.get_origin(hint)
-        if origin is list and args and isinstance(args[0], type) and issubclass(args[0], Message):
-            result[name] = (list, False, args[0])
-        elif origin in (list, dict):
-            result[name] = (origin, optional, None)
+        bounds = {k: v for k, v in spec.metadata.items() if v is not None}
+        if origin is list:
+            item = args[0] if args else Any
+            is_message = isinstance(item, type) and issubclass(item, Message)
+            result[spec.name] = _Spec(list, optional, item if is_message else None,
+                                      None if is_message else item, **bounds)
+        elif origin is dict:
+            result[spec.name] = _Spec(dict, optional, **bounds)
         else:
-            result[name] = (args[0] if optional else hint, optional, None)
+            result[spec.name] = _Spec(args[0] if optional else hint, optional, **bounds)
     return result
 
 
@@ -97,25 +218,17 @@ def _has_default(spec: Any) -> bool:
     return spec.default is not MISSING or spec.default_factory is not MISSING
 
 
-def _convert(name: str, value: Any, kind: Any, optional: bool, nested: Any) -> Any:
-    if nested is not None:
-        if not isinstance(value, list):
-            raise ProtocolError(f"{name} must be a list")
-        return [nested.from_dict(item, f"{name}[{i}].") for i, item in enumerate(value)]
-    _check_type(name, value, kind, optional)
-    return float(value) if kind is float and value is not None else value
-
-
 @dataclass
 class DeviceInfo(Message):
     """One device: a GPU read through NVML, or the CPU on a machine without one."""
 
-    index: int
-    kind: str
-    name: str
-    uuid: str
-    memory_total_bytes: int
-    memory_used_bytes: int
+    # Bounds of the Gpu row each device becomes (serving.models.Gpu).
+    index: int = field(metadata=limits(minimum=0, maximum=INT32_MAX))
+    kind: str = field(metadata=limits(max_chars=8))
+    name: str = field(metadata=limits(max_chars=200))
+    uuid: str = field(metadata=limits(max_chars=100))
+    memory_total_bytes: int = field(metadata=limits(minimum=0))
+    memory_used_bytes: int = field(metadata=limits(minimum=0))
     utilization_pct: float
     temperature_c: float | None = None
     power_w: float | None = None
@@ -123,13 +236,13 @@ class DeviceInfo(Message):
 
 @dataclass
 class RegisterRequest(Message):
-    join_token: str
-    name: str
-    address: str
+    join_token: str = field(metadata=limits(max_chars=200))
+    name: str = field(metadata=limits(max_chars=100))
+    address: str = field(metadata=limits(max_chars=255))
     cost_per_hour: float
-    devices: list[DeviceInfo]
+    devices: list[DeviceInfo] = field(metadata=limits(max_items=256))
     labels: dict[str, Any] = field(default_factory=dict)
-    agent_version: str = ""
+    agent_version: str = field(default="", metadata=limits(max_chars=50))
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -145,9 +258,9 @@ class RegisterResponse(Message):
 class ReplicaStatus(Message):
     """What the agent knows of one replica process, sent in every heartbeat."""
 
-    replica_id: int
-    state: str
-    port: int | None = None
+    replica_id: int = field(metadata=limits(minimum=1))
+    state: str = field(metadata=limits(max_chars=16))
+    port: int | None = field(default=None, metadata=limits(minimum=0, maximum=65_535))
     error: str = ""
     in_flight: int = 0  # at the moment of the heartbeat, queued requests included
     queue_depth: int = 0  # of those, waiting for a batch
@@ -160,9 +273,10 @@ class ReplicaStatus(Message):
 
 @dataclass
 class HeartbeatRequest(Message):
-    devices: list[DeviceInfo]
+    devices: list[DeviceInfo] = field(metadata=limits(max_items=256))
     replicas: list[ReplicaStatus]
-    cached_artifacts: list[str] = field(default_factory=list)
+    cached_artifacts: list[str] = field(default_factory=list,
+                                        metadata=limits(item_max_chars=128))
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict
 from datetime import datetime, timedelta
@@ -13,7 +14,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from dashboards import events as dashboard_events
-from serving import live, secrets
+from serving import live, liveness, secrets
 from serving.agent.protocol import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -32,6 +33,13 @@ AGENT_STATES = {state.value for state in ReplicaState}
 
 class Unauthorized(ServiceError):
     status_code = 401
+
+
+class CacheDown(ServiceError):
+    """The shared cache is down: the agent retries after a moment (its figures are not lost)."""
+
+    status_code = 503
+    headers = {"Retry-After": "2"}
 
 
 def do_create_join_token(*, name: str, user: Any, expires_in: timedelta | None,
@@ -77,7 +85,9 @@ def do_register_node(message: RegisterRequest, now: datetime | None = None) -> R
     node.secret_hash = secrets.digest(secret)
     node.save(update_fields=["secret_hash"])
     _sync_devices(node, [asdict(d) for d in message.devices])
-    live.record_heartbeat(node.pk, now.timestamp(), [asdict(d) for d in message.devices], [])
+    with contextlib.suppress(live.CacheUnavailable):  # unknown figures: the next heartbeat's
+        live.record_heartbeat(node.pk, now.timestamp(), [asdict(d) for d in message.devices],
+                              [])
     dashboard_events.node_status(node.pk)
     log.info("node %s (#%s) joined with token %s", node.name, node.pk, token.prefix)
     return RegisterResponse(node_id=node.pk, node_secret=secret,
@@ -87,10 +97,10 @@ def do_register_node(message: RegisterRequest, now: datetime | None = None) -> R
 
 def authenticate_node(authorization: str) -> Node:
     """Return the node whose secret is in an `Authorization: Bearer` header, or raise 401."""
-    scheme, _, secret = authorization.partition(" ")
-    node_id = secrets.node_id_from_secret(secret.strip()) if scheme == "Bearer" else None
+    secret = secrets.bearer_secret(authorization)
+    node_id = secrets.node_id_from_secret(secret) if secret else None
     node = Node.objects.filter(pk=node_id).first() if node_id else None
-    if node is None or not secrets.matches(secret.strip(), node.secret_hash):
+    if node is None or secret is None or not secrets.matches(secret, node.secret_hash):
         raise Unauthorized("a valid node secret is required (Authorization: Bearer swn_...)")
     return node
 
@@ -113,15 +123,25 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
     """Take a node's figures; persist only changes; answer with the replicas it should run."""
     now = now or timezone.now()
     devices = [asdict(d) for d in message.devices]
-    live.record_heartbeat(node.pk, now.timestamp(), devices,
-                          [asdict(r) for r in message.replicas])
+    try:
+        live.record_heartbeat(node.pk, now.timestamp(), devices,
+                              [asdict(r) for r in message.replicas])
+    except live.CacheUnavailable as exc:
+        raise CacheDown("the portal's cache is unavailable; retry the heartbeat") from exc
     dashboard_events.node_figures(node.pk, now.timestamp(), devices,
                                   [asdict(r) for r in message.replicas])
     with transaction.atomic():
-        node = Node.objects.select_for_update().get(pk=node.pk)
-        _persist_node_changes(node, message, now)
+        node = Node.objects.select_for_update().filter(pk=node.pk).first()
+        if node is None:  # removed while this heartbeat was on its way
+            raise Unauthorized("this node was removed; its secret is no longer valid")
+        came_back = _persist_node_changes(node, message, now)
         _sync_devices(node, devices)
         changed = _apply_replica_statuses(node, message.replicas, now)
+        if came_back:
+            # Its ready replicas were kept while it was away: reconcile scales back the
+            # replacements started meanwhile (the ones not ready go first).
+            changed |= set(node.replicas.filter(desired=True).values_list(
+                "deployment_id", flat=True))
         if changed:
             live.bump_routes_on_commit()
     if changed:
@@ -131,29 +151,36 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
         node.pk), heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, node_status=node.status)
 
 
-def _persist_node_changes(node: Node, message: HeartbeatRequest, now: datetime) -> None:
-    fields = []
-    if node.status == NodeStatus.OFFLINE:
-        node.status, node.status_changed_at = NodeStatus.READY, now
-        fields += ["status", "status_changed_at"]
+def _persist_node_changes(node: Node, message: HeartbeatRequest, now: datetime) -> bool:
+    """Write the node's changes (update, not save: no error if the row just went); say if
+    it came back from offline."""
+    fields: dict[str, Any] = {}
+    came_back = node.status == NodeStatus.OFFLINE
+    if came_back:
+        fields.update(status=NodeStatus.READY, status_changed_at=now)
         log.info("node %s (#%s) is back", node.name, node.pk)
         dashboard_events.node_status(node.pk)
     stale = (node.last_heartbeat_at is None
              or (now - node.last_heartbeat_at).total_seconds() >= LAST_HEARTBEAT_PERSIST_S)
     if stale or fields:
-        node.last_heartbeat_at = now
-        fields.append("last_heartbeat_at")
+        fields["last_heartbeat_at"] = now
     cached = sorted(set(message.cached_artifacts))
     if cached != node.cached_artifacts:
-        node.cached_artifacts = cached
-        fields.append("cached_artifacts")
+        fields["cached_artifacts"] = cached
     if fields:
-        node.save(update_fields=fields)
+        Node.objects.filter(pk=node.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(node, name, value)
+    return came_back
 
 
 def _apply_replica_statuses(node: Node, statuses: list[ReplicaStatus],
                             now: datetime) -> set[int]:
-    """Write replica state changes; return the ids of deployments that need a reconcile."""
+    """Write replica state changes; return the ids of deployments that need a reconcile.
+
+    Writes are conditional updates: a replica deleted meanwhile (its deployment being
+    deleted) is skipped, not an error.
+    """
     reported = {status.replica_id: status for status in statuses}
     changed: set[int] = set()
     for replica in node.replicas.exclude(state=ReplicaState.STOPPED):
@@ -163,13 +190,14 @@ def _apply_replica_statuses(node: Node, statuses: list[ReplicaStatus],
         error = (status.error if status else replica.error)[:2000]
         if (new_state, port, error) == (replica.state, replica.port, replica.error):
             continue
+        updates: dict[str, Any] = {"state": new_state, "port": port, "error": error}
         if new_state != replica.state:
-            replica.state_changed_at = now
-            changed.add(replica.deployment_id)
+            updates["state_changed_at"] = now
             if new_state == ReplicaState.READY:
-                replica.ready_at = now
-        replica.state, replica.port, replica.error = new_state, port, error
-        replica.save(update_fields=["state", "port", "error", "state_changed_at", "ready_at"])
+                updates["ready_at"] = now
+        if Replica.objects.filter(pk=replica.pk).update(**updates) and (
+                new_state != replica.state):
+            changed.add(replica.deployment_id)
     return changed
 
 
@@ -184,30 +212,69 @@ def _next_state(replica: Replica, status: ReplicaStatus | None) -> str:
     return status.state
 
 
+def liveness_limits() -> liveness.LivenessLimits:
+    return liveness.limits_for(settings.HEARTBEAT_INTERVAL_S,
+                               settings.MISSED_HEARTBEATS_OFFLINE)
+
+
 def sweep_nodes(now: datetime | None = None) -> list[int]:
-    """Mark nodes offline after missed heartbeats; move their replicas. Return their ids."""
+    """Mark nodes offline when the evidence says they are gone; return their ids.
+
+    A cache outage skips the sweep: missing figures are unknown, not missed.
+    """
     now = now or timezone.now()
-    limit_s = settings.HEARTBEAT_INTERVAL_S * settings.MISSED_HEARTBEATS_OFFLINE
+    limits = liveness_limits()
+    try:
+        evidence, clock = _sweep_evidence(now.timestamp(), limits)
+    except live.CacheUnavailable as exc:
+        log.warning("offline sweep skipped: %s", exc)
+        return []
+    verdicts = liveness.offline_nodes(evidence, clock, now.timestamp(), limits)
+    return [pk for pk in verdicts if _mark_offline(pk, now)]
+
+
+def _sweep_evidence(now_s: float, limits: liveness.LivenessLimits,
+                    ) -> tuple[list[liveness.NodeEvidence], liveness.SweepClock]:
+    """Read what the verdict needs: two queries and four cache round trips."""
     candidates = list(Node.objects.exclude(status=NodeStatus.OFFLINE)
                       .values_list("pk", "last_heartbeat_at"))
+    ready = list(Replica.objects.filter(state=ReplicaState.READY, desired=True,
+                                        node__isnull=False)
+                 .exclude(node__status=NodeStatus.OFFLINE).values_list("node_id", "pk"))
     figures = live.nodes_figures([pk for pk, _ in candidates])
-    gone = []
+    served = live.replica_successes([pk for _, pk in ready])
+    clock = liveness.advance_clock(liveness.SweepClock.from_dict(live.sweep_clock()), now_s,
+                                   limits)
+    live.set_sweep_clock(asdict(clock))
+    ready_by_node: dict[int, list[int]] = {}
+    for node_id, replica_id in ready:
+        ready_by_node.setdefault(node_id, []).append(replica_id)
+    evidence = []
     for pk, persisted_at in candidates:
-        last_s = figures.get(pk, {}).get("at_s") or (persisted_at.timestamp()
-                                                     if persisted_at else 0.0)
-        if now.timestamp() - last_s > limit_s and _mark_offline(pk, now):
-            gone.append(pk)
-    return gone
+        replicas = ready_by_node.get(pk, [])
+        served_s = max((served[r] for r in replicas if r in served), default=None)
+        heard_s = figures.get(pk, {}).get("at_s") or (
+            persisted_at.timestamp() if persisted_at else None)
+        evidence.append(liveness.NodeEvidence(pk, heard_s, len(replicas), served_s))
+    return evidence, clock
 
 
 def _mark_offline(node_id: int, now: datetime) -> bool:
+    """Declare a node offline. Make before break: its ready replicas keep serving (and stay
+    in the routing table) until reconcile has their replacements ready elsewhere."""
     with transaction.atomic():
         claimed = Node.objects.filter(pk=node_id).exclude(status=NodeStatus.OFFLINE).update(
             status=NodeStatus.OFFLINE, status_changed_at=now)
         if not claimed:
             return False  # another sweeper got there first
-        deployments = _release_replicas(Q(node_id=node_id), now, "node missed its heartbeats")
-    log.warning("node #%s is offline: missed heartbeats; moving its replicas", node_id)
+        serving = Q(node_id=node_id, state=ReplicaState.READY, desired=True)
+        deployments = _release_replicas(Q(node_id=node_id) & ~serving, now,
+                                        "node missed its heartbeats")
+        deployments |= set(Replica.objects.filter(serving).values_list("deployment_id",
+                                                                        flat=True))
+        live.bump_routes_on_commit()
+    log.warning("node #%s is offline: missed heartbeats; replacing its replicas (ready ones "
+                "serve until their replacements are ready)", node_id)
     reconcile_deployments_of(deployments, now)
     dashboard_events.node_status(node_id)
     dashboard_events.replicas_changed(deployments)

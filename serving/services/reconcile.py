@@ -4,6 +4,11 @@ Targets: the primary version gets every replica, or, with a canary split, each v
 with a positive weight gets its share (at least one). Replicas of versions no longer
 targeted are retired only once every target version has all its replicas ready, so a
 roll to a new version never leaves the endpoint without a ready replica.
+
+Ready replicas on an offline node are stand-ins: they count toward nothing (replacements
+are placed elsewhere), but they keep serving until each version has its count ready
+elsewhere; then they are released. If their node comes back first, they count again and
+the surplus (replacements not ready yet go first) is scaled back.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from dashboards import events as dashboard_events
@@ -95,9 +101,12 @@ def _reconcile_locked(deployment: Deployment, now: datetime) -> bool:
     """Do one reconcile pass; return whether any replica changed."""
     _follow_alias(deployment)
     targets = target_counts(deployment)
-    wanted = list(Replica.objects.filter(deployment=deployment, desired=True,
-                                         state__in=ACTIVE_REPLICA_STATES))
-    changed = _retire_old_versions(targets, wanted)
+    replicas = list(Replica.objects.filter(deployment=deployment, desired=True,
+                                           state__in=ACTIVE_REPLICA_STATES)
+                    .annotate(node_status=F("node__status")))
+    wanted = [r for r in replicas if r.node_status != NodeStatus.OFFLINE]
+    stand_ins = [r for r in replicas if r.node_status == NodeStatus.OFFLINE]
+    changed = _retire_old_versions(targets, wanted + stand_ins, wanted)
     spread = Counter(r.node_id for r in wanted if r.node_id is not None)
     backing_off = _backing_off(deployment, now)
     for version_id, count in targets.items():
@@ -108,7 +117,20 @@ def _reconcile_locked(deployment: Deployment, now: datetime) -> bool:
         elif missing < 0:
             _remove_replicas(current, -missing)
             changed = True
-    return changed
+    return _release_stand_ins(targets, wanted, stand_ins, now) or changed
+
+
+def _release_stand_ins(targets: dict[int, int], wanted: list[Replica],
+                       stand_ins: list[Replica], now: datetime) -> bool:
+    """Release the offline node's replicas of each version that is fully ready elsewhere."""
+    ready = Counter(r.version_id for r in wanted if r.state == ReplicaState.READY)
+    done = [r.pk for r in stand_ins
+            if r.version_id in targets and ready[r.version_id] >= targets[r.version_id]]
+    if done:
+        Replica.objects.filter(pk__in=done).update(
+            state=ReplicaState.FAILED, desired=False, error=NODE_LOSS_ERRORS[0],
+            state_changed_at=now)
+    return bool(done)
 
 
 def _follow_alias(deployment: Deployment) -> None:
@@ -125,12 +147,13 @@ def _follow_alias(deployment: Deployment) -> None:
         record_revision(deployment, f"alias {deployment.alias_name} moved", None)
 
 
-def _retire_old_versions(targets: dict[int, int], wanted: list[Replica]) -> bool:
+def _retire_old_versions(targets: dict[int, int], replicas: list[Replica],
+                         counted: list[Replica]) -> bool:
     """Drain replicas of untargeted versions once every target version is fully ready."""
-    old = [r.pk for r in wanted if r.version_id not in targets]
+    old = [r.pk for r in replicas if r.version_id not in targets]
     if not old:
         return False
-    ready = Counter(r.version_id for r in wanted if r.state == ReplicaState.READY)
+    ready = Counter(r.version_id for r in counted if r.state == ReplicaState.READY)
     if all(ready[version_id] >= count for version_id, count in targets.items()):
         Replica.objects.filter(pk__in=old).update(desired=False)
         return True
@@ -167,7 +190,10 @@ def _add_replicas(deployment: Deployment, version_id: int, count: int,
 
 def _remove_replicas(current: list[Replica], count: int) -> None:
     node_ids = [r.node_id for r in current if r.node_id]
-    figures = live.nodes_figures(node_ids)
+    try:
+        figures = live.nodes_figures(node_ids)
+    except live.CacheUnavailable:
+        figures = {}  # in-flight counts only order the removal; remove without them
     costs = dict(Node.objects.filter(pk__in=node_ids).values_list("pk", "cost_per_hour"))
     views = [ReplicaView(r.pk, costs.get(r.node_id, 0.0), _in_flight(figures, r),
                          r.state == ReplicaState.READY) for r in current]
