@@ -20,6 +20,7 @@ from serving.gateway.auth import Authenticator, Rejected, SessionCache
 from serving.gateway.deployments import DeploymentRuntime, Fleet
 from serving.gateway.forwarding import Forwarder, UpstreamRequest
 from serving.gateway.hold import Activator, ColdStarts
+from serving.gateway.limits import header_refusal, shown, target_refusal
 from serving.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from serving.gateway.ratelimit import RateLimiter, retry_after_s
 from serving.gateway.refresh import TableRefresher
@@ -45,6 +46,7 @@ from serving.gateway.responses import (
 from serving.gateway.routes import ApiKeyRoute, RouteTable, SessionAuth, TableSource
 from serving.gateway.upstream import UpstreamPool
 from serving.traffic import version_for_request
+from serving.wire_numbers import parse_count
 
 SERVER_NAME = "swarm-portal"
 SERVER_VERSION = "0.1.0"
@@ -53,6 +55,9 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 FORWARD_HEADERS = frozenset({b"content-type", b"inference-header-content-length", b"accept",
                              b"content-encoding"})
 MAX_CACHED_PATHS = 10_000
+# The model label of what the gateway refuses for a name it does not serve: a made-up name
+# in the URL must never become a metric series of its own.
+UNKNOWN_MODEL_LABEL = "_unknown"
 # Requests shorter than this never pay for a task watching for the client to go away.
 WATCH_AFTER_S = 0.05
 _UNPARSED = ModelPath("", None, "", "")
@@ -117,6 +122,12 @@ class GatewayApp:
         """Return requests waiting for a replica per deployment."""
         return self.fleet.queue_depth()
 
+    def state_sizes(self) -> dict[str, int]:
+        """Return the size of everything the gateway keeps per client input (for tests)."""
+        return {**self._auth.sizes(), "model_paths": len(self._model_paths),
+                "rate_buckets": len(self._limiter), "held": len(self.cold_starts.held),
+                "version_metrics": self.metrics.version_count()}
+
     async def aclose(self) -> None:
         """Stop the refresh loop and close idle upstream connections."""
         for task in (self._poll_task, self._start_task):
@@ -135,8 +146,12 @@ class GatewayApp:
         if not self._ready:
             await self._start()
         path: str = scope["path"]
+        refused = (header_refusal(scope["headers"])
+                   or target_refusal(path, scope.get("query_string", b"")))
         fixed = self._fixed.get(path)
-        if fixed is not None:
+        if refused is not None:
+            response = refused
+        elif fixed is not None:
             response = fixed(scope)
         elif path.startswith("/v2/models/"):
             await self._model_endpoint(scope, receive, send)
@@ -196,7 +211,8 @@ class GatewayApp:
         try:
             response = await self._model_response(scope, receive)
         except Exception:
-            logger.exception("internal error on %s %s", scope["method"], scope["path"])
+            logger.exception("internal error on %s %s", shown(scope["method"]),
+                             shown(scope["path"]))
             response = error(500, "internal error in the gateway")
         if response is not None:
             await send_response(send, response)
@@ -207,13 +223,14 @@ class GatewayApp:
             return target
         if not self._ready:
             return retry_later(503, "the gateway has no routing table yet", 1)
+        runtime = self.fleet.deployments.get(target.name)
         try:
             key = await self._auth.authorize(self.fleet.table.api_keys, scope["headers"],
-                                             target.name)
+                                             target.name, runtime is not None)
         except Rejected as rejected:
-            self.metrics.rejected(target.name, rejected.response.status)
+            self.metrics.rejected(target.name if runtime is not None else UNKNOWN_MODEL_LABEL,
+                                  rejected.response.status)
             return rejected.response
-        runtime = self.fleet.deployments.get(target.name)
         if runtime is None:
             return error(404, f"unknown model {target.name!r}")
         if target.version is not None and target.version not in runtime.routing_weights:
@@ -234,15 +251,23 @@ class GatewayApp:
         target = self._model_paths.get(path, _UNPARSED)
         if target is _UNPARSED:
             target = parse_model_path(path)
-            if len(self._model_paths) >= MAX_CACHED_PATHS:
-                self._model_paths.clear()  # bounded: random paths must not grow memory
-            self._model_paths[path] = target
+            if target is not None and self._servable(target):
+                # Only paths we serve are kept: made-up ones are parsed again each time.
+                if len(self._model_paths) >= MAX_CACHED_PATHS:
+                    self._model_paths.clear()
+                self._model_paths[path] = target
         if target is None:
             return error(404, f"no such endpoint: {path}")
         wanted = "POST" if target.action == "infer" else "GET"
         if scope["method"] != wanted and not (wanted == "GET" and scope["method"] == "HEAD"):
             return _method_not_allowed(wanted)
         return target
+
+    def _servable(self, target: ModelPath) -> bool:
+        """Return whether a parsed path names a deployment (and version) in the table."""
+        runtime = self.fleet.deployments.get(target.name)
+        return runtime is not None and (target.version is None
+                                        or target.version in runtime.routing_weights)
 
     def _rate_limited(self, key: ApiKeyRoute | None, deployment: str) -> Response | None:
         """Count an inference request against its key; return a 429 when over the limit."""
@@ -264,7 +289,9 @@ class GatewayApp:
                      target: ModelPath) -> Response | None:
         started_s = self._clock()
         forwarded, declared = _forwarded_headers(scope["headers"])
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared and parse_count(declared, self.max_body_bytes) is None:
+            if not declared.isdigit():
+                return error(400, "Content-Length must be a non-negative integer")
             return self._too_large(runtime)
         try:
             body = await read_body(receive, self.max_body_bytes)

@@ -184,6 +184,10 @@ class GatewayMetrics:
             self._versions[(model, version)] = bound
         return bound
 
+    def version_count(self) -> int:
+        """Return how many (deployment, version) counters exist."""
+        return len(self._versions)
+
     def rejected(self, model: str, status: int) -> None:
         """Count a request the gateway answered itself with an error status."""
         if self.enabled:

@@ -61,6 +61,9 @@ class RateLimiter:
             bucket = self._buckets[key.key_id] = TokenBucket.full(*shape, now_s)
         return bucket.take(now_s)
 
+    def __len__(self) -> int:
+        return len(self._buckets)
+
     def forget_all_but(self, key_ids: set[int]) -> None:
         """Drop the buckets of keys no longer in the table."""
         for key_id in [k for k in self._buckets if k not in key_ids]:

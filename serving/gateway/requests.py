@@ -6,10 +6,12 @@ import asyncio
 from dataclasses import dataclass
 
 from serving.gateway.responses import Receive
+from serving.wire_numbers import parse_count
 
 MODELS_PREFIX = "/v2/models/"
 ACTIONS = frozenset({"", "ready", "infer"})
 UNKNOWN_VERSION = -1  # a version segment that is not a number: no table lists it
+MAX_VERSION = 2**31 - 1  # the database's version column
 
 
 class ClientGone(Exception):
@@ -37,7 +39,10 @@ def parse_model_path(path: str) -> ModelPath | None:
     rest = parts[1:]
     if len(rest) >= 2 and rest[0] == "versions":
         version_text = rest[1]
-        version = int(version_text) if version_text.isdigit() else UNKNOWN_VERSION
+        parsed = parse_count(version_text, MAX_VERSION)
+        # Only the canonical spelling: the replica routes `/versions/7`, never `/versions/07`.
+        version = parsed if parsed is not None and str(parsed) == version_text \
+            else UNKNOWN_VERSION
         rest = rest[2:]
     if len(rest) > 1:
         return None
