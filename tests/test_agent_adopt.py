@@ -1,7 +1,8 @@
 """Replicas outlive their agent: a restarted agent adopts the ones it can verify.
 
-Fake replica server processes (tests.agent_fakes) for the rules; the real replica server
-and a real `swarm-worker` killed with SIGKILL in test_agent_adopt_real.py.
+Fake replica server processes (tests.agent_fakes) for the rules; at the end, the real
+replica server under a real `swarm-worker` killed with SIGKILL, with a client sending
+requests throughout.
 """
 
 from __future__ import annotations
@@ -10,17 +11,27 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from registry.demo import DEMO_SIGNATURE, save_torchscript
 from serving.agent import survivors
 from serving.agent.protocol import DesiredReplica
 from serving.agent.replicas import ALIVE_FILE, ReplicaManager, ReplicaSettings
-from tests.agent_fakes import FAKE_REPLICA_MODULE, desired_replica
+from tests.agent_fakes import (
+    FAKE_REPLICA_MODULE,
+    JOIN_TOKEN,
+    FakePortal,
+    desired_replica,
+    replica_key_of,
+)
 from tests.waiting import wait_until
 
 KEY = "replica-key-of-node-1"
@@ -236,3 +247,115 @@ def test_a_replica_drains_itself_once_no_agent_touches_its_alive_file(tmp_path: 
         if watched.poll() is None:
             watched.send_signal(signal.SIGKILL)
             watched.wait()
+
+
+# --- the real replica under a real worker agent, killed with SIGKILL ---------------------
+
+REAL_PORTS = "19640-19659"
+WATCHDOG_S = 8.0  # longer than an agent restart takes, short enough for a test
+INFER_BODY = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4],
+                          "data": [0.1, 0.2, 0.3, 0.4]}]}
+
+
+class ClientLoop:
+    """Sends inference requests straight to one replica, one after another, counting."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10, headers={"Authorization": f"Bearer {self.key}"}) as http:
+            while not self._stop.is_set():
+                try:
+                    response = http.post(self.url, json=INFER_BODY)
+                except httpx.HTTPError as error:
+                    self.failures.append(repr(error))
+                    continue
+                if response.status_code == httpx.codes.OK:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"{response.status_code} {response.text[:200]}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def start_agent(portal: FakePortal, cache_dir: Path, log_path: Path,
+                token: str | None) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SWARM_JOIN_TOKEN", "DJANGO_SETTINGS_MODULE")}
+    if token is not None:
+        env["SWARM_JOIN_TOKEN"] = token
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "serving.agent", "--portal", portal.url, "--name",
+             "adopt-box", "--cache-dir", str(cache_dir), "--port-range", REAL_PORTS,
+             "--device-backend", "cpu", "--drain-grace-s", "20",
+             "--replica-watchdog-s", f"{WATCHDOG_S:g}"],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def node_heartbeats(portal: FakePortal) -> list[dict[str, Any]]:
+    with portal.lock:
+        return [body for node, body in portal.state.heartbeats if node == 1]
+
+
+def kill_hard(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_killed_agent_restarts_and_adopts_its_serving_replica_with_no_failed_request(
+        tmp_path: Path) -> None:
+    artifact = save_torchscript(tmp_path / "demo.pt").read_bytes()
+    cache_dir, log_path = tmp_path / "cache", tmp_path / "agent.log"
+    agents: list[subprocess.Popen[bytes]] = []
+    record: survivors.ReplicaRecord | None = None
+    with FakePortal() as portal:
+        portal.add_artifact(artifact)
+        portal.state.desired[1] = [desired_replica(
+            5, artifact, signature=DEMO_SIGNATURE, max_batch_size=4, max_queue_delay_ms=1.0)]
+        try:
+            agents.append(start_agent(portal, cache_dir, log_path, JOIN_TOKEN))
+            wait_until(lambda: portal.replica_states(1).get(5) == "ready", timeout_s=180,
+                       what="the replica ready under the first agent")
+            port = portal.replica_status(1, 5)["port"]  # type: ignore[index]
+            record = survivors.read_record(cache_dir / "nodes" / "adopt-box" / "replicas" / "5")
+            assert record is not None and record.port == port
+            client = ClientLoop(f"http://127.0.0.1:{port}/v2/models/demo-mlp/infer",
+                                replica_key_of(1))
+            wait_until(lambda: client.ok >= 5 or client.failures, what="requests served")
+
+            kill_hard(agents[0])  # kill -9: no drain, no deregister
+            seen = len(node_heartbeats(portal))
+            agents.append(start_agent(portal, cache_dir, log_path, token=None))
+            wait_until(lambda: len(node_heartbeats(portal)) > seen, timeout_s=60,
+                       what="the restarted agent's first heartbeat")
+            served_then = client.ok
+            wait_until(lambda: client.ok >= served_then + 5 or client.failures,
+                       what="requests served after the adoption")
+            client.stop()
+
+            first = node_heartbeats(portal)[seen]
+            assert [(r["replica_id"], r["state"], r["port"]) for r in first["replicas"]] \
+                == [(5, "ready", port)]  # the portal keeps routing to it
+            assert client.failures == [], log_path.read_text()[-3000:]
+            assert survivors.start_ticks(record.pid) == record.start_ticks  # the same process
+            assert len(portal.state.registrations) == 1
+
+            kill_hard(agents[1])  # and now nobody comes back: the watchdog drains it
+            wait_until(lambda: survivors.start_ticks(record.pid) is None,  # type: ignore[union-attr]
+                       timeout_s=WATCHDOG_S + 40, what="the orphaned replica to drain and exit")
+        finally:
+            for agent in agents:
+                kill_hard(agent)
+            if record is not None and survivors.start_ticks(record.pid) == record.start_ticks:
+                os.killpg(record.pid, signal.SIGKILL)
