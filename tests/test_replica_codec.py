@@ -133,7 +133,7 @@ def test_binary_sizes_that_do_not_add_up_are_refused():
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    (b"abc", "must be an integer"), (b"0", "raw binary"), (b"999", "only 10 bytes")])
+    (b"abc", "must be a non-negative integer"), (b"0", "raw binary"), (b"999", "only 10 bytes")])
 def test_bad_header_lengths_are_refused(value, message):
     with pytest.raises(CodecError, match=message):
         codec.parse_header_length(value, 10)

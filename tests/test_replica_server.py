@@ -206,7 +206,7 @@ def test_bad_json_requests_get_400_with_a_clear_error(client, request_body, says
     (b"{\"inputs\": [", {}, "not valid JSON"),
     (b"\xff\xfe", {}, "not valid JSON"),
     (b"", {}, "not valid JSON"),
-    (b"{}", {"Inference-Header-Content-Length": "abc"}, "must be an integer"),
+    (b"{}", {"Inference-Header-Content-Length": "abc"}, "must be a non-negative integer"),
     (b"{}", {"Inference-Header-Content-Length": "99"}, "only 2 bytes"),
     (b"{}", {"Content-Encoding": "gzip"}, "Content-Encoding"),
 ])

@@ -19,6 +19,7 @@ from serving.replica.codec import CodecError, OutputTensor
 from serving.replica.config import ReplicaConfig
 from serving.replica.engine import InferenceEngine
 from serving.replica.runner import ModelFailure
+from serving.wire_numbers import parse_count
 
 SERVER_NAME = "swarm-replica"
 SERVER_VERSION = "0.1.0"
@@ -240,8 +241,10 @@ class ReplicaApp:
             raise ClientError(400, f"Content-Encoding {encoding.decode('latin-1')!r} is not "
                                    "supported")
         limit_bytes = self.config.max_body_bytes
-        declared = headers.get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > limit_bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None and parse_count(declared, limit_bytes) is None:
+            if not declared.isdigit():
+                raise ClientError(400, "Content-Length must be a non-negative integer")
             raise ClientError(413, f"the body is larger than {limit_bytes} bytes")
         chunks: list[bytes] = []
         size_bytes = 0

@@ -9,6 +9,7 @@ is meant for the client (HTTP 400).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from registry.signature import Signature, TensorSpec
+from serving.replica.codec_hints import binary_hint
 from serving.replica.datatypes import (
     NUMPY_DTYPES,
     DataError,
@@ -24,10 +26,18 @@ from serving.replica.datatypes import (
     array_to_bytes,
     array_to_json,
 )
+from serving.wire_numbers import parse_count
 
 HEADER_LENGTH_HEADER = "inference-header-content-length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
+MAX_RANK = 64  # numpy's limit (NPY_MAXDIMS): more dimensions cannot be an array at all
+# Dimensions multiply to at most this (zeros counted as one): a zero-size tensor may still
+# be shaped by the client, but not past what numpy can describe.
+MAX_SHAPE_ELEMENTS = 2**40
+# Non-finite floats in JSON outputs, spelt as proto3's JSON mapping does: bare NaN and
+# Infinity are not JSON, and no strict parser accepts them.
+NON_FINITE_TEXT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 class CodecError(ValueError):
@@ -94,10 +104,12 @@ def parse_header_length(value: str | bytes | None, body_bytes: int) -> int | Non
     """Return the Inference-Header-Content-Length value, or None when it is absent."""
     if value is None:
         return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    if not text.strip().isdigit():
-        raise CodecError(f"Inference-Header-Content-Length must be an integer, got {text!r}")
-    length = int(text)
+    length = parse_count(value)
+    if length is None:
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+        raise CodecError("Inference-Header-Content-Length must be a non-negative integer "
+                         f"(the JSON header's length in bytes), got {shown!r}")
     if length == 0:
         raise CodecError("raw binary requests (Inference-Header-Content-Length: 0) "
                          "are not supported; send a JSON header")
@@ -117,8 +129,10 @@ class _BinarySection:
 
     def take(self, size_bytes: int, name: str) -> memoryview:
         if not self._present:
-            raise CodecError(f"input {name!r} has binary_data_size but the request has no "
-                             "Inference-Header-Content-Length header")
+            raise CodecError(f"input {name!r} declares {size_bytes} bytes of binary data "
+                             "(binary_data_size) but the request has no "
+                             "Inference-Header-Content-Length header: set it to the length "
+                             "of the JSON part of the body")
         end = self._offset + size_bytes
         if end > len(self._view):
             raise CodecError(f"input {name!r} declares {size_bytes} bytes of binary data but "
@@ -136,7 +150,7 @@ class _BinarySection:
 
 def decode_infer_request(body: bytes, json_length: int | None) -> InferRequest:
     """Return the request in `body`; `json_length` splits the JSON header from binary data."""
-    header = _load_json(body if json_length is None else body[:json_length])
+    header = _load_header(body, json_length)
     if not isinstance(header, dict):
         raise CodecError("the request body must be a JSON object")
     request_id = header.get("id")
@@ -155,9 +169,25 @@ def decode_infer_request(body: bytes, json_length: int | None) -> InferRequest:
                         binary_output=bool(binary_output))
 
 
+def _load_header(body: bytes, json_length: int | None) -> Any:
+    try:
+        return _load_json(body if json_length is None else body[:json_length])
+    except CodecError as exc:
+        hint = binary_hint(body, json_length)
+        raise CodecError(f"{exc}; {hint}" if hint else str(exc)) from None
+
+
+def _refuse_constant(token: str) -> Any:
+    raise CodecError(f"{token} is not valid JSON (the JSON standard has no NaN or Infinity): "
+                     "send non-finite values as binary data (JSON outputs spell them as the "
+                     'strings "NaN", "Infinity" and "-Infinity")')
+
+
 def _load_json(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_refuse_constant)
+    except CodecError as exc:
+        raise CodecError(f"the request body is not valid JSON: {exc}") from None
     except (ValueError, RecursionError) as exc:
         raise CodecError(f"the request body is not valid JSON: {exc}") from None
 
@@ -202,10 +232,18 @@ def _decode_input(raw: Any, index: int, binary: _BinarySection) -> InputTensor:
 def _decode_shape(raw: Any, name: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not raw:
         raise CodecError(f"input {name!r}: shape must be a non-empty list of integers")
+    if len(raw) > MAX_RANK:
+        raise CodecError(f"input {name!r}: shape has {len(raw)} dimensions, at most "
+                         f"{MAX_RANK} are supported")
+    elements = 1
     for dim in raw:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             raise CodecError(f"input {name!r}: shape must hold non-negative integers, "
                              f"got {raw}")
+        elements *= max(dim, 1)
+        if elements > MAX_SHAPE_ELEMENTS:
+            raise CodecError(f"input {name!r}: shape {raw} has more than "
+                             f"{MAX_SHAPE_ELEMENTS} elements")
     return tuple(raw)
 
 
@@ -322,16 +360,28 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str |
     if request_id is not None:
         header["id"] = request_id
     header["outputs"] = entries
-    head = dump_json(header)
+    try:
+        head = dump_json(header)
+    except ValueError:  # a NaN or an infinity in a JSON output: rare, so only then a pass
+        for entry in entries:
+            if "data" in entry:
+                entry["data"] = [_finite_or_text(value) for value in entry["data"]]
+        head = dump_json(header)
     if not chunks:
         return EncodedResponse(body=head, content_type=JSON_CONTENT_TYPE, json_length=None)
     return EncodedResponse(body=head + b"".join(chunks), content_type=BINARY_CONTENT_TYPE,
                            json_length=len(head))
 
 
+def _finite_or_text(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return NON_FINITE_TEXT[repr(value)]
+    return value
+
+
 def dump_json(value: Any) -> bytes:
-    """Return compact JSON bytes."""
-    return json.dumps(value, separators=(",", ":")).encode()
+    """Return compact, strict JSON bytes (ValueError on NaN or infinities: not JSON)."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
 
 
 def error_body(message: str) -> bytes:
