@@ -63,7 +63,10 @@ class LiveAgent:
     def start(self) -> LiveAgent:
         command = [sys.executable, "-m", "serving.agent.cli", "--portal", self.portal_url,
                    "--name", self.name, "--port-range", self.ports, "--cache-dir",
-                   str(self.cache_dir), "--drain-grace-s", "20", "--log-level", "INFO"]
+                   str(self.cache_dir), "--drain-grace-s", "20", "--log-level", "INFO",
+                   # A killed agent's replicas outlive it for this long (a restarted agent
+                   # would adopt them), then drain themselves.
+                   "--replica-watchdog-s", "5"]
         env = {k: v for k, v in os.environ.items()
                if k not in ("DJANGO_SETTINGS_MODULE", "SWARM_JOIN_TOKEN")}
         if self.token:  # in the environment: a command line is readable by every user (ps)

@@ -258,7 +258,7 @@ def test_ports_are_handed_out_round_the_range_skipping_busy_ones() -> None:
 
 
 def test_the_mean_in_flight_is_request_seconds_over_replica_seconds_between_polls():
-    from serving.agent.replicas import _mean_in_flight
+    from serving.agent.replica_stats import mean_in_flight as _mean_in_flight
 
     first = {"clock_s": 100.0, "in_flight_seconds": 40.0}
     assert _mean_in_flight(None, first) is None  # nothing to compare yet

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from registry.signature import SignatureError, parse_signature
-from serving.agent import processes, survivors
+from serving.agent import processes, replica_stats, survivors
 from serving.agent.protocol import DesiredReplica, ReplicaStatus
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ REPLICA_FORMATS = ("torchscript", "torch_export")
 READY_PATH = "/v2/health/ready"
 STATS_PATH = "/stats"
 _LIVE_STATES = ("starting", "ready", "draining")
-_STAT_FIELDS = ("in_flight", "queue_depth", "completed", "failed")
-_LATENCY_FIELDS = ("latency_p50_ms", "latency_p99_ms")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - names, compared against
 ALIVE_FILE = "agent.alive"
 
@@ -107,8 +105,9 @@ class ReplicaManager:
         self._http = httpx.Client(timeout=settings.http_timeout_s)
         self._last_port: int | None = None
         settings.replicas_dir.mkdir(parents=True, exist_ok=True)
-        self.alive_file = survivors.AliveFile(settings.replicas_dir / ALIVE_FILE)
-        self.alive_file.touch()  # before the scan: a waiting survivor must not give up now
+        self.alive_file = survivors.AliveFile(settings.replicas_dir / ALIVE_FILE,
+                                              every_s=min(1.0, settings.watchdog_s / 4))
+        self.alive_file.start()  # before the scan: a waiting survivor must not give up now
         self._survivors = survivors.find_survivors(settings.replicas_dir,
                                                    settings.replica_module)
 
@@ -156,7 +155,6 @@ class ReplicaManager:
 
     def step(self, now_s: float) -> bool:
         """Advance every replica's state; return whether any state changed."""
-        self.alive_file.touch()
         changed = False
         for replica in list(self.replicas.values()):
             before = replica.state
@@ -193,7 +191,8 @@ class ReplicaManager:
         return sum(1 for replica in self.replicas.values() if replica.state in _LIVE_STATES)
 
     def close(self) -> None:
-        """Release the HTTP client (processes are left to drain_all)."""
+        """Release the HTTP client and stop vouching for the replicas (see drain_all)."""
+        self.alive_file.stop()
         self._http.close()
 
     def _adopted_replica(self, survivor: survivors.Survivor, replica_key: str,
@@ -358,11 +357,11 @@ class ReplicaManager:
             log.debug("replica %d: no stats: %s", replica.replica_id, error)
             return
         if isinstance(raw, dict):
-            replica.stats = _parse_stats(raw)
-            mean = _mean_in_flight(replica.busy_clock, raw)
+            replica.stats = replica_stats.parse_stats(raw)
+            mean = replica_stats.mean_in_flight(replica.busy_clock, raw)
             if mean is not None:
                 replica.stats["mean_in_flight"] = mean
-            replica.busy_clock = _busy_clock(raw)
+            replica.busy_clock = replica_stats.busy_clock(raw)
 
     def _get(self, replica: ManagedReplica, path: str) -> httpx.Response:
         url = f"http://{self.settings.connect_host}:{replica.port}{path}"
@@ -385,33 +384,3 @@ def _fail(replica: ManagedReplica, reason: str) -> None:
 def _with_stderr(reason: str, replica_dir: Path) -> str:
     line = processes.last_stderr_line(replica_dir)
     return f"{reason}: {line}" if line else reason
-
-
-def _parse_stats(raw: dict[str, Any]) -> dict[str, Any]:
-    """Return the ReplicaStatus figures from a /stats reply, skipping malformed values."""
-    figures: dict[str, Any] = {}
-    for name in _STAT_FIELDS:
-        value = raw.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            figures[name] = int(value)
-    for name in _LATENCY_FIELDS:
-        value = raw.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            figures[name] = float(value)
-    return figures
-
-
-def _busy_clock(raw: dict[str, Any]) -> tuple[float, float] | None:
-    clock_s, busy_s = raw.get("clock_s"), raw.get("in_flight_seconds")
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in (clock_s, busy_s)):
-        return float(clock_s), float(busy_s)  # type: ignore[arg-type]
-    return None
-
-
-def _mean_in_flight(previous: tuple[float, float] | None, raw: dict[str, Any]) -> float | None:
-    """Return the mean requests in flight since the previous /stats (None: not known yet)."""
-    current = _busy_clock(raw)
-    if previous is None or current is None or current[0] <= previous[0] \
-            or current[1] < previous[1]:
-        return None  # first poll, or the replica restarted
-    return round((current[1] - previous[1]) / (current[0] - previous[0]), 4)

@@ -16,7 +16,7 @@ import logging
 import os
 import select
 import subprocess
-import time
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -192,23 +192,33 @@ class AliveFile:
     """The file whose modification time tells replicas that an agent still looks after them.
 
     Each replica's watchdog drains it when the file has not changed for its watchdog period:
-    a killed agent that never comes back leaves nothing running for long.
+    a killed agent that never comes back leaves nothing running for long. Bumped from its
+    own thread, so a heartbeat stuck on a slow portal never starves it.
     """
 
     def __init__(self, path: Path, every_s: float = 1.0) -> None:
         self.path = path
-        self._every_s = every_s
-        self._touched_at_s: float | None = None
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="alive-file", daemon=True)
+
+    def start(self) -> None:
+        """Touch the file now, then every `every_s` seconds until stop()."""
+        self.touch()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop touching the file (the replicas drain themselves a watchdog period later)."""
+        self._stop.set()
 
     def touch(self) -> None:
-        """Bump the file's time, at most once every `every_s` seconds."""
-        now_s = time.monotonic()
-        if self._touched_at_s is not None and now_s - self._touched_at_s < self._every_s:
-            return
+        """Bump the file's modification time."""
         try:
             self.path.touch()
         except OSError as error:
             log.warning("could not touch %s (replicas may drain themselves): %s", self.path,
                         error)
-            return
-        self._touched_at_s = now_s
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.touch()
