@@ -224,24 +224,14 @@ CELERY_BEAT_SCHEDULE = {
                   "options": {"expires": max(SCALING_TICK_S, 1.0)}},
 }
 
-# One code path for both modes: Redis in production, Celery's filesystem broker embedded.
-CELERY_BROKER_URL = REDIS_URL or "filesystem://"
-if not REDIS_URL:  # kombu's own filesystem transport can hand a worker a half-written file
-    CELERY_BROKER_TRANSPORT = "swarm_portal.kombu_filesystem:Transport"
-CELERY_BROKER_TRANSPORT_OPTIONS = (
-    {}
-    if REDIS_URL
-    else {
-        "data_folder_in": str(VAR_DIR / "celery" / "queue"),
-        "data_folder_out": str(VAR_DIR / "celery" / "queue"),
-        "processed_folder": str(VAR_DIR / "celery" / "processed"),
-        "control_folder": str(VAR_DIR / "celery" / "control"),
-        "store_processed": False,
-        # The worker looks for new task files this often (kombu's default is 1 s): the
-        # auto-scaler's tick and cold-start activations must not wait for it.
-        "polling_interval": 0.1,
-    }
-)
+# One code path for both modes: Redis in production; embedded, kombu's SQLAlchemy transport
+# on a SQLite file (swarm_portal/broker.py: safe across processes, polled every 0.1 s).
+# The URL is SQLAlchemy's (no "sqla+"): with that prefix kombu would pick its own class.
+CELERY_BROKER_URL = REDIS_URL or f"sqlite:///{VAR_DIR.resolve() / 'celery-broker.sqlite3'}"
+if not REDIS_URL:
+    CELERY_BROKER_TRANSPORT = "swarm_portal.broker:Transport"
+# Without Redis: a writer waits up to 30 s for SQLite's lock instead of failing after 5 s.
+CELERY_BROKER_TRANSPORT_OPTIONS = {} if REDIS_URL else {"connect_args": {"timeout": 30}}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
