@@ -8,48 +8,31 @@ time and memory limit that the parent enforces. No Django here.
 from __future__ import annotations
 
 import json
+import os
 import sys
-import zipfile
 from typing import Any
 
+from registry.archive import ArchiveLimits, ArchiveRefused, Source, inspect_archive
+from registry.model_loading import load_module
 from registry.signature import DATATYPES, TORCH_DTYPE_TO_DATATYPE, Signature, parse_signature
-
-FORMAT_TORCHSCRIPT = "torchscript"
-FORMAT_TORCH_EXPORT = "torch_export"
 
 
 class Refusal(Exception):
     """The artifact is not acceptable; the message is shown to the uploader."""
 
 
-def detect_format(path: str) -> str:
-    """Return the archive's format from its entry names (reading names unpickles nothing)."""
-    if not zipfile.is_zipfile(path):
-        raise Refusal("the file is not a TorchScript or torch.export archive (not a zip archive)")
+def load_callable(source: Source, declared_format: str | None,
+                  limits: ArchiveLimits) -> tuple[str, Any]:
+    """Return the format and a callable module on the CPU, after the archive passes."""
     try:
-        names = zipfile.ZipFile(path).namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise Refusal(f"the archive is corrupt: {exc}") from None
-    tails = {name.split("/", 1)[-1] for name in names}
-    if "archive_format" in tails or "models/model.json" in tails:
-        return FORMAT_TORCH_EXPORT
-    if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
-        return FORMAT_TORCHSCRIPT
-    raise Refusal("the archive holds neither a TorchScript module nor a torch.export program")
-
-
-def load_callable(path: str, fmt: str) -> Any:
-    """Return a callable module loaded on the CPU."""
-    import torch
-
+        archive = inspect_archive(source, limits, declared_format)
+    except ArchiveRefused as exc:
+        raise Refusal(str(exc)) from None
     try:
-        if fmt == FORMAT_TORCHSCRIPT:
-            module = torch.jit.load(path, map_location="cpu")
-            module.eval()
-            return module
-        return torch.export.load(path).module()
+        return archive.format, load_module(archive, "cpu")
     except Exception as exc:
-        raise Refusal(f"the {fmt} archive could not be loaded: {_first_line(exc)}") from None
+        raise Refusal(f"the {archive.format} archive could not be loaded: "
+                      f"{_first_line(exc)}") from None
 
 
 def zeros_for(signature: Signature) -> list[Any]:
@@ -104,16 +87,14 @@ def check_outputs(outputs: list[Any], signature: Signature) -> list[dict[str, An
     return observed
 
 
-def inspect(path: str, declared_format: str | None, raw_signature: Any) -> dict[str, Any]:
+def inspect(source: Source, declared_format: str | None, raw_signature: Any,
+            limits: ArchiveLimits | None = None) -> dict[str, Any]:
     """Return {"format", "outputs"} for an acceptable artifact, or raise Refusal."""
     import torch
 
     signature = parse_signature(raw_signature)
-    fmt = detect_format(path)
-    if declared_format and declared_format != fmt:
-        raise Refusal(f"the file is a {fmt} archive, not {declared_format}")
     torch.set_num_threads(1)
-    module = load_callable(path, fmt)
+    fmt, module = load_callable(source, declared_format, limits or ArchiveLimits())
     try:
         with torch.inference_mode():
             result = module(*zeros_for(signature))
@@ -132,11 +113,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:500]
 
 
+def _source(request: dict[str, Any]) -> Source:
+    # The parent passes the artifact as an open descriptor: this process may run as an
+    # unprivileged user who could not open the store's files by path.
+    if "fd" in request:
+        return os.fdopen(int(request["fd"]), "rb")
+    return str(request["path"])
+
+
 def main() -> int:
     request = json.loads(sys.stdin.read())
     try:
+        limits = ArchiveLimits(**request.get("limits", {}))
         reply: dict[str, Any] = {"ok": True, **inspect(
-            request["path"], request.get("format"), request["signature"]
+            _source(request), request.get("format"), request["signature"], limits
         )}
     except Refusal as exc:
         reply = {"ok": False, "error": str(exc)}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
@@ -11,14 +14,17 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 
+from registry.archive import ArchiveLimits
 from registry.models import ALIAS_NAME_VALIDATOR, Alias, AliasMove, Model, ModelVersion
 from registry.signature import SignatureError, parse_signature
 from registry.storage import ArtifactStore, StagingFile
 from registry.validation import ArtifactRejected, validate_artifact
-from swarm_portal.errors import Conflict, NotFound, ServiceError
+from swarm_portal.errors import Conflict, NotFound, ServiceError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 MAX_METADATA_BYTES = 64 * 1024
+_validation_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
 
 
 def artifact_store() -> ArtifactStore:
@@ -82,16 +88,48 @@ def do_create_version(
             raise ServiceError("the artifact is empty")
         _refuse_duplicate(model, staging.sha256)
         try:
-            result = validate_artifact(
-                staging.path, clean_signature, declared_format,
-                timeout_s=settings.VALIDATION_TIMEOUT_S,
-                memory_bytes=settings.VALIDATION_MEMORY_BYTES,
-            )
+            with validation_slot():
+                result = validate_artifact(
+                    staging.path, clean_signature, declared_format,
+                    timeout_s=settings.VALIDATION_TIMEOUT_S,
+                    memory_bytes=settings.VALIDATION_MEMORY_BYTES, limits=archive_limits(),
+                )
         except ArtifactRejected as exc:
             raise ServiceError(str(exc)) from None
         return _store_version(model, staging, clean_signature, clean_metadata, result.format, user)
     finally:
         staging.discard()
+
+
+def archive_limits() -> ArchiveLimits:
+    """Return the archive limits from the settings (checked before anything inflates)."""
+    return ArchiveLimits(max_uncompressed_bytes=settings.ARCHIVE_MAX_UNCOMPRESSED_BYTES,
+                         max_ratio=settings.ARCHIVE_MAX_RATIO)
+
+
+def validation_slots(concurrency: int) -> threading.BoundedSemaphore:
+    """Return this process's semaphore bounding concurrent validation children."""
+    with _slots_lock:
+        return _validation_slots.setdefault(concurrency, threading.BoundedSemaphore(concurrency))
+
+
+@contextlib.contextmanager
+def validation_slot() -> Iterator[None]:
+    """Hold one validation slot; wait at most VALIDATION_QUEUE_WAIT_S, then refuse with 503.
+
+    Each child may take VALIDATION_MEMORY_BYTES: an unbounded number of them would let a
+    burst of uploads exhaust the host's memory, so a busy portal says "retry" instead.
+    """
+    slots = validation_slots(settings.VALIDATION_CONCURRENCY)
+    if not slots.acquire(timeout=settings.VALIDATION_QUEUE_WAIT_S):
+        retry_after_s = max(1, round(settings.VALIDATION_TIMEOUT_S / 4))
+        raise ServiceUnavailable(
+            f"{settings.VALIDATION_CONCURRENCY} uploads are being validated already "
+            f"(VALIDATION_CONCURRENCY); retry in {retry_after_s} s", retry_after_s=retry_after_s)
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def _refuse_duplicate(model: Model, sha256: str) -> None:

@@ -1,17 +1,35 @@
-"""Run the artifact check in a child process with a time and a memory limit."""
+"""Run the artifact check in a sandboxed child process with a time and a memory limit.
+
+The child loads an untrusted file, so it gets as little as we can give: a minimal
+environment (no secrets, no database or Redis URL), its own session, a fresh home
+directory, and, when the portal runs as root, no network (`unshare --net`) and an
+unprivileged user (`setpriv`, or Popen's user/group). It reads the artifact from a
+descriptor the parent opened, so the store's files need no wider permissions.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pwd
 import resource
+import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from registry.archive import ArchiveLimits
+
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+SANDBOX_USER = "nobody"
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+THREAD_LIMITS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 class ArtifactRejected(Exception):
@@ -24,7 +42,79 @@ class ValidationResult:
     outputs: list[dict[str, Any]]
 
 
-def _limit_memory(memory_bytes: int):
+@dataclass(frozen=True)
+class SandboxPlan:
+    """How the child is started: a command prefix and the user it runs as."""
+
+    prefix: list[str] = field(default_factory=list)
+    uid: int | None = None  # None: the portal's own user (the portal is not root)
+    gid: int | None = None
+    popen_user: bool = False  # drop the user through Popen (no setpriv here)
+    isolated_network: bool = False
+
+
+def sandbox_plan(euid: int, which: Callable[[str], str | None] = shutil.which,
+                 user: str = SANDBOX_USER) -> SandboxPlan:
+    """Return how to start the child: as root, drop to `user` and unshare the network."""
+    if euid != 0:
+        # Not root: no new network namespace or other user is possible without
+        # privileges; the child still gets the minimal environment and limits.
+        return SandboxPlan()
+    entry = pwd.getpwnam(user)
+    unshare, setpriv = which("unshare"), which("setpriv")
+    if unshare and setpriv:
+        # The namespace must be made while still root, then the user dropped: Popen's
+        # user= drops before any preexec_fn, so two small exec wrappers do it in order.
+        return SandboxPlan(
+            prefix=[unshare, "--net", "--", setpriv, f"--reuid={entry.pw_uid}",
+                    f"--regid={entry.pw_gid}", "--clear-groups", "--no-new-privs", "--"],
+            uid=entry.pw_uid, gid=entry.pw_gid, isolated_network=True)
+    return SandboxPlan(uid=entry.pw_uid, gid=entry.pw_gid, popen_user=True)
+
+
+def child_environment(home_dir: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the child's whole environment: nothing of the portal's but PATH and LANG."""
+    base = os.environ if base is None else base
+    return {
+        "PATH": base.get("PATH") or DEFAULT_PATH,
+        "LANG": base.get("LANG") or "C.UTF-8",
+        "HOME": home_dir,
+        "TMPDIR": home_dir,
+        "PYTHONPATH": PROJECT_ROOT,
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1",
+        **THREAD_LIMITS,
+    }
+
+
+def popen_arguments(python_args: list[str], plan: SandboxPlan, home_dir: str,
+                    memory_bytes: int, pass_fds: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Return the keyword arguments of subprocess.Popen for a sandboxed Python child."""
+    kwargs: dict[str, Any] = {
+        "args": [*plan.prefix, sys.executable, *python_args],
+        "stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+        "env": child_environment(home_dir), "cwd": home_dir, "pass_fds": pass_fds,
+        "preexec_fn": _limit_memory(memory_bytes), "start_new_session": True,
+    }
+    if plan.popen_user:
+        kwargs.update(user=plan.uid, group=plan.gid, extra_groups=[])
+    return kwargs
+
+
+@contextlib.contextmanager
+def sandbox_home(plan: SandboxPlan):
+    """Yield a fresh home directory the child's user owns; remove it afterwards."""
+    home = tempfile.mkdtemp(prefix="swarm-validate-")
+    try:
+        if plan.uid is not None:
+            os.chown(home, plan.uid, plan.gid if plan.gid is not None else -1)
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _limit_memory(memory_bytes: int) -> Callable[[], None]:
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
@@ -38,31 +128,23 @@ def validate_artifact(
     *,
     timeout_s: float,
     memory_bytes: int,
+    limits: ArchiveLimits | None = None,
 ) -> ValidationResult:
-    """Load `path` in a child, run one forward pass, and check the outputs; raise on refusal."""
-    request = json.dumps({"path": str(path), "format": declared_format, "signature": signature})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    project_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [project_root, env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "registry.inspect_child"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=project_root,
-        preexec_fn=_limit_memory(memory_bytes),
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(request.encode(), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise ArtifactRejected(
-            f"validation timed out: loading the model and one forward pass took longer than "
-            f"{timeout_s:g} s"
-        ) from None
+    """Load `path` in a sandboxed child, run one forward pass, check outputs; raise on refusal."""
+    plan = sandbox_plan(os.geteuid())
+    with open(path, "rb") as artifact, sandbox_home(plan) as home:
+        request = json.dumps({"fd": artifact.fileno(), "format": declared_format,
+                              "signature": signature, "limits": asdict(limits or ArchiveLimits())})
+        proc = subprocess.Popen(**popen_arguments(["-m", "registry.inspect_child"], plan, home,
+                                                  memory_bytes, (artifact.fileno(),)))
+        try:
+            stdout, stderr = proc.communicate(request.encode(), timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise ArtifactRejected(
+                f"validation timed out: loading the model and one forward pass took longer "
+                f"than {timeout_s:g} s"
+            ) from None
     return _parse_reply(proc.returncode, stdout, stderr)
 
 

@@ -92,7 +92,8 @@ def _checked_upload(request: HttpRequest, model: Model, handler: Any) -> HttpRes
         version = create_version_from_request(request, model, handler)
     except ServiceError as exc:
         if wants_json:
-            return JsonResponse({"error": exc.message}, status=exc.status_code)
+            return JsonResponse({"error": exc.message}, status=exc.status_code,
+                                headers=exc.headers)
         form = VersionUploadForm(request.POST)
         return render(request, "registry/upload.html",
                       {"model": model, "form": form, "error": exc.message},

@@ -1,8 +1,9 @@
 """Refuse an oversized request body from its Content-Length, before reading any of it.
 
 Django's ASGI handler spools the whole body to disk before a view runs, so a view
-alone could only refuse a 50 GB upload after storing it. Chunked bodies without a
-length are counted by the upload handler instead.
+alone could only refuse a 50 GB upload after storing it. A chunked body (no length)
+is counted as Django reads it: past the limit the client gets the same 413, and Django
+sees a disconnect, so no view runs and nothing is staged.
 """
 
 from __future__ import annotations
@@ -21,20 +22,62 @@ class BodySizeLimit:
         self.limit_bytes = limit_bytes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self._declared_length(scope) > self.limit_bytes:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = self._declared_length(scope)
+        if declared is not None and declared > self.limit_bytes:
             await self._refuse(send)
+            return
+        if declared is None:
+            await self._counted(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
+    async def _counted(self, scope: Scope, receive: Any, send: Any) -> None:
+        received_bytes = 0
+        refused = False
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal received_bytes, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received_bytes += len(message.get("body", b""))
+                if received_bytes > self.limit_bytes:
+                    refused = True
+                    await self._refuse(send)
+                    await self._drain(receive, message)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+    async def _drain(self, receive: Any, message: dict[str, Any]) -> None:
+        # Read (and drop) a bounded rest of the body, so that the client, still sending,
+        # reads our 413 instead of a connection reset; a longer body is cut off.
+        drained_bytes = 0
+        while message.get("more_body") and drained_bytes <= self.limit_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained_bytes += len(message.get("body", b""))
+
     @staticmethod
-    def _declared_length(scope: Scope) -> int:
+    def _declared_length(scope: Scope) -> int | None:
+        """Return Content-Length, 0 when malformed, None when absent (a chunked body)."""
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     return int(value)
                 except ValueError:
                     return 0
-        return 0
+        return None
 
     async def _refuse(self, send: Any) -> None:
         body = json.dumps(

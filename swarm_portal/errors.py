@@ -7,6 +7,7 @@ class ServiceError(Exception):
     """A refusal with an HTTP status and a message meant for the caller."""
 
     status_code = 400
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -25,3 +26,13 @@ class Conflict(ServiceError):
 
 class PayloadTooLarge(ServiceError):
     status_code = 413
+
+
+class ServiceUnavailable(ServiceError):
+    """Busy for now: the caller should retry after `retry_after_s` (sent as Retry-After)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}

@@ -49,3 +49,53 @@ def add_version(model: Model, user: User, path: Path,
     return services.do_create_version(model=model, staging=staging,
                                       signature=signature or SIGNATURE, metadata={},
                                       declared_format=None, user=user)
+
+
+class FileMaker:
+    """A pickle whose unpickling creates a marker file (the hostile payload of the tests)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.marker, "w"))
+
+
+def hostile_pickle(marker: Path) -> bytes:
+    """Return pickle bytes that create `marker` when unpickled by an unrestricted loader."""
+    import pickle
+
+    return pickle.dumps(FileMaker(marker))
+
+
+def rewrite_archive(source: Path, target: Path, *, replace: dict[str, bytes] | None = None,
+                    add: dict[str, bytes] | None = None) -> Path:
+    """Copy a torch archive, swapping or adding entries named relative to its top folder."""
+    import zipfile
+
+    replace, add = replace or {}, add or {}
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        root = old.namelist()[0].split("/", 1)[0]
+        for info in old.infolist():
+            tail = info.filename.split("/", 1)[1]
+            new.writestr(info, replace.get(tail, old.read(info)))
+        for tail, content in add.items():
+            new.writestr(f"{root}/{tail}", content)
+    return target
+
+
+def with_pickled_weight(source: Path, target: Path, marker: Path) -> Path:
+    """Return a .pt2 whose weights config marks weight_0 `use_pickle`, holding a hostile pickle."""
+    import json
+    import zipfile
+
+    config_name = "data/weights/model_weights_config.json"
+    with zipfile.ZipFile(source) as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        config = json.loads(archive.read(f"{root}/{config_name}"))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    return rewrite_archive(source, target, replace={
+        config_name: json.dumps(config).encode(),
+        f"data/weights/{first['path_name']}": hostile_pickle(marker),
+    })

@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from registry.archive import ArchiveRefused, inspect_archive
+from registry.model_loading import load_module
 from registry.signature import TORCH_DTYPE_TO_DATATYPE, Signature, TensorSpec
 from serving.replica.datatypes import NUMPY_DTYPES
 
-FORMAT_TORCHSCRIPT = "torchscript"
-FORMAT_TORCH_EXPORT = "torch_export"
-FORMATS = (FORMAT_TORCHSCRIPT, FORMAT_TORCH_EXPORT)
 WARM_UP_PASSES = 2  # TorchScript's profiling executor optimises after a couple of calls
 
 logger = logging.getLogger("serving.replica")
@@ -57,6 +56,8 @@ class ModelRunner:
             raise LoadError(f"device {self.device} was asked for but CUDA is not available")
         try:
             self._module = self._load_module()
+        except LoadError:
+            raise
         except Exception as exc:
             raise LoadError(f"the {self.artifact_format} artifact {self.artifact_path} "
                             f"could not be loaded: {exc}") from exc
@@ -72,13 +73,13 @@ class ModelRunner:
                 logger.warning("warm-up with %d rows failed: %s", warm_up_rows, exc)
 
     def _load_module(self) -> Any:
-        if self.artifact_format == FORMAT_TORCHSCRIPT:
-            module = torch.jit.load(  # type: ignore[no-untyped-call]
-                self.artifact_path, map_location=self.device)
-            module.eval()
-            return module
-        module = torch.export.load(self.artifact_path).module()
-        return module.to(self.device)
+        # A worker never trusts the portal's earlier check: the same inspector runs here,
+        # and the loader only takes what it returns (registry/archive.py).
+        try:
+            archive = inspect_archive(self.artifact_path, declared_format=self.artifact_format)
+        except ArchiveRefused as exc:
+            raise LoadError(f"the artifact {self.artifact_path} is refused: {exc}") from None
+        return load_module(archive, str(self.device))
 
     def _zeros(self, rows: int) -> list[np.ndarray]:
         arrays = []
