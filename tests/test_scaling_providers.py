@@ -35,6 +35,7 @@ from serving.models import JoinToken, Node, NodeStatus
 from tests import factories
 from tests.conftest import free_port
 from tests.live import LivePortal
+from tests.process_tree import cmdline, live_processes_mentioning
 from tests.waiting import wait_until
 
 PORTAL_URL = "http://127.0.0.1:8000"
@@ -43,10 +44,11 @@ CPU = DeviceInfo(index=0, kind="cpu", name="cpu", uuid="cpu-0",
 # A stand-in agent: writes its arguments into its cache dir, then waits for SIGTERM
 # (or ignores it, with --ignore-term).
 FAKE_AGENT = """
-import json, pathlib, signal, sys, time
+import json, os, pathlib, signal, sys, time
 args = sys.argv[1:]
 cache = pathlib.Path(args[args.index("--cache-dir") + 1])
 cache.mkdir(parents=True, exist_ok=True)
+(cache / "token.json").write_text(json.dumps(os.environ.get("SWARM_JOIN_TOKEN")))
 (cache / "argv.json").write_text(json.dumps(args))
 stop = []
 handler = signal.SIG_IGN if "--ignore-term" in args else (lambda *_: stop.append(1))
@@ -92,6 +94,12 @@ def argv_of(provider: LocalProcessProvider, name: str) -> list[str]:
                       f"{name} to start")
 
 
+def token_of(provider: LocalProcessProvider, name: str) -> str | None:
+    """Return the join token the worker found in its environment."""
+    argv_of(provider, name)
+    return json.loads((provider.workers_dir / name / "token.json").read_text())
+
+
 def option(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv else None
 
@@ -103,7 +111,7 @@ def test_workers_get_the_lowest_free_name_their_own_ports_and_a_token(fleet, min
         "9100-9149", "9150-9199")
     assert option(first, "--portal") == PORTAL_URL
     assert option(first, "--cache-dir") == str(fleet.workers_dir / "local-1")
-    assert option(first, "--token") == "swj_test_local-1"
+    assert token_of(fleet, "local-1") == "swj_test_local-1"
     assert mint.names == ["local-1", "local-2"]
     record = json.loads(fleet.state_path("local-1").read_text())
     assert record["ports"] == "9100-9149"
@@ -117,12 +125,21 @@ def test_workers_get_the_lowest_free_name_their_own_ports_and_a_token(fleet, min
     assert fleet.managed_names() == {"local-1", "local-2"}
 
 
+def test_the_join_token_is_never_on_a_workers_command_line(fleet, mint, monkeypatch):
+    monkeypatch.setenv("SWARM_JOIN_TOKEN", "swj_the_launchers_own")  # not passed on
+    fleet.start_nodes(1)
+    assert token_of(fleet, "local-1") == "swj_test_local-1"
+    [record] = fleet.records()
+    assert "swj_" not in cmdline(record.pid)
+    assert "--token" not in argv_of(fleet, "local-1")
+
+
 def test_a_worker_with_stored_credentials_joins_without_a_new_token(fleet, mint):
     state_dir = node_state_dir(fleet.workers_dir / "local-1", "local-1")
     save_credentials(state_dir, NodeCredentials(portal_url=PORTAL_URL, node_id=7,
                                                 node_secret="swn_7_x", replica_key="k"))
     assert fleet.start_nodes(1) == ["local-1"]
-    assert option(argv_of(fleet, "local-1"), "--token") is None
+    assert token_of(fleet, "local-1") is None
     assert mint.names == []
 
 
@@ -273,21 +290,6 @@ def test_get_provider_follows_the_settings(settings, tmp_path):
 # -- real agents against a live portal -------------------------------------------------
 
 
-def live_processes_mentioning(text: str) -> list[int]:
-    """Return pids of live (non-zombie) processes whose command line contains `text`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and processes.is_alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_local_provider_runs_a_real_worker_that_joins_and_leaves(tmp_path, artifact_root):
@@ -303,6 +305,7 @@ def test_local_provider_runs_a_real_worker_that_joins_and_leaves(tmp_path, artif
                                                       status=NodeStatus.READY).first(),
                           60, "local-1 to join")
         assert JoinToken.objects.get(name="local fleet: local-1").uses_left == 0
+        assert "swj_" not in cmdline(provider.records()[0].pid)
 
         other = LocalProcessProvider(var_dir, portal.url)  # e.g. the launcher, elsewhere
         assert other.managed_names() == {"local-1"}

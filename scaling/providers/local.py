@@ -38,6 +38,9 @@ NAME_PREFIX = "local-"
 MAX_PORT = 65535
 TOKEN_LIFETIME = timedelta(minutes=10)
 KILL_WAIT_S = 5.0
+# The agent reads a join token from here: in the environment, not on the command line,
+# where `ps` shows it to every user of the machine.
+JOIN_TOKEN_ENV = "SWARM_JOIN_TOKEN"  # noqa: S105 - a variable name
 # The portal's secrets stay with the portal: a worker needs none of them.
 PORTAL_ONLY_ENV = ("DJANGO_SETTINGS_MODULE", "SECRET_KEY", "DATABASE_URL", "REDIS_URL",
                    "METRICS_TOKEN", "SWARM_ADMIN_PASSWORD")
@@ -133,9 +136,12 @@ class LocalProcessProvider:
     def _start_worker(self, name: str) -> bool:
         first, last = self._ports(int(name.removeprefix(NAME_PREFIX)))
         command = self._command(name, f"{first}-{last}")
+        env = _worker_env()
+        if not self.has_credentials(name):
+            env[JOIN_TOKEN_ENV] = self._create_token(name)
         self.fleet_dir.mkdir(parents=True, exist_ok=True)
         pid = processes.spawn_detached(command, self.fleet_dir / f"{name}.log", cwd=ROOT,
-                                       env=_worker_env())
+                                       env=env)
         ticks = processes.start_ticks(pid)
         if ticks is None:
             log.warning("local fleet: %s exited at once; see %s", name,
@@ -149,11 +155,8 @@ class LocalProcessProvider:
 
     def _command(self, name: str, ports: str) -> list[str]:
         cache_dir = self.workers_dir / name
-        command = [*self.agent_command, "--portal", self.portal_url, "--name", name,
-                   "--port-range", ports, "--cache-dir", str(cache_dir), *self.agent_args]
-        if self.has_credentials(name):
-            return command
-        return [*command, "--token", self._create_token(name)]
+        return [*self.agent_command, "--portal", self.portal_url, "--name", name,
+                "--port-range", ports, "--cache-dir", str(cache_dir), *self.agent_args]
 
     def has_credentials(self, name: str) -> bool:
         """Return whether the worker's cache holds credentials for this portal."""
@@ -216,7 +219,9 @@ def create_join_token(name: str) -> str:
 
 
 def _worker_env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if key not in PORTAL_ONLY_ENV}
+    # A token of ours in this process's environment is not the worker's to reuse.
+    return {key: value for key, value in os.environ.items()
+            if key not in PORTAL_ONLY_ENV and key != JOIN_TOKEN_ENV}
 
 
 def _read_record(path: Path) -> WorkerRecord | None:
