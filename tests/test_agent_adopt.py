@@ -35,7 +35,7 @@ from tests.agent_fakes import (
 from tests.waiting import wait_until
 
 KEY = "replica-key-of-node-1"
-PORTS = range(19700, 19720)
+PORTS = range(19700, 19800)  # wide: a port in TIME_WAIT counts as taken
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Everything a replica may find in its environment (serving/agent/processes.py says why).
 ALLOWED_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
@@ -81,8 +81,9 @@ def new_manager(tmp_path: Path, executor: ThreadPoolExecutor,
     return manager
 
 
-def fake(replica_id: int, **overrides: object) -> DesiredReplica:
-    return desired_replica(replica_id, b"unused", model_name="ready", **overrides)
+def fake(replica_id: int, mode: str = "ready", **overrides: object) -> DesiredReplica:
+    """Return a fake replica; it reads its mode (ready, never-ready, ...) from its artifact."""
+    return desired_replica(replica_id, b"unused", model_name=mode, **overrides)
 
 
 def start_ready(manager: ReplicaManager, *replica_ids: int) -> subprocess.Popen[bytes]:
@@ -164,6 +165,28 @@ def test_a_survivor_under_another_key_or_without_credentials_is_drained(
 
     assert second.replicas[9].state == "draining" and third.replicas[10].state == "draining"
     assert rotated.wait(timeout=10) == 0 and no_credentials.wait(timeout=10) == 0
+
+
+def test_a_survivor_still_loading_or_already_draining_carries_on_as_it_was(
+        tmp_path: Path, executor: ThreadPoolExecutor, managers: list[ReplicaManager]) -> None:
+    first = new_manager(tmp_path, executor, managers)
+    first.reconcile([fake(9, "never-ready"), fake(10, "slow-drain")],
+                    KEY, time.monotonic())
+    wait_until(lambda: not first.step(time.monotonic())
+               and first.replicas[10].state == "ready" and first.replicas[9].process,
+               what="replica 10 ready, replica 9 launched")
+    first.reconcile([fake(9, "never-ready")], KEY, time.monotonic())  # 10 drains
+    draining = first.replicas[10].process
+    assert first.replicas[10].signalled and draining is not None
+
+    second = new_manager(tmp_path, executor, managers)
+    second.adopt(KEY, time.monotonic())
+
+    states = {status.replica_id: status.state for status in second.statuses()}
+    assert states == {9: "starting", 10: "draining"}  # as the first heartbeat tells it
+    assert second.replicas[10].signalled  # no second SIGTERM: that would stop it at once
+    second.step(time.monotonic() + 60)  # past the drain grace: killed, as any replica is
+    assert second.replicas[10].state == "stopped" and draining.wait(timeout=10) != 0
 
 
 def test_a_recorded_pid_now_running_something_else_is_never_signalled(

@@ -115,26 +115,45 @@ class ReplicaManager:
         """Take over the replicas a previous agent run left running; return how many serve.
 
         One that is healthy under `replica_key` is ready at once, so the first heartbeat
-        keeps it in the portal's routing table; any other is drained (None: drain all).
+        keeps it in the portal's routing table; one still loading or already draining goes
+        on doing so; any other is drained (None: no credentials, drain them all).
         """
         adopted = 0
         for survivor in self._survivors:
             replica = self._adopted_replica(survivor, replica_key or "", now_s)
             self.replicas[replica.replica_id] = replica
-            key_matches = replica_key is not None and \
-                survivor.record.key_sha256 == survivors.key_sha256(replica_key)
-            if key_matches and self._answers(replica, READY_PATH):
-                log.info("replica %d: adopted process %d on port %d, ready",
-                         replica.replica_id, survivor.process.pid, replica.port)
+            found = self._survivor_state(replica, survivor.record, replica_key)
+            log.info("replica %d: process %d on port %d left by a previous run: %s",
+                     replica.replica_id, survivor.process.pid, replica.port, found)
+            if found == "ready":
                 replica.state = "ready"
                 adopted += 1
-            else:
-                why = "its key is not the current one" if not key_matches else "not ready"
-                log.warning("replica %d: process %d left by a previous run: %s: draining it",
-                            replica.replica_id, survivor.process.pid, why)
+            elif found == "draining":
+                # Signalled already: a second SIGTERM would cut its requests short.
+                replica.state, replica.signalled = "draining", True
+                replica.drain_started_at_s = now_s - self.settings.drain_delay_s
+            elif found != "loading":  # loading: stays starting, under the ready timeout
                 self._begin_drain(replica, now_s)
         self._survivors = []
         return adopted
+
+    def _survivor_state(self, replica: ManagedReplica, record: survivors.ReplicaRecord,
+                        replica_key: str | None) -> str:
+        """Return ready, loading or draining (what it says), else why it cannot be kept."""
+        if replica_key is None:
+            return "no credentials to keep it under"
+        if record.key_sha256 != survivors.key_sha256(replica_key):
+            return "its key is not the current one"
+        try:
+            response = self._get(replica, STATS_PATH)
+            state = response.json().get("state") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            state = None
+        if state == "ready" and self._answers(replica, READY_PATH):
+            return "ready"
+        if state in ("loading", "draining"):
+            return str(state)
+        return "it does not answer its health check"
 
     def reconcile(self, desired: list[DesiredReplica], replica_key: str, now_s: float) -> None:
         """Start what the portal wants and is not here; drain what it no longer wants."""
