@@ -10,6 +10,12 @@ Choices:
   depends on the time since the previous one, so busy and idle replicas forget at the same
   pace. A replica with no samples yet is priced at the deployment-wide EWMA, so a new
   replica looks average instead of free (a burst) or slow (starved).
+- Exploration: an estimate not refreshed for a while says less and less, so a replica's
+  price drifts back toward the deployment-wide EWMA while other replicas serve: by half
+  per `ewma_half_life_s` and per `drift_half_life_requests` samples taken elsewhere
+  (time alone is too slow at high rates). Prices within `tie_fraction` of each other are a
+  tie, won by the random first draw. Without both, sequential requests (nothing
+  outstanding) stick to whichever replica's first sample happened to be lower, forever.
 - Panic: when every ready replica is ejected, the least recently failed one still gets
   traffic (Envoy's panic threshold at 0%): a likely-recovered replica beats a certain 503.
 """
@@ -51,6 +57,12 @@ class BalancerConfig:
     policy: Policy = Policy.P2C_EWMA
     ewma_half_life_s: float = 5.0
     default_latency_s: float = 0.05  # the price of a replica before any latency is known
+    # Prices this close (a fraction of the lower one) are noise, not a reason to prefer one.
+    tie_fraction: float = 0.2
+    # An idle replica's estimate moves halfway back to the deployment's per this many
+    # latency samples taken on other replicas.
+    drift_half_life_requests: float = 20.0
+    min_sample_weight: float = 0.05  # of each latency sample in an EWMA, however soon it came
     failures_to_eject: int = 3
     ejection_base_s: float = 5.0
     ejection_max_s: float = 300.0
@@ -59,11 +71,18 @@ class BalancerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy(self.policy))
-        positive = ("ewma_half_life_s", "default_latency_s", "ejection_base_s", "ejection_max_s")
+        positive = ("ewma_half_life_s", "default_latency_s", "ejection_base_s", "ejection_max_s",
+                "drift_half_life_requests")
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not 0 <= self.min_sample_weight <= 1:
+            raise ValueError(f"min_sample_weight must lie in [0, 1], got "
+                             f"{self.min_sample_weight!r}")
+        if not (math.isfinite(self.tie_fraction) and self.tie_fraction >= 0):
+            raise ValueError(f"tie_fraction must be a non-negative number, got "
+                             f"{self.tie_fraction!r}")
         if self.failures_to_eject < 1:
             raise ValueError(f"failures_to_eject must be at least 1, got {self.failures_to_eject}")
         if self.ejection_max_s < self.ejection_base_s:
@@ -89,6 +108,7 @@ class ReplicaState:
     outstanding: int = 0
     ewma_latency_s: float | None = None  # None: no sample yet
     last_sample_s: float = -math.inf
+    last_sample_number: int = 0  # the deployment's sample count at this replica's last one
     consecutive_failures: int = 0
     ejections: int = 0  # ejections since the last success: sets the next back-off
     ejected_until_s: float = -math.inf
@@ -106,9 +126,11 @@ class ReplicaState:
 
 
 def _blend_s(old_s: float, old_at_s: float, sample_s: float, now_s: float,
-             half_life_s: float) -> float:
-    # The old value keeps half its weight per half-life elapsed since it was last updated.
-    keep = math.exp2(-max(0.0, now_s - old_at_s) / half_life_s)
+             half_life_s: float, min_weight: float) -> float:
+    # The old value keeps half its weight per half-life elapsed since it was last updated,
+    # but a sample always counts for at least `min_weight`: at hundreds of requests a
+    # second, time alone would freeze an estimate at its first sample for seconds.
+    keep = min(math.exp2(-max(0.0, now_s - old_at_s) / half_life_s), 1.0 - min_weight)
     return sample_s + (old_s - sample_s) * keep
 
 
@@ -173,6 +195,7 @@ class Balancer:
         self._cursor = 0  # where round robin (and least-outstanding ties) look first
         self._fleet_latency_s = self.config.default_latency_s
         self._fleet_sample_s = -math.inf
+        self._samples = 0  # latency samples taken on any replica: the drift's other clock
 
     @property
     def replicas(self) -> tuple[ReplicaState, ...]:
@@ -255,13 +278,26 @@ class Balancer:
         if second >= first:
             second += 1
         a, b = eligible[first], eligible[second]
-        return a if self._cost(a) <= self._cost(b) else b
+        price_a, price_b = self._price_s(a, now_s), self._price_s(b, now_s)
+        tie = 1.0 + self.config.tie_fraction
+        if price_a <= price_b * tie and price_b <= price_a * tie:
+            price_a = price_b  # latency noise: only the outstanding counts decide
+        # `a` is the random draw: it wins ties, so equal replicas share the load.
+        return a if (a.outstanding + 1) * price_a <= (b.outstanding + 1) * price_b else b
 
-    def _cost(self, state: ReplicaState) -> float:
+    def _price_s(self, state: ReplicaState, now_s: float) -> float:
+        """Return a replica's latency estimate, drifted toward the deployment's with age."""
         latency_s = state.ewma_latency_s
+        fleet_s = self._fleet_latency_s
         if latency_s is None:
-            latency_s = self._fleet_latency_s
-        return (state.outstanding + 1) * latency_s
+            return fleet_s
+        missed = self._samples - state.last_sample_number
+        if missed == 0 and now_s <= state.last_sample_s:
+            return latency_s
+        config = self.config
+        keep = math.exp2(-max(0.0, now_s - state.last_sample_s) / config.ewma_half_life_s
+                         - missed / config.drift_half_life_requests)
+        return fleet_s + (latency_s - fleet_s) * keep
 
     def _pick_round_robin(self, now_s: float, exclude: frozenset[int],
                           version: int | None) -> ReplicaState | None:
@@ -330,12 +366,17 @@ class Balancer:
         if not latency_s >= 0.0:  # NaN or negative: a caller bug must not poison the EWMA
             return
         half_life_s = self.config.ewma_half_life_s
-        old_s = state.ewma_latency_s
+        # What the estimate had drifted to is what the new sample refines.
+        old_s = None if state.ewma_latency_s is None else self._price_s(state, now_s)
+        min_weight = self.config.min_sample_weight
         state.ewma_latency_s = latency_s if old_s is None else _blend_s(
-            old_s, state.last_sample_s, latency_s, now_s, half_life_s)
+            old_s, state.last_sample_s, latency_s, now_s, half_life_s, min_weight)
         state.last_sample_s = now_s
+        self._samples += 1
+        state.last_sample_number = self._samples
         self._fleet_latency_s = _blend_s(
-            self._fleet_latency_s, self._fleet_sample_s, latency_s, now_s, half_life_s)
+            self._fleet_latency_s, self._fleet_sample_s, latency_s, now_s, half_life_s,
+            min_weight)
         self._fleet_sample_s = now_s
 
     def _count_failure(self, state: ReplicaState, now_s: float) -> None:
