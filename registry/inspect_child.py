@@ -12,7 +12,13 @@ import os
 import sys
 from typing import Any
 
-from registry.archive import ArchiveLimits, ArchiveRefused, Source, inspect_archive
+from registry.archive import (
+    ArchiveLimits,
+    ArchiveRefused,
+    InspectedArchive,
+    Source,
+    inspect_archive,
+)
 from registry.model_loading import load_module
 from registry.signature import DATATYPES, TORCH_DTYPE_TO_DATATYPE, Signature, parse_signature
 
@@ -21,15 +27,19 @@ class Refusal(Exception):
     """The artifact is not acceptable; the message is shown to the uploader."""
 
 
-def load_callable(source: Source, declared_format: str | None,
-                  limits: ArchiveLimits) -> tuple[str, Any]:
-    """Return the format and a callable module on the CPU, after the archive passes."""
+def inspected(source: Source, declared_format: str | None,
+              limits: ArchiveLimits) -> InspectedArchive:
+    """Return the archive once it passes inspection (before torch is even imported)."""
     try:
-        archive = inspect_archive(source, limits, declared_format)
+        return inspect_archive(source, limits, declared_format)
     except ArchiveRefused as exc:
         raise Refusal(str(exc)) from None
+
+
+def load_callable(archive: InspectedArchive) -> Any:
+    """Return a callable module on the CPU."""
     try:
-        return archive.format, load_module(archive, "cpu")
+        return load_module(archive, "cpu")
     except Exception as exc:
         raise Refusal(f"the {archive.format} archive could not be loaded: "
                       f"{_first_line(exc)}") from None
@@ -90,11 +100,12 @@ def check_outputs(outputs: list[Any], signature: Signature) -> list[dict[str, An
 def inspect(source: Source, declared_format: str | None, raw_signature: Any,
             limits: ArchiveLimits | None = None) -> dict[str, Any]:
     """Return {"format", "outputs"} for an acceptable artifact, or raise Refusal."""
+    signature = parse_signature(raw_signature)
+    archive = inspected(source, declared_format, limits or ArchiveLimits())
     import torch
 
-    signature = parse_signature(raw_signature)
     torch.set_num_threads(1)
-    fmt, module = load_callable(source, declared_format, limits or ArchiveLimits())
+    module = load_callable(archive)
     try:
         with torch.inference_mode():
             result = module(*zeros_for(signature))
@@ -105,7 +116,7 @@ def inspect(source: Source, declared_format: str | None, raw_signature: Any,
         raise Refusal(f"a forward pass on zeros shaped by the signature failed: "
                       f"{_first_line(exc)}") from None
     outputs = check_outputs(flatten_outputs(result, signature), signature)
-    return {"format": fmt, "outputs": outputs}
+    return {"format": archive.format, "outputs": outputs}
 
 
 def _first_line(exc: BaseException) -> str:

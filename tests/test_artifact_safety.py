@@ -3,6 +3,7 @@ loads it with the portal's secrets, user or network."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import stat
@@ -174,6 +175,32 @@ def test_the_loader_takes_only_what_the_inspector_returned(model_files):
     forged = InspectedArchive(str(model_files["torch_export"]), "torch_export", "m", 1)
     with pytest.raises(TypeError, match="inspect_archive"):
         load_module(forged)
+
+
+LOADERS = {"torch.jit.load", "torch.export.load", "torch.load", "pickle.load", "pickle.loads",
+           "torch._C._pickle_load_obj", "torch.jit._load_for_lite_interpreter", "load_pt2",
+           "torch.package.PackageImporter", "torch.serialization.load"}
+
+
+def _called_names(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            names.add(ast.unparse(node.func))
+    return names
+
+
+def test_only_the_model_loader_calls_a_torch_loader():
+    # Every format, now and later, must load through registry/model_loading.py, whose
+    # load_module takes only what inspect_archive returned.
+    root = Path(__file__).resolve().parent.parent
+    callers = sorted(
+        str(path.relative_to(root))
+        for folder in ("registry", "serving", "scaling", "swarm_portal", "dashboards", "bench")
+        for path in (root / folder).rglob("*.py")
+        if _called_names(path.read_text()) & LOADERS
+    )
+    assert callers == ["registry/model_loading.py"]
 
 
 # --- 2. the validation child's sandbox ----------------------------------------------------
