@@ -28,6 +28,7 @@ from registry.archive import ArchiveLimits
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 SANDBOX_USER = "nobody"
+NOBODY_ID = 65534
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 THREAD_LIMITS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -60,16 +61,24 @@ def sandbox_plan(euid: int, which: Callable[[str], str | None] = shutil.which,
         # Not root: no new network namespace or other user is possible without
         # privileges; the child still gets the minimal environment and limits.
         return SandboxPlan()
-    entry = pwd.getpwnam(user)
+    uid, gid = _user_ids(user)
     unshare, setpriv = which("unshare"), which("setpriv")
     if unshare and setpriv:
         # The namespace must be made while still root, then the user dropped: Popen's
         # user= drops before any preexec_fn, so two small exec wrappers do it in order.
         return SandboxPlan(
-            prefix=[unshare, "--net", "--", setpriv, f"--reuid={entry.pw_uid}",
-                    f"--regid={entry.pw_gid}", "--clear-groups", "--no-new-privs", "--"],
-            uid=entry.pw_uid, gid=entry.pw_gid, isolated_network=True)
-    return SandboxPlan(uid=entry.pw_uid, gid=entry.pw_gid, popen_user=True)
+            prefix=[unshare, "--net", "--", setpriv, f"--reuid={uid}", f"--regid={gid}",
+                    "--clear-groups", "--no-new-privs", "--"],
+            uid=uid, gid=gid, isolated_network=True)
+    return SandboxPlan(uid=uid, gid=gid, popen_user=True)
+
+
+def _user_ids(user: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:  # an image without a passwd entry: nobody's conventional ids
+        return NOBODY_ID, NOBODY_ID
+    return entry.pw_uid, entry.pw_gid
 
 
 def child_environment(home_dir: str, base: Mapping[str, str] | None = None) -> dict[str, str]:

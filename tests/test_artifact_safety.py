@@ -224,6 +224,8 @@ def test_the_sandbox_drops_root_and_the_network_but_asks_nothing_of_other_users(
     assert (kwargs["user"], kwargs["group"], kwargs["extra_groups"]) == (65534, 65534, [])
     assert kwargs["start_new_session"]
     assert sandbox_plan(1000).prefix == [] and sandbox_plan(1000).uid is None
+    unknown = sandbox_plan(0, which=lambda name: None, user="no-such-user-here")
+    assert (unknown.uid, unknown.gid) == (65534, 65534)
 
 
 PROBE = """
