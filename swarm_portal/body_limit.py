@@ -50,6 +50,13 @@ class BodySizeLimit:
                     await self._refuse(send)
                     await self._drain(receive, message)
                     return {"type": "http.disconnect"}
+                if received_bytes and not message.get("more_body"):
+                    # Django reads a body without Content-Length as empty: say so plainly
+                    # instead of letting a view complain about missing fields.
+                    refused = True
+                    await self._answer(send, 411, "send the body with a Content-Length "
+                                       "header (chunked request bodies are not supported)")
+                    return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: dict[str, Any]) -> None:
@@ -80,13 +87,15 @@ class BodySizeLimit:
         return None
 
     async def _refuse(self, send: Any) -> None:
-        body = json.dumps(
-            {"error": f"the request body exceeds the limit of {self.limit_bytes} bytes "
-                      "(MAX_UPLOAD_BYTES)"}
-        ).encode()
+        await self._answer(send, 413, f"the request body exceeds the limit of "
+                                      f"{self.limit_bytes} bytes (MAX_UPLOAD_BYTES)")
+
+    @staticmethod
+    async def _answer(send: Any, status: int, error: str) -> None:
+        body = json.dumps({"error": error}).encode()
         await send({
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),
                         (b"connection", b"close")],

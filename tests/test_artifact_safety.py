@@ -349,7 +349,8 @@ def test_validations_beyond_the_limit_answer_503_with_retry_after(
 # --- 4. a chunked upload over the limit ----------------------------------------------------
 
 @pytest.mark.django_db(transaction=True)
-def test_a_chunked_upload_over_the_limit_answers_413(operator, artifact_root, store):
+def test_a_chunked_upload_answers_413_over_the_limit_and_411_under_it(operator, artifact_root,
+                                                                       store):
     from knox.models import AuthToken
 
     from tests.conftest import free_port
@@ -362,19 +363,24 @@ def test_a_chunked_upload_over_the_limit_answers_413(operator, artifact_root, st
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"artifact\"; "
             f"filename=\"m.pt\"\r\n\r\n").encode()
 
-    def body():  # a generator: httpx sends it chunked, without Content-Length
-        yield head
-        for _ in range(3):
-            yield b"\0" * 1024**2
+    def post(size_bytes: int) -> httpx.Response:
+        def body():  # a generator: httpx sends it chunked, without Content-Length
+            yield head
+            for _ in range(size_bytes // 1024):
+                yield b"\0" * 1024
+            yield f"\r\n--{boundary}--\r\n".encode()
 
-    try:
-        response = httpx.post(
+        return httpx.post(
             f"{portal.url}/api/models/{model.name}/versions/", content=body(), timeout=60,
             headers={"Authorization": f"Token {token}",
                      "Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    try:
+        over, under = post(3 * 1024**2), post(2048)
     finally:
         portal.stop()
-    assert response.status_code == 413, response.text
-    assert "MAX_UPLOAD_BYTES" in response.json()["error"]
+    assert over.status_code == 413, over.text
+    assert "MAX_UPLOAD_BYTES" in over.json()["error"]
+    assert under.status_code == 411, under.text
+    assert "Content-Length" in under.json()["error"]
     assert store.staging_names() == set()
-
