@@ -137,6 +137,16 @@ class DatabaseTableSource:
         revision = await self.revision()
         return await _closing(build_route_table)(revision)
 
+    async def report_successes(self, latest_s_by_replica: dict[int, float]) -> None:
+        """Record when each replica last answered a request successfully (time.time()).
+
+        The offline sweep's evidence that a node whose heartbeats are late still serves.
+        Call it at most once a second, with the replicas that succeeded since the last
+        call: one cache write, never raises.
+        """
+        await sync_to_async(live.record_replica_successes,
+                            thread_sensitive=False)(latest_s_by_replica)
+
 
 def _session_user_active(session_key: str) -> bool:
     store: SessionBase = import_string(f"{settings.SESSION_ENGINE}.SessionStore")(session_key)

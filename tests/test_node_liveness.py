@@ -13,13 +13,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.core.cache import cache
 from django.test import Client
 from django.utils import timezone
 
 from serving import live, liveness, services
 from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
-from serving.gateway_source import build_route_table
+from serving.gateway_source import DatabaseTableSource, build_route_table
 from serving.liveness import LivenessLimits, NodeEvidence, SweepClock
 from serving.models import Node, NodeStatus, Replica, ReplicaState
 from tests.conftest import free_port
@@ -268,3 +269,22 @@ def test_a_cache_outage_is_a_503_then_unknown_not_missed(own_redis, join_secret)
     assert Node.objects.filter(status=NodeStatus.OFFLINE).count() == 0
     assert agent.post("/api/agent/heartbeat", body, content_type="application/json"
                       ).status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replicas_a_gateway_still_gets_answers_from_keep_their_node_in_service(
+        two_nodes_six_ready):
+    """The gateway reports successes through its table source; the sweep reads them."""
+    nodes, t0 = two_nodes_six_ready, two_nodes_six_ready["t0"]
+    a, b = nodes["a"], nodes["b"]
+    source = DatabaseTableSource()
+    grace_s = int(LIMITS.ready_grace_s)
+    for step in range(grace_s + 6):
+        at = t0 + timedelta(seconds=step)
+        beat(b, at)
+        async_to_sync(source.report_successes)({nodes["ready"][0].pk: at.timestamp()})
+        assert services.sweep_nodes(now=at) == []
+    # The gateway stops getting answers too: the node is gone one grace later.
+    last_served = t0 + timedelta(seconds=grace_s + 5)
+    gone = sweep_every_second(last_served + timedelta(seconds=1), grace_s + 1, beating=[b])
+    assert gone == [(grace_s, a.pk)]
