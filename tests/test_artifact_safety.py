@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -201,6 +202,17 @@ def test_only_the_model_loader_calls_a_torch_loader():
         if _called_names(path.read_text()) & LOADERS
     )
     assert callers == ["registry/model_loading.py"]
+
+
+def test_the_inspector_imports_neither_django_nor_torch():
+    # The replica imports it too, and the child runs it before importing torch.
+    code = ("import sys, registry.archive, registry.model_loading, registry.inspect_child;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'torch')))")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                            text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # --- 2. the validation child's sandbox ----------------------------------------------------
