@@ -78,7 +78,8 @@ class ModelRunner:
         try:
             archive = inspect_archive(self.artifact_path, declared_format=self.artifact_format)
         except ArchiveRefused as exc:
-            raise LoadError(f"the artifact {self.artifact_path} is refused: {exc}") from None
+            raise LoadError(f"the {self.artifact_format} artifact {self.artifact_path} could "
+                            f"not be loaded: the archive inspector refused it: {exc}") from None
         return load_module(archive, str(self.device))
 
     def _zeros(self, rows: int) -> list[np.ndarray]:
