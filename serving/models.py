@@ -6,8 +6,11 @@ ready); the per-second figures of heartbeats live in the cache (serving.live).
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 from registry.models import Model, ModelVersion
 
@@ -30,6 +33,23 @@ class JoinToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def status(self) -> str:
+        """Return "valid", or the first reason it no longer lets a node join."""
+        return credential_status(self.revoked_at, self.expires_at, self.uses_left)
+
+
+def credential_status(revoked_at: datetime | None, expires_at: datetime | None,
+                      uses_left: int | None = None) -> str:
+    """Return revoked, expired, used up or valid (revoked wins, then expired)."""
+    if revoked_at is not None:
+        return "revoked"
+    if expires_at is not None and expires_at <= timezone.now():
+        return "expired"
+    if uses_left is not None and uses_left <= 0:
+        return "used up"
+    return "valid"
 
 
 class NodeStatus(models.TextChoices):
@@ -221,3 +241,8 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def status(self) -> str:
+        """Return "valid", or why gateways refuse it: revoked or expired."""
+        return credential_status(self.revoked_at, self.expires_at)

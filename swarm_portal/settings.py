@@ -144,8 +144,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_SCHEMA_CLASS": "swarm_portal.openapi.PortalAutoSchema",
+    # One gate per kind of input (swarm_portal/api.py): JSON bodies only (the artifact
+    # upload view names multipart itself), bounded paging, checked query strings.
+    "DEFAULT_PARSER_CLASSES": ["swarm_portal.api.BoundedJSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "swarm_portal.api.BoundedPagination",
+    "DEFAULT_FILTER_BACKENDS": ["swarm_portal.api.QueryFilters"],
     "PAGE_SIZE": 100,
     "EXCEPTION_HANDLER": "swarm_portal.api.exception_handler",
 }
@@ -159,6 +163,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
+                             "swarm_portal.openapi.postprocess_schema"],
 }
 
 # API tokens: stored as digests (shown once at creation), `Authorization: Token swp_...`.

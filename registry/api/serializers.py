@@ -5,6 +5,10 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from registry.models import Alias, AliasMove, Model, ModelFormat, ModelVersion
+from swarm_portal.api import StrictModelSerializer, StrictSerializer
+
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_VERSION = 2**31 - 1  # the database's integer column
 
 
 class TensorSpecSerializer(serializers.Serializer):
@@ -18,7 +22,7 @@ class SignatureSerializer(serializers.Serializer):
     outputs = TensorSpecSerializer(many=True)
 
 
-class ModelSerializer(serializers.ModelSerializer):
+class ModelSerializer(StrictModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     latest_version = serializers.IntegerField(read_only=True, allow_null=True)
     aliases = serializers.SerializerMethodField()
@@ -27,15 +31,17 @@ class ModelSerializer(serializers.ModelSerializer):
         model = Model
         fields = ["name", "description", "owner", "created_at", "latest_version", "aliases"]
         read_only_fields = ["created_at"]
+        extra_kwargs = {"description": {"max_length": MAX_DESCRIPTION_CHARS}}
 
     def get_aliases(self, obj: Model) -> dict[str, int]:
         return {alias.name: alias.version.number for alias in obj.aliases.all()}
 
 
-class ModelUpdateSerializer(serializers.ModelSerializer):
+class ModelUpdateSerializer(StrictModelSerializer):
     class Meta:
         model = Model
         fields = ["description"]
+        extra_kwargs = {"description": {"max_length": MAX_DESCRIPTION_CHARS}}
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -74,8 +80,8 @@ class AliasSerializer(serializers.ModelSerializer):
         read_only_fields = ["name", "updated_at"]
 
 
-class AliasMoveRequestSerializer(serializers.Serializer):
-    version = serializers.IntegerField(min_value=1)
+class AliasMoveRequestSerializer(StrictSerializer):
+    version = serializers.IntegerField(min_value=1, max_value=MAX_VERSION)
 
 
 class AliasMoveSerializer(serializers.ModelSerializer):

@@ -10,7 +10,7 @@ from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -92,7 +92,7 @@ class ModelVersionViewSet(ModelScopedMixin, mixins.ListModelMixin, mixins.Retrie
     permission_classes = [IsOperatorOrReadOnly]
     serializer_class = ModelVersionSerializer
     lookup_field = "number"
-    lookup_value_regex = "[0-9]+"
+    lookup_value_regex = "[0-9]{1,9}"  # fits the integer column: longer is simply not found
     parser_classes = [MultiPartParser, FormParser]
 
     def get_queryset(self) -> QuerySet[ModelVersion]:
@@ -145,12 +145,13 @@ class AliasViewSet(ModelScopedMixin, viewsets.GenericViewSet):
     serializer_class = AliasSerializer
     lookup_field = "name"
     lookup_value_regex = "[-a-z0-9_]+"
-    parser_classes = [JSONParser, FormParser, MultiPartParser]
+    unpaged_actions = ("list",)  # PortalAutoSchema: documented as the plain list it is
 
     def get_queryset(self) -> QuerySet[Alias]:
         return Alias.objects.filter(model=self.get_model()).select_related("version")
 
     def list(self, request: Request, model_name: str) -> Response:
+        """Every alias of this model (a few per model: not paged)."""
         return Response(AliasSerializer(self.get_queryset(), many=True).data)
 
     def retrieve(self, request: Request, model_name: str, name: str) -> Response:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from scaling.models import ScalingEvent, ScalingPolicy
+from swarm_portal.api import StrictModelSerializer
 
 
-class ScalingPolicySerializer(serializers.ModelSerializer):
+class ScalingPolicySerializer(StrictModelSerializer):
     deployment = serializers.SlugRelatedField(slug_field="name", read_only=True)
 
     class Meta:

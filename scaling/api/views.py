@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -63,15 +62,11 @@ class ScalingPolicyView(APIView):
         return Response(ScalingPolicySerializer(policy).data)
 
 
-@extend_schema(parameters=[OpenApiParameter("deployment", str, description="a deployment name")])
 class ScalingEventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
                           viewsets.GenericViewSet):
     """Every change the auto-scaler made, newest first, with its reason and inputs."""
 
     permission_classes = [IsOperatorOrReadOnly]
     serializer_class = ScalingEventSerializer
-
-    def get_queryset(self) -> QuerySet[ScalingEvent]:
-        events = ScalingEvent.objects.select_related("deployment")
-        name = self.request.query_params.get("deployment")
-        return events.filter(deployment__name=name) if name else events
+    queryset = ScalingEvent.objects.select_related("deployment")
+    query_filters = {"deployment": "deployment__name"}

@@ -18,6 +18,10 @@ from serving.models import (
     Node,
     Replica,
 )
+from swarm_portal.api import StrictModelSerializer, StrictSerializer
+
+MAX_VERSION = 2**31 - 1  # the database's integer column
+MAX_MEMORY_BYTES = 2**50  # a petabyte: far beyond any GPU, well inside a bigint
 
 
 class GpuSerializer(serializers.ModelSerializer):
@@ -60,19 +64,28 @@ class NodeSerializer(serializers.ModelSerializer):
         return self._figures(node).get("at_s")
 
 
-class JoinTokenSerializer(serializers.ModelSerializer):
+MAX_TOKEN_HOURS = 10 * 366 * 24  # ten years: beyond that, "never expires" says it better
+MAX_USES = 1_000_000
+MAX_RATE_RPS = 1_000_000.0
+STATUS_HELP = "valid, or why it no longer works: expired, used up or revoked"
+
+
+class JoinTokenSerializer(StrictModelSerializer):
     created_by = serializers.CharField(source="created_by.username", read_only=True)
+    status = serializers.CharField(read_only=True, help_text=STATUS_HELP)
     expires_in_hours = serializers.FloatField(write_only=True, required=False, min_value=0.01,
+                                              max_value=MAX_TOKEN_HOURS,
                                               help_text="lifetime; empty: never expires")
     uses = serializers.IntegerField(write_only=True, required=False, min_value=1,
+                                    max_value=MAX_USES,
                                     help_text="how many nodes may join; empty: unlimited")
 
     class Meta:
         model = JoinToken
         fields = ["id", "name", "prefix", "created_by", "created_at", "expires_at", "uses_left",
-                  "revoked_at", "expires_in_hours", "uses"]
+                  "revoked_at", "status", "expires_in_hours", "uses"]
         read_only_fields = ["id", "prefix", "created_by", "created_at", "expires_at",
-                            "uses_left", "revoked_at"]
+                            "uses_left", "revoked_at", "status"]
 
 
 class JoinTokenCreatedSerializer(JoinTokenSerializer):
@@ -108,16 +121,17 @@ class DeploymentSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class DeploymentCreateSerializer(serializers.Serializer):
+class DeploymentCreateSerializer(StrictSerializer):
     name = serializers.SlugField(max_length=100)
     model = serializers.SlugField(max_length=100)
-    version = serializers.IntegerField(min_value=1, required=False)
+    version = serializers.IntegerField(min_value=1, max_value=MAX_VERSION, required=False)
     alias = serializers.CharField(max_length=63, required=False, default="")
     replicas = serializers.IntegerField(min_value=0, max_value=256, default=1)
     max_batch_size = serializers.IntegerField(min_value=1, max_value=4096, default=8)
     max_queue_delay_ms = serializers.FloatField(min_value=0.0, max_value=10_000.0, default=2.0)
     device = serializers.ChoiceField(choices=DevicePreference.choices, default="auto")
-    memory_bytes = serializers.IntegerField(min_value=1, default=512 * 1024**2)
+    memory_bytes = serializers.IntegerField(min_value=1, max_value=MAX_MEMORY_BYTES,
+                                            default=512 * 1024**2)
     threads = serializers.IntegerField(min_value=1, max_value=256, default=1)
     policy = serializers.ChoiceField(choices=BalancingPolicy.choices, default="p2c_ewma")
     max_in_flight_per_replica = serializers.IntegerField(min_value=1, max_value=100_000,
@@ -126,12 +140,13 @@ class DeploymentCreateSerializer(serializers.Serializer):
     request_timeout_s = serializers.FloatField(min_value=0.01, max_value=3600.0, default=30.0)
 
 
-class DeploymentUpdateSerializer(serializers.Serializer):
+class DeploymentUpdateSerializer(StrictSerializer):
     """A partial change: versions, weights or settings (each change is a revision)."""
 
-    version = serializers.IntegerField(min_value=1, required=False)
+    version = serializers.IntegerField(min_value=1, max_value=MAX_VERSION, required=False)
     alias = serializers.CharField(max_length=63, required=False, allow_blank=True)
-    traffic = serializers.DictField(child=serializers.FloatField(min_value=0), required=False,
+    traffic = serializers.DictField(child=serializers.FloatField(min_value=0, max_value=1e6),
+                                    required=False,
                                     help_text='canary split {"<version>": weight}; {}: none')
     replicas = serializers.IntegerField(min_value=0, max_value=256, required=False)
     max_batch_size = serializers.IntegerField(min_value=1, max_value=4096, required=False)
@@ -155,28 +170,32 @@ class RevisionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class RollbackSerializer(serializers.Serializer):
-    revision = serializers.IntegerField(min_value=1)
+class RollbackSerializer(StrictSerializer):
+    revision = serializers.IntegerField(min_value=1, max_value=MAX_VERSION)
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
     created_by = serializers.CharField(source="created_by.username", read_only=True)
     deployments = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
+    status = serializers.CharField(read_only=True, help_text=STATUS_HELP)
 
     class Meta:
         model = ApiKey
         fields = ["id", "name", "prefix", "deployments", "all_deployments", "rate_limit_rps",
-                  "burst", "expires_at", "revoked_at", "created_by", "created_at"]
+                  "burst", "expires_at", "revoked_at", "status", "created_by", "created_at"]
         read_only_fields = fields
 
 
-class ApiKeyCreateSerializer(serializers.Serializer):
+class ApiKeyCreateSerializer(StrictSerializer):
     name = serializers.CharField(max_length=100)
-    deployments = serializers.ListField(child=serializers.SlugField(), required=False,
+    deployments = serializers.ListField(child=serializers.SlugField(max_length=100),
+                                        required=False, max_length=1000,
                                         help_text="names; leave out for every deployment")
-    expires_in_hours = serializers.FloatField(min_value=0.0001, required=False)
-    rate_limit_rps = serializers.FloatField(min_value=0.001, required=False)
-    burst = serializers.IntegerField(min_value=0, default=0)
+    expires_in_hours = serializers.FloatField(min_value=0.0001, max_value=MAX_TOKEN_HOURS,
+                                              required=False)
+    rate_limit_rps = serializers.FloatField(min_value=0.001, max_value=MAX_RATE_RPS,
+                                            required=False)
+    burst = serializers.IntegerField(min_value=0, max_value=MAX_USES, default=0)
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):
@@ -187,5 +206,5 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
         read_only_fields = fields
 
 
-class ScaleSerializer(serializers.Serializer):
+class ScaleSerializer(StrictSerializer):
     replicas = serializers.IntegerField(min_value=0, max_value=256)

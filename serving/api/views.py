@@ -112,6 +112,7 @@ class DeploymentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
         changes = dict(body.validated_data)
         if "alias" in changes:
             changes["alias_name"] = changes.pop("alias")
+        # A change to what it already is records no revision (do_update_deployment).
         services.do_update_deployment(self.get_object(), changes, request.user,
                                       reason="changed: " + ", ".join(sorted(changes)))
         return self._reply(name)
@@ -171,11 +172,8 @@ class ReplicaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     """Replicas (read-only): where each runs and in which state. ?deployment=name filters."""
 
     serializer_class = ReplicaSerializer
-
-    def get_queryset(self) -> QuerySet[Replica]:
-        replicas = Replica.objects.select_related("deployment", "version", "node")
-        name = self.request.query_params.get("deployment")
-        return replicas.filter(deployment__name=name) if name else replicas
+    queryset = Replica.objects.select_related("deployment", "version", "node")
+    query_filters = {"deployment": "deployment__name"}
 
 
 class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

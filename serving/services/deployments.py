@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -11,11 +12,13 @@ from registry.models import Alias, Model, ModelVersion
 from serving import live
 from serving.models import Deployment
 from serving.services.reconcile import delete_if_drained, reconcile_deployment
-from serving.services.revisions import SPEC_FIELDS, record_revision
+from serving.services.revisions import SPEC_FIELDS, record_revision, spec_of
 from swarm_portal.errors import Conflict, NotFound, ServiceError
 
 log = logging.getLogger(__name__)
 MAX_REPLICAS = 256
+MAX_TRAFFIC_VERSIONS = 64  # each gets its own replicas: more is a mistake
+VERSION_NUMBER = re.compile(r"[0-9]{1,9}")
 
 
 def resolve_version(model: Model, version_number: int | None, alias_name: str) -> ModelVersion:
@@ -61,10 +64,13 @@ def check_traffic(deployment: Deployment, traffic: Any) -> dict[str, float]:
     """Return a clean {"<version>": weight} split, or raise a 400 that says what is wrong."""
     if not isinstance(traffic, dict):
         raise ServiceError('traffic must be an object {"<version>": weight}')
+    if len(traffic) > MAX_TRAFFIC_VERSIONS:
+        raise ServiceError(f"traffic: at most {MAX_TRAFFIC_VERSIONS} versions")
     clean: dict[str, float] = {}
     for number, weight in traffic.items():
-        if not str(number).isdigit():
-            raise ServiceError(f"traffic: {number!r} is not a version number")
+        # ASCII digits only, and few: "²".isdigit() is True, and a long one overflows SQL.
+        if not VERSION_NUMBER.fullmatch(str(number)):
+            raise ServiceError(f"traffic: {str(number)[:20]!r} is not a version number")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ServiceError(f"traffic: the weight of version {number} must be >= 0")
         clean[str(int(number))] = float(weight)
@@ -80,11 +86,18 @@ def check_traffic(deployment: Deployment, traffic: Any) -> dict[str, float]:
 
 def do_update_deployment(deployment: Deployment, changes: dict[str, Any], user: Any,
                          reason: str = "updated") -> Deployment:
-    """Change versions, weights or settings; record a revision; roll replicas over."""
+    """Change versions, weights or settings; record a revision; roll replicas over.
+
+    A change to what the deployment already is records no revision and touches nothing:
+    the history lists only real changes.
+    """
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().select_related("model").get(
             pk=deployment.pk)
+        before = spec_of(deployment)
         _apply_changes(deployment, dict(changes))
+        if spec_of(deployment) == before:
+            return deployment
         deployment.save()
         record_revision(deployment, reason, user)
     reconcile_deployment(deployment.pk)

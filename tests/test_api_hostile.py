@@ -1,0 +1,308 @@
+"""Hostile input to the management API and the WebSocket router: a clear 4xx, never a 500."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from serving import services
+from serving.models import ApiKey, DeploymentRevision, JoinToken
+from swarm_portal.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HUGE_INT = "394273133719593723610791936"
+LIST_ENDPOINTS = ["/api/models/", "/api/nodes/", "/api/join-tokens/", "/api/deployments/",
+                  "/api/replicas/", "/api/api-keys/", "/api/scaling-events/",
+                  "/api/models/mlp/versions/", "/api/models/mlp/alias-history/",
+                  "/api/deployments/mlp/revisions/", "/api/models/mlp/aliases/prod/history/"]
+
+
+def error_of(response) -> str:
+    """Return the {"error": ...} message of a 4xx, failing on any other shape."""
+    assert 400 <= response.status_code < 500, (response.status_code, response.content[:300])
+    body = response.json()
+    assert isinstance(body.get("error"), str) and body["error"], body
+    return body["error"]
+
+
+@pytest.fixture
+def deployment(served_deployment, model, operator):
+    from registry import services as registry_services
+
+    registry_services.do_move_alias(model=model, alias_name="prod",
+                                    version=served_deployment.version, user=operator)
+    return served_deployment
+
+
+# --- WebSockets ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/ws/nope/", "/", "/ws/overview/extra", "/v2/ws"])
+async def test_an_unknown_websocket_path_is_refused_without_an_exception(path):
+    socket = WebsocketCommunicator(application, path, headers=[(b"host", b"localhost"), (b"origin", b"http://localhost")])
+    connected, code = await socket.connect(timeout=5)
+    assert not connected
+    assert code in (403, 4404, 1000)
+    await socket.disconnect()
+
+
+# --- pagination ----------------------------------------------------------------------------
+
+BAD_PAGING = [f"limit={HUGE_INT}", f"offset={HUGE_INT}", "limit=-1", "limit=abc", "offset=1.5",
+              "limit=0x10", "limit=%00", "limit=1001", "limit=0", "offset=-1"]
+
+
+def test_every_list_endpoint_refuses_a_bad_limit_or_offset(operator_api, deployment):
+    wrong = {}
+    for endpoint in LIST_ENDPOINTS:
+        for query in BAD_PAGING:
+            response = operator_api.get(f"{endpoint}?{query}")
+            if response.status_code != 400 or query.split("=")[0] not in error_of(response):
+                wrong[f"{endpoint}?{query}"] = response.status_code
+    assert wrong == {}
+
+
+def test_every_list_endpoint_pages_within_its_maximum(operator_api, deployment):
+    for endpoint in LIST_ENDPOINTS:
+        response = operator_api.get(f"{endpoint}?limit=1000&offset=0")
+        assert response.status_code == 200, (endpoint, response.content)
+        assert "results" in response.json()
+        assert operator_api.get(f"{endpoint}?limit=1&offset=1000000000").status_code == 200
+
+
+# --- query filters -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["%00", "a%00b", "%1b[31m", "x" * 1000])
+def test_query_filters_refuse_control_characters_and_long_values(operator_api, deployment,
+                                                                 value):
+    for endpoint in ["/api/scaling-events/", "/api/replicas/"]:
+        message = error_of(operator_api.get(f"{endpoint}?deployment={value}"))
+        assert "deployment" in message
+
+
+def test_a_query_filter_still_filters(operator_api, deployment):
+    hits = operator_api.get("/api/replicas/?deployment=mlp").json()["results"]
+    misses = operator_api.get("/api/replicas/?deployment=other").json()["results"]
+    assert hits and all(replica["deployment"] == "mlp" for replica in hits)
+    assert misses == []
+
+
+def test_any_query_parameter_with_a_nul_is_refused(operator_api, deployment):
+    assert "q" in error_of(operator_api.get("/api/nodes/?q=%00"))
+
+
+# --- numbers -------------------------------------------------------------------------------
+
+NUMBERS_OUT_OF_BOUNDS = [
+    ("/api/join-tokens/", {"name": "x", "expires_in_hours": 1e300}),
+    ("/api/join-tokens/", {"name": "x", "uses": int(HUGE_INT)}),
+    ("/api/api-keys/", {"name": "x", "expires_in_hours": 1e300}),
+    ("/api/api-keys/", {"name": "x", "rate_limit_rps": 1e300}),
+    ("/api/api-keys/", {"name": "x", "burst": int(HUGE_INT)}),
+    ("/api/deployments/", {"name": "big", "model": "mlp", "version": int(HUGE_INT)}),
+    ("/api/deployments/", {"name": "big", "model": "mlp", "version": 1,
+                           "memory_bytes": int(HUGE_INT)}),
+    ("/api/deployments/mlp/rollback/", {"revision": int(HUGE_INT)}),
+]
+
+
+def test_numbers_out_of_bounds_are_refused(operator_api, deployment):
+    for endpoint, body in NUMBERS_OUT_OF_BOUNDS:
+        response = operator_api.post(endpoint, body, format="json")
+        assert response.status_code == 400, (endpoint, body, response.content[:200])
+        error_of(response)
+
+
+def test_deployment_changes_and_alias_moves_out_of_bounds_are_refused(operator_api,
+                                                                     deployment):
+    for body in ({"version": int(HUGE_INT)}, {"traffic": {HUGE_INT: 1}}, {"traffic": {"²": 1}},
+                 {"traffic": {str(n): 1 for n in range(1, 100)}}):
+        response = operator_api.patch("/api/deployments/mlp/", body, format="json")
+        assert response.status_code == 400, (body, response.content[:200])
+    response = operator_api.patch("/api/deployments/mlp/", '{"traffic": {"1": 1e400}}',
+                                  content_type="application/json")
+    assert "too large" in error_of(response)
+    response = operator_api.put("/api/models/mlp/aliases/prod/", {"version": int(HUGE_INT)},
+                                format="json")
+    assert response.status_code == 400
+    assert DeploymentRevision.objects.count() == 1
+
+
+def test_a_huge_id_in_the_path_is_not_found(operator_api, deployment):
+    for path in [f"/api/models/mlp/versions/{HUGE_INT}/",
+                 f"/api/models/mlp/versions/{HUGE_INT}/artifact",
+                 f"/api/nodes/{HUGE_INT}/", f"/api/join-tokens/{HUGE_INT}/",
+                 f"/api/scaling-events/{HUGE_INT}/", f"/api/replicas/{HUGE_INT}/"]:
+        assert operator_api.get(path).status_code == 404, path
+
+
+# --- bodies --------------------------------------------------------------------------------
+
+NOT_JSON = [
+    ("patch", "/api/deployments/mlp/", {"replicas": 3}),
+    ("post", "/api/deployments/mlp/rollback/", {"revision": 1}),
+    ("post", "/api/deployments/mlp/scale/", {"replicas": 3}),
+    ("post", "/api/join-tokens/", {"name": "x"}),
+    ("put", "/api/models/mlp/aliases/prod/", {"version": 1}),
+    ("patch", "/api/models/mlp/", {"description": "x"}),
+    ("put", "/api/deployments/mlp/policy/", {"max_replicas": 2}),
+    ("post", "/api/api-keys/", {"name": "x"}),
+    ("post", "/api/deployments/", {"name": "d2", "model": "mlp", "version": 1}),
+    ("post", "/api/models/", {"name": "m2"}),
+]
+
+
+@pytest.mark.parametrize("form", ["multipart", "urlencoded", "text"])
+def test_a_body_that_is_not_json_is_refused_with_415(operator_api, deployment, form):
+    for method, endpoint, body in NOT_JSON:
+        send = getattr(operator_api, method)
+        if form == "multipart":
+            response = send(endpoint, body, format="multipart")
+        elif form == "urlencoded":
+            response = send(endpoint, "&".join(f"{k}={v}" for k, v in body.items()),
+                            content_type="application/x-www-form-urlencoded")
+        else:
+            response = send(endpoint, str(body), content_type="text/plain")
+        assert response.status_code == 415, (method, endpoint, response.content[:200])
+        assert "media type" in error_of(response)
+    assert DeploymentRevision.objects.count() == 1
+
+
+UNKNOWN_FIELDS = [
+    ("patch", "/api/deployments/mlp/", {"replicas": 1, "replicaz": 3}),
+    ("post", "/api/deployments/mlp/rollback/", {"revision": 1, "force": True}),
+    ("post", "/api/deployments/mlp/scale/", {"replicas": 1, "why": "x"}),
+    ("post", "/api/join-tokens/", {"name": "x", "usess": 1}),
+    ("post", "/api/join-tokens/", {"name": "x", "uses_left": 1}),
+    ("post", "/api/api-keys/", {"name": "x", "rate_limit": 1}),
+    ("post", "/api/deployments/", {"name": "d2", "model": "mlp", "version": 1, "gpu": 1}),
+    ("put", "/api/models/mlp/aliases/prod/", {"version": 1, "pin": True}),
+    ("patch", "/api/models/mlp/", {"description": "x", "owner": "someone"}),
+    ("post", "/api/models/", {"name": "m2", "colour": "red"}),
+    ("put", "/api/deployments/mlp/policy/", {"max_replicas": 2, "min_replica": 1}),
+    ("patch", "/api/deployments/mlp/policy/", {"max_replica": 2}),
+]
+KNOWN = {"replicas", "revision", "name", "model", "version", "description", "max_replicas",
+         "min_replicas"}
+
+
+def test_unknown_and_read_only_fields_are_refused(operator_api, deployment):
+    for method, endpoint, body in UNKNOWN_FIELDS:
+        response = getattr(operator_api, method)(endpoint, body, format="json")
+        assert response.status_code == 400, (method, endpoint, response.content[:200])
+        unknown = (set(body) - KNOWN).pop()
+        assert unknown in error_of(response)
+        assert response.json()["fields"][unknown][0] in ("unknown field", "read-only field")
+    assert DeploymentRevision.objects.count() == 1
+    assert operator_api.get("/api/models/m2/").status_code == 404
+
+
+def test_a_json_body_that_is_not_an_object_is_refused(operator_api, deployment):
+    for method, endpoint, _body in NOT_JSON:
+        for body in ["[1, 2]", '"text"', "3", "null", "{", "NaN", '{"replicas": Infinity}']:
+            response = getattr(operator_api, method)(endpoint, body,
+                                                     content_type="application/json")
+            assert response.status_code == 400, (method, endpoint, body, response.content)
+            error_of(response)
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_json_is_refused(operator_api, deployment, depth):
+    body = '{"traffic": ' + "[" * depth + "]" * depth + "}"
+    response = operator_api.patch("/api/deployments/mlp/", body,
+                                  content_type="application/json")
+    assert "deep" in error_of(response)
+
+
+HUGE_NAMES = [
+    ("/api/join-tokens/", {"name": "x" * 101}),
+    ("/api/api-keys/", {"name": "x" * 101}),
+    ("/api/models/", {"name": "m" * 101}),
+    ("/api/deployments/", {"name": "d" * 101, "model": "mlp", "version": 1}),
+    ("/api/join-tokens/", {"name": "a\x00b"}),
+    ("/api/models/", {"name": "a\x00b"}),
+    ("/api/models/", {"name": "m3", "description": "d" * 10_001}),
+]
+
+
+def test_huge_or_nul_strings_in_names_are_refused(operator_api, deployment):
+    for endpoint, body in HUGE_NAMES:
+        response = operator_api.post(endpoint, body, format="json")
+        assert response.status_code == 400, (endpoint, response.content[:200])
+        assert set(response.json()["fields"]) <= {"name", "description"}
+
+
+# --- revisions -----------------------------------------------------------------------------
+
+def test_a_change_that_changes_nothing_records_no_revision(operator_api, deployment):
+    before = list(DeploymentRevision.objects.values_list("number", flat=True))
+    for body in ({}, {"replicas": deployment.replicas}):
+        response = operator_api.patch("/api/deployments/mlp/", body, format="json")
+        assert response.status_code == 200, response.content
+        assert response.json()["replicas"] == deployment.replicas
+    assert list(DeploymentRevision.objects.values_list("number", flat=True)) == before
+    assert not DeploymentRevision.objects.filter(reason__in=["changed: ", "changed:"]).exists()
+
+
+def test_a_real_change_records_one_revision_naming_it(operator_api, deployment):
+    response = operator_api.patch("/api/deployments/mlp/", {"max_batch_size": 4}, format="json")
+    assert response.status_code == 200
+    latest = DeploymentRevision.objects.order_by("-number").first()
+    assert latest.reason == "changed: max_batch_size"
+
+
+def test_the_update_service_records_nothing_for_an_empty_change(deployment, operator):
+    before = DeploymentRevision.objects.count()
+    services.do_update_deployment(deployment, {}, operator, reason="changed: ")
+    services.do_update_deployment(deployment, {"replicas": deployment.replicas}, operator)
+    assert DeploymentRevision.objects.count() == before
+
+
+# --- token status --------------------------------------------------------------------------
+
+def make_join_token(operator, **fields) -> JoinToken:
+    token, _secret = services.do_create_join_token(name="make run: local workers", user=operator,
+                                                   expires_in=timedelta(minutes=10), uses=1)
+    JoinToken.objects.filter(pk=token.pk).update(**fields)
+    token.refresh_from_db()
+    return token
+
+
+@pytest.mark.parametrize(("fields", "status"), [
+    ({}, "valid"),
+    ({"uses_left": 0}, "used up"),
+    ({"expires_at": timezone.now() - timedelta(seconds=1)}, "expired"),
+    ({"uses_left": 0, "expires_at": timezone.now() - timedelta(seconds=1)}, "expired"),
+    ({"revoked_at": timezone.now(), "uses_left": 0}, "revoked"),
+])
+def test_a_join_tokens_status_is_shown_truly_in_the_api_and_the_access_page(
+        operator, operator_api, fields, status):
+    token = make_join_token(operator, **fields)
+    assert token.status == status
+    listed = operator_api.get(f"/api/join-tokens/{token.pk}/").json()
+    assert listed["status"] == status
+    page = APIClient()
+    page.force_login(operator)
+    html = page.get("/access/").content.decode()
+    row = html.split('id="join-tokens"')[1].split("</table>")[0]
+    assert f"<td>{status}</td>" in row
+    if status != "valid":
+        assert "<td>valid</td>" not in row
+
+
+@pytest.mark.parametrize(("fields", "status"), [
+    ({}, "valid"),
+    ({"expires_at": timezone.now() - timedelta(seconds=1)}, "expired"),
+    ({"revoked_at": timezone.now()}, "revoked"),
+])
+def test_an_api_keys_status_is_shown_truly(operator, operator_api, fields, status):
+    key, _secret = services.do_create_api_key(name="k", user=operator, deployments=None,
+                                              expires_in=None, rate_limit_rps=None)
+    ApiKey.objects.filter(pk=key.pk).update(**fields)
+    key.refresh_from_db()
+    assert key.status == status
+    assert operator_api.get(f"/api/api-keys/{key.pk}/").json()["status"] == status
