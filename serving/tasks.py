@@ -9,7 +9,8 @@ from serving import services
 
 @shared_task(ignore_result=True, acks_late=False)
 def sweep_nodes() -> list[int]:
-    """Mark nodes offline after missed heartbeats and move their replicas."""
+    """Mark nodes offline when the evidence says they are gone (see serving.liveness);
+    their ready replicas serve until replacements are ready elsewhere."""
     return services.sweep_nodes()
 
 
