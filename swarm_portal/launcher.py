@@ -1,33 +1,47 @@
 """`make run`: the embedded default, supervised: portal, Celery (worker + beat), local workers.
 
 Embedded default: SQLite and files under var/, no external server. A SECRET_KEY is
-generated once into var/secret_key so sessions survive restarts. Celery uses its
-filesystem broker, so the scheduler runs the same tasks as in production. The local
-GPU-server provider (scaling/providers/local.py) runs the worker agents: the launcher
-starts LOCAL_FLEET_MIN_NODES of them at once, so the demo deployment is served before
-the auto-scaler's first tick, and the auto-scaler adds or releases more within bounds.
+generated once into var/secret_key so sessions survive restarts. Celery's broker is a
+SQLite file (swarm_portal/broker.py), so the scheduler runs the same tasks as in
+production. The local GPU-server provider (scaling/providers/local.py) runs the
+worker agents: the launcher starts LOCAL_FLEET_MIN_NODES of them at once, so the demo
+deployment is served before the auto-scaler's first tick, and the auto-scaler adds or
+releases more within bounds.
 They join with a short-lived token (later runs reuse their stored credentials). With
 SCALING_PROVIDER=static the launcher starts two fixed workers itself, as before.
-Ctrl-C stops everything; the workers drain their replicas first.
+The launcher supervises its children (swarm_portal/supervisor.py): one that dies is
+restarted, with back-off. Ctrl-C or SIGTERM stops everything; the workers drain first.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from scaling.providers.local import LocalProcessProvider
+from scaling.providers.local import JOIN_TOKEN_ENV, LocalProcessProvider
+from swarm_portal import broker
 from swarm_portal.env import env_int
+from swarm_portal.supervisor import ChildSpec, Supervisor
+
+log = logging.getLogger("swarm_portal.launcher")
 
 ROOT = Path(__file__).resolve().parent.parent
 # With SCALING_PROVIDER=static only: fixed workers, started and stopped with the launcher.
 LOCAL_WORKERS = (("local-1", "9100-9149"), ("local-2", "9150-9199"))
 WORKER_STOP_S = 40.0  # a worker drains its replicas (30 s grace) before it exits
+CELERY_STOP_S = 20.0  # a warm shutdown finishes the task at hand
+PORTAL_STOP_S = 15.0  # uvicorn finishes the requests in flight
+PORTAL, CELERY = "portal", "celery"
+STEP_S = 0.2
+BROKER_PRUNE_EVERY_S = 60.0
+BROKER_KEEP_DELIVERED_S = 600.0
 
 
 def _secret_key(var_dir: Path) -> str:
@@ -51,8 +65,7 @@ def embedded_environment() -> dict[str, str]:
     env.setdefault("SCALING_PROVIDER", "local")
     env.setdefault("LOCAL_FLEET_PORTAL_URL", _portal_url(env.get("SWARM_HOST", "127.0.0.1"),
                                                          env.get("SWARM_PORT", "8000")))
-    for folder in ("celery/queue", "celery/processed"):
-        (var_dir / folder).mkdir(parents=True, exist_ok=True)
+    (var_dir / "celery").mkdir(parents=True, exist_ok=True)
     return env
 
 
@@ -75,23 +88,30 @@ def _prepare(env: dict[str, str]) -> None:
     print(_manage(env, "ensure_demo_policy"), end="", flush=True)
 
 
-def _worker_command(env: dict[str, str], portal_url: str, name: str, ports: str) -> list[str]:
+def _fixed_worker_spec(env: dict[str, str], name: str, ports: str, token: str) -> ChildSpec:
     cache_dir = Path(env["SWARM_VAR_DIR"]) / "workers" / name
-    return [sys.executable, "-m", "serving.agent.cli", "--portal", portal_url,
-            "--name", name, "--port-range", ports, "--cache-dir", str(cache_dir)]
+    command = [sys.executable, "-m", "serving.agent.cli", "--portal",
+               env["LOCAL_FLEET_PORTAL_URL"], "--name", name, "--port-range", ports,
+               "--cache-dir", str(cache_dir)]
+    # The token in the environment, never on the command line (`ps` shows that to all).
+    worker_env = {**env, JOIN_TOKEN_ENV: token} if token else env
+    return ChildSpec(name, command, ROOT, worker_env, stop_timeout_s=WORKER_STOP_S)
 
 
-def _start_all(env: dict[str, str], host: str, port: str) -> list[subprocess.Popen[bytes]]:
-    """Start the portal and Celery; return them (Celery second)."""
+def _child_specs(env: dict[str, str], host: str, port: str) -> list[ChildSpec]:
+    """Return the portal and Celery (the fixed workers too with SCALING_PROVIDER=static)."""
     python = sys.executable
     portal = [python, "-m", "uvicorn", "swarm_portal.asgi:application", "--host", host,
               "--port", port, "--no-server-header", "--no-access-log"]
     celery = [python, "-m", "celery", "-A", "swarm_portal", "worker", "--beat",
               "--concurrency", "1", "--loglevel", "WARNING",
               "--schedule", str(Path(env["SWARM_VAR_DIR"]) / "celery" / "beat-schedule")]
-    # Own sessions: Ctrl-C reaches only this supervisor, which stops the children in order.
-    return [subprocess.Popen(portal, cwd=ROOT, env=env, start_new_session=True),
-            subprocess.Popen(celery, cwd=ROOT, env=env, start_new_session=True)]
+    specs = [ChildSpec(PORTAL, portal, ROOT, env, stop_timeout_s=PORTAL_STOP_S),
+             ChildSpec(CELERY, celery, ROOT, env, stop_timeout_s=CELERY_STOP_S)]
+    if env["SCALING_PROVIDER"] != "local":
+        token = _manage(env, "local_join_token", "--uses", str(len(LOCAL_WORKERS))).strip()
+        specs += [_fixed_worker_spec(env, name, ports, token) for name, ports in LOCAL_WORKERS]
+    return specs
 
 
 def local_fleet(env: dict[str, str]) -> LocalProcessProvider:
@@ -111,17 +131,8 @@ def _start_local_fleet(env: dict[str, str]) -> None:
         print(f"started {', '.join(started)} (logs in {fleet.fleet_dir})", flush=True)
 
 
-def _start_fixed_workers(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
-    """Start local-1 and local-2 as children: the static provider adds nothing itself."""
-    token = _manage(env, "local_join_token", "--uses", str(len(LOCAL_WORKERS))).strip()
-    # The token goes in the environment: a command line is readable by every user (ps).
-    worker_env = {**env, "SWARM_JOIN_TOKEN": token} if token else env
-    return [subprocess.Popen(_worker_command(env, env["LOCAL_FLEET_PORTAL_URL"], name, ports),
-                             cwd=ROOT, env=worker_env, start_new_session=True)
-            for name, ports in LOCAL_WORKERS]
-
-
-def _supervise(env: dict[str, str], children: list[subprocess.Popen[bytes]]) -> int:
+def _supervise(env: dict[str, str], supervisor: Supervisor) -> int:
+    """Restart what dies until SIGINT or SIGTERM; then stop everything, in order."""
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -130,33 +141,34 @@ def _supervise(env: dict[str, str], children: list[subprocess.Popen[bytes]]) -> 
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    while not stopping and all(child.poll() is None for child in children):
-        time.sleep(0.2)
-    failed = [child.args for child in children if child.poll() not in (None, 0)]
-    portal, celery, fixed_workers = children[0], children[1], children[2:]
-    # Celery first, so that no auto-scaler tick starts a worker while we stop them; then
-    # the workers, while the portal still answers: they drain, then deregister.
-    _stop_group([celery])
-    if env["SCALING_PROVIDER"] == "local":
-        local_fleet(env).stop_all(timeout_s=WORKER_STOP_S)
-    _stop_group(fixed_workers)
-    _stop_group([portal])
-    if failed and not stopping:
-        print(f"stopped because a process exited: {failed[0]}", file=sys.stderr)
-        return 1
+    broker_file = broker.broker_file(Path(env["SWARM_VAR_DIR"]))
+    next_prune_s = 0.0
+    while not stopping:
+        supervisor.step()
+        if time.monotonic() >= next_prune_s:
+            _prune_broker(broker_file)
+            next_prune_s = time.monotonic() + BROKER_PRUNE_EVERY_S
+        time.sleep(STEP_S)
+    _shut_down(env, supervisor)
     return 0
 
 
-def _stop_group(group: list[subprocess.Popen[bytes]]) -> None:
-    for child in group:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in group:
-        try:
-            child.wait(timeout=WORKER_STOP_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+def _prune_broker(broker_file: Path) -> None:
+    try:
+        broker.prune_delivered(broker_file, older_than_s=BROKER_KEEP_DELIVERED_S)
+    except sqlite3.Error as error:  # busy for 30 s: try again next time
+        log.warning("could not prune the broker's delivered messages: %s", error)
+
+
+def _shut_down(env: dict[str, str], supervisor: Supervisor) -> None:
+    # Celery first, so that no auto-scaler tick starts a worker while we stop them; then
+    # the workers, while the portal still answers: they drain, then deregister.
+    print("stopping: Celery, then the workers (they drain), then the portal", flush=True)
+    supervisor.stop([CELERY])
+    if env["SCALING_PROVIDER"] == "local":
+        local_fleet(env).stop_all(timeout_s=WORKER_STOP_S)
+    supervisor.stop([name for name, _ports in LOCAL_WORKERS if name in supervisor.children])
+    supervisor.stop([PORTAL])
 
 
 def main() -> None:
@@ -167,15 +179,15 @@ def main() -> None:
         os.execvpe(sys.executable, command, env)  # noqa: S606
     host = env.get("SWARM_HOST", "127.0.0.1")
     port = env.get("SWARM_PORT", "8000")
+    logging.basicConfig(level=logging.INFO, format="launcher: %(message)s")
     _prepare(env)
-    children = _start_all(env, host, port)
+    supervisor = Supervisor(_child_specs(env, host, port))
+    supervisor.start_all()
     if env["SCALING_PROVIDER"] == "local":
         _start_local_fleet(env)
-    else:
-        children += _start_fixed_workers(env)
     print(f"Swarm Portal: http://{host}:{port}/  (log in as admin; Ctrl-C stops everything)",
           flush=True)
-    sys.exit(_supervise(env, children))
+    sys.exit(_supervise(env, supervisor))
 
 
 if __name__ == "__main__":

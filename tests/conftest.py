@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,27 @@ def served_deployment(gpu_node, model, operator, model_files):
     return services.do_create_deployment(name="mlp", model=model, version_number=version.number,
                                          alias_name="", user=operator, replicas=1,
                                          memory_bytes=1024**3)
+
+
+LEFTOVER_GRACE_S = 20.0  # a worker may still be draining when the last test ends
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind(tmp_path_factory):
+    """Fail the run loudly if its tests left processes running (and end them).
+
+    Every process a test starts carries the test's tmp_path on its command line or in its
+    environment (SWARM_VAR_DIR, ARTIFACT_ROOT, --cache-dir), under this session's base.
+    """
+    yield
+    from tests.process_tree import cmdline, kill_all, live_processes_mentioning
+
+    base = str(tmp_path_factory.getbasetemp())
+    deadline_s = time.monotonic() + LEFTOVER_GRACE_S
+    while (left := live_processes_mentioning(base, environment=True)) \
+            and time.monotonic() < deadline_s:
+        time.sleep(0.5)
+    if left:
+        described = "\n".join(f"  {pid}: {cmdline(pid)[:200]}" for pid in left)
+        kill_all(left)
+        pytest.fail(f"tests left {len(left)} processes running (now killed):\n{described}")

@@ -23,15 +23,25 @@ def cmdline(pid: int) -> str:
 def live_processes_mentioning(text: str, *, environment: bool = False) -> list[int]:
     """Return pids of live (non-zombie) processes whose command line (or environment, which
     children inherit: SWARM_VAR_DIR, ARTIFACT_ROOT) contains `text`."""
-    found = []
+    found, ours = [], ancestors()
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+        if not proc.name.isdigit() or int(proc.name) in ours:
             continue
         pid = int(proc.name)
         mentions = text in _read(pid, "cmdline") or (
             environment and text in _read(pid, "environ"))
         if mentions and processes.is_alive(pid):
             found.append(pid)
+    return found
+
+
+def ancestors() -> set[int]:
+    """Return this process and those it descends from (they mention what it was given)."""
+    found, pid = set(), os.getpid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        stat = _read(pid, "stat").rpartition(")")[2].split()
+        pid = int(stat[1]) if len(stat) > 1 else 0
     return found
 
 

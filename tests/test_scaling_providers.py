@@ -178,6 +178,24 @@ def test_stop_all_kills_workers_that_ignore_sigterm_after_the_deadline(tmp_path,
     assert list(provider.fleet_dir.glob("*.json")) == []
 
 
+def test_stop_all_also_stops_a_fleet_agent_that_has_no_state_file(fleet, tmp_path):
+    """A start cut short (Celery killed) between spawning a worker and recording it."""
+    command = fleet._command("local-9", "9500-9549")
+    pid = processes.spawn_detached(command, tmp_path / "local-9.log", cwd=tmp_path,
+                                   env=dict(os.environ))
+    argv_of(fleet, "local-9")
+    assert fleet.records() == []
+    outsider = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 "--cache-dir", str(tmp_path / "elsewhere")])
+    try:
+        fleet.stop_all(timeout_s=5)
+        assert not processes.is_alive(pid)
+        assert outsider.poll() is None  # not of this fleet
+    finally:
+        outsider.kill()
+        outsider.wait()
+
+
 def test_a_zombie_or_a_recycled_pid_counts_as_dead():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:

@@ -180,17 +180,16 @@ class LocalProcessProvider:
 
     def stop_all(self, timeout_s: float) -> None:
         """Stop every worker: SIGTERM, wait up to `timeout_s`, then SIGKILL what is left."""
-        records = self.records()
-        for record in records:
-            if record.stopping_since is None:
-                processes.send_signal(record.pid, signal.SIGTERM, record.start_ticks)
-        pids = {record.pid: record.start_ticks for record in records}
+        pids = {record.pid: record.start_ticks for record in self.records()}
+        # Also any agent of this fleet without a state file (a start cut short between
+        # spawning it and writing its record): found by its cache dir.
+        pids.update(processes.pids_mentioning(f"{self.workers_dir}{os.sep}"))
+        for pid, ticks in pids.items():
+            processes.send_signal(pid, signal.SIGTERM, ticks)
         left = processes.wait_for_exit(pids, timeout_s)
-        for record in records:
-            if record.pid in left:
-                log.warning("local fleet: %s did not stop in %g s: killing it", record.name,
-                            timeout_s)
-                processes.kill(record.pid, record.start_ticks)
+        for pid in left:
+            log.warning("local fleet: pid %d did not stop in %g s: killing it", pid, timeout_s)
+            processes.kill(pid, pids[pid])
         processes.wait_for_exit({pid: pids[pid] for pid in left}, KILL_WAIT_S)
         self.records()  # forgets every worker that has exited
 

@@ -74,6 +74,22 @@ def wait_for_exit(pids: Mapping[int, int | None], timeout_s: float,
         time.sleep(poll_s)
 
 
+def pids_mentioning(text: str) -> dict[int, int]:
+    """Return {pid: start ticks} of the live processes whose command line contains `text`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # gone already
+            continue
+        ticks = start_ticks(int(proc.name)) if text in cmdline else None
+        if ticks is not None:
+            found[int(proc.name)] = ticks
+    return found
+
+
 def kill(pid: int, expected_start_ticks: int | None = None) -> bool:
     """SIGKILL the process if it is still the one we started; return whether it was."""
     return send_signal(pid, signal.SIGKILL, expected_start_ticks)

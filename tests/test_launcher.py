@@ -1,0 +1,196 @@
+"""`make run`'s launcher supervises: what dies comes back, and nothing outlives it.
+
+The fast tests drive `swarm_portal.supervisor` over small real processes; the slow one
+runs the launcher itself on a fresh embedded default (its own directory and ports),
+kills its Celery and its portal, and stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scaling.providers import processes
+from swarm_portal import broker
+from swarm_portal.supervisor import Backoff, ChildSpec, Supervisor
+from tests.conftest import free_port
+from tests.process_tree import (
+    children_of,
+    cmdline,
+    live_processes_mentioning,
+    process_group_members,
+)
+from tests.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def spec(name: str, script: str, tmp_path: Path) -> ChildSpec:
+    return ChildSpec(name, ["/bin/sh", "-c", script], tmp_path, dict(os.environ),
+                     stop_timeout_s=5)
+
+
+def test_the_back_off_doubles_up_to_its_cap():
+    backoff = Backoff(first_s=0.5, factor=2.0, max_s=4.0)
+    assert [backoff.delay_s(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_a_child_that_keeps_dying_comes_back_later_each_time_until_it_runs_a_while(
+        tmp_path):
+    clock = FakeClock()
+    supervisor = Supervisor([spec("crasher", "exit 3", tmp_path)],
+                            Backoff(first_s=0.5, factor=2.0, max_s=30.0, stable_s=10.0), clock)
+    supervisor.start_all()
+    child = supervisor.children["crasher"]
+    delays = []
+    for _ in range(3):
+        wait_until(lambda: child.proc.poll() is not None, 10, "the child to exit")
+        assert supervisor.step()  # the death is noticed; the restart waits
+        delays.append(child.restart_at_s - clock.now_s)
+        clock.now_s = child.restart_at_s - 0.01
+        assert not supervisor.step()
+        clock.now_s = child.restart_at_s
+        assert supervisor.step()  # restarted
+    assert delays == [0.5, 1.0, 2.0]
+    assert child.restarts == 3
+    wait_until(lambda: child.proc.poll() is not None, 10, "the child to exit")
+    clock.now_s += 10.0  # it ran `stable_s`: the next restart is quick again
+    supervisor.step()
+    assert child.restart_at_s - clock.now_s == 0.5
+
+
+def test_what_a_dead_child_started_is_killed_with_it(tmp_path):
+    """A Celery pool process whose parent was killed must not stay connected."""
+    pid_file = tmp_path / "grandchild.pid"
+    supervisor = Supervisor([spec("parent", f"sleep 300 & echo $! > {pid_file}; wait",
+                                  tmp_path)], Backoff(first_s=60.0))
+    supervisor.start_all()
+    leader = supervisor.children["parent"].pid
+    grandchild = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
+                                10, "the grandchild's pid"))
+    os.kill(leader, signal.SIGKILL)
+    wait_until(supervisor.step, 10, "the supervisor to notice")
+    wait_until(lambda: not processes.is_alive(grandchild), 10, "the grandchild to be killed")
+    supervisor.stop(["parent"])
+
+
+SUPERVISOR_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from swarm_portal.supervisor import ChildSpec, Supervisor
+supervisor = Supervisor([ChildSpec("sleeper", ["sleep", "300"], Path("."), dict(os.environ))])
+supervisor.start_all()
+print(supervisor.children["sleeper"].pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_children_die_with_a_supervisor_killed_by_sigkill():
+    parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR_SCRIPT], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        sleeper = int(parent.stdout.readline())
+        assert processes.is_alive(sleeper)
+        parent.kill()
+        parent.wait()
+        wait_until(lambda: not processes.is_alive(sleeper), 10, "the orphan to get SIGTERM")
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+# -- the launcher itself ----------------------------------------------------------------
+
+PORTAL_ONLY = ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE", "SWARM_JOIN_TOKEN")
+
+
+def launcher_env(var_dir: Path, port: int) -> dict[str, str]:
+    """The embedded default in `var_dir` on its own ports, as `make run` would start it."""
+    env = {key: value for key, value in os.environ.items() if key not in PORTAL_ONLY}
+    base_port = free_port() // 100 * 100 % 40_000 + 20_000  # away from `make run`'s 9100
+    return {**env, "SWARM_VAR_DIR": str(var_dir), "SWARM_PORT": str(port),
+            "LOCAL_FLEET_BASE_PORT": str(base_port), "LOCAL_FLEET_MIN_NODES": "1",
+            "LOCAL_FLEET_MAX_NODES": "1", "SWARM_ADMIN_PASSWORD": "launcher-test-pw"}
+
+
+def child_running(launcher: subprocess.Popen[bytes], marker: str) -> int | None:
+    """Return the pid of the launcher's child whose command line contains `marker`."""
+    found = [pid for pid in children_of(launcher.pid) if marker in cmdline(pid)]
+    return found[0] if len(found) == 1 else None
+
+
+def delivered_since(broker_file: Path, since_id: int) -> int:
+    """Return how many broker messages with an id above `since_id` were delivered."""
+    try:
+        with sqlite3.connect(broker_file, timeout=30) as db:
+            return db.execute("SELECT count(*) FROM kombu_message WHERE visible = 0 AND "
+                              "id > ?", (since_id,)).fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def last_message_id(broker_file: Path) -> int:
+    with sqlite3.connect(broker_file, timeout=30) as db:
+        return db.execute("SELECT coalesce(max(id), 0) FROM kombu_message").fetchone()[0]
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_launcher_restarts_celery_and_the_portal_and_leaves_nothing_behind(tmp_path):
+    var_dir, port = tmp_path / "var", free_port()
+    url = f"http://127.0.0.1:{port}"
+    broker_file = broker.broker_file(var_dir)
+    launcher = subprocess.Popen([sys.executable, "-m", "swarm_portal.launcher"], cwd=ROOT,
+                                env=launcher_env(var_dir, port))
+    try:
+        wait_until(lambda: healthy(url), 120, "the portal")
+        celery = wait_until(lambda: child_running(launcher, "celery"), 30, "Celery")
+        wait_until(lambda: delivered_since(broker_file, 0) >= 3, 60, "beat's first ticks")
+
+        os.kill(celery, signal.SIGKILL)
+        wait_until(lambda: not process_group_members(celery), 15,
+                   "the killed Celery's pool processes to go with it")
+        new_celery = wait_until(lambda: (pid := child_running(launcher, "celery"))
+                                and pid != celery and pid, 30, "a new Celery")
+        after = last_message_id(broker_file)
+        wait_until(lambda: delivered_since(broker_file, after) >= 3, 60,
+                   "beat ticking again, its tasks run")
+        assert launcher.poll() is None
+
+        portal = child_running(launcher, "uvicorn")
+        os.kill(portal, signal.SIGTERM)
+        wait_until(lambda: (pid := child_running(launcher, "uvicorn")) and pid != portal,
+                   30, "a new portal process")
+        wait_until(lambda: healthy(url), 60, "the restarted portal to serve")
+        assert child_running(launcher, "celery") == new_celery
+        assert launcher.poll() is None
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=120)
+    assert code == 0
+    # Everything the launcher started carries SWARM_VAR_DIR: portal, Celery and its pool,
+    # the local workers and their replicas.
+    wait_until(lambda: not live_processes_mentioning(str(var_dir), environment=True), 15,
+               "every process of the launcher's tree to exit")
