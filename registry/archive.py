@@ -30,8 +30,9 @@ _SEAL = object()  # only inspect_archive can make an InspectedArchive that loade
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 # TorchScript (torch.jit.save): pickles read by TorchScript's own C++ unpickler, which
 # builds only tensors and TorchScript classes (no Python callables), plus code and data.
-_TORCHSCRIPT_FILES = {"data.pkl", "constants.pkl", "version", "byteorder"}
-_TORCHSCRIPT_DIRS = ("code/", "data/", "constants/", "extra/", ".data/")
+# torch.jit.trace adds the example inputs (traced_inputs), read back only on request.
+_TORCHSCRIPT_FILES = {"data.pkl", "constants.pkl", "version", "byteorder", "traced_inputs.pkl"}
+_TORCHSCRIPT_DIRS = ("code/", "data/", "constants/", "extra/", ".data/", "traced_inputs/")
 __all__ = ["FORMATS", "ArchiveLimits", "ArchiveRefused", "InspectedArchive", "inspect_archive",
            "require_inspected"]
 

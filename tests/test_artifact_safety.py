@@ -167,9 +167,16 @@ def test_the_inspector_refuses_every_way_a_pt2_asks_for_pickle_or_code(pt2, tmp_
         inspect_archive(str(hostile))
 
 
-def test_plain_archives_pass_the_inspector(model_files):
+def test_plain_archives_pass_the_inspector(model_files, tmp_path):
+    import torch
+
+    from registry.demo import build_mlp
+
     assert inspect_archive(str(model_files["torch_export"])).format == "torch_export"
     assert inspect_archive(str(model_files["torchscript"])).format == "torchscript"
+    traced = tmp_path / "traced.pt"  # torch.jit.trace also writes its example inputs
+    torch.jit.save(torch.jit.trace(build_mlp(), torch.zeros(2, 4)), str(traced))
+    assert inspect_archive(str(traced)).format == "torchscript"
 
 
 def test_the_loader_takes_only_what_the_inspector_returned(model_files):
