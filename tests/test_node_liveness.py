@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -85,6 +86,14 @@ def test_a_sweep_after_a_gap_starts_a_new_series():
     assert liveness.advance_clock(SweepClock(10.0, 11.0), late, LIMITS) == SweepClock(late, late)
     assert SweepClock.from_dict({"started_s": 1}) is None
     assert SweepClock.from_dict(None) is None
+
+
+def test_the_verdict_is_pure():
+    code = ("import sys, serving.liveness; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'django'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
 
 
 # The sweep and reconcile, with the database.
