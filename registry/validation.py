@@ -126,6 +126,7 @@ def sandbox_home(plan: SandboxPlan):
 def _limit_memory(memory_bytes: int) -> Callable[[], None]:
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file of a model's memory
 
     return apply
 
