@@ -130,8 +130,10 @@ def _blend_s(old_s: float, old_at_s: float, sample_s: float, now_s: float,
     # The old value keeps half its weight per half-life elapsed since it was last updated,
     # but a sample always counts for at least `min_weight`: at hundreds of requests a
     # second, time alone would freeze an estimate at its first sample for seconds.
-    keep = min(math.exp2(-max(0.0, now_s - old_at_s) / half_life_s), 1.0 - min_weight)
-    return sample_s + (old_s - sample_s) * keep
+    age_s = now_s - old_at_s
+    keep = math.exp2(-age_s / half_life_s) if age_s > 0.0 else 1.0
+    max_keep = 1.0 - min_weight
+    return sample_s + (old_s - sample_s) * (keep if keep < max_keep else max_keep)
 
 
 def _eligible(state: ReplicaState, now_s: float, exclude: frozenset[int],
@@ -196,6 +198,14 @@ class Balancer:
         self._fleet_latency_s = self.config.default_latency_s
         self._fleet_sample_s = -math.inf
         self._samples = 0  # latency samples taken on any replica: the drift's other clock
+        self._derive_constants()
+
+    def _derive_constants(self) -> None:
+        # Read on every pick: plain attributes cost less than config lookups and divisions.
+        config = self.config
+        self._halvings_per_s = 1.0 / config.ewma_half_life_s
+        self._halvings_per_sample = 1.0 / config.drift_half_life_requests
+        self._tie = 1.0 + config.tie_fraction
 
     @property
     def replicas(self) -> tuple[ReplicaState, ...]:
@@ -209,6 +219,7 @@ class Balancer:
     def reconfigure(self, config: BalancerConfig) -> None:
         """Switch policy or thresholds, keeping everything learnt about the replicas."""
         self.config = config
+        self._derive_constants()
 
     def update_replicas(self, replicas: Iterable[RoutableReplica]) -> None:
         """Adopt a new routing table, keeping what was learnt about replicas still in it."""
@@ -279,7 +290,7 @@ class Balancer:
             second += 1
         a, b = eligible[first], eligible[second]
         price_a, price_b = self._price_s(a, now_s), self._price_s(b, now_s)
-        tie = 1.0 + self.config.tie_fraction
+        tie = self._tie
         if price_a <= price_b * tie and price_b <= price_a * tie:
             price_a = price_b  # latency noise: only the outstanding counts decide
         # `a` is the random draw: it wins ties, so equal replicas share the load.
@@ -288,16 +299,15 @@ class Balancer:
     def _price_s(self, state: ReplicaState, now_s: float) -> float:
         """Return a replica's latency estimate, drifted toward the deployment's with age."""
         latency_s = state.ewma_latency_s
-        fleet_s = self._fleet_latency_s
         if latency_s is None:
-            return fleet_s
-        missed = self._samples - state.last_sample_number
-        if missed == 0 and now_s <= state.last_sample_s:
+            return self._fleet_latency_s
+        age_s = now_s - state.last_sample_s
+        halvings = ((self._samples - state.last_sample_number) * self._halvings_per_sample
+                    + (age_s * self._halvings_per_s if age_s > 0.0 else 0.0))
+        if halvings <= 0.0:
             return latency_s
-        config = self.config
-        keep = math.exp2(-max(0.0, now_s - state.last_sample_s) / config.ewma_half_life_s
-                         - missed / config.drift_half_life_requests)
-        return fleet_s + (latency_s - fleet_s) * keep
+        fleet_s = self._fleet_latency_s
+        return fleet_s + (latency_s - fleet_s) * math.exp2(-halvings)
 
     def _pick_round_robin(self, now_s: float, exclude: frozenset[int],
                           version: int | None) -> ReplicaState | None:
