@@ -167,6 +167,17 @@ def test_the_inspector_refuses_every_way_a_pt2_asks_for_pickle_or_code(pt2, tmp_
         inspect_archive(str(hostile))
 
 
+def test_the_legacy_layout_torch_falls_back_to_is_refused(pt2, tmp_path):
+    # When load_pt2 fails, torch.export.load reads a top-level `version` and unpickles
+    # serialized_state_dict.json with torch.load: such an archive never gets that far.
+    with zipfile.ZipFile(pt2) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    legacy = _zip(tmp_path / "legacy.pt2", [*entries, ("version", b"8.0"),
+                                            ("serialized_state_dict.json", b"x")])
+    with pytest.raises(ArchiveRefused, match="one top folder"):
+        inspect_archive(str(legacy))
+
+
 def test_plain_archives_pass_the_inspector(model_files, tmp_path):
     import torch
 
