@@ -20,7 +20,7 @@ from serving.gateway.auth import Authenticator, Rejected, SessionCache
 from serving.gateway.deployments import DeploymentRuntime, Fleet
 from serving.gateway.forwarding import Forwarder, UpstreamRequest
 from serving.gateway.hold import Activator, ColdStarts
-from serving.gateway.limits import header_refusal, shown, target_refusal
+from serving.gateway.limits import header_refusal, headers_fit, shown, target_refusal
 from serving.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from serving.gateway.ratelimit import RateLimiter, retry_after_s
 from serving.gateway.refresh import TableRefresher
@@ -146,13 +146,14 @@ class GatewayApp:
         if not self._ready:
             await self._start()
         path: str = scope["path"]
-        refused = (header_refusal(scope["headers"])
-                   or target_refusal(path, scope.get("query_string", b"")))
         fixed = self._fixed.get(path)
+        refused = target_refusal(path, scope["query_string"])
         if refused is not None:
             response = refused
         elif fixed is not None:
-            response = fixed(scope)
+            # Model endpoints count header bytes as they look for credentials.
+            headers = scope["headers"]
+            response = fixed(scope) if headers_fit(headers) else header_refusal(headers)
         elif path.startswith("/v2/models/"):
             await self._model_endpoint(scope, receive, send)
             return

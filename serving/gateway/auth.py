@@ -7,7 +7,12 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from serving.gateway.limits import MAX_CREDENTIAL_BYTES, credential_fits
+from serving.gateway.limits import (
+    MAX_CREDENTIAL_BYTES,
+    MAX_HEADERS_TOTAL_BYTES,
+    credential_fits,
+    header_refusal,
+)
 from serving.gateway.responses import Response, error
 from serving.gateway.routes import ApiKeyRoute, SessionAuth
 
@@ -38,13 +43,19 @@ def check_credential(value: bytes | str, what: str) -> None:
 
 
 def credentials(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes | None, bytes | None]:
-    """Return the Authorization and Cookie header values (None when absent)."""
+    """Return the Authorization and Cookie header values (None when absent); raise
+    Rejected (431) when the headers are too long in all."""
     authorization = cookie = None
+    # Counted here, in the loop every request already makes, rather than in one more.
+    total_bytes = 0
     for name, value in headers:
+        total_bytes += len(name) + len(value)
         if name == b"authorization":
             authorization = value
         elif name == b"cookie":
             cookie = value
+    if total_bytes > MAX_HEADERS_TOTAL_BYTES:
+        raise Rejected(header_refusal(headers))
     return authorization, cookie
 
 

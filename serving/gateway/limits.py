@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 from serving.gateway.responses import Response, error
 
-# Browsers and proxies stay well under these (nginx: 8 KiB per header line by default).
-MAX_HEADER_BYTES = 8 * 1024  # one header, name and value
-MAX_HEADERS_TOTAL_BYTES = 32 * 1024
+# Browsers and proxies stay well under this (nginx's default buffers: 4 x 8 KiB).
+MAX_HEADERS_TOTAL_BYTES = 32 * 1024  # names and values, all headers together
 MAX_TARGET_BYTES = 2 * 1024  # path and query string
 # Our API keys (`swp_` + 64 hex) and Django session keys (32 characters) are far shorter:
 # anything longer cannot match, so it is refused before any cache sees it.
@@ -22,19 +21,20 @@ MAX_CREDENTIAL_BYTES = 256
 SHOWN_CHARS = 64  # of a client-sent string quoted in a log line
 
 
-def header_refusal(headers: Sequence[tuple[bytes, bytes]]) -> Response | None:
-    """Return the 431 answer for over-long request headers, or None when they fit."""
+def headers_fit(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Return whether the request headers are within MAX_HEADERS_TOTAL_BYTES."""
     total_bytes = 0
     for name, value in headers:
-        size_bytes = len(name) + len(value)
-        if size_bytes > MAX_HEADER_BYTES:
-            shown = name[:SHOWN_CHARS].decode("latin-1")
-            return error(431, f"the {shown!r} header is longer than {MAX_HEADER_BYTES} bytes")
-        total_bytes += size_bytes
-    if total_bytes > MAX_HEADERS_TOTAL_BYTES:
-        return error(431, f"the request headers are longer than {MAX_HEADERS_TOTAL_BYTES} "
-                          "bytes in all")
-    return None
+        total_bytes += len(name) + len(value)
+    return total_bytes <= MAX_HEADERS_TOTAL_BYTES
+
+
+def header_refusal(headers: Sequence[tuple[bytes, bytes]]) -> Response:
+    """Return the 431 answer for headers that do not fit, naming the largest one."""
+    name, value = max(headers, key=lambda header: len(header[0]) + len(header[1]))
+    largest = name[:SHOWN_CHARS].decode("latin-1")
+    return error(431, f"the request headers are longer than {MAX_HEADERS_TOTAL_BYTES} bytes "
+                      f"in all (the largest: {largest!r}, {len(name) + len(value)} bytes)")
 
 
 def target_refusal(path: str, query: bytes) -> Response | None:
