@@ -23,7 +23,7 @@ from serving import live, liveness, services
 from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
 from serving.gateway_source import DatabaseTableSource, build_route_table
 from serving.liveness import LivenessLimits, NodeEvidence, SweepClock
-from serving.models import Node, NodeStatus, Replica, ReplicaState
+from serving.models import Deployment, Node, NodeStatus, Replica, ReplicaState
 from tests.conftest import free_port
 from tests.dashboards_helpers import gpu, register_node
 from tests.factories import add_version
@@ -297,3 +297,14 @@ def test_replicas_a_gateway_still_gets_answers_from_keep_their_node_in_service(
     last_served = t0 + timedelta(seconds=grace_s + 5)
     gone = sweep_every_second(last_served + timedelta(seconds=1), grace_s + 1, beating=[b])
     assert gone == [(grace_s, a.pk)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deployment_deleted_while_its_node_is_offline_still_goes(two_nodes_six_ready):
+    nodes, t0 = two_nodes_six_ready, two_nodes_six_ready["t0"]
+    assert [pk for _, pk in sweep_every_second(t0, int(LIMITS.ready_grace_s) + 2,
+                                               beating=[nodes["b"]])] == [nodes["a"].pk]
+    services.do_delete_deployment(nodes["deployment"])
+    beat(nodes["b"], t0 + timedelta(seconds=LIMITS.ready_grace_s + 3))  # b stops its share
+    services.reconcile_all()
+    assert not Deployment.objects.filter(pk=nodes["deployment"].pk).exists()

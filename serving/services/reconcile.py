@@ -82,11 +82,21 @@ def reconcile_deployment(deployment_id: int, now: datetime | None = None) -> Non
                       .first())
         if deployment is None:
             return
-        if not deployment.deleting and _reconcile_locked(deployment, now):
+        released = _release_unwanted_on_offline_nodes(deployment_id, now)
+        if (not deployment.deleting and _reconcile_locked(deployment, now)) or released:
             live.bump_routes_on_commit()
             dashboard_events.replicas_changed([deployment_id])
     if deployment.deleting:
         delete_if_drained(deployment_id)
+
+
+def _release_unwanted_on_offline_nodes(deployment_id: int, now: datetime) -> bool:
+    """Give up replicas retired while their node is offline: no agent is there to drain
+    them (if it comes back, it is told to stop them), and a deletion must not wait."""
+    return bool(Replica.objects.filter(
+        deployment_id=deployment_id, desired=False, node__status=NodeStatus.OFFLINE).exclude(
+        state__in=[ReplicaState.FAILED, ReplicaState.STOPPED]).update(
+        state=ReplicaState.FAILED, error=NODE_LOSS_ERRORS[0], state_changed_at=now))
 
 
 def delete_if_drained(deployment_id: int) -> None:
