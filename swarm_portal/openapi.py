@@ -185,19 +185,27 @@ def _type_schema(hint: Any, limits: Any, schemas: dict[str, Any]) -> dict[str, A
         item = args[0] if args else Any
         items = (message_schema(item, schemas) if dataclasses.is_dataclass(item)
                  else _type_schema(item, {"max_chars": limits.get("item_max_chars")}, schemas))
-        return _bounded({"type": "array", "items": items}, maxItems=limits.get("max_items"))
+        return _bounded({"type": "array", "items": items},
+                        maxItems=limits.get("max_items") or protocol.MAX_LIST_ITEMS)
     if origin is dict:
         return {"type": "object", "additionalProperties": True}
     if hint is bool:
         return {"type": "boolean"}
     if hint is int:
-        return _bounded({"type": "integer"}, minimum=limits.get("minimum"),
-                        maximum=limits.get("maximum"))
+        return _bounded({"type": "integer"}, minimum=_given(limits, "minimum", protocol.INT64_MIN),
+                        maximum=_given(limits, "maximum", protocol.INT64_MAX))
     if hint is float:
         return {"type": "number"}
     if hint is str:
-        return _bounded({"type": "string"}, maxLength=limits.get("max_chars"))
+        return _bounded({"type": "string"},
+                        maxLength=limits.get("max_chars") or protocol.MAX_TEXT_CHARS)
     return {}
+
+
+def _given(limits: Any, name: str, default: int) -> int:
+    """Return the field's own bound, or the one protocol.from_dict applies to every field."""
+    value = limits.get(name)
+    return default if value is None else value
 
 
 def _bounded(schema: dict[str, Any], **bounds: Any) -> dict[str, Any]:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
 from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 from rest_framework.test import APIClient
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from serving import services
 from serving.models import ApiKey, DeploymentRevision, JoinToken
 from swarm_portal.asgi import application
+from tests.conftest import free_port
+from tests.live import ROOT, test_database_url
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -48,6 +56,31 @@ async def test_an_unknown_websocket_path_is_refused_without_an_exception(path):
     assert not connected
     assert code in (403, 4404, 1000)
     await socket.disconnect()
+
+
+@pytest.mark.slow
+def test_a_live_portal_refuses_unknown_websocket_paths_without_a_traceback(tmp_path,
+                                                                          artifact_root):
+    port, log = free_port(), tmp_path / "portal.log"
+    env = {**os.environ, "DATABASE_URL": test_database_url(), "ARTIFACT_ROOT": str(artifact_root)}
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "swarm_portal.asgi:application", "--port",
+             str(port), "--log-level", "info"], cwd=ROOT, env=env, stdout=output, stderr=output)
+    try:
+        wait_until(lambda: b"Application startup complete" in log.read_bytes(), 60, "uvicorn")
+        for path in ("/ws/nope/", "/ws/", "/ws/overview/x"):
+            url, origin = f"ws://127.0.0.1:{port}{path}", f"http://127.0.0.1:{port}"
+            with pytest.raises(InvalidStatus) as refused, connect(url, open_timeout=30,
+                                                                   origin=origin):
+                pass
+            assert refused.value.response.status_code == 403
+        wait_until(lambda: log.read_bytes().count(b"403") >= 3, 10, "the refusals logged")
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    assert b"Traceback" not in log.read_bytes()
+    assert b"500" not in log.read_bytes()
 
 
 # --- pagination ----------------------------------------------------------------------------
@@ -156,10 +189,37 @@ NOT_JSON = [
 ]
 
 
+@pytest.fixture
+def schema(operator_api) -> dict:
+    response = operator_api.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert response.status_code == 200
+    return response.json()
+
+
+def json_writes(schema: dict) -> list[tuple[str, str]]:
+    """Return (method, path) of every DRF operation with a JSON body, path filled in."""
+    found = []
+    for template, item in schema["paths"].items():
+        for method, operation in item.items():
+            content = operation.get("requestBody", {}).get("content", {})
+            if "application/json" in content and not template.startswith("/api/agent/"):
+                name = "prod" if "/aliases/" in template else "mlp"
+                path = (template.replace("{model_name}", "mlp").replace("{name}", name)
+                        .replace("{id}", "1"))
+                found.append((method, path))
+    return found
+
+
+def test_the_schema_names_the_json_write_operations(schema):
+    assert set(json_writes(schema)) >= {(method, path) for method, path, _body in NOT_JSON}
+
+
 @pytest.mark.parametrize("form", ["multipart", "urlencoded", "text"])
-def test_a_body_that_is_not_json_is_refused_with_415(operator_api, deployment, form):
-    for method, endpoint, body in NOT_JSON:
+def test_every_json_write_refuses_a_body_that_is_not_json_with_415(operator_api, deployment,
+                                                                   schema, form):
+    for method, endpoint in json_writes(schema):
         send = getattr(operator_api, method)
+        body = {"name": "n", "replicas": 3, "revision": 1, "version": 1, "description": "d"}
         if form == "multipart":
             response = send(endpoint, body, format="multipart")
         elif form == "urlencoded":
@@ -170,6 +230,68 @@ def test_a_body_that_is_not_json_is_refused_with_415(operator_api, deployment, f
         assert response.status_code == 415, (method, endpoint, response.content[:200])
         assert "media type" in error_of(response)
     assert DeploymentRevision.objects.count() == 1
+
+
+def test_every_json_write_refuses_an_unknown_field(operator_api, deployment, schema):
+    for method, endpoint in json_writes(schema):
+        response = getattr(operator_api, method)(endpoint, {"zz_unknown": 1}, format="json")
+        assert response.status_code == 400, (method, endpoint, response.content[:200])
+        assert response.json()["fields"]["zz_unknown"] == ["unknown field"]
+    assert DeploymentRevision.objects.count() == 1
+
+
+def request_properties(schema: dict):
+    components = schema["components"]["schemas"]
+
+    def resolve(node: dict) -> dict:
+        while "$ref" in node:
+            node = components[node["$ref"].rsplit("/", 1)[1]]
+        return node
+
+    for template, item in schema["paths"].items():
+        for method, operation in item.items():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                body = resolve(media["schema"])
+                for name, prop in body.get("properties", {}).items():
+                    yield f"{method} {template} {name}", resolve(prop)
+
+
+def test_every_request_field_in_the_schema_is_bounded(schema):
+    unbounded = []
+    for where, prop in request_properties(schema):
+        kind = prop.get("type")
+        if kind == "integer" and not {"minimum", "maximum"} <= set(prop):
+            unbounded.append(where)
+        # The agent protocol (serving/agent/protocol.py) bounds its floats by finiteness only.
+        if kind == "number" and "maximum" not in prop and "/api/agent/" not in where:
+            unbounded.append(where)
+        if kind == "string" and not ({"maxLength", "enum"} & set(prop)) and (
+                prop.get("format") != "binary"):
+            unbounded.append(where)
+        if kind == "array" and "maxItems" not in prop:
+            unbounded.append(where)
+    assert unbounded == []
+
+
+def test_the_schema_documents_the_error_answers_and_every_path(schema):
+    for template, item in schema["paths"].items():
+        for method, operation in item.items():
+            codes = set(operation["responses"])
+            expected = {"400", "403"} | ({"404"} if "{" in template else set())
+            assert expected <= codes, (method, template, codes)
+            error = operation["responses"]["400"]["content"]["application/json"]["schema"]
+            assert error == {"$ref": "#/components/schemas/Error"}
+    assert schema["components"]["schemas"]["Error"]["required"] == ["error"]
+    aliases = schema["paths"]["/api/models/{model_name}/aliases/"]["get"]
+    assert aliases["responses"]["200"]["content"]["application/json"]["schema"]["type"] == "array"
+    assert {"/api/agent/register", "/api/agent/heartbeat", "/api/agent/deregister",
+            "/api/agent/artifacts/{sha256}",
+            "/api/models/{model_name}/versions/{number}/artifact"} <= set(schema["paths"])
+
+
+def test_an_unpaged_list_answers_what_the_schema_says(operator_api, deployment):
+    listed = operator_api.get("/api/models/mlp/aliases/").json()
+    assert listed == [{"name": "prod", "version": 1, "updated_at": listed[0]["updated_at"]}]
 
 
 UNKNOWN_FIELDS = [
