@@ -148,7 +148,8 @@ def no_process_left_behind(tmp_path_factory):
     yield
     from tests.process_tree import cmdline, kill_all, live_processes_mentioning
 
-    base = str(tmp_path_factory.getbasetemp())
+    # With the separator: pytest-14 must not match another run's pytest-144.
+    base = f"{tmp_path_factory.getbasetemp()}{os.sep}"
     deadline_s = time.monotonic() + LEFTOVER_GRACE_S
     while (left := live_processes_mentioning(base, environment=True)) \
             and time.monotonic() < deadline_s:
