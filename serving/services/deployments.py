@@ -88,20 +88,21 @@ def do_update_deployment(deployment: Deployment, changes: dict[str, Any], user: 
                          reason: str = "updated") -> Deployment:
     """Change versions, weights or settings; record a revision; roll replicas over.
 
-    A change to what the deployment already is records no revision and touches nothing:
-    the history lists only real changes.
+    A change to what the deployment already is saves nothing and records no revision (the
+    history lists only real changes); it still reconciles, as asking again should.
     """
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().select_related("model").get(
             pk=deployment.pk)
         before = spec_of(deployment)
         _apply_changes(deployment, dict(changes))
-        if spec_of(deployment) == before:
-            return deployment
-        deployment.save()
-        record_revision(deployment, reason, user)
+        changed = spec_of(deployment) != before
+        if changed:
+            deployment.save()
+            record_revision(deployment, reason, user)
     reconcile_deployment(deployment.pk)
-    live.bump_routes()
+    if changed:
+        live.bump_routes()
     deployment.refresh_from_db()
     return deployment
 
