@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db.models import QuerySet
 from rest_framework import serializers, status
 from rest_framework.exceptions import ParseError, ValidationError
@@ -46,6 +47,10 @@ def _first_message(detail: Any) -> str:
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Return every API error as {"error": message}, with field details when there are any."""
+    if isinstance(exc, RequestDataTooBig):  # Django's own cap, met when DRF reads the body
+        limit_bytes = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return Response({"error": f"the body is larger than {limit_bytes} bytes"},
+                        status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
     if isinstance(exc, ServiceError):
         return Response({"error": exc.message}, status=exc.status_code,
                         headers=getattr(exc, "headers", None))

@@ -332,6 +332,13 @@ def test_a_json_body_that_is_not_an_object_is_refused(operator_api, deployment):
             error_of(response)
 
 
+def test_a_json_body_over_the_size_limit_is_refused_with_413(operator_api, deployment, settings):
+    body = '{"description": "' + "d" * settings.DATA_UPLOAD_MAX_MEMORY_SIZE + '"}'
+    response = operator_api.patch("/api/models/mlp/", body, content_type="application/json")
+    assert response.status_code == 413
+    assert "larger than" in error_of(response)
+
+
 @pytest.mark.parametrize("depth", [100, 100_000])
 def test_deeply_nested_json_is_refused(operator_api, deployment, depth):
     body = '{"traffic": ' + "[" * depth + "]" * depth + "}"
