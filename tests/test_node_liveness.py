@@ -6,12 +6,16 @@ wall-clock time; the Redis test stops and restarts a real redis-server.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -24,9 +28,11 @@ from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
 from serving.gateway_source import DatabaseTableSource, build_route_table
 from serving.liveness import LivenessLimits, NodeEvidence, SweepClock
 from serving.models import Deployment, Node, NodeStatus, Replica, ReplicaState
+from tests import factories
 from tests.conftest import free_port
 from tests.dashboards_helpers import gpu, register_node
 from tests.factories import add_version
+from tests.test_e2e_workers import api_client, cluster, ready_replicas  # noqa: F401
 from tests.waiting import wait_until
 
 LIMITS = liveness.limits_for(interval_s=1.0, missed_heartbeats=3)
@@ -308,3 +314,44 @@ def test_a_deployment_deleted_while_its_node_is_offline_still_goes(two_nodes_six
     beat(nodes["b"], t0 + timedelta(seconds=LIMITS.ready_grace_s + 3))  # b stops its share
     services.reconcile_all()
     assert not Deployment.objects.filter(pk=nodes["deployment"].pk).exists()
+
+
+# Real processes: the portal paused while Celery keeps sweeping.
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_paused_portal_takes_no_node_offline(cluster):  # noqa: F811 - the fixture
+    """SIGSTOP the portal for 8 s (the CPU-load incident, exaggerated): before the fix both
+    nodes were declared offline and the deployment had no ready replica for a while."""
+    portal = cluster["portal"]
+    model = factories.make_model(cluster["operator"])
+    factories.add_version(model, cluster["operator"], cluster["model_file"])
+    api = api_client(portal, cluster["operator"])
+    wait_until(lambda: Node.objects.filter(status=NodeStatus.READY).count() == 2, 60,
+               "two nodes to join")
+    created = api.post("/api/deployments/", json={
+        "name": "mlp", "model": model.name, "version": 1, "replicas": 4,
+        "memory_bytes": 64 * 1024**2})
+    assert created.status_code == 201, created.text
+    wait_until(lambda: len(ready_replicas("mlp")) == 4, 180, "four ready replicas")
+    os.kill(portal.proc.pid, signal.SIGSTOP)
+    try:
+        seen = watch_for(8.0, lambda: (Node.objects.filter(status=NodeStatus.OFFLINE).count(),
+                                       len(ready_replicas("mlp"))))
+    finally:
+        os.kill(portal.proc.pid, signal.SIGCONT)
+    seen += watch_for(10.0, lambda: (Node.objects.filter(status=NodeStatus.OFFLINE).count(),
+                                     len(ready_replicas("mlp"))))
+    assert max(offline for offline, _ in seen) == 0
+    assert min(ready for _, ready in seen) == 4
+    assert not Replica.objects.filter(error="node missed its heartbeats").exists()
+
+
+def watch_for(duration_s: float, sample: Any) -> list[Any]:
+    """Return samples taken every 0.2 s for `duration_s` (observing, not waiting on)."""
+    samples = []
+    deadline = time.monotonic() + duration_s
+    while time.monotonic() < deadline:
+        samples.append(sample())
+        time.sleep(0.2)
+    return samples
