@@ -139,20 +139,30 @@ LEFTOVER_GRACE_S = 20.0  # a worker may still be draining when the last test end
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_process_left_behind(tmp_path_factory):
-    """Fail the run loudly if its tests left processes running (and end them).
+def no_process_left_behind(request, tmp_path_factory):
+    """Fail the run loudly if its tests left detached processes running (and end them).
 
     Every process a test starts carries the test's tmp_path on its command line or in its
     environment (SWARM_VAR_DIR, ARTIFACT_ROOT, --cache-dir), under this session's base.
+    One that still descends from this process has an owner that will stop it (a session
+    fleet stopped at config cleanup); one that does not was orphaned: a leak. Whatever
+    is still running after every cleanup is killed.
     """
-    yield
-    from tests.process_tree import cmdline, kill_all, live_processes_mentioning
+    from tests.process_tree import cmdline, descendants, kill_all, live_processes_mentioning
 
     # With the separator: pytest-14 must not match another run's pytest-144.
     base = f"{tmp_path_factory.getbasetemp()}{os.sep}"
+
+    def leftovers(*, orphans_only: bool) -> list[int]:
+        owned = descendants(os.getpid()) if orphans_only else set()
+        return [pid for pid in live_processes_mentioning(base, environment=True)
+                if pid not in owned]
+
+    # Registered first, so it runs after every later cleanup (they run last-in first-out).
+    request.config.add_cleanup(lambda: kill_all(leftovers(orphans_only=False)))
+    yield
     deadline_s = time.monotonic() + LEFTOVER_GRACE_S
-    while (left := live_processes_mentioning(base, environment=True)) \
-            and time.monotonic() < deadline_s:
+    while (left := leftovers(orphans_only=True)) and time.monotonic() < deadline_s:
         time.sleep(0.5)
     if left:
         described = "\n".join(f"  {pid}: {cmdline(pid)[:200]}" for pid in left)

@@ -45,6 +45,23 @@ def ancestors() -> set[int]:
     return found
 
 
+def descendants(pid: int) -> set[int]:
+    """Return the live processes that descend from `pid` (children, theirs, ...)."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            stat = _read(int(proc.name), "stat").rpartition(")")[2].split()
+            if len(stat) > 1:
+                parents[int(proc.name)] = int(stat[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items()
+                    if parent in frontier and child not in found}
+        found |= frontier
+    return found
+
+
 def kill_all(pids: list[int]) -> None:
     """SIGKILL these processes (each re-checked just before)."""
     for pid in pids:

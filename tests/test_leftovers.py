@@ -17,7 +17,9 @@ import subprocess
 import sys
 
 def test_leaves_a_process_behind(tmp_path):
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", str(tmp_path)])
+    # Detached through a shell that exits at once, as the local fleet's workers are.
+    subprocess.run(["/bin/sh", "-c", '"$0" -c "import time; time.sleep(300)" "$1" &',
+                    sys.executable, str(tmp_path)], check=True)
 """
 
 
