@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from scaling.providers.local import JOIN_TOKEN_ENV, LocalProcessProvider
-from swarm_portal import broker
+from swarm_portal import broker, stopping
 from swarm_portal.env import env_int
 from swarm_portal.supervisor import ChildSpec, Supervisor
 
@@ -133,17 +133,17 @@ def _start_local_fleet(env: dict[str, str]) -> None:
 
 def _supervise(env: dict[str, str], supervisor: Supervisor) -> int:
     """Restart what dies until SIGINT or SIGTERM; then stop everything, in order."""
-    stopping = False
+    stop_requested = False
 
     def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stop_requested
+        stop_requested = True
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     broker_file = broker.broker_file(Path(env["SWARM_VAR_DIR"]))
     next_prune_s = 0.0
-    while not stopping:
+    while not stop_requested:
         supervisor.step()
         if time.monotonic() >= next_prune_s:
             _prune_broker(broker_file)
@@ -164,6 +164,7 @@ def _shut_down(env: dict[str, str], supervisor: Supervisor) -> None:
     # Celery first, so that no auto-scaler tick starts a worker while we stop them; then
     # the workers, while the portal still answers: they drain, then deregister.
     print("stopping: Celery, then the workers (they drain), then the portal", flush=True)
+    stopping.mark_stopping(Path(env["SWARM_VAR_DIR"]))  # the portal re-places nothing now
     supervisor.stop([CELERY])
     if env["SCALING_PROVIDER"] == "local":
         local_fleet(env).stop_all(timeout_s=WORKER_STOP_S)
@@ -180,6 +181,7 @@ def main() -> None:
     host = env.get("SWARM_HOST", "127.0.0.1")
     port = env.get("SWARM_PORT", "8000")
     logging.basicConfig(level=logging.INFO, format="launcher: %(message)s")
+    stopping.clear_stopping(Path(env["SWARM_VAR_DIR"]))
     _prepare(env)
     supervisor = Supervisor(_child_specs(env, host, port))
     supervisor.start_all()

@@ -19,6 +19,7 @@ import pytest
 
 from scaling.providers import processes
 from swarm_portal import broker
+from swarm_portal.stopping import is_stopping
 from swarm_portal.supervisor import Backoff, ChildSpec, Supervisor
 from tests.conftest import free_port
 from tests.process_tree import (
@@ -190,6 +191,7 @@ def test_the_launcher_restarts_celery_and_the_portal_and_leaves_nothing_behind(t
         launcher.send_signal(signal.SIGTERM)
         code = launcher.wait(timeout=120)
     assert code == 0
+    assert is_stopping(var_dir)  # written before the workers left, for the portal to read
     # Everything the launcher started carries SWARM_VAR_DIR: portal, Celery and its pool,
     # the local workers and their replicas.
     wait_until(lambda: not live_processes_mentioning(str(var_dir), environment=True), 15,
