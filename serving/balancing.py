@@ -61,7 +61,7 @@ class BalancerConfig:
     tie_fraction: float = 0.2
     # An idle replica's estimate moves halfway back to the deployment's per this many
     # latency samples taken on other replicas.
-    drift_half_life_requests: float = 20.0
+    drift_half_life_requests: float = 10.0
     min_sample_weight: float = 0.05  # of each latency sample in an EWMA, however soon it came
     failures_to_eject: int = 3
     ejection_base_s: float = 5.0

@@ -160,7 +160,7 @@ def test_a_replica_whose_only_sample_was_slow_is_explored_again():
 def test_sequential_requests_still_favour_the_faster_replica_but_probe_the_slower():
     b = balancer(replica(1), replica(2), seed=4)
     served, _ = sequential(b, {1: 0.01, 2: 0.03}, 3000, seed=4)
-    assert 0 < served[2] < 0.1 * 3000, served
+    assert 0 < served[2] < 0.15 * 3000, served
 
 
 def test_a_replica_without_samples_is_priced_like_an_average_replica():

@@ -96,8 +96,9 @@ def test_the_default_policy_spreads_sequential_requests_over_idle_replicas(fleet
     model_versions(gateway, INFER, 200)
     served = completed(a) - before[0], completed(b) - before[1]
     # Nothing is ever outstanding: only latency noise tells the two apart, and it must not
-    # decide (it once sent 199 of 200 to one replica).
-    assert min(served) >= 50, served
+    # decide (it once sent 196-200 of 200 to one replica). Not a fair 100/100: a busy
+    # machine's latency outliers keep a replica out for a few dozen requests at a time.
+    assert min(served) >= 30, served
 
 
 def test_canary_weights_hold_within_statistical_tolerance(fleet, serve):
