@@ -28,8 +28,11 @@ token: $(STAMP)
 api-key: $(STAMP)
 	@$(BIN)/python -m swarm_portal.launcher manage create_api_key --name make-api-key
 
+# Two workers; the real-process (slow) tests run one at a time on one of them
+# (tests/parallel.py). PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p tests.parallel -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -24,6 +24,7 @@ from serving.models import Deployment, Gpu, Node, NodeStatus, Replica, ReplicaSt
 from tests.conftest import free_port
 from tests.e2e import LiveCelery, portal_env
 from tests.live import LivePortal, wait_until
+from tests.process_tree import live_processes_mentioning
 from tests.replica_models import SLOW_SIGNATURE, build_slow_model, save_torchscript
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -44,17 +45,22 @@ def scaled_cluster(tmp_path: Path, artifact_root: Path, operator, admin_user):
            "LOCAL_FLEET_BASE_PORT": str(base_port), "NODE_IDLE_RELEASE_S": "3",
            "LOCAL_FLEET_PORTAL_URL": f"http://127.0.0.1:{port}",
            "GATEWAY_HOLD_TIMEOUT_S": "60"}
-    portal = LivePortal(port, artifact_root, **env).start()
-    celery = LiveCelery(portal_env(artifact_root, var_dir, **env), var_dir).start()
+    portal = LivePortal(port, artifact_root, **env)
+    celery = LiveCelery(portal_env(artifact_root, var_dir, **env), var_dir)
     provider = LocalProcessProvider(var_dir, portal.url, base_port=base_port)
-    try:
+    try:  # everything below is stopped even when starting it failed halfway
+        portal.start()
+        celery.start()
         wait_until(lambda: Node.objects.filter(status=NodeStatus.READY).count() == 1, 90,
                    "the local provider's first node")
         yield portal, provider, _deployment(tmp_path, operator)
     finally:
-        provider.stop_all(timeout_s=40)
+        # Celery first: its auto-scaler would start a worker again to keep the minimum
+        # (how two workers outlived a run, heartbeating a portal that was gone).
         celery.stop()
+        provider.stop_all(timeout_s=40)
         portal.stop()
+    assert live_processes_mentioning(str(var_dir)) == []
 
 
 def _deployment(tmp_path: Path, operator) -> Deployment:
