@@ -16,6 +16,7 @@ from serving.agent.protocol import (
 )
 from serving.models import Deployment, Node, NodeStatus, Replica, ReplicaState
 from serving.services.nodes import Unauthorized
+from swarm_portal import stopping
 from tests.factories import add_version
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -194,3 +195,20 @@ def test_drain_and_remove(join_token, operator, model, model_files):
     assert Replica.objects.filter(deployment=deployment, desired=True, node__isnull=True
                                   ).count() == 2
     assert Deployment.objects.get().replicas == 2
+
+
+@pytest.mark.parametrize("shutting_down", [False, True])
+def test_while_make_run_stops_a_leaving_nodes_replicas_are_not_re_placed(
+        join_token, operator, model, model_files, settings, tmp_path, shutting_down):
+    settings.VAR_DIR = tmp_path
+    if shutting_down:
+        stopping.mark_stopping(tmp_path)
+    leaving = Node.objects.get(pk=register(join_token, "a").node_id)
+    version = add_version(model, operator, model_files["torchscript"])
+    deployment = services.do_create_deployment(
+        name="mlp", model=model, version_number=version.number, alias_name="", user=operator,
+        replicas=1)
+    staying = Node.objects.get(pk=register(join_token, "b").node_id)
+    services.do_deregister_node(leaving)
+    placed = Replica.objects.filter(deployment=deployment, desired=True, node=staying)
+    assert placed.exists() is not shutting_down

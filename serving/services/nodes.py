@@ -24,6 +24,7 @@ from serving.agent.protocol import (
 )
 from serving.models import Gpu, JoinToken, Node, NodeStatus, Replica, ReplicaState
 from serving.services.reconcile import desired_for_node, reconcile_deployments_of
+from swarm_portal import stopping
 from swarm_portal.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
         if changed:
             live.bump_routes_on_commit()
     if changed:
-        reconcile_deployments_of(changed, now)
+        if _may_place():
+            reconcile_deployments_of(changed, now)
         dashboard_events.replicas_changed(changed)
     return HeartbeatResponse(desired=desired_for_node(node), replica_key=secrets.replica_key(
         node.pk), heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, node_status=node.status)
@@ -331,6 +333,13 @@ def do_deregister_node(node: Node, now: datetime | None = None) -> None:
         Replica.objects.filter(node=node, state=ReplicaState.FAILED,
                                error="node deregistered").update(state=ReplicaState.STOPPED)
     live.forget(node.pk)
-    reconcile_deployments_of(deployments, now)
+    if _may_place():
+        reconcile_deployments_of(deployments, now)
     dashboard_events.node_status(node.pk)
     dashboard_events.replicas_changed(deployments)
+
+
+def _may_place() -> bool:
+    """False while `make run` shuts down: its leaving workers' replicas are not re-placed
+    on whatever node remains (swarm_portal/stopping.py)."""
+    return not stopping.is_stopping(settings.VAR_DIR)
