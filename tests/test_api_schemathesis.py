@@ -20,7 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from knox.models import AuthToken
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
-from schemathesis.specs.openapi.checks import response_schema_conformance
+from schemathesis.specs.openapi.checks import negative_data_rejection, response_schema_conformance
 
 from tests.conftest import free_port
 from tests.live import LivePortal
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 EXAMPLES_PER_OPERATION = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "6"))
 CHECKS = {GenerationMode.POSITIVE: [not_a_server_error, response_schema_conformance],
-          GenerationMode.NEGATIVE: [not_a_server_error]}
+          GenerationMode.NEGATIVE: [not_a_server_error, negative_data_rejection]}
 
 
 @pytest.fixture
