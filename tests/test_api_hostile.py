@@ -5,17 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import timedelta
 
 import pytest
 from channels.testing import WebsocketCommunicator
-from django.utils import timezone
-from rest_framework.test import APIClient
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from serving import services
-from serving.models import ApiKey, DeploymentRevision, JoinToken
+from serving.models import DeploymentRevision
 from swarm_portal.asgi import application
 from tests.conftest import free_port
 from tests.live import ROOT, test_database_url
@@ -389,49 +386,3 @@ def test_the_update_service_records_nothing_for_an_empty_change(deployment, oper
     services.do_update_deployment(deployment, {}, operator, reason="changed: ")
     services.do_update_deployment(deployment, {"replicas": deployment.replicas}, operator)
     assert DeploymentRevision.objects.count() == before
-
-
-# --- token status --------------------------------------------------------------------------
-
-def make_join_token(operator, **fields) -> JoinToken:
-    token, _secret = services.do_create_join_token(name="make run: local workers", user=operator,
-                                                   expires_in=timedelta(minutes=10), uses=1)
-    JoinToken.objects.filter(pk=token.pk).update(**fields)
-    token.refresh_from_db()
-    return token
-
-
-@pytest.mark.parametrize(("fields", "status"), [
-    ({}, "valid"),
-    ({"uses_left": 0}, "used up"),
-    ({"expires_at": timezone.now() - timedelta(seconds=1)}, "expired"),
-    ({"uses_left": 0, "expires_at": timezone.now() - timedelta(seconds=1)}, "expired"),
-    ({"revoked_at": timezone.now(), "uses_left": 0}, "revoked"),
-])
-def test_a_join_tokens_status_is_shown_truly_in_the_api_and_the_access_page(
-        operator, operator_api, fields, status):
-    token = make_join_token(operator, **fields)
-    assert token.status == status
-    listed = operator_api.get(f"/api/join-tokens/{token.pk}/").json()
-    assert listed["status"] == status
-    page = APIClient()
-    page.force_login(operator)
-    html = page.get("/access/").content.decode()
-    row = html.split('id="join-tokens"')[1].split("</table>")[0]
-    assert f"<td>{status}</td>" in row
-    if status != "valid":
-        assert "<td>valid</td>" not in row
-
-
-@pytest.mark.parametrize(("fields", "status"), [
-    ({}, "valid"),
-    ({"expires_at": timezone.now() - timedelta(seconds=1)}, "expired"),
-    ({"revoked_at": timezone.now()}, "revoked"),
-])
-def test_an_api_keys_status_is_shown_truly(operator, operator_api, fields, status):
-    key, _secret = services.do_create_api_key(name="k", user=operator, deployments=None,
-                                              expires_in=None, rate_limit_rps=None)
-    ApiKey.objects.filter(pk=key.pk).update(**fields)
-    key.refresh_from_db()
-    assert key.status == status
-    assert operator_api.get(f"/api/api-keys/{key.pk}/").json()["status"] == status
