@@ -345,6 +345,10 @@ def test_a_paused_portal_takes_no_node_offline(cluster):  # noqa: F811 - the fix
     assert max(offline for offline, _ in seen) == 0
     assert min(ready for _, ready in seen) == 4
     assert not Replica.objects.filter(error="node missed its heartbeats").exists()
+    # The control: the sweep was running all along, and still declares a node that died.
+    cluster["agents"][1].kill()
+    wait_until(lambda: Node.objects.filter(name="node-b", status=NodeStatus.OFFLINE).exists(),
+               60, "the sweep to declare a killed node offline")
 
 
 def watch_for(duration_s: float, sample: Any) -> list[Any]:
