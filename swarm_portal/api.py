@@ -24,7 +24,6 @@ from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import exception_handler as drf_exception_handler
 
 from swarm_portal.errors import PayloadTooLarge, ServiceError
 
@@ -54,6 +53,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, ServiceError):
         return Response({"error": exc.message}, status=exc.status_code,
                         headers=getattr(exc, "headers", None))
+    # Imported here: rest_framework.views reads DEFAULT_PARSER_CLASSES, which names this
+    # module, when it is first imported; a module-level import made a cycle whenever this
+    # module was imported before DRF's views (the Celery worker did, and failed).
+    from rest_framework.views import exception_handler as drf_exception_handler
+
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

@@ -386,3 +386,14 @@ def test_the_update_service_records_nothing_for_an_empty_change(deployment, oper
     services.do_update_deployment(deployment, {}, operator, reason="changed: ")
     services.do_update_deployment(deployment, {"replicas": deployment.replicas}, operator)
     assert DeploymentRevision.objects.count() == before
+
+
+def test_the_api_module_imports_first_in_a_fresh_process():
+    """The Celery worker imports swarm_portal.api before DRF's views: no import cycle."""
+    code = ("import django; django.setup(); import swarm_portal.api; "
+            "from rest_framework.views import APIView; print(APIView.parser_classes[0].__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env={**os.environ,
+                                             "DJANGO_SETTINGS_MODULE": "tests.settings"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "BoundedJSONParser"
