@@ -26,6 +26,7 @@ from tests.gateway_helpers import (
     table,
     wait_for,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 INFER = f"/v2/models/{MLP}/infer"
@@ -99,6 +100,31 @@ def test_the_default_policy_spreads_sequential_requests_over_idle_replicas(fleet
     # decide (it once sent 196-200 of 200 to one replica). Not a fair 100/100: a busy
     # machine's latency outliers keep a replica out for a few dozen requests at a time.
     assert min(served) >= 30, served
+
+
+class ReportingSource(MemoryTableSource):
+    """A table source that also takes the gateway's evidence of successful replicas."""
+
+    def __init__(self, initial: Any) -> None:
+        super().__init__(initial)
+        self.reports: list[dict[int, float]] = []
+
+    async def report_successes(self, latest_s_by_replica: dict[int, float]) -> None:
+        self.reports.append(latest_s_by_replica)
+
+
+def test_the_gateway_reports_which_replicas_answered_successfully(fleet):
+    a, b = fleet.mlp_v1
+    source = ReportingSource(table(deployment(MLP, [replica_route(a, 1), replica_route(b, 2)],
+                                              policy="round_robin")))
+    before_s = time.time()
+    with GatewayThread(GatewayApp(source, poll_interval_s=0.05)) as gateway:
+        model_versions(gateway, INFER, 4)
+        wait_until(lambda: {1, 2} <= {i for r in source.reports for i in r}, timeout_s=5,
+                   what="the gateway reported both replicas")
+        reported_s = [at_s for r in source.reports for at_s in r.values()]
+        assert all(before_s <= at_s <= time.time() for at_s in reported_s)
+        assert len(source.reports) <= 2  # at most once a second, only when something answered
 
 
 def test_canary_weights_hold_within_statistical_tolerance(fleet, serve):

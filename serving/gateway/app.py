@@ -94,7 +94,7 @@ class GatewayApp:
         self._disconnects = DisconnectWatcher(WATCH_AFTER_S)
         self.cold_starts = ColdStarts(activator)
         self.refresher = TableRefresher(source, self._apply_table, clock, poll_interval_s,
-                                        full_reload_s)
+                                        full_reload_s, self._take_successes)
         self._ready = False
         self._start_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
@@ -176,6 +176,10 @@ class GatewayApp:
             logger.exception("could not load the routing table; retrying in the background")
         finally:
             self._poll_task = asyncio.get_running_loop().create_task(self.refresher.run())
+
+    def _take_successes(self) -> set[int]:
+        taken, self._forwarder.succeeded = self._forwarder.succeeded, set()
+        return taken
 
     def _apply_table(self, table: RouteTable) -> None:
         self.fleet.apply(table)

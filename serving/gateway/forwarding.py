@@ -49,6 +49,10 @@ class Forwarder:
         self._pool = pool
         self._metrics = metrics
         self._clock = clock
+        # Replicas that answered since the refresher last took them: the offline sweep's
+        # evidence that a node whose heartbeats are late still serves. Only ids from the
+        # routing table go in, so it is bounded by the table, never by clients.
+        self.succeeded: set[int] = set()
 
     async def forward(self, runtime: DeploymentRuntime, version: int,
                       request: UpstreamRequest, deadline: float) -> Response:
@@ -112,6 +116,7 @@ class Forwarder:
             self._release(runtime, lease, Outcome.FAILURE, started_s)
             return _Retry(response)
         self._release(runtime, lease, Outcome.SUCCESS, started_s)
+        self.succeeded.add(lease.replica_id)
         return relayed(response.status, response.headers, response.body)
 
     def _release(self, runtime: DeploymentRuntime, lease: Lease, outcome: Outcome,

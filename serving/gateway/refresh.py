@@ -2,7 +2,9 @@
 
 The request path never calls the source; this loop does, every `poll_interval_s`, and
 reloads in full every `full_reload_s` anyway, in case a change slipped past the revision.
-A failing source leaves the last good table in place.
+A failing source leaves the last good table in place. Once a second it also hands the
+source the replicas that answered successfully (`report_successes`, where the source has
+it): the offline sweep's evidence that a node whose heartbeats are late still serves.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from serving.gateway.routes import RouteTable, TableSource
 
@@ -22,7 +25,9 @@ class TableRefresher:
 
     def __init__(self, source: TableSource, apply: Callable[[RouteTable], None],
                  clock: Callable[[], float] = time.monotonic, poll_interval_s: float = 0.2,
-                 full_reload_s: float = 5.0) -> None:
+                 full_reload_s: float = 5.0,
+                 take_successes: Callable[[], set[int]] | None = None,
+                 report_interval_s: float = 1.0) -> None:
         self._source = source
         self._apply = apply
         self._clock = clock
@@ -30,6 +35,9 @@ class TableRefresher:
         self.full_reload_s = full_reload_s
         self.revision: str | None = None
         self._loaded_at_s = -float("inf")
+        self._take_successes = take_successes
+        self.report_interval_s = report_interval_s
+        self._reported_at_s = -float("inf")
 
     async def load(self) -> None:
         """Load the whole table now and apply it."""
@@ -51,6 +59,22 @@ class TableRefresher:
             return True
         return False
 
+    async def report(self) -> bool:
+        """Hand the source the replicas that succeeded since the last report, at most once
+        per `report_interval_s`; return whether a report was sent."""
+        report: Any = getattr(self._source, "report_successes", None)
+        if report is None or self._take_successes is None:
+            return False
+        if self._clock() - self._reported_at_s < self.report_interval_s:
+            return False
+        self._reported_at_s = self._clock()
+        replica_ids = self._take_successes()
+        if not replica_ids:
+            return False
+        at_s = time.time()
+        await report(dict.fromkeys(replica_ids, at_s))
+        return True
+
     async def run(self) -> None:
         """Poll until cancelled; errors are logged and retried at the next poll."""
         failures = 0
@@ -58,6 +82,7 @@ class TableRefresher:
             await asyncio.sleep(self.poll_interval_s)
             try:
                 await self.step()
+                await self.report()
             except Exception:
                 failures += 1
                 if failures % 100 == 1:  # the first of a streak, then every 20 s or so
