@@ -196,3 +196,66 @@ def test_the_launcher_restarts_celery_and_the_portal_and_leaves_nothing_behind(t
     # the local workers and their replicas.
     wait_until(lambda: not live_processes_mentioning(str(var_dir), environment=True), 15,
                "every process of the launcher's tree to exit")
+
+
+def launcher_db(var_dir: Path, query: str, *params: object) -> list[tuple]:
+    """Rows from the launcher's own database (the embedded default's SQLite file)."""
+    with sqlite3.connect(var_dir / "swarm.sqlite3", timeout=30) as db:
+        return db.execute(query, params).fetchall()
+
+
+def replicas_on(var_dir: Path, node_name: str) -> set[int]:
+    return {row[0] for row in launcher_db(
+        var_dir, "SELECT r.id FROM serving_replica r JOIN serving_node n ON r.node_id = n.id "
+        "WHERE n.name = ? AND r.desired", node_name)}
+
+
+def demo_settled(var_dir: Path) -> bool:
+    """Every desired replica of every deployment is ready (nothing left to place)."""
+    rows = launcher_db(var_dir, "SELECT d.replicas, (SELECT count(*) FROM serving_replica r "
+                       "WHERE r.deployment_id = d.id AND r.desired AND r.state = 'ready') "
+                       "FROM serving_deployment d")
+    return bool(rows) and all(wanted == ready for wanted, ready in rows)
+
+
+@pytest.mark.slow
+def test_stopping_the_launcher_moves_no_replica_onto_an_external_worker(tmp_path):
+    """Ctrl-C drained the local workers, and the portal re-placed their replicas on an
+    external worker, which then outlived the portal serving them."""
+    var_dir, port = tmp_path / "var", free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = launcher_env(var_dir, port)
+    launcher = subprocess.Popen([sys.executable, "-m", "swarm_portal.launcher"], cwd=ROOT,
+                                env=env)
+    external = None
+    try:
+        wait_until(lambda: healthy(url), 120, "the portal")
+        wait_until(lambda: demo_settled(var_dir), 180, "the demo replicas on local-1")
+        token = subprocess.run(
+            [sys.executable, "-m", "swarm_portal.launcher", "manage", "local_join_token",
+             "--uses", "1"], cwd=ROOT, env=env, check=True, capture_output=True,
+            text=True).stdout.strip()
+        first = free_port() // 100 * 100 % 30_000 + 30_000
+        external = subprocess.Popen(
+            [sys.executable, "-m", "serving.agent.cli", "--portal", url, "--name", "external",
+             "--port-range", f"{first}-{first + 49}", "--cache-dir", str(tmp_path / "ext"),
+             "--drain-grace-s", "5"], cwd=ROOT, start_new_session=True,
+            env={**{k: v for k, v in env.items() if k != "SWARM_VAR_DIR"},
+                 "SWARM_JOIN_TOKEN": token})
+        wait_until(lambda: launcher_db(var_dir, "SELECT status FROM serving_node WHERE name = "
+                                       "'external'") == [("ready",)], 60, "the external node")
+        wait_until(lambda: demo_settled(var_dir), 60, "the deployments to settle again")
+        before = replicas_on(var_dir, "external")
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 0
+        assert replicas_on(var_dir, "external") <= before
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+        if external is not None:
+            external.send_signal(signal.SIGTERM)
+            try:
+                external.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                external.kill()
+                external.wait()
