@@ -65,7 +65,8 @@ def test_a_live_portal_refuses_unknown_websocket_paths_without_a_traceback(tmp_p
             [sys.executable, "-m", "uvicorn", "swarm_portal.asgi:application", "--port",
              str(port), "--log-level", "info"], cwd=ROOT, env=env, stdout=output, stderr=output)
     try:
-        wait_until(lambda: b"Application startup complete" in log.read_bytes(), 60, "uvicorn")
+        # "Uvicorn running on" is logged once the port listens; "startup complete" is earlier.
+        wait_until(lambda: b"Uvicorn running on" in log.read_bytes(), 60, "uvicorn")
         for path in ("/ws/nope/", "/ws/", "/ws/overview/x"):
             url, origin = f"ws://127.0.0.1:{port}{path}", f"http://127.0.0.1:{port}"
             with pytest.raises(InvalidStatus) as refused, connect(url, open_timeout=30,
