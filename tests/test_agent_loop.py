@@ -13,7 +13,14 @@ import httpx
 import pytest
 
 from serving.agent import credentials as creds
-from serving.agent.agent import EXIT_FAILED, EXIT_OK, EXIT_REVOKED, Agent, AgentConfig
+from serving.agent.agent import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PORTAL_LOST,
+    EXIT_REVOKED,
+    Agent,
+    AgentConfig,
+)
 from serving.agent.client import PortalClient
 from serving.agent.devices import CpuBackend
 from serving.agent.protocol import HEARTBEAT_PATH
@@ -285,4 +292,30 @@ def test_a_timed_out_or_refused_heartbeat_backs_off_with_jitter_and_keeps_replic
     transport.slow = portal.state.unavailable = False
     assert agent.heartbeat(1001.0) is not None and agent.heartbeat_failures == 0
     assert portal.replica_states(1) == {14: "ready"}
+    agent.shutdown(deregister=False)
+
+
+def test_an_agent_told_to_leave_a_lost_portal_drains_and_exits(
+        portal: FakePortal, tmp_path: Path) -> None:
+    portal.add_artifact(b"ready")
+    portal.state.desired[1] = [desired_replica(15, b"ready")]
+    agent = make_agent(portal, tmp_path, heartbeat_interval_s=0.1, portal_lost_exit_s=1.0)
+    running = Running(agent)
+    wait_until(lambda: portal.replica_states(1).get(15) == "ready", what="replica 15 ready")
+    process = agent.replicas.replicas[15].process
+    assert process is not None
+
+    portal.state.unavailable = True
+    assert running.wait(timeout_s=30) == EXIT_PORTAL_LOST
+    assert agent.heartbeat_failures >= 2  # it retried before giving up
+    assert process.poll() is not None  # its replica was drained, not left running
+
+
+def test_by_default_an_agent_never_leaves_a_busy_portal(portal: FakePortal,
+                                                         tmp_path: Path) -> None:
+    agent = make_agent(portal, tmp_path, heartbeat_interval_s=1.0)
+    agent.join()
+    portal.state.unavailable = True
+    for now_s in (1000.0, 2000.0, 90000.0):  # a day of failures: still running
+        assert agent.heartbeat(now_s) is None
     agent.shutdown(deregister=False)

@@ -344,3 +344,9 @@ def test_local_provider_runs_a_real_worker_that_joins_and_leaves(tmp_path, artif
         provider.stop_all(timeout_s=30)
         portal.stop()
     assert live_processes_mentioning(str(var_dir)) == []
+
+
+def test_a_local_worker_is_told_to_leave_a_portal_that_is_gone_for_good(fleet):
+    command = fleet._command("local-1", "9100-9149")
+    flag = command.index("--portal-lost-exit-s")
+    assert float(command[flag + 1]) > 60  # far beyond a restart or a Redis outage

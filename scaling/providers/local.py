@@ -59,6 +59,11 @@ class WorkerRecord:
     stopping_since: float | None = None
 
 
+# A worker this portal started exits (after draining) once its portal has been gone this
+# long: a portal killed without its stop_all() must not leave workers heartbeating nothing.
+PORTAL_LOST_EXIT_S = 300.0
+
+
 class LocalProcessProvider:
     """Starts and stops `swarm-worker` processes on this machine, within bounds."""
 
@@ -156,7 +161,8 @@ class LocalProcessProvider:
     def _command(self, name: str, ports: str) -> list[str]:
         cache_dir = self.workers_dir / name
         return [*self.agent_command, "--portal", self.portal_url, "--name", name,
-                "--port-range", ports, "--cache-dir", str(cache_dir), *self.agent_args]
+                "--port-range", ports, "--cache-dir", str(cache_dir),
+                "--portal-lost-exit-s", f"{PORTAL_LOST_EXIT_S:g}", *self.agent_args]
 
     def has_credentials(self, name: str) -> bool:
         """Return whether the worker's cache holds credentials for this portal."""

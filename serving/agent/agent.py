@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REVOKED = 3
+EXIT_PORTAL_LOST = 4
 POLL_INTERVAL_S = 0.2  # how often replica states are checked between heartbeats
 MIN_HEARTBEAT_GAP_S = 0.2  # a state change is reported early, but not faster than this
 REGISTER_RETRY_MAX_S = 30.0
@@ -69,6 +70,9 @@ class AgentConfig:
     http_timeout_s: float = 10.0
     replica_module: str = REPLICA_MODULE  # the replica server to run (`python -m` name)
     replica_watchdog_s: float = DEFAULT_WATCHDOG_S  # replicas drain after this long alone
+    # 0: never. Otherwise drain and exit once no heartbeat got through for this long: for
+    # workers a portal starts for itself (the local provider), which must not outlive it.
+    portal_lost_exit_s: float = 0.0
 
 
 class Agent:
@@ -97,6 +101,7 @@ class Agent:
         self._next_heartbeat_s = 0.0
         self._change_pending = False
         self.heartbeat_failures = 0
+        self._failing_since_s: float | None = None
 
     @property
     def next_heartbeat_s(self) -> float:
@@ -159,6 +164,7 @@ class Agent:
         if self.heartbeat_failures:
             log.info("portal reachable again after %d failed heartbeats", self.heartbeat_failures)
             self.heartbeat_failures = 0
+        self._failing_since_s = None
         self._apply(response, now_s)
         return response
 
@@ -249,6 +255,12 @@ class Agent:
         # serving. Only the next try moves, by a jittered exponential backoff ("equal
         # jitter"), so a fleet that a slow portal failed at once does not retry at once.
         self.heartbeat_failures += 1
+        if self._failing_since_s is None:
+            self._failing_since_s = now_s
+        lost_s = self.config.portal_lost_exit_s
+        if lost_s and now_s - self._failing_since_s >= lost_s:
+            raise AgentExit(EXIT_PORTAL_LOST, f"no heartbeat got through for {lost_s:g} s "
+                                              f"(--portal-lost-exit-s): draining and exiting")
         backoff_s = min(self.interval_s * 2 ** min(self.heartbeat_failures - 1, 16),
                         HEARTBEAT_BACKOFF_MAX_S)
         jittered_s = backoff_s * (0.5 + 0.5 * self._jitter())

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replica-watchdog-s", default=60.0, type=positive_float,
                         help="a replica drains itself after this long without an agent; a "
                         "restarted agent adopts replicas still running (60)")
+    parser.add_argument("--portal-lost-exit-s", default=0.0, type=non_negative_float,
+                        help="drain the replicas and exit once no heartbeat got through for "
+                        "this long (0, the default: never; a worker keeps serving without "
+                        "its portal)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
@@ -161,7 +165,8 @@ def config_from_args(args: argparse.Namespace, token: str | None = None) -> Agen
         port_range=args.port_range, cost_per_hour=args.cost_per_hour,
         labels=dict(args.label), heartbeat_interval_s=args.heartbeat_interval_s,
         drain_grace_s=args.drain_grace_s, drain_delay_s=args.drain_delay_s,
-        ready_timeout_s=args.ready_timeout_s, replica_watchdog_s=args.replica_watchdog_s)
+        ready_timeout_s=args.ready_timeout_s, replica_watchdog_s=args.replica_watchdog_s,
+        portal_lost_exit_s=args.portal_lost_exit_s)
 
 
 def run(argv: list[str] | None = None) -> int:
