@@ -43,7 +43,7 @@ def tick_nodes(now: datetime | None = None, provider: NodeProvider | None = None
                 if pending else 1)
     plan = plan_nodes(nodes, pending, len(managed - joined), provider.bounds, now.timestamp(),
                       per_node)
-    plan = _carry_out(plan, provider)
+    plan = _carry_out(plan, provider, counted=len(managed))
     if plan.changes or plan.reason != _last_reason[0]:
         log.info("nodes (%s provider): %s", provider.name, plan.reason)
         _last_reason[0] = plan.reason
@@ -87,11 +87,11 @@ def live_cost_per_hour() -> float:
     return active_cost_per_hour(node_infos(set()))
 
 
-def _carry_out(plan: NodePlan, provider: NodeProvider) -> NodePlan:
+def _carry_out(plan: NodePlan, provider: NodeProvider, counted: int) -> NodePlan:
     """Start and stop through the provider; return the plan with what it could not do."""
     reason = plan.reason
     try:
-        started = provider.start_nodes(plan.add) if plan.add else []
+        started = provider.start_nodes(plan.add, counted=counted) if plan.add else []
     except ProviderError as error:  # e.g. no admin to own a join token: say so, go on
         started, reason = [], f"{reason}; {provider.name} provider failed: {error}"
     stopped = [name for name in plan.release if provider.stop_node(name)]

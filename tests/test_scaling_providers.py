@@ -125,6 +125,17 @@ def test_workers_get_the_lowest_free_name_their_own_ports_and_a_token(fleet, min
     assert fleet.managed_names() == {"local-1", "local-2"}
 
 
+def test_workers_another_decider_started_since_the_count_are_not_started_twice(
+        fleet, mint, tmp_path):
+    """The launcher and Celery's tick both counted no worker, then took the lock in turn
+    (the fleet ran 4 workers, above its maximum of 3)."""
+    other = make_provider(tmp_path, mint)
+    assert fleet.start_nodes(2, counted=0) == ["local-1", "local-2"]
+    assert other.start_nodes(2, counted=0) == []
+    assert other.start_nodes(3, counted=0) == ["local-3"]
+    assert fleet.managed_names() == {"local-1", "local-2", "local-3"}
+
+
 def test_the_join_token_is_never_on_a_workers_command_line(fleet, mint, monkeypatch):
     monkeypatch.setenv("SWARM_JOIN_TOKEN", "swj_the_launchers_own")  # not passed on
     fleet.start_nodes(1)
@@ -226,7 +237,7 @@ class RecordingProvider:
     def managed_names(self) -> set[str]:
         return set(self.managed)
 
-    def start_nodes(self, count: int) -> list[str]:
+    def start_nodes(self, count: int, *, counted: int | None = None) -> list[str]:
         self.started.append(count)
         return [f"new-{i}" for i in range(count)]
 
@@ -278,7 +289,7 @@ def test_the_tick_releases_an_idle_managed_node_beyond_the_minimum(operator):
 
 
 class FailingProvider(RecordingProvider):
-    def start_nodes(self, count: int) -> list[str]:
+    def start_nodes(self, count: int, *, counted: int | None = None) -> list[str]:
         raise ProviderError("no active admin account")
 
 

@@ -26,8 +26,10 @@ class NodeProvider(Protocol):
         """Return the names of the servers it runs now (alive, not being stopped)."""
         ...
 
-    def start_nodes(self, count: int) -> list[str]:
-        """Start up to `count` servers; return the names of those started."""
+    def start_nodes(self, count: int, *, counted: int | None = None) -> list[str]:
+        """Start up to `count` servers; return the names of those started. `counted`: how
+        many the caller saw running when it decided (those started since count toward
+        `count`)."""
         ...
 
     def stop_node(self, name: str) -> bool:

@@ -108,12 +108,19 @@ class LocalProcessProvider:
 
     # -- start ----------------------------------------------------------------------
 
-    def start_nodes(self, count: int) -> list[str]:
-        """Start `count` workers (fewer if ports run out); return their names."""
+    def start_nodes(self, count: int, *, counted: int | None = None) -> list[str]:
+        """Start `count` workers (fewer if ports run out); return their names.
+
+        `counted`: how many workers the caller saw running when it decided. Workers
+        another decider started since (the launcher at start-up, a Celery tick) count
+        toward `count`: a decision taken outside the lock must not start them twice.
+        """
         if count <= 0:
             return []
         started = []
         with self._fleet_lock():  # two deciders never pick the same name
+            if counted is not None:
+                count -= max(0, len(self.managed_names()) - counted)
             for name in self._free_names(count):
                 if self._start_worker(name):
                     started.append(name)

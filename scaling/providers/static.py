@@ -24,7 +24,7 @@ class StaticProvider:
         """Return no names: no node here was started by the portal."""
         return set()
 
-    def start_nodes(self, count: int) -> list[str]:
+    def start_nodes(self, count: int, *, counted: int | None = None) -> list[str]:
         """Return []: servers join by hand."""
         return []
 
