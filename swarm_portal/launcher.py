@@ -10,7 +10,10 @@ releases more within bounds.
 They join with a short-lived token (later runs reuse their stored credentials). With
 SCALING_PROVIDER=static the launcher starts two fixed workers itself, as before.
 The launcher supervises its children (swarm_portal/supervisor.py): one that dies is
-restarted, with back-off. Ctrl-C or SIGTERM stops everything; the workers drain first.
+restarted, with back-off. It binds the portal's listening socket itself and hands it to
+each uvicorn it starts (`--fd`), so while the portal restarts, clients' connections wait
+in the kernel's backlog instead of being refused. Ctrl-C or SIGTERM stops everything; the
+workers drain first.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +46,8 @@ PORTAL, CELERY = "portal", "celery"
 STEP_S = 0.2
 BROKER_PRUNE_EVERY_S = 60.0
 BROKER_KEEP_DELIVERED_S = 600.0
+# Connections the kernel queues while no uvicorn accepts (a portal restart takes seconds).
+LISTEN_BACKLOG = 4096
 
 
 def _secret_key(var_dir: Path) -> str:
@@ -98,15 +104,29 @@ def _fixed_worker_spec(env: dict[str, str], name: str, ports: str, token: str) -
     return ChildSpec(name, command, ROOT, worker_env, stop_timeout_s=WORKER_STOP_S)
 
 
-def _child_specs(env: dict[str, str], host: str, port: str) -> list[ChildSpec]:
+def listen(host: str, port: int) -> socket.socket:
+    """Return a TCP socket listening on host:port, for the portal's successive processes."""
+    family, kind, proto, _name, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind does
+    sock.bind(address)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+def _child_specs(env: dict[str, str], listener: socket.socket) -> list[ChildSpec]:
     """Return the portal and Celery (the fixed workers too with SCALING_PROVIDER=static)."""
     python = sys.executable
-    portal = [python, "-m", "uvicorn", "swarm_portal.asgi:application", "--host", host,
-              "--port", port, "--no-server-header", "--no-access-log"]
+    # The launcher keeps the socket open: between one uvicorn and the next, connections
+    # queue in its backlog (up to the clients' timeouts) instead of being refused.
+    fd = listener.fileno()
+    portal = [python, "-m", "swarm_portal.uvicorn_serve", "--fd", str(fd),
+              "--backlog", str(LISTEN_BACKLOG)]
     celery = [python, "-m", "celery", "-A", "swarm_portal", "worker", "--beat",
               "--concurrency", "1", "--loglevel", "WARNING",
               "--schedule", str(Path(env["SWARM_VAR_DIR"]) / "celery" / "beat-schedule")]
-    specs = [ChildSpec(PORTAL, portal, ROOT, env, stop_timeout_s=PORTAL_STOP_S),
+    specs = [ChildSpec(PORTAL, portal, ROOT, env, stop_timeout_s=PORTAL_STOP_S, pass_fds=(fd,)),
              ChildSpec(CELERY, celery, ROOT, env, stop_timeout_s=CELERY_STOP_S)]
     if env["SCALING_PROVIDER"] != "local":
         token = _manage(env, "local_join_token", "--uses", str(len(LOCAL_WORKERS))).strip()
@@ -125,8 +145,9 @@ def local_fleet(env: dict[str, str]) -> LocalProcessProvider:
 def _start_local_fleet(env: dict[str, str]) -> None:
     """Start LOCAL_FLEET_MIN_NODES workers (fewer if some still run from a previous run)."""
     fleet = local_fleet(env)
-    missing = env_int("LOCAL_FLEET_MIN_NODES", 1, minimum=0) - len(fleet.managed_names())
-    started = fleet.start_nodes(missing)
+    running = len(fleet.managed_names())
+    started = fleet.start_nodes(env_int("LOCAL_FLEET_MIN_NODES", 1, minimum=0) - running,
+                                counted=running)
     if started:
         print(f"started {', '.join(started)} (logs in {fleet.fleet_dir})", flush=True)
 
@@ -183,7 +204,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="launcher: %(message)s")
     stopping.clear_stopping(Path(env["SWARM_VAR_DIR"]))
     _prepare(env)
-    supervisor = Supervisor(_child_specs(env, host, port))
+    try:
+        listener = listen(host, env_int("SWARM_PORT", 8000, minimum=1))
+    except OSError as error:  # in use, or not an address of this machine
+        sys.exit(f"cannot listen on {host}:{port}: {error}")
+    supervisor = Supervisor(_child_specs(env, listener))
     supervisor.start_all()
     if env["SCALING_PROVIDER"] == "local":
         _start_local_fleet(env)

@@ -55,6 +55,8 @@ class ChildSpec:
     cwd: Path
     env: Mapping[str, str]
     stop_timeout_s: float = 40.0
+    # Descriptors the child inherits (the portal's listening socket, held by the launcher).
+    pass_fds: Sequence[int] = ()
 
 
 @dataclass
@@ -122,7 +124,7 @@ class Supervisor:
         parent_pid = os.getpid()
         child.proc = subprocess.Popen(  # preexec_fn is safe: the launcher runs no threads
             list(spec.command), cwd=spec.cwd, env=dict(spec.env), start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(parent_pid))
+            pass_fds=tuple(spec.pass_fds), preexec_fn=lambda: _die_with_parent(parent_pid))
         child.started_at_s = self.clock()
         child.restart_at_s = None
 
