@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import tempfile
 
-if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+if (worker := os.environ.get("PYTEST_XDIST_WORKER")) \
+        and os.environ.get("SWARM_TESTS_OWN_DIRS") != worker:
     # An xdist worker inherits the controller's folder and key prefix: take its own, as
-    # another run would (the file cache and the broker live in that folder).
+    # another run would (the file cache and the broker live in that folder). Once only:
+    # the processes a worker's tests start inherit the marker, and keep what they are given.
     os.environ["SWARM_VAR_DIR"] = tempfile.mkdtemp(prefix=f"swarm-portal-tests-{worker}-")
     os.environ["CACHE_KEY_PREFIX"] = f"swarm-test-{os.getpid()}"
+    os.environ["SWARM_TESTS_OWN_DIRS"] = worker
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123456789")
 # A folder per run: two runs on one machine must not share a test database file.
 os.environ.setdefault("SWARM_VAR_DIR", tempfile.mkdtemp(prefix="swarm-portal-tests-"))
