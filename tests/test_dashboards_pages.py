@@ -155,7 +155,8 @@ def test_a_join_token_comes_with_the_join_command(operator_client):
     response = operator_client.post("/access/tokens/", {"name": "lab", "uses": 2})
     secret = response.content.split(b'<pre class="copy" id="secret">')[1].split(b"<")[0]
     assert secret.startswith(b"swj_")
-    assert (b"SWARM_JOIN_TOKEN=" + secret + b" swarm-worker --portal http://testserver") in response.content
+    command = b"SWARM_JOIN_TOKEN=" + secret + b" swarm-worker --portal http://testserver"
+    assert command in response.content
     assert b"--token " not in response.content
     assert JoinToken.objects.get().uses_left == 2
     bad = operator_client.post("/access/tokens/", {"name": "", "uses": 0}, follow=True)
