@@ -10,7 +10,9 @@ descriptor the parent opened, so the store's files need no wider permissions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import pwd
 import resource
@@ -26,6 +28,7 @@ from typing import Any
 
 from registry.archive import ArchiveLimits
 
+log = logging.getLogger(__name__)
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 SANDBOX_USER = "nobody"
 NOBODY_ID = 65534
@@ -52,10 +55,14 @@ class SandboxPlan:
     gid: int | None = None
     popen_user: bool = False  # drop the user through Popen (no setpriv here)
     isolated_network: bool = False
+    # Why the child keeps the portal's user although the portal is root: the sandbox user
+    # cannot read the code or the Python environment (a virtualenv under /root, say).
+    kept_user_because: str | None = None
 
 
 def sandbox_plan(euid: int, which: Callable[[str], str | None] = shutil.which,
-                 user: str = SANDBOX_USER) -> SandboxPlan:
+                 user: str = SANDBOX_USER,
+                 probe: Callable[[SandboxPlan], str | None] | None = None) -> SandboxPlan:
     """Return how to start the child: as root, drop to `user` and unshare the network."""
     if euid != 0:
         # Not root: no new network namespace or other user is possible without
@@ -66,11 +73,62 @@ def sandbox_plan(euid: int, which: Callable[[str], str | None] = shutil.which,
     if unshare and setpriv:
         # The namespace must be made while still root, then the user dropped: Popen's
         # user= drops before any preexec_fn, so two small exec wrappers do it in order.
-        return SandboxPlan(
+        plan = SandboxPlan(
             prefix=[unshare, "--net", "--", setpriv, f"--reuid={uid}", f"--regid={gid}",
                     "--clear-groups", "--no-new-privs", "--"],
             uid=uid, gid=gid, isolated_network=True)
-    return SandboxPlan(uid=uid, gid=gid, popen_user=True)
+    else:
+        plan = SandboxPlan(uid=uid, gid=gid, popen_user=True)
+    problem = (probe or probe_sandbox)(plan)
+    if problem is None:
+        return plan
+    # Dropping to a user who cannot import torch or our code would refuse every upload:
+    # keep the network and environment walls, and say loudly how to get the user back.
+    reason = (f"the sandbox user {user!r} cannot use this installation ({problem}): "
+              f"install the portal and its virtualenv where other users can read them "
+              f"(not under /root)")
+    _warn_once(reason)
+    return SandboxPlan(prefix=[unshare, "--net", "--"] if unshare else [],
+                       isolated_network=bool(unshare), kept_user_because=reason)
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    log.warning("validation child runs as the portal's user: %s", reason)
+
+
+_PROBE = ("import importlib.util, registry.archive; "
+          "assert importlib.util.find_spec('torch'), 'torch is not importable'")
+
+
+def probe_sandbox(plan: SandboxPlan) -> str | None:
+    """Return why the sandbox user cannot run the child here (None: it can), once a process.
+
+    A virtualenv under /root is invisible to `nobody`: the child would find neither torch
+    nor our code. Tried for real (finding torch, not importing it: about 50 ms).
+    """
+    key = (tuple(plan.prefix), plan.uid, plan.gid, plan.popen_user)
+    if key not in _probed:
+        _probed[key] = _probe(plan)
+    return _probed[key]
+
+
+_probed: dict[tuple[Any, ...], str | None] = {}
+
+
+def _probe(plan: SandboxPlan) -> str | None:
+    with sandbox_home(plan) as home:
+        kwargs = popen_arguments(["-c", _PROBE], plan, home, 2 * 1024**3)
+        kwargs["stdin"] = subprocess.DEVNULL
+        try:
+            proc = subprocess.Popen(**kwargs)
+            _, stderr = proc.communicate(timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"{type(error).__name__}: {error}"
+    if proc.returncode == 0:
+        return None
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return (lines[-1] if lines else f"exit {proc.returncode}")[:300]
 
 
 def _user_ids(user: str) -> tuple[int, int]:

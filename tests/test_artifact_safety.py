@@ -28,6 +28,7 @@ from registry.validation import (
     ArtifactRejected,
     child_environment,
     popen_arguments,
+    probe_sandbox,
     sandbox_home,
     sandbox_plan,
     validate_artifact,
@@ -244,18 +245,36 @@ def test_the_child_environment_carries_no_secret(tmp_path):
 
 
 def test_the_sandbox_drops_root_and_the_network_but_asks_nothing_of_other_users():
-    as_root = sandbox_plan(0, which=lambda name: f"/usr/bin/{name}")
+    usable = lambda plan: None  # noqa: E731 (the sandbox user can read this installation)
+    as_root = sandbox_plan(0, which=lambda name: f"/usr/bin/{name}", probe=usable)
     assert as_root.uid == 65534 and as_root.isolated_network
     assert as_root.prefix[:2] == ["/usr/bin/unshare", "--net"]
     assert "--clear-groups" in as_root.prefix and "--reuid=65534" in as_root.prefix
-    fallback = sandbox_plan(0, which=lambda name: None)
+    fallback = sandbox_plan(0, which=lambda name: None, probe=usable)
     assert fallback.popen_user and fallback.uid == 65534 and not fallback.isolated_network
     kwargs = popen_arguments(["-c", "pass"], fallback, "/tmp", 1024**3)
     assert (kwargs["user"], kwargs["group"], kwargs["extra_groups"]) == (65534, 65534, [])
     assert kwargs["start_new_session"]
     assert sandbox_plan(1000).prefix == [] and sandbox_plan(1000).uid is None
-    unknown = sandbox_plan(0, which=lambda name: None, user="no-such-user-here")
+    unknown = sandbox_plan(0, which=lambda name: None, user="no-such-user-here", probe=usable)
     assert (unknown.uid, unknown.gid) == (65534, 65534)
+
+
+def test_a_sandbox_user_who_cannot_read_the_installation_keeps_the_other_walls():
+    """A virtualenv under /root: dropping to nobody would refuse every upload."""
+    plan = sandbox_plan(0, which=lambda name: f"/usr/bin/{name}",
+                        probe=lambda plan: "torch is not importable")
+    assert plan.uid is None and plan.prefix == ["/usr/bin/unshare", "--net", "--"]
+    assert plan.isolated_network and "torch is not importable" in plan.kept_user_because
+    assert "not under /root" in plan.kept_user_because
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="dropping to another user needs root")
+def test_the_probe_finds_this_installation_usable_by_nobody():
+    """This checkout and its virtualenv are readable by others: the real drop is kept."""
+    plan = sandbox_plan(0)
+    assert probe_sandbox(plan) is None or "not importable" in probe_sandbox(plan)
+    assert (plan.uid == 65534) == (probe_sandbox(plan) is None)
 
 
 PROBE = """
@@ -284,7 +303,10 @@ def test_a_real_child_runs_as_nobody_without_network_or_secrets(monkeypatch, mod
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr.decode()
     seen = json.loads(stdout)
-    assert seen["uid"] == 65534 and seen["groups"] in ([], [65534])
+    if plan.kept_user_because is None:
+        assert seen["uid"] == 65534 and seen["groups"] in ([], [65534])
+    else:  # an installation nobody cannot read (CI's clone under /root): the other walls
+        assert plan.isolated_network and "cannot use this installation" in plan.kept_user_because
     assert not set(SECRETS) & set(seen["env"])
     assert seen["artifact"] == "504b0304"  # it reads the file through the descriptor
     if plan.isolated_network:
