@@ -10,10 +10,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# OIP datatype -> (torch dtype name, bytes per element).
+# OIP datatype -> (torch dtype name, bytes per element). BYTES (variable-length byte
+# strings) has no torch dtype: a torch model meets them only through a version's steps.
 DATATYPES: dict[str, tuple[str, int]] = {
     "BOOL": ("bool", 1),
     "UINT8": ("uint8", 1),
+    "UINT16": ("uint16", 2),
+    "UINT32": ("uint32", 4),
+    "UINT64": ("uint64", 8),
     "INT8": ("int8", 1),
     "INT16": ("int16", 2),
     "INT32": ("int32", 4),
@@ -22,8 +26,10 @@ DATATYPES: dict[str, tuple[str, int]] = {
     "BF16": ("bfloat16", 2),
     "FP32": ("float32", 4),
     "FP64": ("float64", 8),
+    "BYTES": ("", 0),
 }
-TORCH_DTYPE_TO_DATATYPE = {torch_name: oip for oip, (torch_name, _) in DATATYPES.items()}
+TORCH_DTYPE_TO_DATATYPE = {torch_name: oip for oip, (torch_name, _) in DATATYPES.items()
+                           if torch_name}
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,127}$")
 MAX_RANK = 8
 MAX_TENSORS = 64

@@ -93,7 +93,7 @@ def test_request_level_binary_output_applies_unless_an_output_says_otherwise():
     ({"inputs": [json_input("item_ids", "INT64", [1, 8], [0.5] * 8), dense()]}, "integers"),
     ({"inputs": [json_input("item_ids", "INT64", [1, -8], list(range(8))), dense()]},
      "non-negative"),
-    ({"inputs": [json_input("item_ids", "UINT64", [1, 8], list(range(8))), dense()]},
+    ({"inputs": [json_input("item_ids", "UINT128", [1, 8], list(range(8))), dense()]},
      "not supported"),
     ({"inputs": [ids(), dense()], "outputs": [{"name": "nope"}]}, "unknown output 'nope'"),
     ({"inputs": [ids(), dense()], "id": 7}, "id must be a string"),

@@ -354,7 +354,10 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str |
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = array_to_json(output.array, output.datatype)
+            try:
+                entry["data"] = array_to_json(output.array, output.datatype)
+            except DataError as exc:
+                raise CodecError(f"output {output.name!r}: {exc}") from None
         entries.append(entry)
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
