@@ -17,6 +17,8 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("admin/", admin.site.urls),
+    path("api/auth/", include("swarm_portal.api_login")),
+    path("api/gateway/", include("serving.gateway_api")),
     path("api/", include("registry.api.urls")),
     path("api/", include("serving.api.urls")),
     path("api/", include("scaling.api.urls")),
