@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.utils import timezone
 
 from serving import services
-from serving.models import ApiKey, Deployment, DeploymentRevision, Gpu, JoinToken, Node, Replica
+from serving.models import (
+    ApiKey,
+    Deployment,
+    DeploymentRevision,
+    GatewayToken,
+    Gpu,
+    JoinToken,
+    Node,
+    Replica,
+)
 
 
 class GpuInline(admin.TabularInline):
@@ -112,3 +122,19 @@ class DeploymentRevisionAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(GatewayToken)
+class GatewayTokenAdmin(admin.ModelAdmin):
+    """Tokens are created with `manage.py create_gateway_token`, which shows the secret once."""
+
+    list_display = ["name", "prefix", "created_at", "revoked_at"]
+    readonly_fields = ["name", "token_hash", "prefix", "created_at", "revoked_at"]
+    actions = ["revoke"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request, queryset) -> None:
+        queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())

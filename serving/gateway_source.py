@@ -7,7 +7,9 @@ cache read. Only when it changes, or every few seconds as a safety net, does it 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -102,6 +104,11 @@ def build_route_table(revision: str = "") -> RouteTable:
     """Return the whole routing table from the database (a handful of queries)."""
     # Runs in a worker thread outside any request cycle: drop dead or expired connections.
     close_old_connections()
+    return route_table(revision)
+
+
+def route_table(revision: str = "") -> RouteTable:
+    """Return the whole routing table on the current connection (at most 6 queries)."""
     deployments = list(Deployment.objects.filter(deleting=False).select_related("version"))
     replicas = _routable_replicas()
     infos = _version_infos({d.model_id for d in deployments})
@@ -110,6 +117,19 @@ def build_route_table(revision: str = "") -> RouteTable:
         deployments={d.name: _deployment_route(d, replicas.get(d.pk, []), infos)
                      for d in deployments},
         api_keys=_api_keys())
+
+
+def share_caps(table: RouteTable, gateways: int) -> RouteTable:
+    """Return the table with each deployment's per-replica cap and queue limit split over
+    `gateways` processes (ceil, at least 1): together they keep a replica's cap."""
+    if gateways <= 1:
+        return table
+    deployments = {name: replace(
+        route,
+        max_in_flight_per_replica=max(1, math.ceil(route.max_in_flight_per_replica / gateways)),
+        queue_limit=max(1, math.ceil(route.queue_limit / gateways)))
+        for name, route in table.deployments.items()}
+    return replace(table, deployments=deployments)
 
 
 def _closing(function: Any) -> Any:
@@ -148,7 +168,8 @@ class DatabaseTableSource:
                             thread_sensitive=False)(latest_s_by_replica)
 
 
-def _session_user_active(session_key: str) -> bool:
+def session_user_active(session_key: str) -> bool:
+    """Return whether a Django session belongs to an active, logged-in user (queries)."""
     store: SessionBase = import_string(f"{settings.SESSION_ENGINE}.SessionStore")(session_key)
     user_id: Any = store.get("_auth_user_id")
     if user_id is None:
@@ -160,10 +181,11 @@ class PortalSessionAuth:
     """SessionAuth: any active, logged-in portal user may call deployments (playground)."""
 
     async def allows(self, session_key: str, deployment: str) -> bool:
-        return await _closing(_session_user_active)(session_key)
+        return await _closing(session_user_active)(session_key)
 
 
-def _send_activation(deployment_id: int, held: int) -> None:
+def send_activation(deployment_id: int, held: int) -> None:
+    """Send the auto-scaler's activation task (by name); raise when the broker fails."""
     from swarm_portal.celery import app
 
     # By name: serving does not import the scaling app that defines the task.
@@ -173,4 +195,4 @@ def _send_activation(deployment_id: int, held: int) -> None:
 
 async def celery_activator(deployment_id: int, held: int) -> None:
     """Activator for the gateway: ask the auto-scaler (a Celery task) to start a replica."""
-    await sync_to_async(_send_activation, thread_sensitive=False)(deployment_id, held)
+    await sync_to_async(send_activation, thread_sensitive=False)(deployment_id, held)

@@ -146,4 +146,63 @@ def bump_routes_on_commit() -> None:
 
 
 def routes_revision() -> str:
-    return str(cache.get(ROUTES_REVISION_KEY, 0))
+    """Return the routes revision ("0" when the cache lost it); raise CacheUnavailable."""
+    with _guarded("reading the routes revision"):
+        return str(cache.get(ROUTES_REVISION_KEY, 0))
+
+
+# Gateway processes that polled the routing table lately: the portal splits each
+# deployment's per-replica cap over them. One key per instance (its last poll, wall-clock
+# seconds) plus one list of the instances known, rewritten only when one joins or every
+# GATEWAY_RELIST_S, so concurrent polls from different gateways rarely write the same key.
+GATEWAYS_KEY = "gateways:known"
+GATEWAY_LIVE_WINDOW_S = 3.0
+GATEWAY_WRITE_EVERY_S = 1.0
+GATEWAY_RELIST_S = 30.0
+MAX_GATEWAY_INSTANCES = 1000
+
+
+def _gateway_key(instance: str) -> str:
+    return f"gateway:{instance}:polled"
+
+
+class GatewayInstances:
+    """Counts gateway instances that polled within GATEWAY_LIVE_WINDOW_S (wall clock, s).
+
+    Each portal process writes an instance's poll at most once per GATEWAY_WRITE_EVERY_S.
+    Only authenticated callers may be noted: instance ids are client-chosen.
+    """
+
+    def __init__(self) -> None:
+        self._written_s: dict[str, float] = {}  # this process's last write per instance
+
+    def note(self, instance: str, now_s: float) -> bool:
+        """Record a poll by `instance`; return whether the cache was written."""
+        last_s = self._written_s.get(instance)
+        if last_s is not None and 0 <= now_s - last_s < GATEWAY_WRITE_EVERY_S:
+            return False
+        with _guarded("recording a gateway poll"):
+            cache.set(_gateway_key(instance), now_s, GATEWAY_RELIST_S)
+            known: dict[str, float] = cache.get(GATEWAYS_KEY) or {}
+            listed_s = known.get(instance)
+            if listed_s is None or now_s - listed_s >= GATEWAY_RELIST_S:
+                cache.set(GATEWAYS_KEY, _relisted(known, instance, now_s), None)
+        if len(self._written_s) >= MAX_GATEWAY_INSTANCES:
+            self._written_s.clear()  # bounded; costs one extra write per instance
+        self._written_s[instance] = now_s
+        return True
+
+    def count(self, now_s: float) -> int:
+        """Return how many instances polled within the window (0 when none)."""
+        with _guarded("counting gateways"):
+            known: dict[str, float] = cache.get(GATEWAYS_KEY) or {}
+            polled = cache.get_many([_gateway_key(instance) for instance in known])
+        return sum(1 for at_s in polled.values() if now_s - float(at_s) <= GATEWAY_LIVE_WINDOW_S)
+
+
+def _relisted(known: dict[str, float], instance: str, now_s: float) -> dict[str, float]:
+    """Return the known list with `instance` listed now and long-silent ones dropped."""
+    kept = {i: at_s for i, at_s in known.items() if now_s - at_s < 2 * GATEWAY_RELIST_S}
+    kept[instance] = now_s
+    newest = sorted(kept.items(), key=lambda item: item[1])[-MAX_GATEWAY_INSTANCES:]
+    return dict(newest)

@@ -246,3 +246,25 @@ class ApiKey(models.Model):
     def status(self) -> str:
         """Return "valid", or why gateways refuse it: revoked or expired."""
         return credential_status(self.revoked_at, self.expires_at)
+
+
+class GatewayToken(models.Model):
+    """A secret a `swarm-gateway` process presents to read the routing table; stored as a
+    sha256 digest, shown once."""
+
+    name = models.CharField(max_length=100)
+    token_hash = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=12, help_text="first characters, to recognise it")
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def status(self) -> str:
+        """Return "valid" or "revoked"."""
+        return credential_status(self.revoked_at, None)
