@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,9 @@ from tests.gateway_helpers import (
     table,
 )
 from tests.ha_helpers import (
+    DEPLOY,
     PLACEHOLDER,
+    ROOT,
     GatewayProcess,
     Nginx,
     TlsLoad,
@@ -41,7 +46,7 @@ from tests.ha_helpers import (
 from tests.replica_models import MLP_SIGNATURE, free_port, wait_until_ready
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(nginx_binary() is None,
+needs_nginx = pytest.mark.skipif(nginx_binary() is None,
                                 reason="nginx is not installed (apt-get install nginx-light)")
 CLIENT_THREADS = 3
 REQUEST_TIMEOUT_S = 30.0
@@ -61,12 +66,70 @@ def nginx_values(directory: Path, gateways: list[str], portal: str) -> dict[str,
             "ACCESS_LOG": str(directory / "access.log")}
 
 
+@needs_nginx
 def test_nginx_accepts_the_deploy_configuration(tmp_path: Path):
     values = nginx_values(tmp_path, ["127.0.0.1:1", "127.0.0.1:2"], "127.0.0.1:3")
     output = Nginx(tmp_path / "nginx", values).check()
     assert "test is successful" in output
     rendered = (tmp_path / "nginx" / "swarm.conf").read_text()
     assert not PLACEHOLDER.search(rendered)
+
+
+UNITS = sorted((DEPLOY / "systemd").glob("swarm-*"))
+# What systemd would put in place of the units' specifiers and ${VARIABLES} (--help only).
+SPECIFIERS = {"%i": "8101", "%d": "/run/credentials/x", "%C": "/var/cache", "%l": "host",
+              "${SWARM_PORTAL_URL}": "http://127.0.0.1:8000", "${SWARM_GATEWAY_HOST}": "127.0.0.1",
+              "${SWARM_GATEWAY_GRPC_PORT}": "0"}
+
+
+def installed_here(text: str) -> str:
+    """Return a unit's text with /opt/swarm-portal (and its .venv) pointing at this checkout."""
+    venv_bin = str(Path(sys.executable).parent)
+    return (text.replace("/opt/swarm-portal/.venv/bin", venv_bin)
+            .replace("/opt/swarm-portal", str(ROOT)))
+
+
+def command_lines(text: str) -> list[list[str]]:
+    """Return the ExecStart/ExecStartPre command lines of a unit, specifiers filled in."""
+    lines = text.replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        if line.startswith(("ExecStart=", "ExecStartPre=")):
+            command = line.split("=", 1)[1]
+            for specifier, value in SPECIFIERS.items():
+                command = command.replace(specifier, value)
+            commands.append(shlex.split(command))
+    return commands
+
+
+@pytest.mark.slow
+def test_every_flag_in_the_systemd_units_exists(tmp_path: Path):
+    assert {unit.name for unit in UNITS} >= {
+        "swarm-portal.service", "swarm-portal.socket", "swarm-gateway@.service",
+        "swarm-celery-worker.service", "swarm-celery-beat.service"}
+    commands = [c for unit in UNITS for c in command_lines(installed_here(unit.read_text()))]
+    assert len(commands) == 5  # migrate, portal, gateway, worker, beat
+    for command in commands:
+        result = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, f"{command}: {result.stderr[-2000:]}"
+        flags = [arg.split("=", 1)[0] for arg in command if arg.startswith("--")]
+        missing = [flag for flag in flags if flag not in result.stdout]
+        assert not missing, f"{command[:4]}: no such options {missing}"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verifies_the_units(tmp_path: Path):
+    names = []
+    for unit in UNITS:
+        name = unit.name.replace("@.service", "@8101.service")
+        (tmp_path / name).write_text(installed_here(unit.read_text()))
+        names.append(name)
+    result = subprocess.run(["systemd-analyze", "verify", *names], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines()
+                  if "swarm-" in line]
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
 
 
 def standalone_gateway(directory: Path, table_path: Path, name: str) -> GatewayProcess:
@@ -114,6 +177,7 @@ def report(phases: list[Phase]) -> str:
     return "\n".join(lines)
 
 
+@needs_nginx
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kill_9_of_a_gateway_behind_nginx_fails_no_request(front):
