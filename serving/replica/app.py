@@ -18,12 +18,14 @@ from serving.replica import codec
 from serving.replica.codec import CodecError, OutputTensor
 from serving.replica.config import ReplicaConfig
 from serving.replica.engine import InferenceEngine
+from serving.replica.pipeline import InputRejected
 from serving.replica.runner import ModelFailure
 from serving.wire_numbers import parse_count
 
 SERVER_NAME = "swarm-replica"
 SERVER_VERSION = "0.1.0"
-PLATFORMS = {"torchscript": "pytorch_torchscript", "torch_export": "pytorch_torch_export"}
+PLATFORMS = {"torchscript": "pytorch_torchscript", "torch_export": "pytorch_torch_export",
+             "onnx": "onnxruntime_onnx"}
 RETRY_AFTER_S = b"1"
 
 Scope = dict[str, Any]
@@ -90,10 +92,12 @@ class ReplicaApp:
         self._bearer = b"Bearer " + config.key.encode()
         self._version = str(config.model_version)
         self._routes = self._build_routes()
+        # What clients see: the engine's runner serves the signature after any steps.
+        self.signature = engine.runner.signature
         self._metadata = codec.dump_json({
             "name": config.model_name, "versions": [self._version],
             "platform": PLATFORMS[config.artifact_format],
-            **config.signature.to_dict(),
+            **self.signature.to_dict(),
         })
 
     def _build_routes(self) -> dict[str, Route]:
@@ -215,14 +219,16 @@ class ReplicaApp:
         json_length = codec.parse_header_length(
             headers.get(codec.HEADER_LENGTH_HEADER.encode()), len(body))
         request = codec.decode_infer_request(body, json_length)
-        bound = codec.bind_to_signature(request, self.config.signature)
+        bound = codec.bind_to_signature(request, self.signature)
         try:
             outputs = await self.engine.infer(bound.arrays, bound.rows)
+        except InputRejected as exc:
+            return error_response(400, str(exc))
         except ModelFailure as exc:
             self.engine.stats.record_failure()
             logger.error("inference failed: %s", exc)
             return error_response(500, f"inference failed: {exc}")
-        specs = self.config.signature.outputs
+        specs = self.signature.outputs
         encoded = codec.encode_infer_response(
             self.config.model_name, self._version, request.request_id,
             [OutputTensor(specs[i].name, specs[i].datatype, outputs[i], binary)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.signature import Signature, SignatureError, parse_signature
+from registry.steps import Steps, StepsError, parse_steps
 
 KEY_ENV = "SWARM_REPLICA_KEY"
 MIN_KEY_CHARS = 16
-FORMATS = ("torchscript", "torch_export")
+FORMATS = ("torchscript", "torch_export", "onnx")
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 
@@ -40,6 +41,7 @@ class ReplicaConfig:
     threads: int
     key: str
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    steps: Steps | None = None  # the version's processing steps (registry/steps.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-version", required=True, type=int)
     parser.add_argument("--signature-file", required=True,
                         help='JSON {"inputs": [...], "outputs": [...]}')
+    parser.add_argument("--steps-file", default=None,
+                        help="JSON of the version's processing steps (images in, labels out)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001, help="0: any free port")
     parser.add_argument("--max-batch-size", type=int, default=1, help="1: no batching")
@@ -68,12 +72,13 @@ def load_config(argv: Sequence[str] | None = None,
     """Return the validated configuration; argparse exits on malformed arguments."""
     args = build_parser().parse_args(argv)
     env = os.environ if environ is None else environ
+    signature = _signature(args.signature_file)
     return ReplicaConfig(
         artifact_path=_existing_file(args.artifact, "--artifact"),
         artifact_format=args.artifact_format,
         model_name=_model_name(args.model_name),
         model_version=_at_least(args.model_version, 1, "--model-version"),
-        signature=_signature(args.signature_file),
+        signature=signature,
         host=args.host,
         port=_port(args.port),
         max_batch_size=_at_least(args.max_batch_size, 1, "--max-batch-size"),
@@ -81,6 +86,7 @@ def load_config(argv: Sequence[str] | None = None,
         device=_device(args.device),
         threads=_at_least(args.threads, 1, "--threads"),
         key=_key(env.get(KEY_ENV, "")),
+        steps=None if args.steps_file is None else _steps(args.steps_file, signature),
     )
 
 
@@ -126,6 +132,14 @@ def _signature(path: str) -> Signature:
         return parse_signature(json.loads(Path(path).read_text()))
     except (ValueError, SignatureError) as exc:
         raise ConfigError(f"--signature-file {path}: {exc}") from None
+
+
+def _steps(path: str, signature: Signature) -> Steps:
+    _existing_file(path, "--steps-file")
+    try:
+        return parse_steps(json.loads(Path(path).read_text()), signature)
+    except (ValueError, StepsError) as exc:
+        raise ConfigError(f"--steps-file {path}: {exc}") from None
 
 
 def _key(key: str) -> str:

@@ -10,20 +10,32 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from registry.signature import Signature
 from serving.replica.batching import Batch, Batcher, BatchPolicy
-from serving.replica.runner import ModelFailure, ModelRunner, is_batchable
+from serving.replica.runner import ModelFailure, is_batchable
 from serving.replica.stats import ReplicaStats
 
 R = TypeVar("R")
 Outputs = list[np.ndarray]
 Result = Outputs | ModelFailure
+
+
+class Runner(Protocol):
+    """What the engine needs of a model runner (runner.py, or pipeline.py's steps)."""
+
+    @property
+    def signature(self) -> Signature: ...
+
+    def load(self, warm_up_rows: int) -> None: ...
+
+    def forward(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]: ...
 
 
 @dataclass(eq=False)
@@ -68,7 +80,7 @@ def _now_ms() -> float:
 class InferenceEngine:
     """Admits requests, batches them, and resolves each with its own rows of the outputs."""
 
-    def __init__(self, runner: ModelRunner, policy: BatchPolicy, stats: ReplicaStats) -> None:
+    def __init__(self, runner: Runner, policy: BatchPolicy, stats: ReplicaStats) -> None:
         if not is_batchable(runner.signature):
             policy = BatchPolicy(max_batch_size=1, max_queue_delay_ms=policy.max_queue_delay_ms)
         self.runner = runner
@@ -134,6 +146,7 @@ class InferenceEngine:
                 return [self.runner.forward(items[0].arrays)]
             arrays = [np.concatenate([item.arrays[i] for item in items])
                       for i in range(len(items[0].arrays))]
+            # Object (BYTES) arrays concatenate like numbers: rows stay rows.
             return _split_rows(self.runner.forward(arrays), items, rows, self.runner)
         except ModelFailure:
             raise
@@ -171,7 +184,7 @@ class InferenceEngine:
 
 
 def _split_rows(outputs: Outputs, items: tuple[PendingRequest, ...], rows: int,
-                runner: ModelRunner) -> list[Outputs]:
+                runner: Runner) -> list[Outputs]:
     """Return each request's rows of the batch outputs (views, no copies)."""
     for output, spec in zip(outputs, runner.signature.outputs, strict=True):
         if output.shape[0] != rows:

@@ -24,6 +24,7 @@ from serving.replica.app import ReplicaApp
 from serving.replica.batching import BatchPolicy
 from serving.replica.config import ReplicaConfig
 from serving.replica.engine import InferenceEngine
+from serving.replica.pipeline import with_steps
 from serving.replica.runner import LoadError, ModelRunner
 from serving.replica.stats import ReplicaStats
 
@@ -68,7 +69,7 @@ class Replica:
         runner = ModelRunner(config.artifact_path, config.artifact_format, config.device,
                              config.signature, config.threads)
         policy = BatchPolicy(config.max_batch_size, config.max_queue_delay_ms)
-        self.engine = InferenceEngine(runner, policy, ReplicaStats())
+        self.engine = InferenceEngine(with_steps(runner, config.steps), policy, ReplicaStats())
         self.app = ReplicaApp(config, self.engine)
         self.exit_code = EXIT_OK
         self._tasks: set[asyncio.Task[None]] = set()

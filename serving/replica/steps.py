@@ -1,0 +1,105 @@
+"""Run a version's steps (registry/steps.py) on numpy arrays: images in, labels out.
+
+Pure apart from Pillow: image bytes become the model's input tensor (decode, color mode,
+resize, layout, scale, mean/std) and a model output becomes top-k scores, class indices
+and labels. A request's bad data raises StepError with a message for the client (400).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from registry.steps import ClassifyStep, ImageStep
+from serving.replica.datatypes import NUMPY_DTYPES
+
+IMAGE_FORMATS = ("JPEG", "PNG")
+MAX_IMAGE_PIXELS = 4096 * 4096  # decoded size; checked from the header before decoding
+
+
+class StepError(ValueError):
+    """Input data that a step cannot take (HTTP 400); the message names the input."""
+
+
+def decode_images(array: np.ndarray, step: ImageStep) -> np.ndarray:
+    """Return BYTES [N, 1] (one JPEG or PNG per row) as the model input [N, C, H, W] or
+    [N, H, W, C] of the step's datatype; raises StepError naming the input and row."""
+    if array.ndim != 2 or array.shape[1] != 1:
+        raise StepError(f"input {step.name!r} must have shape [N, 1]: one image per row")
+    rows = [_image_row(element, step, row) for row, element in enumerate(array[:, 0])]
+    batch = np.stack(rows).astype(np.float32)  # [N, H, W, C]
+    if step.datatype != "UINT8":
+        mean = np.asarray(step.mean, dtype=np.float32)
+        std = np.asarray(step.std, dtype=np.float32)
+        batch = (batch * np.float32(step.scale) - mean) / std
+    if step.layout == "CHW":
+        batch = batch.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(batch, dtype=NUMPY_DTYPES[step.datatype])
+
+
+def _image_row(data: bytes, step: ImageStep, row: int) -> np.ndarray:
+    """Return one image as [H, W, C] uint8, resized to the step's size."""
+    where = f"input {step.name!r} row {row}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise StepError(f"{where}: the image is {width}x{height} pixels, more than "
+                                f"{MAX_IMAGE_PIXELS} (4096x4096) are refused")
+            if opened.format == "JPEG":  # decodes at 1/2, 1/4 or 1/8 scale: less to resize
+                opened.draft("L" if step.color == "L" else "RGB", (step.width, step.height))
+            image = opened.convert("L" if step.color == "L" else "RGB")
+            image = image.resize((step.width, step.height), Image.Resampling.BILINEAR)
+    except StepError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise StepError(f"{where}: the image is too large to decode ({exc})") from None
+    except Exception as exc:  # Pillow raises many kinds for corrupt data
+        raise StepError(f"{where} is not a readable JPEG or PNG image "
+                        f"({type(exc).__name__}: {_first_line(exc)})") from None
+    pixels = np.asarray(image, dtype=np.uint8)
+    if step.color == "L":
+        return pixels[:, :, np.newaxis]
+    return pixels[:, :, ::-1] if step.color == "BGR" else pixels
+
+
+def label_table(labels: tuple[str, ...]) -> np.ndarray:
+    """Return the labels as a BYTES array (UTF-8), indexed by class."""
+    table = np.empty(len(labels), dtype=object)
+    table[:] = [label.encode() for label in labels]
+    return table
+
+
+def classify(output: np.ndarray, step: ClassifyStep, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Return the step's outputs for a float model output [N, classes]: top-k scores [N, k]
+    (softmax first if asked), and indices (INT64) and labels (BYTES, from `label_table`)
+    when named. RuntimeError when the model has more classes than labels."""
+    scores = output.astype(np.float32)
+    if step.softmax:
+        shifted = scores - scores.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        scores = exp / exp.sum(axis=1, keepdims=True)
+    k = min(step.top_k, scores.shape[1])
+    # argpartition finds the top k in O(classes); only those k are then sorted.
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    indices = np.take_along_axis(top, order, axis=1).astype(np.int64)
+    result: dict[str, np.ndarray] = {step.scores: np.take_along_axis(scores, indices, axis=1)}
+    if step.indices:
+        result[step.indices] = indices
+    if step.labels:
+        if indices.size and int(indices.max()) >= len(labels):
+            raise RuntimeError(f"output {step.output!r} has {scores.shape[1]} classes but "
+                               f"the labels file has {len(labels)} labels")
+        result[step.labels] = labels[indices]
+    return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
