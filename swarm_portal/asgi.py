@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -17,12 +18,6 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 
 from dashboards import bus  # noqa: E402
-from serving.gateway.app import GatewayApp  # noqa: E402
-from serving.gateway_source import (  # noqa: E402
-    DatabaseTableSource,
-    PortalSessionAuth,
-    celery_activator,
-)
 from swarm_portal.body_limit import BodySizeLimit  # noqa: E402
 from swarm_portal.routing import websocket_urlpatterns  # noqa: E402
 
@@ -30,20 +25,21 @@ from swarm_portal.routing import websocket_urlpatterns  # noqa: E402
 # messages raised here go straight to them, not through the outbox (dashboards/bus.py).
 bus.mark_consumer_host()
 
-# The inference hot path: a plain ASGI app beside Django (DESIGN.md measured Django's view
-# stack at a tenth of direct throughput), with its routing table in memory.
-gateway = GatewayApp(
-    DatabaseTableSource(), PortalSessionAuth(), max_body_bytes=settings.GATEWAY_MAX_BODY_BYTES,
-    metrics_enabled=True, metrics_token=settings.METRICS_TOKEN or None,
-    activator=celery_activator)
 portal = BodySizeLimit(django_http, limit_bytes=settings.MAX_UPLOAD_BYTES + 1024**2)
+# Inference is served by `swarm-gateway` (serving/gateway/service.py), a process of its own
+# in front of the portal (make run starts it on the public port); not by this process.
+NOT_HERE = json.dumps({"error": "inference (/v2) and its /metrics are served by "
+                                "swarm-gateway, not by the portal process"}).encode()
 
 
 async def http_router(scope: dict, receive: Any, send: Any) -> None:
-    """Send /v2 and /metrics to the gateway, everything else to Django (one path check)."""
+    """Answer /v2 and /metrics with a JSON 404 (one path check); the rest goes to Django."""
     path = scope["path"]
     if (path.startswith("/v2") and (len(path) == 3 or path[3] == "/")) or path == "/metrics":
-        await gateway(scope, receive, send)
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(NOT_HERE)).encode())]})
+        await send({"type": "http.response.body", "body": NOT_HERE})
     else:
         await portal(scope, receive, send)
 
