@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 
+import httpx
+import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import tritonclient.http as triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from registry.signature import parse_signature
 from serving.replica import codec
@@ -20,6 +26,9 @@ from serving.replica.datatypes import (
     bytes_from_buffer,
     bytes_to_buffer,
 )
+from tests.gateway_helpers import BEARER, StandaloneGateway
+from tests.replica_models import ReplicaProcess, save_torchscript
+from tests.steps_helpers import gateway_for, start_with_steps
 
 TEXT_SIGNATURE = parse_signature({
     "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1, 1]}],
@@ -165,3 +174,130 @@ def test_unsigned_integers_decode_from_json_and_binary(datatype):
     bad = {"inputs": [{"name": "x", "datatype": datatype, "shape": [1], "data": [-1]}]}
     with pytest.raises(CodecError, match=datatype):
         codec.decode_infer_request(json.dumps(bad).encode(), None)
+
+
+# a real replica behind the gateway: FP16, BF16 and BYTES labels, JSON and binary
+
+
+class Affine(nn.Module):
+    """x [-1, 4] -> 2x + 1, in x's own dtype (FP16 or BF16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+
+class Labeller(nn.Module):
+    """FP32 features [-1, 3] -> the same as logits: the largest feature wins."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features * 1.0
+
+
+def half_signature(datatype: str) -> dict:
+    return {"inputs": [{"name": "x", "datatype": datatype, "shape": [-1, 4]}],
+            "outputs": [{"name": "y", "datatype": datatype, "shape": [-1, 4]}]}
+
+
+LABELLER_SIGNATURE = {
+    "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 3]}],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]}
+LABELLER_STEPS = {
+    "outputs": [{"output": "logits", "top_k": 1, "scores": "score", "labels": "label"}],
+    "labels": ["réd", "green", "blue"]}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory) -> Iterator[StandaloneGateway]:
+    directory = tmp_path_factory.mktemp("bytes")
+    started: list[ReplicaProcess] = []
+    try:
+        for name, module, signature, steps in [
+                ("fp16", Affine(), half_signature("FP16"), None),
+                ("bf16", Affine(), half_signature("BF16"), None),
+                ("labeller", Labeller(), LABELLER_SIGNATURE, LABELLER_STEPS)]:
+            artifact = save_torchscript(module.eval(), directory / f"{name}.pt")
+            started.append(start_with_steps(directory, artifact, signature, steps, name=name,
+                                            max_batch_size=4))
+        with gateway_for(directory, *started) as process:
+            yield process
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+@pytest.fixture
+def client(gateway) -> Iterator[triton.InferenceServerClient]:
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{gateway.port}")
+    yield client
+    client.close()
+
+
+def post(gateway: StandaloneGateway, model: str, body: dict) -> httpx.Response:
+    with httpx.Client(base_url=gateway.url, headers=dict(BEARER), timeout=30) as http:
+        return http.post(f"/v2/models/{model}/infer", json=body)
+
+
+X = np.array([[0.5, -1.25, 3.0, 100.0], [0.0, 2.5, -0.75, 7.0]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_fp16_through_the_gateway(client, binary):
+    x = triton.InferInput("x", [2, 4], "FP16")
+    x.set_data_from_numpy(X.astype(np.float16), binary_data=binary)
+    result = client.infer("fp16", [x], headers=dict(BEARER),
+                          outputs=[triton.InferRequestedOutput("y", binary_data=binary)])
+    y = result.as_numpy("y")
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y, (X * 2 + 1).astype(np.float16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("binary_output", [True, False], ids=["binary", "json"])
+def test_bf16_through_the_gateway(client, binary_output):
+    x = triton.InferInput("x", [2, 4], "BF16")  # tritonclient sends BF16 as binary only
+    x.set_data_from_numpy(X.astype(ml_dtypes.bfloat16), binary_data=True)
+    result = client.infer("bf16", [x], headers=dict(BEARER),
+                          outputs=[triton.InferRequestedOutput("y", binary_data=binary_output)])
+    y = np.asarray(result.as_numpy("y"), dtype=np.float32)
+    np.testing.assert_array_equal(y, X * 2 + 1)  # every value here is exact in bfloat16
+
+
+@pytest.mark.slow
+def test_bf16_in_json_through_the_gateway(gateway):
+    response = post(gateway, "bf16", {"inputs": [
+        {"name": "x", "datatype": "BF16", "shape": [2, 4], "data": X.ravel().tolist()}]})
+    assert response.status_code == 200
+    output = response.json()["outputs"][0]
+    assert output["datatype"] == "BF16" and output["data"] == (X * 2 + 1).ravel().tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_bytes_labels_come_back_as_json_strings_or_binary(client, binary):
+    features = triton.InferInput("features", [3, 3], "FP32")
+    features.set_data_from_numpy(np.eye(3, dtype=np.float32), binary_data=binary)
+    result = client.infer("labeller", [features], headers=dict(BEARER),
+                          outputs=[triton.InferRequestedOutput("label", binary_data=binary)])
+    labels = [e.decode() if isinstance(e, bytes) else e
+              for e in result.as_numpy("label").ravel()]
+    assert labels == ["réd", "green", "blue"]
+
+
+@pytest.mark.slow
+def test_bytes_input_to_a_numeric_model_is_a_400(gateway):
+    response = post(gateway, "labeller", {"inputs": [
+        {"name": "features", "datatype": "BYTES", "shape": [1, 3], "data": ["a", "b", "c"]}]})
+    assert response.status_code == 400
+    assert "expects FP32" in response.json()["error"]
+
+
+@pytest.mark.slow
+def test_a_lying_length_prefix_through_the_gateway_is_a_400(gateway):
+    body, json_length = binary_request("features", [1, 3], struct.pack("<I", 2**31))
+    with httpx.Client(base_url=gateway.url, headers=dict(BEARER), timeout=30) as http:
+        response = http.post("/v2/models/labeller/infer", content=body, headers={
+            "Inference-Header-Content-Length": str(json_length),
+            "Content-Type": "application/octet-stream"})
+    assert response.status_code == 400
+    assert "input 'features'" in response.json()["error"]
