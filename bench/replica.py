@@ -3,6 +3,7 @@
 Run by hand (not a test), from the repository root:
 
     python bench/replica.py                 # 5 s per cell, concurrency 1, 16 and 64
+    python bench/replica.py --format onnx   # the same MLP as ONNX, served by ONNX Runtime
 
 The reference MLP (TorchScript, 64 -> 256 -> 256 -> 10, FP32, torch.manual_seed(0)) is
 served by two replica processes started side by side on loopback, one batched
@@ -43,16 +44,50 @@ CONFIGS = {"unbatched": ["--max-batch-size", "1", "--max-queue-delay-ms", "0"],
 READY_DEADLINE_S = 60.0
 
 
-def save_reference_mlp(directory: Path) -> Path:
-    """Write the reference MLP as TorchScript; return its path."""
+def reference_mlp() -> torch.nn.Sequential:
+    """Return the reference MLP (64 -> 256 -> 256 -> 10, seeded)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
+    return torch.nn.Sequential(
         torch.nn.Linear(64, 256), torch.nn.ReLU(),
         torch.nn.Linear(256, 256), torch.nn.ReLU(),
         torch.nn.Linear(256, 10),
     ).eval()
+
+
+def save_reference_mlp(directory: Path, artifact_format: str = "torchscript") -> Path:
+    """Write the reference MLP as TorchScript or ONNX (same weights); return its path."""
+    if artifact_format == "onnx":
+        return save_reference_onnx(directory)
     path = directory / "reference-mlp.pt"
-    torch.jit.save(torch.jit.script(model), str(path))
+    torch.jit.save(torch.jit.script(reference_mlp()), str(path))
+    return path
+
+
+def save_reference_onnx(directory: Path) -> Path:
+    """Write the reference MLP as ONNX (Gemm/Relu, symbolic batch) with the onnx helpers."""
+    from onnx import TensorProto, helper, numpy_helper, save_model
+
+    layers = [m for m in reference_mlp() if isinstance(m, torch.nn.Linear)]
+    nodes, initializers, current = [], [], "input"
+    for i, layer in enumerate(layers):
+        weight, bias = f"w{i}", f"b{i}"
+        initializers += [numpy_helper.from_array(layer.weight.detach().numpy(), weight),
+                         numpy_helper.from_array(layer.bias.detach().numpy(), bias)]
+        out = "logits" if i == len(layers) - 1 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, weight, bias], [out], transB=1))
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            out = f"r{i}"
+        current = out
+    graph = helper.make_graph(
+        nodes, "reference-mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = directory / "reference-mlp.onnx"
+    save_model(model, str(path))
     return path
 
 
@@ -74,10 +109,11 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_replica(name: str, artifact: Path, signature_path: Path) -> Replica:
+def start_replica(name: str, artifact: Path, signature_path: Path,
+                  artifact_format: str = "torchscript") -> Replica:
     port = free_port()
     command = [sys.executable, "-m", "serving.replica", "--artifact", str(artifact),
-               "--format", "torchscript", "--model-name", "mlp", "--model-version", "1",
+               "--format", artifact_format, "--model-name", "mlp", "--model-version", "1",
                "--signature-file", str(signature_path), "--host", "127.0.0.1",
                "--port", str(port), "--device", "cpu", "--threads", "1", *CONFIGS[name]]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
@@ -198,7 +234,7 @@ async def drive(replica: Replica, concurrency: int, duration_s: float, warm_up_s
 
 
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
-    print(f"\nreplica benchmark: {args.duration_s} s per cell, concurrency "
+    print(f"\nreplica benchmark ({args.format}): {args.duration_s} s per cell, concurrency "
           f"{', '.join(map(str, args.concurrency))}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs\n")
     print("| replica | concurrency | requests/s | p50 ms | p99 ms | rows per forward | errors |")
@@ -225,10 +261,11 @@ def median_round(rounds: list[Cell]) -> Cell:
 async def run(args: argparse.Namespace) -> list[Cell]:
     body = request_body()
     with tempfile.TemporaryDirectory() as directory:
-        artifact = save_reference_mlp(Path(directory))
+        artifact = save_reference_mlp(Path(directory), args.format)
         signature_path = Path(directory) / "signature.json"
         signature_path.write_text(json.dumps(SIGNATURE))
-        replicas = [start_replica(name, artifact, signature_path) for name in CONFIGS]
+        replicas = [start_replica(name, artifact, signature_path, args.format)
+                    for name in CONFIGS]
         try:
             async with aiohttp.ClientSession(headers=HEADERS) as session:
                 for replica in replicas:
@@ -254,6 +291,8 @@ def main() -> None:
     parser.add_argument("--warm-up-s", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=1, help="median of this many rounds")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript",
+                        help="serve the reference MLP as TorchScript or as ONNX")
     args = parser.parse_args()
     try:
         import uvloop

@@ -4,7 +4,8 @@ A model file is untrusted code. Before torch sees it, `inspect_archive` reads on
 zip's central directory and a few JSON files (never a pickle) and returns an
 `InspectedArchive` once the archive passes; loaders (`registry/model_loading.py`) take
 that result, not a path, so no loader can skip the check. Deny by default: an entry,
-a config field or a graph target this module does not know is refused.
+a config field or a graph target this module does not know is refused. A file that is
+not a zip goes to the ONNX inspector (`registry/archive_onnx.py`).
 
 No Django and no torch here: the portal's validation child and the replica import it.
 """
@@ -18,12 +19,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO
 
-from registry import archive_export
+from registry import archive_export, archive_onnx
 from registry.archive_export import ArchiveRefused
 
 FORMAT_TORCHSCRIPT = "torchscript"
 FORMAT_TORCH_EXPORT = "torch_export"
-FORMATS = (FORMAT_TORCHSCRIPT, FORMAT_TORCH_EXPORT)
+FORMAT_ONNX = "onnx"
+FORMATS = (FORMAT_TORCHSCRIPT, FORMAT_TORCH_EXPORT, FORMAT_ONNX)
 
 Source = str | IO[bytes]
 _SEAL = object()  # only inspect_archive can make an InspectedArchive that loaders accept
@@ -46,23 +48,32 @@ class ArchiveLimits:
     ratio_min_entry_bytes: int = 1024**2  # smaller entries may compress as they like
     max_entries: int = 100_000
     max_json_bytes: int = 256 * 1024**2  # configs and the program we parse ourselves
+    max_onnx_bytes: int = archive_onnx.PROTOBUF_MAX_BYTES  # the whole .onnx file
 
 
 @dataclass(frozen=True)
 class InspectedArchive:
-    """An archive that passed inspection: its source, format and top folder."""
+    """An archive that passed inspection: its source, format and top folder.
+
+    For ONNX (no zip, no folder) `onnx` holds the parsed model and the very bytes that
+    were checked, which the loader hands to ONNX Runtime (the file is not read again).
+    """
 
     source: Source
     format: str
     root: str
     uncompressed_bytes: int
     _seal: object = field(default=None, repr=False, compare=False)
+    onnx: archive_onnx.OnnxInspection | None = field(default=None, repr=False, compare=False)
 
 
 def inspect_archive(source: Source, limits: ArchiveLimits | None = None,
                     declared_format: str | None = None) -> InspectedArchive:
     """Return the archive's format once every check passes; raise ArchiveRefused otherwise."""
     limits = limits or ArchiveLimits()
+    # A declared ONNX file is never read as a zip: its weights may hold a zip's signature.
+    if declared_format == FORMAT_ONNX or not zipfile.is_zipfile(source):
+        return _inspect_onnx(source, limits, declared_format)
     with _open_zip(source) as archive:
         infos = archive.infolist()
         total_bytes = check_entries(infos, limits)
@@ -79,6 +90,26 @@ def inspect_archive(source: Source, limits: ArchiveLimits | None = None,
     return InspectedArchive(source, fmt, root, total_bytes, _SEAL)
 
 
+def _inspect_onnx(source: Source, limits: ArchiveLimits,
+                  declared_format: str | None) -> InspectedArchive:
+    if declared_format not in (None, FORMAT_ONNX):
+        raise ArchiveRefused(f"the file is not a TorchScript or torch.export archive "
+                             f"(not a zip archive), as the format {declared_format} needs")
+    try:
+        checked = archive_onnx.inspect_onnx(
+            source, min(limits.max_onnx_bytes, limits.max_uncompressed_bytes),
+            limits.max_uncompressed_bytes)
+    except ArchiveRefused as exc:
+        if declared_format == FORMAT_ONNX or not str(exc).startswith("the file is not"):
+            raise
+        reason = str(exc).removeprefix("the file is not an ONNX model").lstrip(": ")
+        raise ArchiveRefused("the file is not a TorchScript or torch.export archive (not a "
+                             "zip archive), nor an ONNX model" + (f" ({reason})" if reason
+                                                                  else "")) from None
+    _rewind(source)
+    return InspectedArchive(source, FORMAT_ONNX, "", len(checked.content), _SEAL, checked)
+
+
 def require_inspected(archive: object) -> InspectedArchive:
     """Return `archive` if inspect_archive made it; loaders call this first."""
     if not isinstance(archive, InspectedArchive) or archive._seal is not _SEAL:
@@ -87,10 +118,6 @@ def require_inspected(archive: object) -> InspectedArchive:
 
 
 def _open_zip(source: Source) -> zipfile.ZipFile:
-    not_zip = ArchiveRefused(
-        "the file is not a TorchScript or torch.export archive (not a zip archive)")
-    if not zipfile.is_zipfile(source):
-        raise not_zip
     _rewind(source)
     try:
         return zipfile.ZipFile(source)

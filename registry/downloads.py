@@ -45,7 +45,7 @@ async def artifact_download(request: HttpRequest, model_name: str, number: int
     response = StreamingHttpResponse(content, content_type="application/octet-stream")
     response[SHA256_HEADER] = version.sha256
     response["Content-Length"] = str(version.size_bytes)
-    suffix = "pt2" if version.format == "torch_export" else "pt"
+    suffix = {"torch_export": "pt2", "onnx": "onnx"}.get(version.format, "pt")
     response["Content-Disposition"] = (
         f'attachment; filename="{version.model.name}-v{version.number}.{suffix}"')
     return response

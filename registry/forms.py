@@ -17,9 +17,19 @@ class VersionUploadForm(forms.Form):
     """Fields beside the artifact; the artifact itself streams through our upload handler."""
 
     signature = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 8}),
+        widget=forms.Textarea(attrs={
+            "rows": 8, "placeholder": "leave empty: read from the file (ONNX, torch.export, or "
+                                     "TorchScript with an example input below)"}),
+        required=False,
         help_text='JSON: {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}], '
-                  '"outputs": [...]}',
+                  '"outputs": [...]}; checked against what the file says',
+    )
+    example_input = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": '[{"name": "x", "datatype": '
+                                                               '"FP32", "shape": [-1, 4]}]'}),
+        required=False,
+        help_text="TorchScript without a signature: its inputs once (-1 = variable); the "
+                  "outputs are observed from the model",
     )
     metadata = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False,
                                help_text="optional JSON object")

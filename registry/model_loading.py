@@ -1,6 +1,7 @@
 """Load a model from an archive that passed `registry.archive.inspect_archive`, and only then.
 
-Shared by the validation child and the replica (no Django; torch imported when called).
+Shared by the validation child and the replica (no Django; torch and onnxruntime imported
+when called). The only module that calls a torch loader or builds an ONNX Runtime session.
 """
 
 from __future__ import annotations
@@ -8,25 +9,74 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from registry.archive import FORMAT_TORCHSCRIPT, InspectedArchive, require_inspected
+from registry.archive import FORMAT_ONNX, FORMAT_TORCHSCRIPT, InspectedArchive, require_inspected
 
 # torch.load reads this at every call and then refuses weights_only=False: torch.export's
 # own fallbacks (sample inputs, legacy state dicts) would otherwise unpickle freely.
 FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
 
 
-def load_module(archive: InspectedArchive, device: str = "cpu") -> Any:
-    """Return the archive's callable module on `device` (in eval mode)."""
-    archive = require_inspected(archive)
+def _force_weights_only() -> None:
     os.environ[FORCE_WEIGHTS_ONLY_ENV] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    import torch
 
+
+def _rewound(archive: InspectedArchive) -> Any:
     source = archive.source
     if not isinstance(source, str):
         source.seek(0)
+    return source
+
+
+def load_module(archive: InspectedArchive, device: str = "cpu") -> Any:
+    """Return the archive's callable torch module on `device` (in eval mode)."""
+    archive = require_inspected(archive)
+    if archive.format == FORMAT_ONNX:
+        raise TypeError("an ONNX model loads with load_onnx_session, not as a torch module")
     if archive.format == FORMAT_TORCHSCRIPT:
-        module = torch.jit.load(source, map_location=device)  # type: ignore[no-untyped-call]
+        import torch
+
+        _force_weights_only()
+        module = torch.jit.load(_rewound(archive), map_location=device)  # type: ignore[no-untyped-call]
         module.eval()
         return module
-    return torch.export.load(source).module().to(device)
+    return load_export_program(archive).module().to(device)
+
+
+def load_export_program(archive: InspectedArchive) -> Any:
+    """Return the torch.export ExportedProgram (its example shapes give a signature)."""
+    archive = require_inspected(archive)
+    if archive.format != "torch_export":
+        raise TypeError(f"a {archive.format} archive is not a torch.export program")
+    _force_weights_only()
+    import torch
+
+    return torch.export.load(_rewound(archive))
+
+
+def onnx_providers(device: str, available: list[str]) -> list[Any]:
+    """Return ONNX Runtime providers: CUDA (on device N) when asked for and built in, CPU."""
+    if device.startswith("cuda") and CUDA_PROVIDER in available:
+        device_id = int(device.partition(":")[2] or 0)
+        return [(CUDA_PROVIDER, {"device_id": device_id}), CPU_PROVIDER]
+    return [CPU_PROVIDER]  # never the Azure provider (it calls out over the network)
+
+
+def load_onnx_session(archive: InspectedArchive, device: str = "cpu", threads: int = 1) -> Any:
+    """Return an onnxruntime.InferenceSession over the checked bytes (no custom-op library)."""
+    archive = require_inspected(archive)
+    if archive.format != FORMAT_ONNX or archive.onnx is None:
+        raise TypeError(f"a {archive.format} archive is not an ONNX model")
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: warnings about providers are routine
+    providers = onnx_providers(device, onnxruntime.get_available_providers())
+    # From the bytes the inspector checked, not the path: nothing is read twice, and a
+    # model in memory has no folder next to it to resolve external data against.
+    return onnxruntime.InferenceSession(archive.onnx.content, sess_options=options,
+                                        providers=providers)

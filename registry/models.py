@@ -15,6 +15,13 @@ ALIAS_NAME_VALIDATOR = RegexValidator(
 class ModelFormat(models.TextChoices):
     TORCHSCRIPT = "torchscript", "TorchScript (torch.jit.save)"
     TORCH_EXPORT = "torch_export", "torch.export program (.pt2)"
+    ONNX = "onnx", "ONNX model (.onnx)"
+
+
+# Open Inference Protocol platform names, as Triton spells them.
+PLATFORMS = {ModelFormat.TORCHSCRIPT: "pytorch_torchscript",
+             ModelFormat.TORCH_EXPORT: "pytorch_torch_export",
+             ModelFormat.ONNX: "onnxruntime_onnx"}
 
 
 class Model(models.Model):
@@ -45,6 +52,10 @@ class ModelVersion(models.Model):
     size_bytes = models.BigIntegerField()
     signature = models.JSONField(help_text="inputs and outputs: name, OIP datatype, shape")
     metadata = models.JSONField(default=dict, blank=True)
+    artifact_info = models.JSONField(
+        default=dict, blank=True,
+        help_text="what the file says: ONNX opset and producer; whether the signature was "
+                  "read from the file (signature_inferred)")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="versions_created"
     )
@@ -62,8 +73,8 @@ class ModelVersion(models.Model):
 
     @property
     def platform(self) -> str:
-        """Return the OIP platform string, e.g. pytorch_torchscript."""
-        return f"pytorch_{self.format}"
+        """Return the OIP platform string, e.g. pytorch_torchscript or onnxruntime_onnx."""
+        return PLATFORMS.get(self.format, f"pytorch_{self.format}")
 
 
 class Alias(models.Model):

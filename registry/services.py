@@ -17,8 +17,9 @@ from django.db.models import Max
 from registry.archive import ArchiveLimits
 from registry.models import ALIAS_NAME_VALIDATOR, Alias, AliasMove, Model, ModelVersion
 from registry.signature import SignatureError, parse_signature
+from registry.signature_infer import parse_example_input
 from registry.storage import ArtifactStore, StagingFile
-from registry.validation import ArtifactRejected, validate_artifact
+from registry.validation import ArtifactRejected, ValidationResult, validate_artifact
 from swarm_portal.errors import Conflict, NotFound, ServiceError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,24 @@ def parse_json_field(raw: Any, field: str, default: Any) -> Any:
         raise ServiceError(f"{field} is not valid JSON: {exc}") from None
 
 
-def checked_signature(raw: Any) -> dict[str, Any]:
+def checked_signature(raw: Any) -> dict[str, Any] | None:
+    """Return the declared signature, normalised; None when none was given (inferred)."""
+    if raw is None:
+        return None
     try:
         return parse_signature(raw).to_dict()
     except SignatureError as exc:
         raise ServiceError(f"signature: {exc}") from None
+
+
+def checked_example_input(raw: Any) -> list[dict[str, Any]] | None:
+    """Return the TorchScript example input (input specs), or a 400 naming the field."""
+    if raw is None:
+        return None
+    try:
+        return [spec.to_dict() for spec in parse_example_input(raw)]
+    except SignatureError as exc:
+        raise ServiceError(str(exc)) from None
 
 
 def checked_metadata(raw: Any) -> dict[str, Any]:
@@ -75,14 +89,18 @@ def do_create_version(
     metadata: Any,
     declared_format: str | None,
     user: Any,
+    example_input: Any = None,
 ) -> ModelVersion:
     """Validate a staged artifact in a child process, store it and record the version.
 
-    On any refusal nothing is left: no row, no stored file, no staging file.
+    `signature` None: the one the file states is recorded (TorchScript needs
+    `example_input`); a declared one is checked against the file. On any refusal
+    nothing is left: no row, no stored file, no staging file.
     """
     try:
         clean_signature = checked_signature(signature)
         clean_metadata = checked_metadata(metadata)
+        clean_example = checked_example_input(example_input)
         staging.close()
         if staging.size_bytes == 0:
             raise ServiceError("the artifact is empty")
@@ -93,10 +111,13 @@ def do_create_version(
                     staging.path, clean_signature, declared_format,
                     timeout_s=settings.VALIDATION_TIMEOUT_S,
                     memory_bytes=settings.VALIDATION_MEMORY_BYTES, limits=archive_limits(),
+                    example_input=clean_example,
                 )
         except ArtifactRejected as exc:
             raise ServiceError(str(exc)) from None
-        return _store_version(model, staging, clean_signature, clean_metadata, result.format, user)
+        # The child's signature is the declared one, or the file's own (checked either way).
+        return _store_version(model, staging, checked_signature(result.signature),
+                              clean_metadata, result, user)
     finally:
         staging.discard()
 
@@ -138,8 +159,9 @@ def _refuse_duplicate(model: Model, sha256: str) -> None:
         raise Conflict(f"this artifact is already version {existing} of {model.name}")
 
 
-def _store_version(model: Model, staging: StagingFile, signature: dict[str, Any],
-                   metadata: dict[str, Any], fmt: str, user: Any) -> ModelVersion:
+def _store_version(model: Model, staging: StagingFile, signature: dict[str, Any] | None,
+                   metadata: dict[str, Any], result: ValidationResult,
+                   user: Any) -> ModelVersion:
     store = artifact_store()
     stored, created = store.commit(staging)
     try:
@@ -147,9 +169,9 @@ def _store_version(model: Model, staging: StagingFile, signature: dict[str, Any]
             locked = Model.objects.select_for_update().get(pk=model.pk)
             last = locked.versions.aggregate(last=Max("number"))["last"] or 0
             return ModelVersion.objects.create(
-                model=locked, number=last + 1, format=fmt, artifact_name=stored.name,
+                model=locked, number=last + 1, format=result.format, artifact_name=stored.name,
                 sha256=stored.sha256, size_bytes=stored.size_bytes, signature=signature,
-                metadata=metadata, created_by=user,
+                metadata=metadata, artifact_info=result.info, created_by=user,
             )
     except IntegrityError:
         if created:

@@ -42,8 +42,12 @@ class ArtifactRejected(Exception):
 
 @dataclass(frozen=True)
 class ValidationResult:
+    """What the child saw: format, outputs of one pass, the signature used, file facts."""
+
     format: str
     outputs: list[dict[str, Any]]
+    signature: dict[str, Any] = field(default_factory=dict)  # declared, or read from the file
+    info: dict[str, Any] = field(default_factory=dict)  # ONNX opset/producer, inferred or not
 
 
 @dataclass(frozen=True)
@@ -191,18 +195,23 @@ def _limit_memory(memory_bytes: int) -> Callable[[], None]:
 
 def validate_artifact(
     path: Path,
-    signature: dict[str, Any],
+    signature: dict[str, Any] | None,
     declared_format: str | None,
     *,
     timeout_s: float,
     memory_bytes: int,
     limits: ArchiveLimits | None = None,
+    example_input: Any = None,
 ) -> ValidationResult:
-    """Load `path` in a sandboxed child, run one forward pass, check outputs; raise on refusal."""
+    """Load `path` in a sandboxed child, run one forward pass, check outputs; raise on refusal.
+
+    `signature` None: the child reads it from the file (TorchScript needs `example_input`).
+    """
     plan = sandbox_plan(os.geteuid())
     with open(path, "rb") as artifact, sandbox_home(plan) as home:
         request = json.dumps({"fd": artifact.fileno(), "format": declared_format,
-                              "signature": signature, "limits": asdict(limits or ArchiveLimits())})
+                              "signature": signature, "example_input": example_input,
+                              "limits": asdict(limits or ArchiveLimits())})
         proc = subprocess.Popen(**popen_arguments(["-m", "registry.inspect_child"], plan, home,
                                                   memory_bytes, (artifact.fileno(),)))
         try:
@@ -232,7 +241,8 @@ def _parse_reply(returncode: int, stdout: bytes, stderr: bytes) -> ValidationRes
         raise ArtifactRejected(_crash_message(returncode, stderr))
     if not reply.get("ok"):
         raise ArtifactRejected(str(reply.get("error", "the artifact was refused")))
-    return ValidationResult(format=reply["format"], outputs=reply["outputs"])
+    return ValidationResult(format=reply["format"], outputs=reply["outputs"],
+                            signature=reply.get("signature", {}), info=reply.get("info", {}))
 
 
 def _crash_message(returncode: int, stderr: bytes) -> str:

@@ -199,7 +199,11 @@ def test_the_loader_takes_only_what_the_inspector_returned(model_files):
 
 LOADERS = {"torch.jit.load", "torch.export.load", "torch.load", "pickle.load", "pickle.loads",
            "torch._C._pickle_load_obj", "torch.jit._load_for_lite_interpreter", "load_pt2",
-           "torch.package.PackageImporter", "torch.serialization.load"}
+           "torch.package.PackageImporter", "torch.serialization.load",
+           # ONNX: a session runs the model; onnx.load follows external data paths.
+           "onnxruntime.InferenceSession", "ort.InferenceSession", "InferenceSession",
+           "onnx.load", "onnx.load_model", "onnx.load_external_data_for_model",
+           "load_external_data_for_model"}
 
 
 def _called_names(source: str) -> set[str]:
@@ -212,7 +216,7 @@ def _called_names(source: str) -> set[str]:
 
 def test_only_the_model_loader_calls_a_torch_loader():
     # Every format, now and later, must load through registry/model_loading.py, whose
-    # load_module takes only what inspect_archive returned.
+    # load_module and load_onnx_session take only what inspect_archive returned.
     root = Path(__file__).resolve().parent.parent
     callers = sorted(
         str(path.relative_to(root))

@@ -95,7 +95,7 @@ def test_a_model_that_does_not_match_its_signature_is_refused(
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [0, 4]}],
           "outputs": SIGNATURE["outputs"]}, "positive integers or -1"),
         ({"inputs": []}, "inputs must be a list of 1 to"),
-        (None, "signature must be an object"),
+        (None, "a TorchScript file does not state its signature"),
     ],
     ids=["malformed-json", "unknown-datatype", "zero-dim", "empty-inputs", "missing"],
 )

@@ -54,7 +54,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
     class Meta:
         model = ModelVersion
         fields = ["model", "number", "format", "platform", "sha256", "size_bytes", "signature",
-                  "metadata", "created_by", "created_at", "download_url"]
+                  "metadata", "artifact_info", "created_by", "created_at", "download_url"]
         read_only_fields = fields
 
     def get_download_url(self, obj: ModelVersion) -> str:
@@ -64,8 +64,16 @@ class ModelVersionSerializer(serializers.ModelSerializer):
 class VersionUploadSerializer(serializers.Serializer):
     """The multipart form of a version upload (documentation and field checks)."""
 
-    artifact = serializers.FileField(help_text="the TorchScript (.pt) or torch.export (.pt2) file")
-    signature = serializers.JSONField(help_text='{"inputs": [...], "outputs": [...]}')
+    artifact = serializers.FileField(
+        help_text="the TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file")
+    signature = serializers.JSONField(
+        required=False,
+        help_text='{"inputs": [...], "outputs": [...]}; left out: read from the file (ONNX, '
+                  "torch.export; TorchScript with example_input), checked against it if given")
+    example_input = serializers.JSONField(
+        required=False,
+        help_text='TorchScript only: [{"name", "datatype", "shape"}, ...] of its inputs (-1 = '
+                  "variable); the outputs are observed from forward passes on zeros")
     metadata = serializers.JSONField(required=False, help_text="free-form JSON object")
     format = serializers.ChoiceField(choices=ModelFormat.choices, required=False,
                                      help_text="checked against the archive; detected if left out")

@@ -133,7 +133,9 @@ def create_version_from_request(request: Any, model: Model,
             model=model, staging=handler.staging,
             signature=services.parse_json_field(data.get("signature"), "signature", None),
             metadata=services.parse_json_field(data.get("metadata"), "metadata", {}),
-            declared_format=data.get("format") or None, user=request.user)
+            declared_format=data.get("format") or None, user=request.user,
+            example_input=services.parse_json_field(data.get("example_input"), "example_input",
+                                                    None))
     finally:
         handler.discard()
 

@@ -27,7 +27,7 @@ from serving.agent import processes, replica_stats, survivors
 from serving.agent.protocol import DesiredReplica, ReplicaStatus
 
 log = logging.getLogger(__name__)
-REPLICA_FORMATS = ("torchscript", "torch_export")
+REPLICA_FORMATS = ("torchscript", "torch_export", "onnx")
 READY_PATH = "/v2/health/ready"
 STATS_PATH = "/stats"
 _LIVE_STATES = ("starting", "ready", "draining")
