@@ -46,8 +46,8 @@ def create(
 ) -> None:
     """Deploy MODEL under NAME (its latest version unless --version or --alias)."""
     body: dict[str, object] = {"name": name, "model": model, "replicas": replicas,
-                               "device": device, "alias": alias}
-    optional = {"version": version, "max_batch_size": max_batch_size,
+                               "device": device}
+    optional = {"version": version, "alias": alias or None, "max_batch_size": max_batch_size,
                 "memory_bytes": memory_bytes}
     body.update({key: value for key, value in optional.items() if value is not None})
     output.emit(api().post("/api/deployments/", body), DEPLOYMENT_COLUMNS)

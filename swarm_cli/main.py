@@ -48,9 +48,9 @@ cli.command("infer")(infer)
 
 
 @cli.callback()
-def root(ctx: typer.Context, json_output: Annotated[bool, typer.Option(
+def root(json_output: Annotated[bool, typer.Option(
         "--json", help="print results as JSON (for scripts)")] = False) -> None:
-    ctx.obj = output.State(json=json_output)
+    output.STATE.json = json_output
 
 
 def _password(password_stdin: bool) -> str:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -18,20 +17,16 @@ stderr = Console(stderr=True)
 
 @dataclass
 class State:
-    """Options of the root command that every subcommand reads."""
+    """Options of the root command that every subcommand reads (one command per process)."""
 
     json: bool = False
 
 
-def state() -> State:
-    """Return the root command's State (a default one outside a command)."""
-    context = typer.get_current_context(silent=True)
-    root = context.find_root() if context else None
-    return root.obj if root is not None and isinstance(root.obj, State) else State()
+STATE = State()  # set by the root command's callback
 
 
 def wants_json() -> bool:
-    return state().json
+    return STATE.json
 
 
 def _cell(value: Any) -> str:
