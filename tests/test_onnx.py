@@ -340,7 +340,7 @@ def test_tritonclient_reaches_the_onnx_replica_through_the_gateway(onnx_replica,
 
     info = VersionInfo("onnxruntime_onnx", ONNX_SIGNATURE["inputs"], ONNX_SIGNATURE["outputs"])
     table_path = tmp_path / "table.json"
-    write_table(table_path, table(deployment("onnx-mlp", [replica_route(onnx_replica, 1)],
+    write_table(table_path, table(deployment("mlp-onnx", [replica_route(onnx_replica, 1)],
                                              info=info)))
     gateway = StandaloneGateway(table_path)
     client = triton.InferenceServerClient(url=f"127.0.0.1:{gateway.port}")
@@ -348,8 +348,8 @@ def test_tritonclient_reaches_the_onnx_replica_through_the_gateway(onnx_replica,
         rows = rows_of(3, seed=3)
         features = triton.InferInput("features", [3, 4], "FP32")
         features.set_data_from_numpy(rows, binary_data=True)
-        result = client.infer("onnx-mlp", [features], headers=dict(BEARER))
-        metadata = client.get_model_metadata("onnx-mlp", headers=dict(BEARER))
+        result = client.infer("mlp-onnx", [features], headers=dict(BEARER))
+        metadata = client.get_model_metadata("mlp-onnx", headers=dict(BEARER))
     finally:
         client.close()
         gateway.stop()
