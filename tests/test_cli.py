@@ -16,15 +16,31 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from django.core.cache import cache
 
 from registry.models import Alias, Model, ModelVersion
 from scaling.models import ScalingEvent
+from serving.gateway.filesource import write_table
 from serving.models import ApiKey, Deployment, JoinToken, Node
 from tests import factories
 from tests.conftest import free_port
+from tests.gateway_helpers import (
+    MLP,
+    SECRET,
+    StandaloneGateway,
+    deployment,
+    expected_scores,
+    features,
+    mlp_artifact,
+    mlp_request,
+    replica_route,
+    start_replicas,
+    table,
+)
 from tests.live import ROOT, LivePortal
+from tests.replica_models import MLP_SIGNATURE
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 COMMAND_TIMEOUT_S = 180  # an upload is validated in a child process before the answer
@@ -318,3 +334,44 @@ def test_failed_logins_are_rate_limited(swarm, portal, operator):
     assert not swarm.config_file.exists()
     cache.clear()
     swarm.ok("login", portal.url, "--username", "olga", "--password-stdin", stdin="pw-olga\n")
+
+
+@pytest.fixture
+def gateway(tmp_path) -> Iterator[StandaloneGateway]:
+    """A standalone gateway in front of one real replica of the tabular MLP."""
+    (replica,) = start_replicas(tmp_path, [(mlp_artifact(tmp_path), MLP_SIGNATURE,
+                                            {"name": MLP, "version": 1})])
+    table_path = tmp_path / "table.json"
+    write_table(table_path, table(deployment(MLP, [replica_route(replica, 1)])))
+    process = None
+    try:
+        process = StandaloneGateway(table_path)
+        yield process
+    finally:
+        if process is not None:
+            process.stop()
+        replica.stop()
+
+
+def test_infer_sends_a_json_request_or_a_file_as_bytes(swarm, gateway, tmp_path):
+    rows = features(2)
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(mlp_request(rows)))
+    with_key = {"SWARM_API_KEY": SECRET}
+    reply = swarm.ok("--json", "infer", MLP, "--input", str(request), "--gateway", gateway.url,
+                     **with_key).json()
+    (scores,) = reply["outputs"]
+    assert scores["shape"] == [2, 3]
+    assert np.allclose(np.array(scores["data"]).reshape(2, 3), expected_scores(rows), atol=1e-5)
+    assert swarm.ok("infer", MLP, "--input", str(request), "--gateway", gateway.url,
+                    **with_key).stdout.startswith("scores FP32 [2, 3]: [")
+
+    image = tmp_path / "image.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    # The MLP's only input (from its metadata) takes FP32: the BYTES request is refused.
+    as_bytes = swarm("infer", MLP, "--input", str(image), "--gateway", gateway.url, **with_key)
+    assert_one_line_error(as_bytes, 2, "refused (400)")
+    assert_one_line_error(swarm("infer", MLP, "--input", str(request), "--gateway",
+                                gateway.url), 1, "SWARM_API_KEY")
+    assert_one_line_error(swarm("infer", MLP, "--input", str(request), "--gateway",
+                                gateway.url, SWARM_API_KEY="swk_wrong"), 2, "refused (401)")
