@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
+
+from registry.signature import parse_signature
+from registry.steps import parse_steps, served_signature
 
 ALIAS_NAME_VALIDATOR = RegexValidator(
     r"^[a-z][a-z0-9_-]{0,62}$",
@@ -42,7 +47,7 @@ class Model(models.Model):
 
 
 class ModelVersion(models.Model):
-    """One immutable upload of a model: artifact, checksum and signature never change."""
+    """One immutable upload of a model: artifact, checksum, signature and steps never change."""
 
     model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField()
@@ -56,6 +61,10 @@ class ModelVersion(models.Model):
         default=dict, blank=True,
         help_text="what the file says: ONNX opset and producer; whether the signature was "
                   "read from the file (signature_inferred)")
+    steps = models.JSONField(
+        default=dict, blank=True,
+        help_text="processing steps around the model (registry/steps.py), labels included; "
+                  "{} when none")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="versions_created"
     )
@@ -70,6 +79,15 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model.name}:{self.number}"
+
+    @property
+    def served_signature(self) -> dict[str, Any]:
+        """Return the signature clients see: the model's, with the steps' tensors in place."""
+        if not self.steps:
+            return self.signature
+        model_signature = parse_signature(self.signature)
+        return served_signature(parse_steps(self.steps, model_signature),
+                                model_signature).to_dict()
 
     @property
     def platform(self) -> str:
