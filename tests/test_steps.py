@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from registry.signature import parse_signature
 from registry.steps import StepsError, parse_labels_file, parse_steps, served_signature
-from serving.replica.steps import StepError, classify, decode_images, label_table
+from registry.steps_run import StepError, classify, decode_images, dry_run, label_table
 from tests.gateway_helpers import BEARER, StandaloneGateway
 from tests.replica_models import ReplicaProcess
 from tests.steps_helpers import (
@@ -282,3 +282,11 @@ def test_a_tensor_sent_for_the_bytes_input_gets_a_400(gateway):
         response = http.post("/v2/models/colors/infer", json=body)
     assert response.status_code == 400
     assert "expects BYTES" in response.json()["error"]
+
+
+def test_a_dry_run_decodes_generated_pictures_through_every_step():
+    dry_run(parse_steps(CLASSIFIER_STEPS, SIGNATURE))
+    uint8 = parse_signature({
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 5, 7, 1]}],
+        "outputs": CLASSIFIER_SIGNATURE["outputs"]})
+    dry_run(parse_steps(steps_with(input={"layout": "HWC", "color": "L", "scale": 1}), uint8))

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from registry.steps import Steps, served_signature
+from registry.steps_run import StepError, classify, decode_images, label_table
 from serving.replica.datatypes import bf16_bits_to_float32
 from serving.replica.engine import Runner
 from serving.replica.runner import ModelFailure
-from serving.replica.steps import StepError, classify, decode_images, label_table
 
 
 class InputRejected(ModelFailure):

@@ -3,6 +3,9 @@
 Pure apart from Pillow: image bytes become the model's input tensor (decode, color mode,
 resize, layout, scale, mean/std) and a model output becomes top-k scores, class indices
 and labels. A request's bad data raises StepError with a message for the client (400).
+The replica runs these around its model (serving/replica/pipeline.py); the upload's
+validation child runs them once on generated pictures (`dry_run`), so both run one code,
+which lives here because serving depends on registry and not the other way round.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from registry.steps import ClassifyStep, ImageStep
-from serving.replica.datatypes import NUMPY_DTYPES
+from registry.steps import ClassifyStep, ImageStep, Steps
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded size; checked from the header before decoding
+_IMAGE_DTYPES = {"UINT8": np.uint8, "FP16": np.float16, "FP32": np.float32,
+                 "FP64": np.float64}
 
 
 class StepError(ValueError):
@@ -37,7 +41,7 @@ def decode_images(array: np.ndarray, step: ImageStep) -> np.ndarray:
         batch = (batch * np.float32(step.scale) - mean) / std
     if step.layout == "CHW":
         batch = batch.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(batch, dtype=NUMPY_DTYPES[step.datatype])
+    return np.ascontiguousarray(batch, dtype=_IMAGE_DTYPES[step.datatype])
 
 
 def _image_row(data: bytes, step: ImageStep, row: int) -> np.ndarray:
@@ -98,6 +102,35 @@ def classify(output: np.ndarray, step: ClassifyStep, labels: np.ndarray) -> dict
                                f"the labels file has {len(labels)} labels")
         result[step.labels] = labels[indices]
     return result
+
+
+def dry_run(steps: Steps) -> None:
+    """Run every step once: a generated 2x3 PNG and JPEG through each image step, and a
+    one-row output through each classify step; raise StepError naming what failed."""
+    for step in steps.inputs:
+        pictures = np.empty((2, 1), dtype=object)
+        pictures[:, 0] = [_picture(fmt) for fmt in IMAGE_FORMATS]
+        decoded = decode_images(pictures, step)
+        if step.layout == "CHW":
+            expected = (2, decoded.shape[1], step.height, step.width)
+        else:
+            expected = (2, step.height, step.width, decoded.shape[3])
+        if decoded.shape != expected:
+            raise StepError(f"the image step for {step.input!r} made {list(decoded.shape)}, "
+                            f"not {list(expected)}")
+    labels = label_table(steps.labels)
+    for classify_step in steps.outputs:
+        classes = max(classify_step.top_k, len(steps.labels))
+        try:
+            classify(np.zeros((1, classes), dtype=np.float32), classify_step, labels)
+        except RuntimeError as exc:
+            raise StepError(str(exc)) from None
+
+
+def _picture(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 2), (200, 100, 50)).save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 def _first_line(exc: BaseException) -> str:
