@@ -254,6 +254,20 @@ def check_numpy_outputs(results: list[Any], signature: Signature) -> list[dict[s
     return observed
 
 
+def checked_steps(raw_steps: Any, raw_signature: dict[str, Any]) -> dict[str, Any]:
+    """Return the version's steps checked against the model signature, after one dry run
+    on generated pictures (registry/steps_run.py, the replica's own step code)."""
+    from registry.steps import StepsError, parse_steps
+    from registry.steps_run import StepError, dry_run
+
+    try:
+        steps = parse_steps(raw_steps, parse_signature(raw_signature))
+        dry_run(steps)
+    except (StepsError, StepError) as exc:
+        raise Refusal(f"steps: {exc}") from None
+    return steps.to_dict()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:500]
@@ -274,6 +288,8 @@ def main() -> int:
         reply: dict[str, Any] = {"ok": True, **inspect(
             _source(request), request.get("format"), request.get("signature"), limits,
             request.get("example_input"))}
+        if request.get("steps") is not None:
+            reply["steps"] = checked_steps(request["steps"], reply["signature"])
     except Refusal as exc:
         reply = {"ok": False, "error": str(exc)}
     except MemoryError:

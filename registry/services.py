@@ -18,6 +18,7 @@ from registry.archive import ArchiveLimits
 from registry.models import ALIAS_NAME_VALIDATOR, Alias, AliasMove, Model, ModelVersion
 from registry.signature import SignatureError, parse_signature
 from registry.signature_infer import parse_example_input
+from registry.steps import StepsError, parse_labels_file
 from registry.storage import ArtifactStore, StagingFile
 from registry.validation import ArtifactRejected, ValidationResult, validate_artifact
 from swarm_portal.errors import Conflict, NotFound, ServiceError, ServiceUnavailable
@@ -64,6 +65,25 @@ def checked_example_input(raw: Any) -> list[dict[str, Any]] | None:
         raise ServiceError(str(exc)) from None
 
 
+def raw_steps(raw: Any, labels_file: bytes | None) -> dict[str, Any] | None:
+    """Return the steps as given, the labels file's lines put in; a 400 on their form
+    (they are checked against the model's signature in the validation child)."""
+    if raw is None:
+        if labels_file is not None:
+            raise ServiceError("a labels file needs steps that use it (steps.outputs[].labels)")
+        return None
+    if not isinstance(raw, dict):
+        raise ServiceError("steps must be a JSON object")
+    if labels_file is None:
+        return raw
+    if "labels" in raw:
+        raise ServiceError("give the labels in the labels file or in steps, not both")
+    try:
+        return {**raw, "labels": parse_labels_file(labels_file)}
+    except StepsError as exc:
+        raise ServiceError(str(exc)) from None
+
+
 def checked_metadata(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ServiceError("metadata must be a JSON object")
@@ -90,6 +110,8 @@ def do_create_version(
     declared_format: str | None,
     user: Any,
     example_input: Any = None,
+    steps: Any = None,
+    labels_file: bytes | None = None,
 ) -> ModelVersion:
     """Validate a staged artifact in a child process, store it and record the version.
 
@@ -101,6 +123,7 @@ def do_create_version(
         clean_signature = checked_signature(signature)
         clean_metadata = checked_metadata(metadata)
         clean_example = checked_example_input(example_input)
+        given_steps = raw_steps(steps, labels_file)
         staging.close()
         if staging.size_bytes == 0:
             raise ServiceError("the artifact is empty")
@@ -111,7 +134,7 @@ def do_create_version(
                     staging.path, clean_signature, declared_format,
                     timeout_s=settings.VALIDATION_TIMEOUT_S,
                     memory_bytes=settings.VALIDATION_MEMORY_BYTES, limits=archive_limits(),
-                    example_input=clean_example,
+                    example_input=clean_example, steps=given_steps,
                 )
         except ArtifactRejected as exc:
             raise ServiceError(str(exc)) from None
@@ -171,7 +194,8 @@ def _store_version(model: Model, staging: StagingFile, signature: dict[str, Any]
             return ModelVersion.objects.create(
                 model=locked, number=last + 1, format=result.format, artifact_name=stored.name,
                 sha256=stored.sha256, size_bytes=stored.size_bytes, signature=signature,
-                metadata=metadata, artifact_info=result.info, created_by=user,
+                metadata=metadata, artifact_info=result.info, steps=result.steps,
+                created_by=user,
             )
     except IntegrityError:
         if created:

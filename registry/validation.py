@@ -48,6 +48,7 @@ class ValidationResult:
     outputs: list[dict[str, Any]]
     signature: dict[str, Any] = field(default_factory=dict)  # declared, or read from the file
     info: dict[str, Any] = field(default_factory=dict)  # ONNX opset/producer, inferred or not
+    steps: dict[str, Any] = field(default_factory=dict)  # checked against the signature
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ def validate_artifact(
     memory_bytes: int,
     limits: ArchiveLimits | None = None,
     example_input: Any = None,
+    steps: Any = None,
 ) -> ValidationResult:
     """Load `path` in a sandboxed child, run one forward pass, check outputs; raise on refusal.
 
@@ -211,6 +213,7 @@ def validate_artifact(
     with open(path, "rb") as artifact, sandbox_home(plan) as home:
         request = json.dumps({"fd": artifact.fileno(), "format": declared_format,
                               "signature": signature, "example_input": example_input,
+                              "steps": steps,
                               "limits": asdict(limits or ArchiveLimits())})
         proc = subprocess.Popen(**popen_arguments(["-m", "registry.inspect_child"], plan, home,
                                                   memory_bytes, (artifact.fileno(),)))
@@ -242,7 +245,8 @@ def _parse_reply(returncode: int, stdout: bytes, stderr: bytes) -> ValidationRes
     if not reply.get("ok"):
         raise ArtifactRejected(str(reply.get("error", "the artifact was refused")))
     return ValidationResult(format=reply["format"], outputs=reply["outputs"],
-                            signature=reply.get("signature", {}), info=reply.get("info", {}))
+                            signature=reply.get("signature", {}), info=reply.get("info", {}),
+                            steps=reply.get("steps", {}))
 
 
 def _crash_message(returncode: int, stderr: bytes) -> str:
