@@ -8,28 +8,43 @@ stops the portal under it.
 from __future__ import annotations
 
 import io
+import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
+import httpx
 import pytest
 from django.core.cache import cache
 from django.core.management import CommandError, call_command
 from django.db import OperationalError
 from django.test import Client
 
-from serving import live
+from serving import live, services
+from serving.gateway.app import GatewayApp
+from serving.gateway.portal_source import PortalClient
 from serving.gateway.routes import RouteTable
 from serving.gateway_api import MAX_SUCCESSES, issue_gateway_token, revoke_gateway_tokens
 from serving.gateway_source import share_caps
-from serving.models import GatewayToken
+from serving.models import Deployment, GatewayToken, Node, Replica, ReplicaState
 from serving.secrets import digest
-from tests.gateway_helpers import deployment, replica_route, table
-from tests.gateway_link_helpers import gateway_rows, sent_tasks
+from tests.gateway_helpers import GatewayThread, deployment, replica_route, table
+from tests.gateway_link_helpers import (
+    gateway_rows,
+    replica_ready,
+    sent_tasks,
+    start_node_replica,
+)
+from tests.live import LivePortal
 from tests.replica_models import REPO_ROOT, free_port
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db
 TABLE = "/api/gateway/table"
+ROW = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4],
+                   "data": [0.1, 0.2, 0.3, 0.4]}]}
 
 
 @pytest.fixture(autouse=True)
@@ -285,3 +300,104 @@ def rows(operator, model, model_files):
     version = add_version(model, operator, model_files["torchscript"])
     return gateway_rows(operator, version, deployments=3, keys=3,
                         caps=[(64, 256), (3, 5), (1, 1)])
+
+
+# a gateway apart from the portal, for real
+
+
+@pytest.fixture
+def linked(operator, model, model_files, tmp_path):
+    """The portal under uvicorn, one ready replica in its table, a gateway token."""
+    from tests.factories import add_version
+
+    version = add_version(model, operator, model_files["torchscript"])
+    node = Node.objects.create(name="n", address="127.0.0.1", secret_hash="0" * 64)
+    replica = start_node_replica(node, model_files["torchscript"], tmp_path)
+    portal = LivePortal(free_port(), tmp_path / "artifacts")
+    try:
+        wait_until(lambda: replica_ready(replica, node), 60, "the replica to load")
+        mlp = Deployment.objects.create(name="mlp", model=model, version=version,
+                                        created_by=operator)
+        Replica.objects.create(deployment=mlp, version=version, node=node, port=replica.port,
+                               state=ReplicaState.READY)
+        live.bump_routes()
+        portal.start()
+        yield {"portal": portal, "secret": issue_gateway_token("edge")[1],
+               "cache_path": tmp_path / "table.json"}
+    finally:
+        portal.stop()
+        replica.stop()
+
+
+def new_key(operator) -> dict[str, str]:
+    return {"Authorization": "Bearer " + services.do_create_api_key(
+        name="k", user=operator, deployments=None, expires_in=None, rate_limit_rps=None)[1]}
+
+
+def infer(gateway: GatewayThread, headers: dict[str, str], **kwargs) -> int:
+    return httpx.post(f"{gateway.url}/v2/models/mlp/infer", json=ROW, headers=headers,
+                      timeout=10, **kwargs).status_code
+
+
+def knows(gateway: GatewayThread, headers: dict[str, str]) -> bool:
+    """Return whether the gateway's table in use has the key in `headers`."""
+    secret = headers["Authorization"].removeprefix("Bearer ")
+    return digest(secret) in gateway.app.table.api_keys
+
+
+def learns_within(gateway: GatewayThread, headers: dict[str, str], what: str) -> float:
+    """Return the seconds until the gateway's table has the key, once it serves with it."""
+    started_s = time.monotonic()
+    wait_until(lambda: knows(gateway, headers), 10, what, interval_s=0.005)
+    took_s = time.monotonic() - started_s
+    assert infer(gateway, headers) == 200
+    return took_s
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_gateway_apart_from_the_portal_keeps_serving_while_the_portal_is_away(
+        linked, operator):
+    portal, cache_path = linked["portal"], linked["cache_path"]
+    client = PortalClient(portal.url, linked["secret"], table_cache_path=cache_path,
+                          instance_id="edge-a", timeout_s=0.5)
+    first_key = new_key(operator)
+    with GatewayThread(GatewayApp(client, client, activator=client.activate)) as gateway:
+        wait_until(lambda: infer(gateway, first_key) == 200, 30, "the first request")
+        browser = Client()
+        browser.force_login(operator)
+        cookie = {"sessionid": browser.cookies["sessionid"].value}
+        assert infer(gateway, {}, cookies=cookie) == 200  # asked the portal: allowed
+        after_start_s = learns_within(gateway, new_key(operator), "a key made after start")
+        assert after_start_s < 1.0
+        assert oct(cache_path.stat().st_mode & 0o777) == "0o600"
+
+        os.kill(portal.proc.pid, signal.SIGSTOP)  # frozen: polls time out
+        try:
+            stopped_s = time.monotonic()
+            key_made_while_stopped = new_key(operator)
+            while time.monotonic() - stopped_s < 2.0:  # four poll timeouts
+                assert infer(gateway, first_key) == 200
+            # The gateway really could not learn anything meanwhile.
+            assert not knows(gateway, key_made_while_stopped)
+            assert infer(gateway, key_made_while_stopped) == 401
+        finally:
+            os.kill(portal.proc.pid, signal.SIGCONT)
+        back_s = learns_within(gateway, key_made_while_stopped, "the key made while stopped")
+        print(f"new key in the table after {after_start_s:.3f} s; {back_s:.3f} s after SIGCONT")
+        assert back_s < 1.0, f"{back_s:.2f} s after the portal came back"
+
+        portal.stop()  # gone: polls are refused
+        gone_s = time.monotonic()
+        key_made_while_gone = new_key(operator)
+        while time.monotonic() - gone_s < 1.0:
+            assert infer(gateway, key_made_while_stopped) == 200
+        assert not knows(gateway, key_made_while_gone)
+        assert infer(gateway, key_made_while_gone) == 401
+
+    # A gateway started while the portal is away serves the table its predecessor saved.
+    restarted = PortalClient(portal.url, linked["secret"], table_cache_path=cache_path,
+                             instance_id="edge-b", timeout_s=0.5)
+    assert restarted.cached_table() is not None
+    with GatewayThread(GatewayApp(restarted, restarted)) as gateway:
+        wait_until(lambda: infer(gateway, key_made_while_stopped) == 200, 10, "the saved table")
