@@ -81,8 +81,8 @@ class PortalProxy:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = self._client.build_request(
-            scope["method"], self._origin + _target(scope),
-            headers=forwarded_headers(scope), content=_request_body(receive))
+            scope["method"], self._origin + _target(scope), headers=forwarded_headers(scope),
+            content=_request_body(receive) if _has_body(scope) else None)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TransportError as exc:
@@ -176,6 +176,14 @@ def forwarded_headers(scope: Scope) -> Headers:
     scheme = "http" if scope.get("scheme", "http") in ("http", "ws") else "https"
     forwarded.append((b"x-forwarded-proto", proto or scheme.encode()))
     return forwarded
+
+
+def _has_body(scope: Scope) -> bool:
+    """Return whether the client sends a body (a GET usually does not: send none on)."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
 
 
 async def _request_body(receive: Receive) -> AsyncIterator[bytes]:

@@ -40,7 +40,7 @@ LISTEN_BACKLOG = 4096
 # As swarm_portal/uvicorn_serve.py: after we stop accepting, a request already sent on a
 # connection accepted a moment before still gets read and answered.
 REQUEST_ARRIVAL_GRACE_S = 0.5
-GRACEFUL_SHUTDOWN_S = 20.0  # requests in flight (a held cold start, a download) get this long
+GRACEFUL_SHUTDOWN_S = 20  # requests in flight (a held cold start, a download) get this long
 GRPC_STOP_GRACE_S = 5.0
 log = logging.getLogger("serving.gateway.service")
 
