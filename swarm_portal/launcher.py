@@ -10,14 +10,18 @@ releases more within bounds.
 They join with a short-lived token (later runs reuse their stored credentials). With
 SCALING_PROVIDER=static the launcher starts two fixed workers itself, as before.
 The launcher supervises its children (swarm_portal/supervisor.py): one that dies is
-restarted, with back-off. It binds the portal's listening socket itself and hands it to
-each uvicorn it starts (`--fd`), so while the portal restarts, clients' connections wait
-in the kernel's backlog instead of being refused. Ctrl-C or SIGTERM stops everything; the
-workers drain first.
+restarted, with back-off. It binds the public TCP socket itself and hands it to
+SWARM_GATEWAY_PROCESSES `swarm-gateway` processes (serving/gateway/service.py, `--fd`):
+they serve /v2 and pass every other request through to the portal, which listens on a
+unix socket under SWARM_VAR_DIR, also bound here and handed to each uvicorn it starts.
+While a gateway or the portal restarts, connections wait in the kernel's backlog instead
+of being refused. Ctrl-C or SIGTERM stops everything; the workers drain first, the
+gateways go last (the workers reach the portal through them).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import secrets
@@ -26,6 +30,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +47,13 @@ LOCAL_WORKERS = (("local-1", "9100-9149"), ("local-2", "9150-9199"))
 WORKER_STOP_S = 40.0  # a worker drains its replicas (30 s grace) before it exits
 CELERY_STOP_S = 20.0  # a warm shutdown finishes the task at hand
 PORTAL_STOP_S = 15.0  # uvicorn finishes the requests in flight
-PORTAL, CELERY = "portal", "celery"
+GATEWAY_STOP_S = 25.0  # a held cold start or a download in flight finishes (20 s grace)
+PORTAL, CELERY, GATEWAY = "portal", "celery", "gateway"
+GATEWAY_TOKEN_NAME = "make-run"  # noqa: S105  (a name: replaced at each start)
+# What no gateway needs: it reaches the portal over HTTP, never the database or the cache.
+NOT_FOR_GATEWAYS = ("SECRET_KEY", "DATABASE_URL", "REDIS_URL", "SWARM_ADMIN_PASSWORD",
+                    "METRICS_TOKEN", JOIN_TOKEN_ENV)
+UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 STEP_S = 0.2
 BROKER_PRUNE_EVERY_S = 60.0
 BROKER_KEEP_DELIVERED_S = 600.0
@@ -115,23 +126,100 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _child_specs(env: dict[str, str], listener: socket.socket) -> list[ChildSpec]:
-    """Return the portal and Celery (the fixed workers too with SCALING_PROVIDER=static)."""
+def listen_unix(path: Path) -> socket.socket:
+    """Return a unix socket listening at `path` (only this user may connect)."""
+    path.unlink(missing_ok=True)  # left by a launcher that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # created 0600: no window where others could connect
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+def portal_socket_path(var_dir: Path) -> Path:
+    """Return where the portal listens: var/portal.sock, or a private folder under /tmp
+    when that path is too long for a unix socket."""
+    path = var_dir / "portal.sock"
+    if len(str(path).encode()) <= UNIX_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="swarm-portal-")) / "portal.sock"
+
+
+def _child_specs(env: dict[str, str], public: socket.socket,
+                 portal_socket: socket.socket) -> list[ChildSpec]:
+    """Return the gateways, the portal and Celery (the fixed workers too with
+    SCALING_PROVIDER=static)."""
     python = sys.executable
-    # The launcher keeps the socket open: between one uvicorn and the next, connections
-    # queue in its backlog (up to the clients' timeouts) instead of being refused.
-    fd = listener.fileno()
+    # The launcher keeps both sockets open: between one process and the next, connections
+    # queue in their backlogs (up to the clients' timeouts) instead of being refused.
+    fd = portal_socket.fileno()
     portal = [python, "-m", "swarm_portal.uvicorn_serve", "--fd", str(fd),
-              "--backlog", str(LISTEN_BACKLOG)]
+              "--backlog", str(LISTEN_BACKLOG), "--forwarded-allow-ips", "*"]
     celery = [python, "-m", "celery", "-A", "swarm_portal", "worker", "--beat",
               "--concurrency", "1", "--loglevel", "WARNING",
               "--schedule", str(Path(env["SWARM_VAR_DIR"]) / "celery" / "beat-schedule")]
-    specs = [ChildSpec(PORTAL, portal, ROOT, env, stop_timeout_s=PORTAL_STOP_S, pass_fds=(fd,)),
+    specs = [*_gateway_specs(env, public, str(portal_socket.getsockname())),
+             ChildSpec(PORTAL, portal, ROOT, env, stop_timeout_s=PORTAL_STOP_S, pass_fds=(fd,)),
              ChildSpec(CELERY, celery, ROOT, env, stop_timeout_s=CELERY_STOP_S)]
     if env["SCALING_PROVIDER"] != "local":
         token = _manage(env, "local_join_token", "--uses", str(len(LOCAL_WORKERS))).strip()
         specs += [_fixed_worker_spec(env, name, ports, token) for name, ports in LOCAL_WORKERS]
     return specs
+
+
+def gateway_names(env: dict[str, str]) -> list[str]:
+    """Return the supervised gateways' names: gateway-1 .. gateway-N."""
+    count = env_int("SWARM_GATEWAY_PROCESSES", 2, minimum=1)
+    return [f"{GATEWAY}-{index}" for index in range(1, count + 1)]
+
+
+def _gateway_specs(env: dict[str, str], public: socket.socket,
+                   portal_uds: str) -> list[ChildSpec]:
+    """Return one ChildSpec per gateway process, all serving the one public socket."""
+    var_dir = Path(env["SWARM_VAR_DIR"])
+    (var_dir / "gateway").mkdir(mode=0o700, exist_ok=True)
+    gateway_env = {key: value for key, value in env.items() if key not in NOT_FOR_GATEWAYS}
+    # Given by environment: a command line is readable by every user (ps).
+    gateway_env["SWARM_GATEWAY_TOKEN"] = _gateway_token(env)
+    gateway_env["SWARM_GATEWAY_METRICS_TOKEN"] = _metrics_token(env)
+    fd = public.fileno()
+    specs = []
+    for name in gateway_names(env):
+        command = [sys.executable, "-m", "serving.gateway.service",
+                   "--portal", env["LOCAL_FLEET_PORTAL_URL"], "--portal-uds", portal_uds,
+                   "--fd", str(fd), "--host", env.get("SWARM_HOST", "127.0.0.1"),
+                   "--pass-through", "--instance-id", f"make-run-{name}",
+                   "--table-cache", str(var_dir / "gateway" / f"{name}-table.json")]
+        if "GATEWAY_MAX_BODY_BYTES" in env:
+            command += ["--max-body-bytes", env["GATEWAY_MAX_BODY_BYTES"]]
+        grpc_port = env_int("SWARM_GRPC_PORT", 8001, minimum=0)
+        if grpc_port and importlib.util.find_spec("serving.gateway.grpc_server"):
+            command += ["--grpc-port", str(grpc_port)]
+        specs.append(ChildSpec(name, command, ROOT, gateway_env, stop_timeout_s=GATEWAY_STOP_S,
+                               pass_fds=(fd,)))
+    return specs
+
+
+def _gateway_token(env: dict[str, str]) -> str:
+    """Return a new gateway token for this run's gateways; the previous run's is revoked."""
+    # Fails when there is none (a first run): nothing to revoke then.
+    subprocess.run([sys.executable, str(ROOT / "manage.py"), "create_gateway_token",
+                    GATEWAY_TOKEN_NAME, "--revoke"], env=env, cwd=ROOT, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _manage(env, "create_gateway_token", GATEWAY_TOKEN_NAME).strip()
+
+
+def _metrics_token(env: dict[str, str]) -> str:
+    """Return the gateways' /metrics token: METRICS_TOKEN, none with METRICS_PUBLIC=1,
+    else one nobody knows (closed, as the portal's settings do)."""
+    if env.get("METRICS_TOKEN"):
+        return env["METRICS_TOKEN"]
+    if env.get("METRICS_PUBLIC", "").lower() in ("1", "true", "yes", "on"):
+        return ""
+    return secrets.token_urlsafe(32)
 
 
 def local_fleet(env: dict[str, str]) -> LocalProcessProvider:
@@ -184,13 +272,16 @@ def _prune_broker(broker_file: Path) -> None:
 def _shut_down(env: dict[str, str], supervisor: Supervisor) -> None:
     # Celery first, so that no auto-scaler tick starts a worker while we stop them; then
     # the workers, while the portal still answers: they drain, then deregister.
-    print("stopping: Celery, then the workers (they drain), then the portal", flush=True)
+    print("stopping: Celery, then the workers (they drain), then the portal and the "
+          "gateways", flush=True)
     stopping.mark_stopping(Path(env["SWARM_VAR_DIR"]))  # the portal re-places nothing now
     supervisor.stop([CELERY])
     if env["SCALING_PROVIDER"] == "local":
         local_fleet(env).stop_all(timeout_s=WORKER_STOP_S)
     supervisor.stop([name for name, _ports in LOCAL_WORKERS if name in supervisor.children])
     supervisor.stop([PORTAL])
+    # Last: the workers reached the portal through them while they drained.
+    supervisor.stop(gateway_names(env))
 
 
 def main() -> None:
@@ -205,10 +296,11 @@ def main() -> None:
     stopping.clear_stopping(Path(env["SWARM_VAR_DIR"]))
     _prepare(env)
     try:
-        listener = listen(host, env_int("SWARM_PORT", 8000, minimum=1))
+        public = listen(host, env_int("SWARM_PORT", 8000, minimum=1))
     except OSError as error:  # in use, or not an address of this machine
         sys.exit(f"cannot listen on {host}:{port}: {error}")
-    supervisor = Supervisor(_child_specs(env, listener))
+    portal_socket = listen_unix(portal_socket_path(Path(env["SWARM_VAR_DIR"])))
+    supervisor = Supervisor(_child_specs(env, public, portal_socket))
     supervisor.start_all()
     if env["SCALING_PROVIDER"] == "local":
         _start_local_fleet(env)

@@ -86,7 +86,8 @@ class Launcher:
                     "REDIS_URL": redis_url, "SCALING_PROVIDER": "local",
                     "LOCAL_FLEET_MIN_NODES": "2", "LOCAL_FLEET_MAX_NODES": "3",
                     "LOCAL_FLEET_BASE_PORT": str(base_port),
-                    "SWARM_ADMIN_PASSWORD": "chaos-test-pw"}
+                    "SWARM_ADMIN_PASSWORD": "chaos-test-pw",
+                    "SWARM_GRPC_PORT": "0"}  # off: a fixed port would clash across tests
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Launcher:

@@ -12,7 +12,10 @@ connection, reset, timeout or non-200 counts as a failure. One after another:
 2. stop Redis (SIGTERM) for a few seconds under load, then start it again, empty;
 3. kill -9 the Celery process: the launcher restarts it, its ticks resume;
 4. SIGTERM the portal's uvicorn: the launcher restarts it on the listening socket it
-   holds, so clients wait in the kernel's backlog rather than being refused.
+   holds, so clients wait in the kernel's backlog rather than being refused;
+5. SIGTERM one of the two `swarm-gateway` processes serving the public port (one socket,
+   held by the launcher, shared by both): the other serves meanwhile, the launcher
+   restarts it.
 
 After each, the test waits (deadline, no fixed sleep) for the desired state: two ready
 replicas, two ready nodes, those hosting replicas heartbeating into the cache, and the
@@ -184,6 +187,17 @@ def terminate_the_portal(launcher: Launcher, api: httpx.Client, load: SteadyLoad
             also=lambda: launcher.child("uvicorn") not in (None, portal))
 
 
+def terminate_a_gateway(launcher: Launcher, api: httpx.Client, load: SteadyLoad) -> None:
+    phase = load.begin("SIGTERM a gateway")
+    marker = "make-run-gateway-1"  # its --instance-id
+    gateway = launcher.child(marker)
+    assert gateway is not None
+    fault_at_s = time.monotonic()
+    os.kill(gateway, signal.SIGTERM)
+    recover(launcher, api, phase, fault_at_s,
+            also=lambda: launcher.child(marker) not in (None, gateway))
+
+
 def report(phases: list[Phase]) -> str:
     lines = [f"load average {load_average()}"]
     for phase in phases:
@@ -196,8 +210,8 @@ def report(phases: list[Phase]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_no_client_request_fails_through_agent_redis_celery_and_portal_faults(stack):
+@pytest.mark.timeout(480)
+def test_no_client_request_fails_through_agent_redis_celery_portal_and_gateway_faults(stack):
     launcher, redis = stack
     wait_until(lambda: healthy(launcher.url), START_S, "the portal")
     token = launcher.manage("create_api_token", "admin", "--days", "1")
@@ -221,6 +235,7 @@ def test_no_client_request_fails_through_agent_redis_celery_and_portal_faults(st
         stop_and_restart_redis(launcher, api, load, redis)
         kill_celery(launcher, api, load)
         terminate_the_portal(launcher, api, load)
+        terminate_a_gateway(launcher, api, load)
         load.begin("after")
         wait_until(lambda: load.current.sent >= 10, 60, "requests after the last fault")
     finally:

@@ -45,7 +45,7 @@ def scaled_cluster(tmp_path: Path, artifact_root: Path, operator, admin_user):
            "LOCAL_FLEET_BASE_PORT": str(base_port), "NODE_IDLE_RELEASE_S": "3",
            "LOCAL_FLEET_PORTAL_URL": f"http://127.0.0.1:{port}",
            "GATEWAY_HOLD_TIMEOUT_S": "60"}
-    portal = LivePortal(port, artifact_root, **env)
+    portal = LivePortal(port, artifact_root, gateway=True, **env)
     celery = LiveCelery(portal_env(artifact_root, var_dir, **env), var_dir)
     provider = LocalProcessProvider(var_dir, portal.url, base_port=base_port)
     try:  # everything below is stopped even when starting it failed halfway

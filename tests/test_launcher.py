@@ -2,7 +2,7 @@
 
 The fast tests drive `swarm_portal.supervisor` over small real processes; the slow one
 runs the launcher itself on a fresh embedded default (its own directory and ports),
-kills its Celery and its portal, and stops it.
+kills its Celery, its portal and a gateway, and stops it.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def launcher_env(var_dir: Path, port: int) -> dict[str, str]:
     base_port = free_port() // 100 * 100 % 40_000 + 20_000  # away from `make run`'s 9100
     return {**env, "SWARM_VAR_DIR": str(var_dir), "SWARM_PORT": str(port),
             "LOCAL_FLEET_BASE_PORT": str(base_port), "LOCAL_FLEET_MIN_NODES": "1",
-            "LOCAL_FLEET_MAX_NODES": "1", "SWARM_ADMIN_PASSWORD": "launcher-test-pw"}
+            "LOCAL_FLEET_MAX_NODES": "1", "SWARM_ADMIN_PASSWORD": "launcher-test-pw",
+            "SWARM_GRPC_PORT": str(free_port())}
 
 
 def child_running(launcher: subprocess.Popen[bytes], marker: str) -> int | None:
@@ -158,8 +159,16 @@ def healthy(url: str) -> bool:
         return False
 
 
+def v2_ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @pytest.mark.slow
-def test_the_launcher_restarts_celery_and_the_portal_and_leaves_nothing_behind(tmp_path):
+def test_the_launcher_restarts_celery_the_portal_and_a_gateway_and_leaves_nothing_behind(
+        tmp_path):
     var_dir, port = tmp_path / "var", free_port()
     url = f"http://127.0.0.1:{port}"
     broker_file = broker.broker_file(var_dir)
@@ -186,6 +195,16 @@ def test_the_launcher_restarts_celery_and_the_portal_and_leaves_nothing_behind(t
                    30, "a new portal process")
         wait_until(lambda: healthy(url), 60, "the restarted portal to serve")
         assert child_running(launcher, "celery") == new_celery
+
+        # Two gateways serve the public port; one killed comes back, the other serves on.
+        wait_until(lambda: v2_ready(url), 60, "the gateways' routing table")
+        gateway = child_running(launcher, "make-run-gateway-1")
+        assert gateway is not None and child_running(launcher, "make-run-gateway-2")
+        os.kill(gateway, signal.SIGKILL)
+        wait_until(lambda: healthy(url), 10, "the other gateway to serve")
+        wait_until(lambda: (pid := child_running(launcher, "make-run-gateway-1"))
+                   and pid != gateway, 30, "a new gateway process")
+        wait_until(lambda: v2_ready(url), 60, "the gateways to serve /v2")
         assert launcher.poll() is None
     finally:
         launcher.send_signal(signal.SIGTERM)

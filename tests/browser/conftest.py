@@ -46,7 +46,7 @@ def browser() -> Iterator[Any]:
 @pytest.fixture
 def portal(artifact_root: Path) -> Iterator[LivePortal]:
     """The portal under uvicorn on the test database (and REDIS_URL when set)."""
-    server = LivePortal(free_port(), artifact_root).start()
+    server = LivePortal(free_port(), artifact_root, gateway=True).start()
     yield server
     server.stop()
 
