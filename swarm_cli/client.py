@@ -32,9 +32,8 @@ def _server_message(response: httpx.Response) -> str:
         body = response.json()
     except ValueError:
         return response.reason_phrase or "no message"
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return body["error"]
-    return response.reason_phrase or str(body)
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, str) else response.reason_phrase or str(body)
 
 
 def decode(response: httpx.Response) -> Any:

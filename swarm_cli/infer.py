@@ -65,7 +65,7 @@ def bytes_request(raw: bytes, input_name: str) -> tuple[bytes, dict[str, str]]:
 
 def only_input(client: Client, model_path: str) -> str:
     """Return the name of the model's only input, from its /v2 metadata; exit 1 otherwise."""
-    names = [spec["name"] for spec in client.get(model_path).get("inputs", [])]
+    names = [str(spec["name"]) for spec in client.get(model_path).get("inputs", [])]
     if len(names) != 1:
         fail(f"the model has inputs {names}: choose one with --input-name")
     return names[0]
