@@ -33,6 +33,14 @@ class VersionUploadForm(forms.Form):
     )
     metadata = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False,
                                help_text="optional JSON object")
+    steps = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 6, "placeholder": '{"inputs": [{"input": "image", '
+                                     '"name": "image_bytes", "scale": 0.00392}], "outputs": '
+                                     '[{"output": "logits", "softmax": true, "top_k": 5, '
+                                     '"labels": "labels"}]}'}),
+        required=False,
+        help_text="optional JSON: decode JPEG/PNG into an input; softmax, top-k and labels on "
+                  "an output (labels from the file below)")
     format = forms.ChoiceField(choices=[("", "detect from the file"), *ModelFormat.choices],
                                required=False)
 

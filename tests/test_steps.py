@@ -6,6 +6,7 @@ with a steps file behind the standalone gateway, driven by tritonclient.http.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,10 +15,19 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from tritonclient.utils import InferenceServerException
 
+from registry.models import ModelVersion
 from registry.signature import parse_signature
-from registry.steps import StepsError, parse_labels_file, parse_steps, served_signature
+from registry.steps import (
+    MAX_LABELS_FILE_BYTES,
+    StepsError,
+    parse_labels_file,
+    parse_steps,
+    served_signature,
+)
 from registry.steps_run import StepError, classify, decode_images, dry_run, label_table
 from tests.gateway_helpers import BEARER, StandaloneGateway
 from tests.replica_models import ReplicaProcess
@@ -290,3 +300,83 @@ def test_a_dry_run_decodes_generated_pictures_through_every_step():
         "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 5, 7, 1]}],
         "outputs": CLASSIFIER_SIGNATURE["outputs"]})
     dry_run(parse_steps(steps_with(input={"layout": "HWC", "color": "L", "scale": 1}), uint8))
+
+
+# uploads: steps and a labels file are checked in the validation child
+
+
+def upload_classifier(client, model_name: str, directory: Path, steps, labels: bytes | None,
+                      **fields):
+    artifact = color_classifier(directory)
+    data = {"artifact": artifact.open("rb"), "signature": json.dumps(CLASSIFIER_SIGNATURE),
+            **fields}
+    if steps is not None:
+        data["steps"] = json.dumps(steps)
+    if labels is not None:
+        data["labels"] = SimpleUploadedFile("labels.txt", labels, "text/plain")
+    try:
+        return client.post(f"/api/models/{model_name}/versions/", data, format="multipart")
+    finally:
+        data["artifact"].close()
+
+
+def without_labels(steps: dict) -> dict:
+    return {key: value for key, value in steps.items() if key != "labels"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_with_steps_and_a_labels_file_serves_bytes_in_and_labels_out(
+        operator_api, model, tmp_path, store):
+    response = upload_classifier(operator_api, model.name, tmp_path,
+                                 without_labels(CLASSIFIER_STEPS), b"red\ngreen\nblue\n")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["steps"]["labels"] == ["red", "green", "blue"]
+    assert body["signature"] == CLASSIFIER_SIGNATURE
+    assert body["served_signature"]["inputs"] == [
+        {"name": "image_bytes", "datatype": "BYTES", "shape": [-1, 1]}]
+    version = ModelVersion.objects.get(model=model, number=1)
+    assert parse_steps(version.steps, SIGNATURE) == parse_steps(CLASSIFIER_STEPS, SIGNATURE)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("steps", "labels", "message"), [
+    (steps_with(output={"top_k": 9}), None, "steps: steps.outputs[0].top_k"),
+    (without_labels(CLASSIFIER_STEPS), b"red\ngreen\n", "2 labels but model output"),
+    (CLASSIFIER_STEPS, b"red\ngreen\nblue\n", "not both"),
+    (None, b"red\ngreen\nblue\n", "needs steps"),
+    ("not an object", None, "steps must be a JSON object"),
+    (steps_with(input={"input": "pixels"}), None, "no input 'pixels'"),
+    (without_labels(CLASSIFIER_STEPS), b"\xff\xfe\x00", "UTF-8"),
+])
+def test_invalid_steps_are_refused_at_upload(operator_api, model, tmp_path, store, steps,
+                                             labels, message):
+    response = upload_classifier(operator_api, model.name, tmp_path, steps, labels)
+    assert response.status_code == 400, response.content
+    assert message in response.json()["error"]
+    assert not ModelVersion.objects.exists()
+    assert store.stored_names() == set() and store.staging_names() == set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_labels_file_over_the_limit_is_a_413(operator_api, model, tmp_path, store):
+    labels = b"x\n" * (MAX_LABELS_FILE_BYTES // 2 + 1)
+    response = upload_classifier(operator_api, model.name, tmp_path,
+                                 without_labels(CLASSIFIER_STEPS), labels)
+    assert response.status_code == 413
+    assert "labels file" in response.json()["error"]
+    assert store.staging_names() == set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_model_page_shows_the_steps_and_served_signature(operator_api, operator, model,
+                                                           tmp_path):
+    response = upload_classifier(operator_api, model.name, tmp_path,
+                                 without_labels(CLASSIFIER_STEPS), b"red\ngreen\nblue\n")
+    assert response.status_code == 201, response.content
+    browser = Client()
+    browser.force_login(operator)
+    page = browser.get(f"/models/{model.name}/").content.decode()
+    assert "Steps" in page and "image_bytes" in page and "softmax" in page
+    assert "3 labels: red, green, blue" in page
+    assert "Served outputs" in page

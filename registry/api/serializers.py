@@ -48,13 +48,16 @@ class ModelVersionSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="model.name", read_only=True)
     created_by = serializers.CharField(source="created_by.username", read_only=True)
     signature = SignatureSerializer(read_only=True)
+    served_signature = SignatureSerializer(
+        read_only=True, help_text="what clients send and get: the signature after the steps")
     platform = serializers.CharField(read_only=True)
     download_url = serializers.SerializerMethodField()
 
     class Meta:
         model = ModelVersion
         fields = ["model", "number", "format", "platform", "sha256", "size_bytes", "signature",
-                  "metadata", "artifact_info", "created_by", "created_at", "download_url"]
+                  "served_signature", "steps", "metadata", "artifact_info", "created_by",
+                  "created_at", "download_url"]
         read_only_fields = fields
 
     def get_download_url(self, obj: ModelVersion) -> str:
@@ -75,6 +78,13 @@ class VersionUploadSerializer(serializers.Serializer):
         help_text='TorchScript only: [{"name", "datatype", "shape"}, ...] of its inputs (-1 = '
                   "variable); the outputs are observed from forward passes on zeros")
     metadata = serializers.JSONField(required=False, help_text="free-form JSON object")
+    steps = serializers.JSONField(
+        required=False,
+        help_text='processing steps around the model: {"inputs": [{"input", "name", "color", '
+                  '"layout", "scale", "mean", "std"}], "outputs": [{"output", "softmax", '
+                  '"top_k", "scores", "labels", "indices"}]} (images in, labels out)')
+    labels = serializers.FileField(
+        required=False, help_text="UTF-8 text, one class label per line (for steps' labels)")
     format = serializers.ChoiceField(choices=ModelFormat.choices, required=False,
                                      help_text="checked against the archive; detected if left out")
 

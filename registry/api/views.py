@@ -135,7 +135,9 @@ def create_version_from_request(request: Any, model: Model,
             metadata=services.parse_json_field(data.get("metadata"), "metadata", {}),
             declared_format=data.get("format") or None, user=request.user,
             example_input=services.parse_json_field(data.get("example_input"), "example_input",
-                                                    None))
+                                                    None),
+            steps=services.parse_json_field(data.get("steps"), "steps", None),
+            labels_file=None if handler.labels is None else bytes(handler.labels))
     finally:
         handler.discard()
 
