@@ -22,6 +22,8 @@ from registry.archive_export import ArchiveRefused
 # Domains ONNX Runtime implements in its own binary; anything else needs a custom-op
 # library, which we never register.
 BUILTIN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+# Built in, yet pointing outside the file: an EPContext node names a compiled blob by path.
+DENIED_OPERATORS = frozenset({("com.microsoft", "EPContext")})
 PROTOBUF_MAX_BYTES = 2**31 - 1  # a single protobuf message cannot be larger
 MIN_IR_VERSION = 3  # the first with opset imports
 
@@ -109,6 +111,9 @@ def check_domains(model: Any) -> None:
                 f"the ONNX model imports the custom operator domain {entry.domain!r}, which "
                 "needs a shared library (only ai.onnx, ai.onnx.ml and com.microsoft are run)")
     for node in all_nodes(model):
+        if (node.domain, node.op_type) in DENIED_OPERATORS:
+            raise ArchiveRefused(f"the ONNX node {node.name or node.op_type!r} is a "
+                                 f"{node.domain}.{node.op_type}, which loads a file by path")
         if node.domain not in BUILTIN_DOMAINS and (node.domain, node.op_type) not in local:
             raise ArchiveRefused(
                 f"the ONNX node {node.name or node.op_type!r} uses the custom operator "

@@ -84,6 +84,15 @@ def with_custom_domain(path: Path, domain: str = "com.example.native") -> Path:
     return save(model, path)
 
 
+def with_ep_context(path: Path) -> Path:
+    """Write the MLP plus an EPContext node that names a compiled blob by path."""
+    node = helper.make_node("EPContext", ["features"], ["ctx"], domain="com.microsoft",
+                            embed_mode=0, ep_cache_context="/etc/shadow")
+    model = mlp_model(domain_ops=[node])
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return save(model, path)
+
+
 def with_huge_constant(path: Path, elements: int = 2**40) -> Path:
     """Write the MLP with a Constant whose dims declare far more than it holds."""
     tensor = TensorProto(name="huge", data_type=TensorProto.FLOAT, dims=[elements],

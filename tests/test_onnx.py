@@ -43,7 +43,8 @@ def onnx_file(tmp_path_factory) -> Path:
     (onnx_models.with_external_data, "refers to external data ('../../../etc/passwd')"),
     (onnx_models.with_custom_domain, "custom operator domain 'com.example.native'"),
     (onnx_models.with_huge_constant, "brings the declared weights above"),
-], ids=["external-data", "custom-domain", "huge-constant"])
+    (onnx_models.with_ep_context, "which loads a file by path"),
+], ids=["external-data", "custom-domain", "huge-constant", "ep-context"])
 def test_the_inspector_refuses_what_onnx_runtime_would_load_from_elsewhere(tmp_path, build,
                                                                           fragment):
     path = build(tmp_path / "hostile.onnx")
