@@ -117,7 +117,7 @@ class PortalClient:
 
     @staticmethod
     def _etag_header(response: httpx.Response) -> str:
-        etag = response.headers.get("etag")
+        etag: str | None = response.headers.get("etag")
         if response.status_code != 200 or not etag:
             raise PortalError(f"the portal answered {response.status_code} without a table")
         return etag
