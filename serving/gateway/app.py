@@ -4,6 +4,12 @@ No framework: a dict lookup finds the fixed endpoints, `/v2/models/...` is split
 every answer is JSON (or the replica's own body). Auth, rate limits and metrics are plain
 code over in-memory state; the routing table is refreshed by a background task started on
 the first request (the portal's ASGI stack has no lifespan), so no request waits on it.
+
+Two transports share one core (KServe's transport -> dataplane split): `admit` (table,
+credentials, model and version, metadata and readiness answers, rate limit) and `infer`
+(version draw, hold at zero, balanced forwarding with retries, metrics) take plain values
+and return a Response; the ASGI path here and the gRPC servicer (grpc_server.py) only
+translate their wire format to those values and back.
 """
 
 from __future__ import annotations
@@ -145,7 +151,7 @@ class GatewayApp:
                 await _lifespan(receive, send)
             return
         if not self._ready:
-            await self._start()
+            await self.start()
         path: str = scope["path"]
         fixed = self._fixed.get(path)
         refused = target_refusal(path, scope["query_string"])
@@ -162,7 +168,21 @@ class GatewayApp:
             response = error(404, f"no such endpoint: {path}")
         await send_response(send, response)
 
-    async def _start(self) -> None:
+    @property
+    def ready(self) -> bool:
+        """Return whether a routing table has been loaded."""
+        return self._ready
+
+    def now_s(self) -> float:
+        """Return the gateway clock's time (request durations are measured on it)."""
+        return self._clock()
+
+    @property
+    def server_metadata(self) -> Response:
+        """Return the server metadata answer (name, version, extensions)."""
+        return self._server_metadata
+
+    async def start(self) -> None:
         """Load the first table and start the refresh loop (once; the loop retries)."""
         if self._start_task is None:
             self._start_task = asyncio.get_running_loop().create_task(self._load_first())
@@ -227,11 +247,45 @@ class GatewayApp:
         target = self._model_path(scope)
         if isinstance(target, Response):
             return target
+        admitted = await self.admit(target, scope["headers"])
+        if isinstance(admitted, Response):
+            return admitted
+        return await self._infer(scope, receive, admitted, target)
+
+    def _model_path(self, scope: Scope) -> ModelPath | Response:
+        """Return the parsed model path, or the 404/405 answer when there is none."""
+        path: str = scope["path"]
+        target = self.model_target(path)
+        if target is None:
+            return error(404, f"no such endpoint: {path}")
+        wanted = "POST" if target.action == "infer" else "GET"
+        if scope["method"] != wanted and not (wanted == "GET" and scope["method"] == "HEAD"):
+            return _method_not_allowed(wanted)
+        return target
+
+    # the transport-neutral core, shared with the gRPC servicer
+
+    def model_target(self, path: str) -> ModelPath | None:
+        """Return the parts of a `/v2/models/...` path (cached for served ones), or None."""
+        target = self._model_paths.get(path, _UNPARSED)
+        if target is _UNPARSED:
+            target = parse_model_path(path)
+            if target is not None and self._servable(target):
+                # Only paths we serve are kept: made-up ones are parsed again each time.
+                if len(self._model_paths) >= MAX_CACHED_PATHS:
+                    self._model_paths.clear()
+                self._model_paths[path] = target
+        return target
+
+    async def admit(self, target: ModelPath, headers: Headers) -> Response | DeploymentRuntime:
+        """Return the deployment an inference request may go to, or the answer that ends
+        the request: 503 (no table yet), 401/403/431 (credentials in `headers`), 404,
+        the metadata or readiness answer, 429 (rate limit)."""
         if not self._ready:
             return retry_later(503, "the gateway has no routing table yet", 1)
         runtime = self.fleet.deployments.get(target.name)
         try:
-            key = await self._auth.authorize(self.fleet.table.api_keys, scope["headers"],
+            key = await self._auth.authorize(self.fleet.table.api_keys, headers,
                                              target.name, runtime is not None)
         except Rejected as rejected:
             self.metrics.rejected(target.name if runtime is not None else UNKNOWN_MODEL_LABEL,
@@ -247,27 +301,7 @@ class GatewayApp:
         if target.action == "ready":
             return self._model_ready(runtime, target)
         refused = self._rate_limited(key, target.name)
-        if refused is not None:
-            return refused
-        return await self._infer(scope, receive, runtime, target)
-
-    def _model_path(self, scope: Scope) -> ModelPath | Response:
-        """Return the parsed model path, or the 404/405 answer when there is none."""
-        path: str = scope["path"]
-        target = self._model_paths.get(path, _UNPARSED)
-        if target is _UNPARSED:
-            target = parse_model_path(path)
-            if target is not None and self._servable(target):
-                # Only paths we serve are kept: made-up ones are parsed again each time.
-                if len(self._model_paths) >= MAX_CACHED_PATHS:
-                    self._model_paths.clear()
-                self._model_paths[path] = target
-        if target is None:
-            return error(404, f"no such endpoint: {path}")
-        wanted = "POST" if target.action == "infer" else "GET"
-        if scope["method"] != wanted and not (wanted == "GET" and scope["method"] == "HEAD"):
-            return _method_not_allowed(wanted)
-        return target
+        return runtime if refused is None else refused
 
     def _servable(self, target: ModelPath) -> bool:
         """Return whether a parsed path names a deployment (and version) in the table."""
@@ -308,6 +342,20 @@ class GatewayApp:
             return None
         if body is None:
             return self._too_large(runtime)
+        query: bytes = scope["query_string"]
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
+        request = UpstreamRequest(b"POST", path + b"?" + query if query else path,
+                                  forwarded, body)
+        return await self.infer(runtime, target, request, started_s, receive)
+
+    async def infer(self, runtime: DeploymentRuntime, target: ModelPath,
+                    request: UpstreamRequest, started_s: float,
+                    receive: Receive | None = None) -> Response | None:
+        """Return the answer to an admitted inference request (None: the client left).
+
+        `started_s` is the clock's time the request began; `receive` is watched for the
+        client's disconnect (None: the transport cancels this task itself when it goes).
+        """
         version = self._version(runtime, target)
         if version is None:
             self.metrics.rejected(runtime.name, 503)
@@ -316,14 +364,14 @@ class GatewayApp:
             refused = await self._hold(receive, runtime)
             if refused is not None:
                 return None if refused is _CLIENT_GONE else refused
-        query: bytes = scope["query_string"]
-        path: bytes = scope.get("raw_path") or scope["path"].encode()
-        request = UpstreamRequest(b"POST", path + b"?" + query if query else path,
-                                  forwarded, body)
         loop = asyncio.get_running_loop()  # once per request: each call costs a getpid()
         deadline = loop.time() + runtime.route.request_timeout_s
-        response = await self._forward_watching(loop, receive, runtime, version, request,
-                                                deadline)
+        response: Response | None
+        if receive is None:
+            response = await self._forwarder.forward(runtime, version, request, deadline)
+        else:
+            response = await self._forward_watching(loop, receive, runtime, version, request,
+                                                    deadline)
         if response is None:
             self.metrics.cancelled(runtime.name)
             return None
@@ -331,20 +379,23 @@ class GatewayApp:
             response.status, self._clock() - started_s)
         return response
 
-    async def _hold(self, receive: Receive, runtime: DeploymentRuntime) -> Response | None:
+    async def _hold(self, receive: Receive | None,
+                    runtime: DeploymentRuntime) -> Response | None:
         """Wait while a deployment at zero starts a replica: None once one is listed, the
         503 if none comes in time, _CLIENT_GONE if the client hangs up meanwhile."""
-        watch = self._disconnects.watch(asyncio.get_running_loop(), receive)
+        watch = None if receive is None else \
+            self._disconnects.watch(asyncio.get_running_loop(), receive)
         try:
             refused = await self.cold_starts.hold(runtime, runtime.route.hold_timeout_s)
         except asyncio.CancelledError:
-            if not watch.client_gone:
+            if watch is None or not watch.client_gone:
                 raise
             watch.task.uncancel()
             self.metrics.cancelled(runtime.name)
             return _CLIENT_GONE  # no longer held: the count the auto-scaler sees drops
         finally:
-            self._disconnects.stop(watch)
+            if watch is not None:
+                self._disconnects.stop(watch)
         if refused is None:
             return None
         self.metrics.rejected(runtime.name, 503)

@@ -1,7 +1,9 @@
 """`python -m serving.gateway.standalone --table table.json --port P`: the gateway alone.
 
 Serves the gateway on uvicorn (uvloop + httptools) with a FileTableSource, for tests and
-benchmarks. Prints `GATEWAY READY port=N` once listening (N is the real port with --port 0).
+benchmarks, and OIP gRPC on the same event loop with `--grpc-port P` (started before the
+HTTP port, so it listens by the time the ready line appears). Prints `GATEWAY READY port=N`
+once listening (N is the real port with --port 0).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import uvloop
 from serving.balancing import BalancerConfig
 from serving.gateway.app import DEFAULT_MAX_BODY_BYTES, GatewayApp
 from serving.gateway.filesource import FileTableSource
+from serving.gateway.grpc_server import GRACE_S, start_grpc
 
 METRICS_TOKEN_ENV = "SWARM_GATEWAY_METRICS_TOKEN"  # noqa: S105  (a variable name)
 KEEP_ALIVE_S = 75
@@ -41,6 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--table", required=True, help="RouteTable JSON file (watched)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--grpc-port", type=int, default=0, help="OIP gRPC port (0: off)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--no-metrics", action="store_true", help="turn /metrics off")
     parser.add_argument("--ejection-base-s", type=float,
@@ -65,14 +69,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(build_app(args), host=args.host, port=args.port, loop="none",
+    app = build_app(args)
+    config = uvicorn.Config(app, host=args.host, port=args.port, loop="none",
                             http="httptools", lifespan="off", access_log=False,
                             log_level="warning", server_header=False, date_header=False,
                             timeout_keep_alive=KEEP_ALIVE_S, backlog=2048,
                             proxy_headers=False)  # nothing in front of it to trust
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_Server(config).serve())
+        runner.run(_serve(config, app, args.grpc_port))
     return 0
+
+
+async def _serve(config: uvicorn.Config, app: GatewayApp, grpc_port: int) -> None:
+    """Serve HTTP (and gRPC when `grpc_port` is set) until interrupted."""
+    grpc_server = None
+    if grpc_port:
+        grpc_server = await start_grpc(app, config.host, grpc_port)
+    try:
+        await _Server(config).serve()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(GRACE_S)
 
 
 if __name__ == "__main__":
