@@ -36,6 +36,7 @@ REPLICA_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_CUDA_")
 STDERR_FILE = "stderr.log"
 STDOUT_FILE = "stdout.log"
 SIGNATURE_FILE = survivors.SIGNATURE_FILE
+STEPS_FILE = "steps.json"
 _STDERR_TAIL_BYTES = 4096
 # The directory that holds the `serving` package, so the child finds it from any cwd.
 _CODE_ROOT = str(Path(serving.__file__).resolve().parent.parent)
@@ -87,6 +88,7 @@ def replica_env(spec: LaunchSpec, agent_env: Mapping[str, str]) -> dict[str, str
 def replica_command(spec: LaunchSpec, signature_path: Path) -> list[str]:
     """Return the argv that starts the replica server described by `spec`."""
     desired = spec.desired
+    steps = ["--steps-file", str(spec.replica_dir / STEPS_FILE)] if desired.steps else []
     return [
         spec.python, "-m", spec.replica_module,
         "--artifact", str(spec.artifact_path),
@@ -100,6 +102,7 @@ def replica_command(spec: LaunchSpec, signature_path: Path) -> list[str]:
         "--max-queue-delay-ms", str(desired.max_queue_delay_ms),
         "--device", desired.device,
         "--threads", str(desired.threads),
+        *steps,
     ]
 
 
@@ -108,6 +111,8 @@ def launch_replica(spec: LaunchSpec) -> subprocess.Popen[bytes]:
     spec.replica_dir.mkdir(parents=True, exist_ok=True)
     signature_path = spec.replica_dir / SIGNATURE_FILE
     signature_path.write_text(json.dumps(spec.desired.signature))
+    if spec.desired.steps:
+        (spec.replica_dir / STEPS_FILE).write_text(json.dumps(spec.desired.steps))
     env = replica_env(spec, os.environ)
     with (spec.replica_dir / STDOUT_FILE).open("wb") as stdout, \
             (spec.replica_dir / STDERR_FILE).open("wb") as stderr:

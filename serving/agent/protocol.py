@@ -294,6 +294,8 @@ class DesiredReplica(Message):
     max_queue_delay_ms: float
     device: str
     threads: int = 1
+    # The version's processing steps (registry/steps.py, labels included); {}: none.
+    steps: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from registry.signature import SignatureError, parse_signature
+from registry.steps import StepsError, parse_steps
 from serving.agent import processes, replica_stats, survivors
 from serving.agent.protocol import DesiredReplica, ReplicaStatus
 
@@ -271,9 +272,14 @@ class ReplicaManager:
         if desired.format not in REPLICA_FORMATS:
             raise ValueError(f"unknown model format {desired.format!r}")
         try:
-            parse_signature(desired.signature)
+            signature = parse_signature(desired.signature)
         except SignatureError as error:
             raise ValueError(f"bad signature: {error}") from error
+        if desired.steps:
+            try:
+                parse_steps(desired.steps, signature)
+            except StepsError as error:
+                raise ValueError(f"bad steps: {error}") from error
         taken = [r.port for r in self.replicas.values() if r.port is not None]
         port = processes.pick_port(self.settings.bind_host, self.settings.port_range, taken,
                                    self._last_port)
