@@ -168,6 +168,14 @@ def test_each_cap_is_split_over_the_gateways_that_polled_lately(gateway, instanc
     assert caps == {"d0": (32, 128), "d1": (2, 3), "d2": (1, 1)}
 
 
+def test_an_unauthenticated_poll_is_not_counted(gateway, instance, rows):
+    for intruder in range(5):
+        refused(Client().get(TABLE, {"instance": f"intruder-{intruder}"}), 401)
+    response = gateway.get(TABLE, {"instance": instance})
+    assert response.json()["deployments"]["d0"]["max_in_flight_per_replica"] == 64
+    assert response["ETag"].endswith('.1"')
+
+
 def test_share_caps_rounds_up_and_keeps_at_least_one():
     one = table(deployment("m", [replica_route(9001, 1)], max_in_flight_per_replica=10,
                            queue_limit=7))
