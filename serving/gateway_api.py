@@ -215,6 +215,18 @@ def activations(request: HttpRequest) -> HttpResponse:
     return HttpResponse(status=202)
 
 
+def _epoch_s(value: Any, replica_id: int) -> float:
+    """Return a time in seconds since the epoch; raise ServiceError for anything else."""
+    try:
+        # An int of hundreds of digits parses as JSON but overflows a float.
+        at_s = float(value) if type(value) in (int, float) else math.nan
+    except OverflowError:
+        at_s = math.nan
+    if not math.isfinite(at_s) or at_s < 0:
+        raise ServiceError(f"replica {replica_id}: a time is finite seconds since the epoch")
+    return at_s
+
+
 def _successes(raw: Any) -> dict[int, float]:
     if not isinstance(raw, dict) or len(raw) > MAX_SUCCESSES:
         raise ServiceError(f"replicas must be an object of at most {MAX_SUCCESSES} entries")
@@ -223,9 +235,7 @@ def _successes(raw: Any) -> dict[int, float]:
         replica_id = parse_count(key)
         if replica_id is None or replica_id == 0:
             raise ServiceError(f"replica ids are positive integers, not {key[:30]!r}")
-        if type(at_s) not in (int, float) or not math.isfinite(at_s) or at_s < 0:
-            raise ServiceError(f"replica {replica_id}: a time is finite seconds since the epoch")
-        parsed[replica_id] = float(at_s)
+        parsed[replica_id] = _epoch_s(at_s, replica_id)
     return parsed
 
 
