@@ -6,19 +6,24 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, Max
+from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.http import urlencode
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
-from registry import services
+from registry import listing, services
 from registry.api.views import alias_moves, create_version_from_request, staging_upload_handler
 from registry.forms import AliasMoveForm, ModelCreateForm, VersionUploadForm
 from registry.models import Model
 from registry.permissions import WRITE_REFUSED, is_operator
 from swarm_portal.errors import ServiceError
+
+MODELS_PER_PAGE = 25
+LIST_COLUMNS = (("name", "Name"), ("versions", "Versions"), ("latest", "Latest"),
+                ("created", "Created"))
 
 
 def _require_operator(request: HttpRequest) -> None:
@@ -27,10 +32,26 @@ def _require_operator(request: HttpRequest) -> None:
 
 
 def model_list(request: HttpRequest) -> HttpResponse:
-    models = (Model.objects.select_related("owner")
-              .annotate(version_count=Count("versions"), latest=Max("versions__number")))
-    return render(request, "registry/model_list.html",
-                  {"models": models, "can_edit": is_operator(request.user)})
+    """List models: ?q= searches names and descriptions, ?sort= orders, ?page= pages."""
+    search = request.GET.get("q", "")[:listing.MAX_SEARCH_CHARS]
+    sort = request.GET.get("sort", "")
+    sort = sort if sort in listing.SORTS else listing.DEFAULT_SORT  # a page never fails on it
+    models = listing.models_matching(Model.objects.select_related("owner"), search, sort)
+    page = Paginator(models, MODELS_PER_PAGE).get_page(request.GET.get("page"))
+
+    def link(**changes: Any) -> str:
+        query = {"q": search, "sort": sort, **changes}
+        return "?" + urlencode({key: value for key, value in query.items()
+                                if value and (key, value) != ("sort", listing.DEFAULT_SORT)})
+    columns = [{"label": label, "href": link(sort=f"-{key}" if sort == key else key),
+                "aria_sort": ("ascending" if sort == key else
+                              "descending" if sort == f"-{key}" else "none")}
+               for key, label in LIST_COLUMNS]
+    return render(request, "registry/model_list.html", {
+        "models": page, "page": page, "search": search, "columns": columns,
+        "previous": link(page=page.previous_page_number()) if page.has_previous() else "",
+        "next": link(page=page.next_page_number()) if page.has_next() else "",
+        "can_edit": is_operator(request.user)})
 
 
 def model_detail(request: HttpRequest, name: str) -> HttpResponse:

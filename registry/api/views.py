@@ -7,14 +7,14 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Max, Prefetch, QuerySet
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from registry import services
+from registry import listing, services
 from registry.api.serializers import (
     AliasMoveRequestSerializer,
     AliasMoveSerializer,
@@ -27,6 +27,7 @@ from registry.api.serializers import (
 from registry.models import Alias, AliasMove, Model, ModelVersion
 from registry.permissions import IsOperatorOrReadOnly
 from registry.uploads import ARTIFACT_FIELD, StagingUploadHandler
+from swarm_portal.api import check_query_value
 from swarm_portal.errors import ServiceError
 
 ERROR = OpenApiResponse(description='{"error": "..."}')
@@ -49,6 +50,27 @@ class ModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
 
     def get_queryset(self) -> QuerySet[Model]:
         return models_with_summary()
+
+    @extend_schema(parameters=[
+        OpenApiParameter("search", str, description="part of the name or description "
+                         f"(case-insensitive, at most {listing.MAX_SEARCH_CHARS} characters)"),
+        OpenApiParameter("sort", str, enum=list(listing.SORTS),
+                         description=f"order; '-' first: descending (default "
+                                     f"{listing.DEFAULT_SORT})")],
+        responses={200: ModelSerializer(many=True), 400: ERROR})
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Models, searched (?search=), sorted (?sort=) and paged (?limit=&offset=)."""
+        return super().list(request, *args, **kwargs)
+
+    def filter_queryset(self, queryset: QuerySet[Model]) -> QuerySet[Model]:
+        queryset = super().filter_queryset(queryset)
+        if self.action != "list":
+            return queryset
+        search = check_query_value("search", self.request.query_params.get("search", ""))
+        if len(search) > listing.MAX_SEARCH_CHARS:
+            raise ServiceError(f"search: at most {listing.MAX_SEARCH_CHARS} characters")
+        sort = listing.check_sort(self.request.query_params.get("sort"))
+        return listing.models_matching(queryset, search, sort)
 
     def get_serializer_class(self) -> type:
         return ModelUpdateSerializer if self.action == "partial_update" else ModelSerializer
