@@ -65,12 +65,14 @@ def _routable_replicas() -> dict[int, list[ReplicaRoute]]:
 
 
 def _version_infos(model_ids: set[int]) -> dict[tuple[int, int], VersionInfo]:
-    rows = ModelVersion.objects.filter(model_id__in=model_ids).values_list(
-        "model_id", "number", "format", "signature")
-    return {(model_id, number): VersionInfo(platform=f"pytorch_{fmt}",
-                                            inputs=signature["inputs"],
-                                            outputs=signature["outputs"])
-            for model_id, number, fmt, signature in rows}
+    versions = ModelVersion.objects.filter(model_id__in=model_ids).only(
+        "model_id", "number", "format", "signature", "steps")
+    infos = {}
+    for version in versions:
+        served = version.served_signature  # what clients send and get, after any steps
+        infos[(version.model_id, version.number)] = VersionInfo(
+            platform=version.platform, inputs=served["inputs"], outputs=served["outputs"])
+    return infos
 
 
 def _deployment_route(deployment: Deployment, replicas: list[ReplicaRoute],
