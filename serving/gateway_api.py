@@ -44,6 +44,9 @@ MAX_SUCCESSES = 10_000
 MAX_HELD = 1_000_000
 RETRY_AFTER_S = 1
 _INSTANCE = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)
+# Cookie values are printable ASCII; anything else (a NUL, a lone surrogate) cannot be a
+# session key, and some databases refuse to even compare it.
+_SESSION_KEY = re.compile(f"[!-~]{{1,{MAX_CREDENTIAL_BYTES}}}", re.ASCII)
 # Per process: an instance's poll is written to the cache at most once a second.
 _instances = live.GatewayInstances()
 
@@ -196,8 +199,8 @@ def table(request: HttpRequest) -> HttpResponse:
 def sessions(request: HttpRequest) -> HttpResponse:
     """Whether a portal session belongs to an active, logged-in user (the playground)."""
     session_key = _json_object(request, {"session_key"})["session_key"]
-    if not isinstance(session_key, str) or not 0 < len(session_key) <= MAX_CREDENTIAL_BYTES:
-        raise ServiceError(f"session_key must be a string of 1 to {MAX_CREDENTIAL_BYTES} "
+    if not isinstance(session_key, str) or not _SESSION_KEY.fullmatch(session_key):
+        raise ServiceError(f"session_key must be 1 to {MAX_CREDENTIAL_BYTES} printable ASCII "
                            "characters")
     return JsonResponse({"allowed": session_user_active(session_key)})
 

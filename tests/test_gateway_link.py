@@ -241,6 +241,7 @@ def test_a_session_is_allowed_only_for_an_active_logged_in_user(gateway, operato
 
 @pytest.mark.parametrize("body", [
     {}, {"session_key": 5}, {"session_key": ""}, {"session_key": "x" * 257},
+    {"session_key": "\ud800" * 12}, {"session_key": "a\x00b" * 4}, {"session_key": "é" * 10},
     {"session_key": "abcdefgh", "deployment": "m"}, ["abcdefgh"], None])
 def test_bad_session_questions_are_refused(gateway, body):
     refused(post(gateway, "sessions", body), 400)
