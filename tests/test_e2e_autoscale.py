@@ -2,8 +2,8 @@
 
 The local provider starts `swarm-worker` processes on this machine as the auto-scaler
 asks; each replica needs more than half a node's memory here, so a second replica means
-a second node. Load goes through the portal's gateway with an API key, exactly as a
-client's would, and every response is checked.
+a second node. Load goes through `swarm-gateway` in front of the portal with an API key,
+exactly as a client's would, and every response is checked.
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ def test_a_burst_adds_a_node_and_a_replica_then_drains_back_with_no_failure(
 
 def test_a_request_at_zero_is_held_then_served_after_activation(scaled_cluster, operator):
     portal, _provider, deployment = scaled_cluster
+    # Made before the wait: the gateway (its own process) learns of a new key within a
+    # poll or two, not at once.
+    key = _api_key(operator)
     scaling.do_set_policy(deployment, min_replicas=0, max_replicas=1, scale_to_zero=True,
                           idle_before_zero_s=1.0, target_in_flight_per_replica=1.0,
                           stable_window_s=4.0, panic_window_s=1.0, scale_down_delay_s=1.0)
@@ -159,7 +162,10 @@ def test_a_request_at_zero_is_held_then_served_after_activation(scaled_cluster, 
                and not Replica.objects.filter(deployment=deployment).exclude(
                    state__in=[ReplicaState.STOPPED, ReplicaState.FAILED]).exists(),
                90, "the idle deployment to reach zero")
-    key = _api_key(operator)
+    # The gateway's table too (it polls the portal): a replica still listed, draining,
+    # would get the request instead of a hold.
+    wait_until(lambda: 'replica_in_flight{model="slow"' not in httpx.get(
+        f"{portal.url}/metrics", timeout=10).text, 10, "the gateway's table at zero")
     response = httpx.post(f"{portal.url}/v2/models/slow/infer", json=ROW, timeout=90,
                           headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 200, response.text

@@ -124,9 +124,23 @@ def listening_socket(args: argparse.Namespace) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if args.reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _warn_unless_requests_migrate()
     sock.bind(address)
     sock.listen(LISTEN_BACKLOG)
     return sock
+
+
+def _warn_unless_requests_migrate() -> None:
+    """Warn that a stopping process resets the connections still queued on its own
+    SO_REUSEPORT socket, unless the kernel moves them to a sibling (Linux >= 5.14)."""
+    try:
+        migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "1"
+    except OSError:
+        migrate = False
+    if not migrate:
+        log.warning("--reuse-port: connections queued on this process's socket when it stops "
+                    "are reset; set net.ipv4.tcp_migrate_req=1, or share one socket (--fd, "
+                    "as make run does), or retry in the balancer in front")
 
 
 class GatewayServer(uvicorn.Server):
