@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -20,7 +21,7 @@ from django.views.decorators.csrf import csrf_exempt
 from registry.downloads import SHA256_HEADER, read_chunks
 from registry.models import ModelVersion
 from registry.services import artifact_store
-from serving import services
+from serving import replica_logs, services
 from serving.agent.protocol import HeartbeatRequest, ProtocolError, RegisterRequest
 from swarm_portal.errors import ServiceError
 
@@ -77,7 +78,24 @@ def register(request: HttpRequest) -> HttpResponse:
 def heartbeat(request: HttpRequest) -> HttpResponse:
     node = services.authenticate_node(request.headers.get("Authorization", ""))
     message = HeartbeatRequest.from_dict(_json_body(request))
-    return JsonResponse(services.do_heartbeat(node, message).to_dict())
+    lines = _take_log_lines(message)
+    reply = services.do_heartbeat(node, message)
+    replica_logs.record_agent_lines(node.pk, lines, time.time())
+    return JsonResponse(reply.to_dict())
+
+
+def _take_log_lines(message: HeartbeatRequest) -> dict[int, list[str]]:
+    """Return {replica id: its new output lines}, emptied from the message.
+
+    The lines go to their own rings, not into the heartbeat figures that every node
+    list and dashboard reads.
+    """
+    lines: dict[int, list[str]] = {}
+    for status in message.replicas:
+        if status.log_lines:
+            lines.setdefault(status.replica_id, []).extend(status.log_lines)
+            status.log_lines = []
+    return lines
 
 
 @_agent_view

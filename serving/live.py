@@ -206,3 +206,39 @@ def _relisted(known: dict[str, float], instance: str, now_s: float) -> dict[str,
     kept[instance] = now_s
     newest = sorted(kept.items(), key=lambda item: item[1])[-MAX_GATEWAY_INSTANCES:]
     return dict(newest)
+
+
+# Replica output (serving/replica_logs.py): one ring per replica, and its last error line
+# apart, so a list of replicas reads a few bytes each rather than whole rings.
+REPLICA_LOGS_TTL_S = 24 * 3600  # a failed replica's last words stay readable for a day
+
+
+def _logs_key(replica_id: int) -> str:
+    return f"replica:{replica_id}:logs"
+
+
+def _last_error_key(replica_id: int) -> str:
+    return f"replica:{replica_id}:last-error"
+
+
+def replica_log_rings(replica_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Return {replica id: its log ring} for those that have one (one round trip)."""
+    with _guarded("reading replica logs"):
+        found = cache.get_many([_logs_key(pk) for pk in replica_ids])
+    return {int(key.split(":")[1]): value for key, value in found.items()}
+
+
+def store_replica_logs(rings: dict[int, dict[str, Any]],
+                       last_errors: dict[int, dict[str, Any]]) -> None:
+    """Write log rings and last error lines (overwriting), in one round trip."""
+    values = {_logs_key(pk): ring for pk, ring in rings.items()}
+    values.update({_last_error_key(pk): error for pk, error in last_errors.items()})
+    with _guarded("recording replica logs"):
+        cache.set_many(values, REPLICA_LOGS_TTL_S)
+
+
+def replica_last_errors(replica_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Return {replica id: {"at_s", "text"}} of the last error line each printed."""
+    with _guarded("reading replica errors"):
+        found = cache.get_many([_last_error_key(pk) for pk in replica_ids])
+    return {int(key.split(":")[1]): value for key, value in found.items()}

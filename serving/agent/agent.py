@@ -153,8 +153,9 @@ class Agent:
         self._last_heartbeat_s = now_s
         self._next_heartbeat_s = now_s + self.interval_s
         self._change_pending = False
+        request = self._heartbeat_request()
         try:
-            response = self._client.heartbeat(self._heartbeat_request())
+            response = self._client.heartbeat(request)
         except CredentialsRevoked as error:
             self._on_revoked(error, now_s)
             return None
@@ -165,6 +166,8 @@ class Agent:
             log.info("portal reachable again after %d failed heartbeats", self.heartbeat_failures)
             self.heartbeat_failures = 0
         self._failing_since_s = None
+        # Only now: lines a failed heartbeat carried go again with the next one.
+        self.replicas.acknowledge_logs(request.replicas)
         self._apply(response, now_s)
         return response
 
@@ -236,6 +239,7 @@ class Agent:
 
     def _heartbeat_request(self) -> HeartbeatRequest:
         self.replicas.refresh_stats()
+        self.replicas.collect_logs()
         return HeartbeatRequest(devices=self._read_devices(), replicas=self.replicas.statuses(),
                                 cached_artifacts=self.cache.cached_sha256s())
 

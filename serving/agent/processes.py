@@ -16,6 +16,7 @@ from typing import Protocol
 
 import serving
 from serving.agent import survivors
+from serving.agent.logs import ROTATED_SUFFIX, STDERR_FILE, STDOUT_FILE
 from serving.agent.protocol import DesiredReplica
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ REPLICA_ENV_NAMES = frozenset({
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
 })
 REPLICA_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_CUDA_")
-STDERR_FILE = "stderr.log"
-STDOUT_FILE = "stdout.log"
 SIGNATURE_FILE = survivors.SIGNATURE_FILE
 STEPS_FILE = "steps.json"
 _STDERR_TAIL_BYTES = 4096
@@ -114,8 +113,10 @@ def launch_replica(spec: LaunchSpec) -> subprocess.Popen[bytes]:
     if spec.desired.steps:
         (spec.replica_dir / STEPS_FILE).write_text(json.dumps(spec.desired.steps))
     env = replica_env(spec, os.environ)
-    with (spec.replica_dir / STDOUT_FILE).open("wb") as stdout, \
-            (spec.replica_dir / STDERR_FILE).open("wb") as stderr:
+    # Append mode (O_APPEND): the agent caps the files by truncating them (logs.LogTail),
+    # and the replica's next write must land at the new end, not leave a hole before it.
+    with (spec.replica_dir / STDOUT_FILE).open("ab") as stdout, \
+            (spec.replica_dir / STDERR_FILE).open("ab") as stderr:
         # A new session: Ctrl-C on the agent's terminal must not kill replicas mid-request
         # (the agent drains them itself), and a replica outlives a killed agent.
         process = subprocess.Popen(
@@ -136,16 +137,22 @@ def _record_launch(spec: LaunchSpec, pid: int) -> None:
 
 
 def last_stderr_line(replica_dir: Path) -> str:
-    """Return the last non-empty line the replica wrote to stderr ('' when none)."""
-    try:
-        with (replica_dir / STDERR_FILE).open("rb") as stderr:
-            stderr.seek(0, os.SEEK_END)
-            stderr.seek(max(stderr.tell() - _STDERR_TAIL_BYTES, 0))
-            tail = stderr.read().decode(errors="replace")
-    except OSError:
-        return ""
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    """Return the last non-empty line the replica wrote to stderr ('' when none).
+
+    Looks in the rotated part too: the file may have just been capped (logs.LogTail).
+    """
+    for name in (STDERR_FILE, STDERR_FILE + ROTATED_SUFFIX):
+        try:
+            with (replica_dir / name).open("rb") as stderr:
+                stderr.seek(0, os.SEEK_END)
+                stderr.seek(max(stderr.tell() - _STDERR_TAIL_BYTES, 0))
+                tail = stderr.read().decode(errors="replace")
+        except OSError:
+            continue
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return ""
 
 
 def signal_group(process: ReplicaProcess, signum: int) -> None:

@@ -47,6 +47,8 @@ INT32_MAX = 2**31 - 1  # Django's PositiveIntegerField
 MAX_TEXT_CHARS = 65_536  # error texts may be tracebacks; the portal truncates them
 MAX_LIST_ITEMS = 10_000
 MAX_JSON_DEPTH = 32  # inside free-form objects (labels, signature)
+MAX_LOG_LINES = 200  # per replica per heartbeat (serving/agent/logs.py sends no more)
+MAX_LOG_LINE_CHARS = 1024
 
 
 def limits(*, minimum: int | None = None, maximum: int | None = None,
@@ -269,6 +271,14 @@ class ReplicaStatus(Message):
     failed: int = 0
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    # When its process started (wall clock, epoch s; None: not started) and how many
+    # times the agent started it again under this id.
+    started_at_s: float | None = None
+    restarts: int = field(default=0, metadata=limits(minimum=0, maximum=INT32_MAX))
+    # Its output since the previous heartbeat that got through (serving/agent/logs.py):
+    # controls escaped, lines cut; the portal keeps a bounded ring (serving/replica_logs.py).
+    log_lines: list[str] = field(default_factory=list, metadata=limits(
+        max_items=MAX_LOG_LINES, item_max_chars=MAX_LOG_LINE_CHARS))
 
 
 @dataclass

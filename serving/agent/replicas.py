@@ -14,6 +14,7 @@ import logging
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import httpx
 from registry.signature import SignatureError, parse_signature
 from registry.steps import StepsError, parse_steps
 from serving.agent import processes, replica_stats, survivors
+from serving.agent.logs import LogTail
 from serving.agent.protocol import DesiredReplica, ReplicaStatus
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class ManagedReplica:
     # Adopted from a previous agent run and not yet confirmed by a heartbeat reply: the
     # first reconcile drains it unless the portal still wants exactly it, under this key.
     unconfirmed: bool = False
+    logs: LogTail | None = None  # from its launch (or adoption) on
+    started_at_s: float | None = None  # wall clock, epoch s: the portal shows uptime
+    restarts: int = 0  # launches under this id after the first
 
     @property
     def replica_id(self) -> int:
@@ -89,8 +94,10 @@ class ManagedReplica:
 
     def status(self) -> ReplicaStatus:
         """Return what the next heartbeat says about this replica."""
+        lines = list(self.logs.pending) if self.logs is not None else []
         return ReplicaStatus(replica_id=self.replica_id, state=self.state, port=self.port,
-                             error=self.error, **self.stats)
+                             error=self.error, started_at_s=self.started_at_s,
+                             restarts=self.restarts, log_lines=lines, **self.stats)
 
 
 class ReplicaManager:
@@ -98,8 +105,9 @@ class ReplicaManager:
 
     def __init__(self, settings: ReplicaSettings,
                  prepare_artifact: Callable[[DesiredReplica], Path],
-                 executor: Executor) -> None:
+                 executor: Executor, wall_clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self._wall_clock = wall_clock
         self.replicas: dict[int, ManagedReplica] = {}
         self._prepare_artifact = prepare_artifact
         self._executor = executor
@@ -195,6 +203,19 @@ class ReplicaManager:
         """Return one ReplicaStatus per tracked replica, by id."""
         return [self.replicas[key].status() for key in sorted(self.replicas)]
 
+    def collect_logs(self) -> None:
+        """Read every replica's new output lines (bounded), failed ones included."""
+        for replica in self.replicas.values():
+            if replica.logs is not None:
+                replica.logs.collect()
+
+    def acknowledge_logs(self, sent: list[ReplicaStatus]) -> None:
+        """Drop the lines a heartbeat that got through carried (`sent`: its statuses)."""
+        for status in sent:
+            replica = self.replicas.get(status.replica_id)
+            if replica is not None and replica.logs is not None:
+                replica.logs.acknowledge(len(status.log_lines))
+
     def drain_all(self, now_s: float) -> None:
         """Begin draining every replica (the agent is leaving)."""
         for replica in self.replicas.values():
@@ -219,9 +240,11 @@ class ReplicaManager:
                          now_s: float) -> ManagedReplica:
         record = survivor.record
         self._last_port = record.port
+        replica_dir = self.settings.replicas_dir / str(record.replica_id)
         return ManagedReplica(desired=record.desired_replica(), replica_key=replica_key,
                               port=record.port, process=survivor.process, launched_at_s=now_s,
-                              unconfirmed=True)
+                              unconfirmed=True, logs=LogTail(replica_dir),
+                              started_at_s=_written_at_s(replica_dir))
 
     def _confirm_adopted(self, replica: ManagedReplica, wanted: DesiredReplica | None,
                          replica_key: str, now_s: float) -> None:
@@ -240,7 +263,9 @@ class ReplicaManager:
     def _admit(self, desired: DesiredReplica, replica_key: str) -> None:
         log.info("replica %d: starting %s v%d on %s", desired.replica_id, desired.model_name,
                  desired.version, desired.device)
-        replica = ManagedReplica(desired=desired, replica_key=replica_key)
+        previous = self.replicas.get(desired.replica_id)
+        replica = ManagedReplica(desired=desired, replica_key=replica_key,
+                                 restarts=previous.restarts + 1 if previous else 0)
         replica.artifact = self._executor.submit(self._prepare_artifact, desired)
         self.replicas[desired.replica_id] = replica
 
@@ -285,8 +310,11 @@ class ReplicaManager:
                                    self._last_port)
         self._last_port = port
         replica.port = port
-        replica.process = processes.launch_replica(self._launch_spec(replica, artifact_path))
+        spec = self._launch_spec(replica, artifact_path)
+        replica.logs = LogTail(spec.replica_dir)  # before the launch: from its first line
+        replica.process = processes.launch_replica(spec)
         replica.launched_at_s = now_s
+        replica.started_at_s = self._wall_clock()
         log.info("replica %d: process %d on port %d", desired.replica_id, replica.process.pid,
                  port)
 
@@ -404,6 +432,14 @@ def _fail(replica: ManagedReplica, reason: str) -> None:
     replica.state = "failed"
     replica.error = reason
     replica.stats = {}
+
+
+def _written_at_s(replica_dir: Path) -> float | None:
+    """Return when the launch record was written (epoch s): an adopted replica's start."""
+    try:
+        return (replica_dir / survivors.RECORD_FILE).stat().st_mtime
+    except OSError:
+        return None
 
 
 def _with_stderr(reason: str, replica_dir: Path) -> str:
