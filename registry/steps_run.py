@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -28,12 +30,16 @@ class StepError(ValueError):
     """Input data that a step cannot take (HTTP 400); the message names the input."""
 
 
-def decode_images(array: np.ndarray, step: ImageStep) -> np.ndarray:
+def decode_images(array: np.ndarray, step: ImageStep,
+                  map_rows: Callable[..., Iterable[np.ndarray]] = map) -> np.ndarray:
     """Return BYTES [N, 1] (one JPEG or PNG per row) as the model input [N, C, H, W] or
-    [N, H, W, C] of the step's datatype; raises StepError naming the input and row."""
+    [N, H, W, C] of the step's datatype; raises StepError naming the input and row.
+
+    `map_rows`: how rows are decoded, e.g. a thread pool's map (Pillow releases the GIL
+    while it decodes and resizes)."""
     if array.ndim != 2 or array.shape[1] != 1:
         raise StepError(f"input {step.name!r} must have shape [N, 1]: one image per row")
-    rows = [_image_row(element, step, row) for row, element in enumerate(array[:, 0])]
+    rows = list(map_rows(partial(_image_row, step=step), array[:, 0], range(len(array))))
     batch = np.stack(rows).astype(np.float32)  # [N, H, W, C]
     if step.datatype != "UINT8":
         mean = np.asarray(step.mean, dtype=np.float32)
@@ -44,7 +50,7 @@ def decode_images(array: np.ndarray, step: ImageStep) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=_IMAGE_DTYPES[step.datatype])
 
 
-def _image_row(data: bytes, step: ImageStep, row: int) -> np.ndarray:
+def _image_row(data: bytes, row: int, step: ImageStep) -> np.ndarray:
     """Return one image as [H, W, C] uint8, resized to the step's size."""
     where = f"input {step.name!r} row {row}"
     try:

@@ -9,7 +9,9 @@ that sent it gets the 400.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -22,6 +24,8 @@ from serving.replica.runner import ModelFailure
 
 class InputRejected(ModelFailure):
     """A request's data that a step cannot take (HTTP 400, not a model failure)."""
+
+DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 
 def with_steps(runner: Runner, steps: Steps | None) -> Runner:
@@ -39,6 +43,8 @@ class StepsRunner:
         self._image_steps = {step.input: step for step in steps.inputs}
         self._classify_steps = {step.output: step for step in steps.outputs}
         self._labels = label_table(steps.labels)
+        # Pictures of one batch decode side by side, each in its own thread.
+        self._decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
     def load(self, warm_up_rows: int) -> None:
         """Load and warm up the wrapped model (its own zero tensors, no steps)."""
@@ -50,7 +56,8 @@ class StepsRunner:
         for array, spec in zip(arrays, self.runner.signature.inputs, strict=True):
             step = self._image_steps.get(spec.name)
             try:
-                model_inputs.append(array if step is None else decode_images(array, step))
+                model_inputs.append(array if step is None
+                                    else decode_images(array, step, self._decoders.map))
             except StepError as exc:
                 raise InputRejected(str(exc)) from None
         outputs = self.runner.forward(model_inputs)
