@@ -22,6 +22,9 @@ from registry.steps import ClassifyStep, ImageStep, Steps
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded size; checked from the header before decoding
+# Small pictures resized to the model's size can grow a lot: a request's decoded batch is
+# bounded (the body limit alone would let a million tiny PNGs become gigabytes).
+MAX_DECODED_BYTES = 512 * 1024 * 1024
 _IMAGE_DTYPES = {"UINT8": np.uint8, "FP16": np.float16, "FP32": np.float32,
                  "FP64": np.float64}
 
@@ -39,6 +42,12 @@ def decode_images(array: np.ndarray, step: ImageStep,
     while it decodes and resizes)."""
     if array.ndim != 2 or array.shape[1] != 1:
         raise StepError(f"input {step.name!r} must have shape [N, 1]: one image per row")
+    channels = 1 if step.color == "L" else 3
+    row_bytes = step.height * step.width * channels * 4  # float32 while normalising
+    if len(array) * row_bytes > MAX_DECODED_BYTES:
+        raise StepError(f"input {step.name!r}: {len(array)} images would take "
+                        f"{len(array) * row_bytes} bytes decoded; send at most "
+                        f"{MAX_DECODED_BYTES // row_bytes} per request")
     rows = list(map_rows(partial(_image_row, step=step), array[:, 0], range(len(array))))
     batch = np.stack(rows).astype(np.float32)  # [N, H, W, C]
     if step.datatype != "UINT8":

@@ -28,7 +28,14 @@ from registry.steps import (
     parse_steps,
     served_signature,
 )
-from registry.steps_run import StepError, classify, decode_images, dry_run, label_table
+from registry.steps_run import (
+    MAX_DECODED_BYTES,
+    StepError,
+    classify,
+    decode_images,
+    dry_run,
+    label_table,
+)
 from tests.gateway_helpers import BEARER, StandaloneGateway
 from tests.replica_models import ReplicaProcess
 from tests.steps_helpers import (
@@ -171,6 +178,14 @@ def test_bad_pictures_name_the_input_and_row(picture, message):
     with pytest.raises(StepError) as caught:
         decode_images(images(picture), step)
     assert "input 'image_bytes'" in str(caught.value) and message in str(caught.value)
+
+
+def test_too_many_pictures_for_the_decoded_limit_are_refused_before_decoding():
+    step = parse_steps(CLASSIFIER_STEPS, SIGNATURE).inputs[0]
+    too_many = MAX_DECODED_BYTES // (IMAGE_SIDE * IMAGE_SIDE * 3 * 4) + 1
+    pictures = np.full((too_many, 1), b"never decoded", dtype=object)
+    with pytest.raises(StepError, match=f"send at most {too_many - 1} per request"):
+        decode_images(pictures, step)
 
 
 def test_classify_returns_sorted_top_k_with_labels():
