@@ -7,6 +7,7 @@ with a steps file behind the standalone gateway, driven by tritonclient.http.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +37,11 @@ from registry.steps_run import (
     dry_run,
     label_table,
 )
+from serving.agent.cache import ArtifactCache
+from serving.agent.client import PortalClient
+from serving.agent.protocol import DesiredReplica, ProtocolError
+from serving.agent.replicas import ReplicaManager, ReplicaSettings
+from tests.agent_fakes import FakePortal, desired_replica
 from tests.gateway_helpers import BEARER, StandaloneGateway
 from tests.replica_models import ReplicaProcess
 from tests.steps_helpers import (
@@ -48,6 +54,7 @@ from tests.steps_helpers import (
     image_bytes,
     start_with_steps,
 )
+from tests.waiting import wait_until
 
 SIGNATURE = parse_signature(CLASSIFIER_SIGNATURE)
 RED, GREEN, BLUE = (220, 10, 10), (10, 200, 20), (5, 15, 230)
@@ -395,3 +402,55 @@ def test_the_model_page_shows_the_steps_and_served_signature(operator_api, opera
     assert "Steps" in page and "image_bytes" in page and "softmax" in page
     assert "3 labels: red, green, blue" in page
     assert "Served outputs" in page
+
+
+# the worker agent starts a replica with its version's steps
+
+
+def test_a_desired_replica_carries_its_steps_through_the_protocol():
+    desired = desired_replica(5, b"artifact", signature=CLASSIFIER_SIGNATURE,
+                              steps=CLASSIFIER_STEPS)
+    again = DesiredReplica.from_dict(json.loads(json.dumps(desired.to_dict())))
+    assert again.steps == CLASSIFIER_STEPS
+    without = {k: v for k, v in desired.to_dict().items() if k != "steps"}
+    assert DesiredReplica.from_dict(without).steps == {}
+    with pytest.raises(ProtocolError, match="steps"):
+        DesiredReplica.from_dict({**desired.to_dict(), "steps": ["not", "an", "object"]})
+
+
+@pytest.mark.slow
+def test_the_agent_starts_a_replica_that_serves_pictures(tmp_path):
+    artifact = color_classifier(tmp_path).read_bytes()
+    key = "a-replica-key-of-32-characters!!"
+    with FakePortal() as portal:
+        portal.state.secrets["swn_1_real"] = 1
+        portal.add_artifact(artifact)
+        cache = ArtifactCache(tmp_path / "cache", PortalClient(
+            portal.url, timeout_s=10.0, node_secret="swn_1_real"))
+        executor = ThreadPoolExecutor(1)
+        settings = ReplicaSettings(replicas_dir=tmp_path / "replicas",
+                                   port_range=range(19640, 19660), ready_timeout_s=120.0,
+                                   drain_grace_s=30.0)
+        manager = ReplicaManager(settings, lambda d: cache.ensure(d.sha256, d.size_bytes),
+                                 executor)
+        try:
+            manager.reconcile([desired_replica(
+                31, artifact, model_name="colors", signature=CLASSIFIER_SIGNATURE,
+                steps=CLASSIFIER_STEPS)], key, time.monotonic())
+            wait_until(lambda: manager.step(time.monotonic()) or
+                       manager.replicas[31].state in ("ready", "failed"),
+                       timeout_s=120, what="the replica to be ready")
+            replica = manager.replicas[31]
+            assert replica.state == "ready", replica.error
+            body = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1, 1],
+                                "data": ["not a picture"]}]}
+            answer = httpx.post(f"http://127.0.0.1:{replica.port}/v2/models/colors/infer",
+                                json=body, timeout=10, headers={"Authorization": f"Bearer {key}"})
+            assert answer.status_code == 400
+            assert "input 'image_bytes' row 0" in answer.json()["error"]
+        finally:
+            manager.drain_all(time.monotonic())
+            wait_until(lambda: manager.step(time.monotonic()) or manager.live_count() == 0,
+                       timeout_s=40, what="replicas to stop")
+            manager.close()
+            executor.shutdown()
