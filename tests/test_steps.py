@@ -391,17 +391,23 @@ def test_a_labels_file_over_the_limit_is_a_413(operator_api, model, tmp_path, st
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_model_page_shows_the_steps_and_served_signature(operator_api, operator, model,
-                                                           tmp_path):
-    response = upload_classifier(operator_api, model.name, tmp_path,
-                                 without_labels(CLASSIFIER_STEPS), b"red\ngreen\nblue\n")
-    assert response.status_code == 201, response.content
+def test_the_upload_page_takes_steps_and_labels_and_the_model_page_shows_them(
+        operator, model, tmp_path):
     browser = Client()
     browser.force_login(operator)
-    page = browser.get(f"/models/{model.name}/").content.decode()
+    form = browser.get(f"/models/{model.name}/upload/").content.decode()
+    assert 'name="steps"' in form and 'name="labels"' in form
+    artifact = color_classifier(tmp_path)
+    response = browser.post(f"/models/{model.name}/upload/", {
+        "artifact": SimpleUploadedFile("colors.pt", artifact.read_bytes()),
+        "signature": json.dumps(CLASSIFIER_SIGNATURE), "metadata": "", "format": "",
+        "steps": json.dumps(without_labels(CLASSIFIER_STEPS)),
+        "labels": SimpleUploadedFile("labels.txt", b"red\ngreen\nblue\n")}, follow=True)
+    assert response.redirect_chain[-1][0] == f"/models/{model.name}/"
+    page = response.content.decode()
     assert "Steps" in page and "image_bytes" in page and "softmax" in page
     assert "3 labels: red, green, blue" in page
-    assert "Served outputs" in page
+    assert "Served outputs" in page and "class_ids" in page
 
 
 # the worker agent starts a replica with its version's steps
