@@ -216,8 +216,9 @@ class GatewayProcess:
     """One gateway process on a fixed port (restartable there), its output in a file."""
 
     def __init__(self, command: Sequence[str], port: int, log_path: Path,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], grpc_port: int = 0) -> None:
         self.command, self.port, self.log_path, self.env = list(command), port, log_path, env
+        self.grpc_port = grpc_port
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 

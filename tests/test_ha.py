@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
 from django.core.management import call_command
 from django.test import Client
 from knox.models import AuthToken
@@ -67,16 +69,16 @@ MODEL = "mlp"
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def nginx_values(directory: Path, gateways: list[str], portal: str) -> dict[str, str]:
+def nginx_values(directory: Path, gateways: list[str], portal: str,
+                 grpc: list[str] | None = None) -> dict[str, str]:
     """Return the placeholders of deploy/nginx/swarm.conf for a loopback test."""
     cert, key = make_certificate(directory)
+    grpc = grpc or [f"127.0.0.1:{free_port()}" for _ in gateways]  # nobody listens there
     return {"SERVER_NAME": "localhost", "BIND": "127.0.0.1", "HTTP_PORT": str(free_port()),
             "HTTPS_PORT": str(free_port()), "GRPC_PORT": str(free_port()),
             "TLS_CERT": str(cert), "TLS_KEY": str(key), "PORTAL": portal,
             "GATEWAY_1": gateways[0], "GATEWAY_2": gateways[1],
-            # No gRPC in this test: ports nobody listens on.
-            "GATEWAY_GRPC_1": f"127.0.0.1:{free_port()}",
-            "GATEWAY_GRPC_2": f"127.0.0.1:{free_port()}",
+            "GATEWAY_GRPC_1": grpc[0], "GATEWAY_GRPC_2": grpc[1],
             "ACCESS_LOG": str(directory / "access.log")}
 
 
@@ -160,19 +162,32 @@ class Stack:
 
 
 def gateway_process(directory: Path, portal_url: str, token: str, name: str) -> GatewayProcess:
-    """Return swarm-gateway as swarm-gateway@.service runs it (token in the environment)."""
-    port = free_port()
-    command = [str(Path(sys.executable).parent / "swarm-gateway"), "--portal", portal_url,
-               "--host", "127.0.0.1", "--port", str(port), "--instance-id", name,
-               "--table-cache", str(directory / f"{name}-table.json")]
+    """Return swarm-gateway as swarm-gateway@.service runs it (token in the environment).
+
+    `python -m` the module the `swarm-gateway` script calls, from this checkout: the same
+    program whatever state the installed script is in (the units' test runs the script)."""
+    port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "serving.gateway.service", "--portal", portal_url,
+               "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
+               "--instance-id", name, "--table-cache", str(directory / f"{name}-table.json")]
     env = {**os.environ, "SWARM_GATEWAY_TOKEN": token}
-    return GatewayProcess(command, port, directory / f"{name}.log", env)
+    return GatewayProcess(command, port, directory / f"{name}.log", env, grpc_port)
 
 
 def create_gateway_token(name: str) -> str:
     out = io.StringIO()
     call_command("create_gateway_token", name, stdout=out)
     return out.getvalue().strip()
+
+
+def deploy_the_model(api: httpx.Client, operator: object, directory: Path) -> None:
+    """Register a TorchScript MLP and deploy it with two replicas (the REST API)."""
+    model = factories.make_model(operator)
+    factories.add_version(model, operator, factories.torchscript_file(directory))
+    created = api.post("/api/deployments/", json={
+        "name": MODEL, "model": model.name, "version": 1, "replicas": 2,
+        "memory_bytes": 64 * 1024**2})
+    assert created.status_code == 201, created.text
 
 
 @pytest.fixture
@@ -188,6 +203,9 @@ def stack(tmp_path: Path, artifact_root: Path, operator) -> Iterator[Stack]:
     agent: LiveAgent | None = None
     gateways: list[GatewayProcess] = []
     nginx: Nginx | None = None
+    _, api_token = AuthToken.objects.create(user=operator, expiry=None)
+    api = httpx.Client(base_url=portal.url, timeout=30,
+                       headers={"Authorization": f"Token {api_token}"})
     try:
         redis.start()
         portal.start()
@@ -196,22 +214,15 @@ def stack(tmp_path: Path, artifact_root: Path, operator) -> Iterator[Stack]:
                                                        expires_in=None, uses=1)
         agent = LiveAgent(portal.url, "node-a", f"{first_port}-{first_port + 9}",
                           tmp_path / "node-a", secret).start()
-        model = factories.make_model(operator)
-        factories.add_version(model, operator, factories.torchscript_file(tmp_path))
-        _, api_token = AuthToken.objects.create(user=operator, expiry=None)
-        api = httpx.Client(base_url=portal.url, timeout=30,
-                           headers={"Authorization": f"Token {api_token}"})
-        created = api.post("/api/deployments/", json={
-            "name": MODEL, "model": model.name, "version": 1, "replicas": 2,
-            "memory_bytes": 64 * 1024**2})
-        assert created.status_code == 201, created.text
+        deploy_the_model(api, operator, tmp_path)
         token = create_gateway_token("ha-test")
         gateways = [gateway_process(tmp_path, portal.url, token, f"gateway-{i}")
                     for i in (1, 2)]
         for gateway in gateways:
             gateway.start()
         nginx = Nginx(tmp_path / "nginx", nginx_values(
-            tmp_path, [g.address for g in gateways], f"127.0.0.1:{portal.port}")).start()
+            tmp_path, [g.address for g in gateways], f"127.0.0.1:{portal.port}",
+            [f"127.0.0.1:{g.grpc_port}" for g in gateways])).start()
         wait_until(lambda: ready_replicas() == 2, START_S, "two ready replicas", 0.5)
         yield Stack(redis, portal, api, gateways, nginx, tmp_path / "tls-cert.pem")
     finally:
@@ -226,6 +237,7 @@ def stack(tmp_path: Path, artifact_root: Path, operator) -> Iterator[Stack]:
         celery.stop()
         portal.stop()
         redis.stop()
+        api.close()
 
 
 def ready_replicas() -> int:
@@ -253,10 +265,16 @@ def create_api_key(api: httpx.Client, name: str) -> str | None:
     return response.json()["key"] if response.status_code == 201 else None
 
 
-def change_reaches_gateways(stack: Stack, name: str) -> float:
-    """Create an API key; return the seconds until every gateway serves it."""
+def change_reaches_gateways(stack: Stack, name: str) -> tuple[float, float]:
+    """Create an API key; return the seconds until every gateway serves it, counted from
+    the portal's answer (the key was committed a moment before) and from the request."""
     clients = {g.port: httpx.Client(base_url=g.url) for g in stack.gateways}
     served_s: dict[int, float] = {}
+    asked_s = [0.0]
+
+    def create() -> str | None:
+        asked_s[0] = time.monotonic()
+        return create_api_key(stack.api, name)
 
     def every_gateway_serves() -> bool:
         for port, client in clients.items():
@@ -265,14 +283,13 @@ def change_reaches_gateways(stack: Stack, name: str) -> float:
         return len(served_s) == len(clients)
 
     try:
-        key = wait_until(lambda: create_api_key(stack.api, name), 60,
-                         "the portal to create a key")
-        created_s = time.monotonic()  # a moment after it was committed
+        key = wait_until(create, 60, "the portal to create a key")
+        created_s = time.monotonic()
         wait_until(every_gateway_serves, 30, f"the gateways to serve the key {name}", 0.01)
     finally:
         for client in clients.values():
             client.close()
-    return max(served_s.values()) - created_s
+    return max(served_s.values()) - created_s, max(served_s.values()) - asked_s[0]
 
 
 def check_the_portal_through_nginx(stack: Stack, operator: object) -> None:
@@ -292,6 +309,19 @@ def check_the_portal_through_nginx(stack: Stack, operator: object) -> None:
                  open_timeout=30) as socket_:
         socket_.send(json.dumps({"type": "ping"}))
         assert json.loads(socket_.recv(timeout=30)) == {"type": "pong"}
+
+
+def check_grpc_through_nginx(stack: Stack, key: str) -> None:
+    """Infer over gRPC with TLS through nginx's gRPC port (HTTP/2 to a gateway)."""
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{stack.nginx.values['GRPC_PORT']}",
+                                          ssl=True, root_certificates=str(stack.cert))
+    try:
+        features = triton.InferInput("features", [1, 4], "FP32")
+        features.set_data_from_numpy(np.array(ROW["inputs"][0]["data"], np.float32)[None])
+        result = client.infer(MODEL, [features], headers={"authorization": f"Bearer {key}"})
+        assert result.as_numpy("scores").shape[0] == 1
+    finally:
+        client.close()
 
 
 def kill_a_gateway(stack: Stack, load: TlsLoad) -> str:
@@ -326,11 +356,12 @@ def outage(stack: Stack, load: TlsLoad, name: str, stop: Callable[[], object],
     finally:
         start()
     load.begin(f"after {name}")
-    took_s = change_reaches_gateways(stack, f"after-{len(load.phases)}")
+    took_s, since_asked_s = change_reaches_gateways(stack, f"after-{len(load.phases)}")
     assert all(during[g.address] > 0 for g in stack.gateways), during
     assert took_s < 1.0, f"a new API key took {took_s:.2f} s to reach both gateways"
     return (f"{phase.sent} requests in {OUTAGE_S} s, served by {dict(during)}; "
             f"a new API key served by both gateways {took_s:.2f} s after it was created "
+            f"({since_asked_s:.2f} s after it was asked for) "
             f"(load average {load_average()})")
 
 
@@ -358,6 +389,7 @@ def test_no_request_fails_through_a_gateway_kill_a_frozen_portal_and_redis_down(
     key = wait_until(lambda: create_api_key(stack.api, "load"), 30, "an API key")
     wait_until(lambda: all(infer_status(g.url, key) == 200 for g in stack.gateways), 30,
                "both gateways to serve the key")
+    check_grpc_through_nginx(stack, key)
     load = TlsLoad(f"{nginx.url}/v2/models/{MODEL}/infer", {"Authorization": f"Bearer {key}"},
                    CLIENT_THREADS, REQUEST_TIMEOUT_S, stack.cert).start()
     figures: dict[str, str] = {}
