@@ -248,4 +248,4 @@ def desired_for_node(node: Node) -> list[DesiredReplica]:
         sha256=r.version.sha256, size_bytes=r.version.size_bytes, format=r.version.format,
         signature=r.version.signature, max_batch_size=r.deployment.max_batch_size,
         max_queue_delay_ms=r.deployment.max_queue_delay_ms, device=r.device,
-        threads=r.deployment.threads) for r in replicas]
+        threads=r.deployment.threads, steps=r.version.steps) for r in replicas]
