@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from swarm_portal.launcher import listen
 from tests import factories
 from tests.chaos_helpers import SteadyLoad, load_average
 from tests.conftest import free_port
-from tests.live import LiveGateway, LivePortal, create_gateway_token
+from tests.live import ROOT, LiveGateway, LivePortal, create_gateway_token
 from tests.test_gateway_portal import CPU, ROW, Agent
 from tests.test_upload_memory import multipart_stream, padded_torchscript
 from tests.waiting import wait_until
@@ -79,6 +81,16 @@ def test_the_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
     (tmp_path / "token").write_text("two words")
     with pytest.raises(ValueError, match="not a token"):
         read_token(tmp_path / "token")
+
+
+def test_the_gateway_process_loads_no_django_channels_or_torch():
+    code = ("import sys, serving.gateway.service\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'django', 'channels', 'torch', 'celery'}))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, text=True,
+                            stdout=subprocess.PIPE, env={**os.environ,
+                                                         "DJANGO_SETTINGS_MODULE": ""})
+    assert loaded.stdout.strip() == "[]"
 
 
 async def test_the_portal_answers_v2_with_a_json_404_naming_the_gateway():
