@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from serving.gateway.filesource import write_table
-from serving.gateway.portal_source import PortalClient, PortalError
+from serving.gateway.portal_source import PortalClient, PortalError, PortalRefused
 from tests.gateway_helpers import deployment, replica_route, table
 from tests.replica_models import REPO_ROOT, free_port
 from tests.waiting import wait_until
@@ -108,6 +108,15 @@ def test_a_client_reaches_the_portal_over_a_unix_socket(tmp_path, operator):
             assert await client.allows(browser.session.session_key, "m") is True
         finally:
             await client.aclose()
+        # A refused token is not an outage: no falling back to the saved table.
+        refused = PortalClient("http://localhost", "swg_wrong", uds_path=str(socket_path),
+                               table_cache_path=tmp_path / "table.json")
+        try:
+            assert refused.cached_table() is not None
+            with pytest.raises(PortalRefused, match="401"):
+                await refused.revision()
+        finally:
+            await refused.aclose()
 
     try:
         wait_until(lambda: _healthy_on(socket_path), 60, "the portal on its socket")

@@ -36,6 +36,10 @@ class PortalError(RuntimeError):
     """The portal did not answer, or answered something else than the contract says."""
 
 
+class PortalRefused(PortalError):
+    """The portal refused our token (401/403): a refusal, not an outage."""
+
+
 def default_instance_id() -> str:
     """Return `<host>:<pid>`, cut to the 64 characters the portal accepts."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "gateway"
@@ -72,11 +76,14 @@ class PortalClient:
     async def revision(self) -> str:
         """Return the ETag of the portal's table now (a conditional GET; keeps a new body).
 
-        Before any table was loaded, a portal that cannot be reached yields the table
-        saved at table_cache_path, if any; afterwards failures raise PortalError.
+        Before any table was loaded, a portal that cannot be reached (not one that refuses
+        the token) yields the table saved at table_cache_path, if any; afterwards failures
+        raise PortalError.
         """
         try:
             response = await self._get_table(self._etag)
+        except PortalRefused:
+            raise  # a revoked token must not start serving from the saved table
         except PortalError:
             if self._etag is None and self._pending is None:
                 cached = await asyncio.to_thread(self.cached_table)
@@ -110,6 +117,8 @@ class PortalClient:
         headers = {"If-None-Match": etag} if etag else None
         response = await self._request("GET", "/table", params={"instance": self.instance_id},
                                        headers=headers)
+        if response.status_code in (401, 403):
+            raise PortalRefused(f"the portal refused the gateway token ({response.status_code})")
         if response.status_code not in (200, 304):
             raise PortalError(f"the portal answered {response.status_code} for the table: "
                               f"{response.text[:200]}")
