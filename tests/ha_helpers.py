@@ -168,6 +168,12 @@ class Nginx:
             raise AssertionError(f"nginx exited: {self.errors()}")
         return port_open(self.https_port)
 
+    def reload(self) -> None:
+        """SIGHUP: new workers on the configuration, old ones finish their requests."""
+        assert self.proc is not None
+        self.write()
+        self.proc.send_signal(signal.SIGHUP)
+
     def errors(self) -> str:
         path = self.directory / "error.log"
         return path.read_text()[-3000:] if path.exists() else ""
@@ -246,6 +252,12 @@ class GatewayProcess:
             raise AssertionError(f"the gateway exited: {self.log_path.read_text()[-2000:]}")
         marker = f"--- start {self.starts}\n"
         return "GATEWAY READY" in self.log_path.read_text().rsplit(marker, 1)[-1]
+
+    def terminate(self) -> None:
+        """SIGTERM (systemctl stop/restart): stop accepting, finish requests, exit."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
 
     def kill(self) -> None:
         """SIGKILL: no drain, open connections reset (a crash, the OOM killer)."""

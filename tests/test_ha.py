@@ -5,9 +5,10 @@ certificate made here), TLS included, in front of two `swarm-gateway` processes 
 as swarm-gateway@.service starts them, and of the portal (uvicorn) with its Redis,
 Celery, and a worker agent whose two replicas serve the deployment. Client threads post
 inference requests over HTTPS all along and never retry, so any error or non-200 answer
-counts as a failure. In turn: kill -9 of a gateway (then started again), the portal
-frozen (SIGSTOP) for 60 s, Redis stopped for 60 s (then started again, empty). After each
-outage an API key is created and must be served by both gateways within a second. The
+counts as a failure. In turn: kill -9 of a gateway (then started again), SIGTERM of the
+other and a start (systemctl restart), nginx reloaded, the portal frozen (SIGSTOP) for
+60 s, Redis stopped for 60 s (then started again, empty). After each outage an API key
+is created and must be served by both gateways within a second. The
 systemd units are checked here too: `systemd-analyze verify`, and every flag of their
 command lines exists.
 """
@@ -342,6 +343,22 @@ def kill_a_gateway(stack: Stack, load: TlsLoad) -> str:
     return f"served by {dict(served_by(tried))}, retried by nginx {retried(tried)}"
 
 
+def restart_a_gateway_and_reload_nginx(stack: Stack, load: TlsLoad) -> str:
+    """systemctl restart of a gateway (SIGTERM, start), then nginx reloaded (SIGHUP)."""
+    gateway, nginx = stack.gateways[1], stack.nginx
+    load.begin("SIGTERM a gateway, start it again")
+    gateway.terminate()
+    offset = nginx.log_size()
+    gateway.start()
+    wait_until(lambda: served_by(nginx.upstreams_since(offset))[gateway.address] >= 20, 30,
+               "requests served by the restarted gateway")
+    phase = load.begin("nginx reloaded")
+    nginx.reload()
+    offset = nginx.log_size()
+    wait_until(lambda: phase.sent >= 200, 30, "requests after the reload")
+    return f"after the reload: served by {dict(served_by(nginx.upstreams_since(offset)))}"
+
+
 def outage(stack: Stack, load: TlsLoad, name: str, stop: Callable[[], object],
            start: Callable[[], object]) -> str:
     """Take something away for OUTAGE_S under load, bring it back, change the table."""
@@ -400,6 +417,7 @@ def test_no_request_fails_through_a_gateway_kill_a_frozen_portal_and_redis_down(
                                for g in stack.gateways) >= 20, 60,
                    "requests served through both gateways")
         figures["kill -9 a gateway"] = kill_a_gateway(stack, load)
+        figures["restart and reload"] = restart_a_gateway_and_reload_nginx(stack, load)
         figures["portal frozen"] = outage(
             stack, load, "portal frozen (SIGSTOP)",
             lambda: os.kill(portal_pid, signal.SIGSTOP),
