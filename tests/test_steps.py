@@ -410,6 +410,27 @@ def test_the_upload_page_takes_steps_and_labels_and_the_model_page_shows_them(
     assert "Served outputs" in page and "class_ids" in page
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_portal_hands_a_version_s_steps_to_the_agent_and_the_gateway(
+        operator_api, operator, model, gpu_node, tmp_path):
+    from serving import services as serving_services
+    from serving.gateway_source import _version_infos
+    from serving.services.reconcile import desired_for_node
+
+    response = upload_classifier(operator_api, model.name, tmp_path,
+                                 without_labels(CLASSIFIER_STEPS), b"red\ngreen\nblue\n")
+    assert response.status_code == 201, response.content
+    serving_services.do_create_deployment(name="colors", model=model, version_number=1,
+                                          alias_name="", user=operator, replicas=1,
+                                          memory_bytes=1024**3)
+    [desired] = desired_for_node(gpu_node)
+    assert desired.signature == CLASSIFIER_SIGNATURE
+    assert parse_steps(desired.steps, SIGNATURE) == parse_steps(CLASSIFIER_STEPS, SIGNATURE)
+    info = _version_infos({model.pk})[(model.pk, 1)]
+    assert info.inputs == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1, 1]}]
+    assert [spec["name"] for spec in info.outputs] == ["scores", "class_ids", "labels"]
+
+
 # the worker agent starts a replica with its version's steps
 
 
