@@ -1,43 +1,93 @@
-"""Build the demo MLP and register it as version 1 (alias production), once."""
+"""Build the demo models and register each as version 1 (alias production), once.
+
+demo-mlp: a TorchScript MLP (registry/demo.py). demo-digits: a digit classifier trained
+here on scikit-learn's bundled digits and written as ONNX, with image and label steps
+(registry/demo_digits.py).
+"""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from registry import services
+from registry import demo_digits, services
 from registry.demo import DEMO_MODEL_NAME, DEMO_SIGNATURE, save_torchscript
-from registry.models import Model
+from registry.models import Model, ModelVersion
+
+
+@dataclass
+class DemoModel:
+    """How to build one demo model: `build(directory)` writes the file and returns its
+    path and metadata."""
+
+    name: str
+    description: str
+    signature: dict[str, Any]
+    build: Callable[[Path], tuple[Path, dict[str, Any]]]
+    steps: dict[str, Any] | None = None
+    labels_file: bytes | None = None
+    suffix: str = ".demo"
+
+
+def _build_mlp(directory: Path) -> tuple[Path, dict[str, Any]]:
+    return save_torchscript(directory / "demo.pt"), {"source": "registry.demo.build_mlp",
+                                                     "seed": 0}
+
+
+def _build_digits(directory: Path) -> tuple[Path, dict[str, Any]]:
+    path = directory / "digits.onnx"
+    trained = demo_digits.save_onnx(path)  # trains now: about a second on one CPU
+    return path, trained.metadata()
+
+
+DEMO_MODELS = (
+    DemoModel(DEMO_MODEL_NAME, "A 4-feature, 3-class MLP built by Swarm Portal.",
+              DEMO_SIGNATURE, _build_mlp),
+    DemoModel(demo_digits.DIGITS_MODEL_NAME,
+              "Handwritten digits: send a PNG or JPEG, get the digit. Trained by Swarm Portal "
+              "on scikit-learn's bundled 8x8 digits.",
+              demo_digits.DIGITS_SIGNATURE, _build_digits, steps=demo_digits.DIGITS_STEPS,
+              labels_file=demo_digits.DIGITS_LABELS_FILE, suffix=".onnx"),
+)
 
 
 class Command(BaseCommand):
-    help = "Register the demo TorchScript MLP (built by our own code) if it is not there yet."
+    help = "Register the demo models (built by our own code) that are not there yet."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--owner", default="admin")
 
     def handle(self, *args, owner: str, **options) -> None:
-        if Model.objects.filter(name=DEMO_MODEL_NAME, versions__isnull=False).exists():
-            self.stdout.write(f"demo model {DEMO_MODEL_NAME!r} is registered")
-            return
         user = get_user_model().objects.filter(username=owner).first()
-        if user is None:
-            raise CommandError(f"no user {owner!r}: run ensure_admin first")
-        model = Model.objects.filter(name=DEMO_MODEL_NAME).first() or services.do_create_model(
-            name=DEMO_MODEL_NAME, description="A 4-feature, 3-class MLP built by Swarm Portal.",
-            owner=user)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_torchscript(Path(tmp) / "demo.pt")
-            staging = services.artifact_store().stage(suffix=".demo")
-            with path.open("rb") as source:
-                shutil.copyfileobj(source, staging)
-        version = services.do_create_version(
-            model=model, staging=staging, signature=DEMO_SIGNATURE,
-            metadata={"source": "registry.demo.build_mlp", "seed": 0}, declared_format=None,
-            user=user)
-        services.do_move_alias(model=model, alias_name="production", version=version, user=user)
-        self.stdout.write(f"registered {model.name} v{version.number} (sha256 {version.sha256})")
+        for demo in DEMO_MODELS:
+            if Model.objects.filter(name=demo.name, versions__isnull=False).exists():
+                self.stdout.write(f"demo model {demo.name!r} is registered")
+                continue
+            if user is None:
+                raise CommandError(f"no user {owner!r}: run ensure_admin first")
+            version = register(demo, user)
+            self.stdout.write(f"registered {demo.name} v{version.number} "
+                              f"(sha256 {version.sha256})")
+
+
+def register(demo: DemoModel, user: Any) -> ModelVersion:
+    """Build the demo's file, validate and store it as a version; alias production to it."""
+    model = Model.objects.filter(name=demo.name).first() or services.do_create_model(
+        name=demo.name, description=demo.description, owner=user)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, metadata = demo.build(Path(tmp))
+        staging = services.artifact_store().stage(suffix=demo.suffix)
+        with path.open("rb") as source:
+            shutil.copyfileobj(source, staging)
+    version = services.do_create_version(
+        model=model, staging=staging, signature=demo.signature, metadata=metadata,
+        declared_format=None, user=user, steps=demo.steps, labels_file=demo.labels_file)
+    services.do_move_alias(model=model, alias_name="production", version=version, user=user)
+    return version
