@@ -24,7 +24,7 @@ import onnxruntime
 import pytest
 import tritonclient.http as triton
 from django.core.management import call_command
-from django.test import override_settings
+from django.test import Client, override_settings
 from PIL import Image
 
 from registry import demo_digits, services
@@ -78,6 +78,7 @@ class Registered:
     served_signature: dict[str, Any]
     second_run: str
     replicas: dict[str, int]
+    playground_page: str
 
 
 def picture(image: np.ndarray, fmt: str, side: int, dark_on_light: bool) -> bytes:
@@ -161,11 +162,15 @@ def registered(django_db_setup, django_db_blocker, tmp_path_factory) -> Register
             version = ModelVersion.objects.get(model__name=DIGITS_MODEL_NAME)
             artifact = directory / "digits.onnx"
             shutil.copyfile(services.artifact_store().path(version.artifact_name), artifact)
+            browser = Client()
+            browser.force_login(owner)
+            page = browser.get(f"/playground/?deployment={DIGITS_MODEL_NAME}")
             return Registered(
                 artifact=artifact, signature=version.signature, steps=version.steps,
                 metadata=version.metadata, served_signature=version.served_signature,
                 second_run=second_run.getvalue(),
-                replicas=dict(Deployment.objects.values_list("name", "replicas")))
+                replicas=dict(Deployment.objects.values_list("name", "replicas")),
+                playground_page=page.content.decode())
         finally:
             call_command("flush", interactive=False, verbosity=0)
 
@@ -186,6 +191,15 @@ def test_register_demo_model_registers_demo_digits_with_steps_and_labels(registe
 
 def test_ensure_demo_deployment_deploys_demo_digits_on_one_replica(registered):
     assert registered.replicas == {"demo-mlp": 2, "demo-digits": 1}
+
+
+def test_the_playground_offers_a_file_for_the_image_input(registered):
+    page = registered.playground_page
+    examples = json.loads(page.split('<script id="examples" type="application/json">')[1]
+                          .split("</script>")[0])
+    assert json.loads(examples[DIGITS_MODEL_NAME])["inputs"] == [
+        {"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": [""]}]
+    assert 'id="pg-image-file"' in page and "js/playground_image.js" in page
 
 
 # a real replica of the registered version behind the gateway

@@ -30,7 +30,7 @@ def example_request(signature: dict[str, Any]) -> dict[str, Any]:
 @viewer_page
 def playground(request: HttpRequest) -> HttpResponse:
     deployments = Deployment.objects.filter(deleting=False).select_related("version")
-    examples = {d.name: json.dumps(example_request(d.version.signature), indent=2)
+    examples = {d.name: json.dumps(example_request(d.version.served_signature), indent=2)
                 for d in deployments}
     return render(request, "dashboards/playground.html",
                   {"deployments": deployments, "examples": examples,

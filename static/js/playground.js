@@ -16,10 +16,17 @@
     event.preventDefault();
     var started = performance.now();
     var status = document.getElementById("pg-status");
-    fetch("/v2/models/" + encodeURIComponent(select.value) + "/infer", {
-      method: "POST", credentials: "same-origin", body: body.value,
+    // A file chosen for a BYTES input (playground_image.js) makes a binary-extension body.
+    var image = window.SwarmPlaygroundImage;
+    var prepared = (image && image.request(body.value)) || Promise.resolve(
+      { body: body.value, headers: { "Content-Type": "application/json" } });
+    prepared.then(function (request) {
       // The session authenticates; the CSRF token goes along for any check on that path.
-      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf }
+      request.headers["X-CSRFToken"] = csrf;
+      return fetch("/v2/models/" + encodeURIComponent(select.value) + "/infer", {
+        method: "POST", credentials: "same-origin", body: request.body,
+        headers: request.headers
+      });
     }).then(function (response) {
       return response.text().then(function (text) {
         var ms = performance.now() - started;
