@@ -4,7 +4,8 @@
 replaced) into a folder of its own and runs nginx on it in the foreground, loopback only;
 `GatewayProcess` runs one gateway on a fixed port so that it can be killed and started
 again where nginx expects it; `TlsLoad` is chaos_helpers' SteadyLoad over HTTPS. No
-Django here.
+Django here. Also: the placeholders for a loopback nginx, and the systemd units'
+command lines as they would run from this checkout.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import datetime
 import ipaddress
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.chaos_helpers import SteadyLoad, _post
+from tests.replica_models import free_port
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +219,20 @@ def retried(tried: list[list[str]]) -> int:
     return sum(1 for addresses in tried if len(addresses) > 1)
 
 
+def nginx_values(directory: Path, gateways: list[str], portal: str,
+                 grpc: list[str] | None = None) -> dict[str, str]:
+    """Return the placeholders of deploy/nginx/swarm.conf for a loopback test."""
+    cert, key = make_certificate(directory)
+    grpc = grpc or [f"127.0.0.1:{free_port()}" for _ in gateways]  # nobody listens there
+    return {"SERVER_NAME": "localhost", "BIND": "127.0.0.1", "HTTP_PORT": str(free_port()),
+            "HTTPS_PORT": str(free_port()), "GRPC_PORT": str(free_port()),
+            "TLS_CERT": str(cert), "TLS_KEY": str(key), "PORTAL": portal,
+            "GATEWAY_1": gateways[0], "GATEWAY_2": gateways[1],
+            "GATEWAY_GRPC_1": grpc[0], "GATEWAY_GRPC_2": grpc[1],
+            "ACCESS_LOG": str(directory / "access.log")}
+
+
+
 # gateways
 
 
@@ -300,3 +318,32 @@ class TlsLoad(SteadyLoad):
                 error = _post(client, self.url)
                 with self._lock:
                     phase.record(error, time.monotonic() - started_s)
+
+
+# systemd units
+
+UNITS = sorted((DEPLOY / "systemd").glob("swarm-*"))
+# What systemd would put in place of the units' specifiers and ${VARIABLES} (--help only).
+SPECIFIERS = {"%i": "8101", "%d": "/run/credentials/x", "%C": "/var/cache", "%l": "host",
+              "${SWARM_PORTAL_URL}": "http://127.0.0.1:8000", "${SWARM_GATEWAY_HOST}": "127.0.0.1",
+              "${SWARM_GATEWAY_GRPC_PORT}": "0"}
+
+
+def installed_here(text: str) -> str:
+    """Return a unit's text with /opt/swarm-portal (and its .venv) pointing at this checkout."""
+    venv_bin = str(Path(sys.executable).parent)
+    return (text.replace("/opt/swarm-portal/.venv/bin", venv_bin)
+            .replace("/opt/swarm-portal", str(ROOT)))
+
+
+def command_lines(text: str) -> list[list[str]]:
+    """Return the ExecStart/ExecStartPre command lines of a unit, specifiers filled in."""
+    lines = text.replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        if line.startswith(("ExecStart=", "ExecStartPre=")):
+            command = line.split("=", 1)[1]
+            for specifier, value in SPECIFIERS.items():
+                command = command.replace(specifier, value)
+            commands.append(shlex.split(command))
+    return commands

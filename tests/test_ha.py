@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -44,15 +43,17 @@ from tests import factories
 from tests.chaos_helpers import ROW, Phase, RedisServer, load_average
 from tests.e2e import LiveAgent, LiveCelery, portal_env
 from tests.ha_helpers import (
-    DEPLOY,
     PLACEHOLDER,
     ROOT,
+    UNITS,
     GatewayProcess,
     Nginx,
     TlsLoad,
     client_context,
-    make_certificate,
+    command_lines,
+    installed_here,
     nginx_binary,
+    nginx_values,
     retried,
     served_by,
 )
@@ -70,19 +71,6 @@ MODEL = "mlp"
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def nginx_values(directory: Path, gateways: list[str], portal: str,
-                 grpc: list[str] | None = None) -> dict[str, str]:
-    """Return the placeholders of deploy/nginx/swarm.conf for a loopback test."""
-    cert, key = make_certificate(directory)
-    grpc = grpc or [f"127.0.0.1:{free_port()}" for _ in gateways]  # nobody listens there
-    return {"SERVER_NAME": "localhost", "BIND": "127.0.0.1", "HTTP_PORT": str(free_port()),
-            "HTTPS_PORT": str(free_port()), "GRPC_PORT": str(free_port()),
-            "TLS_CERT": str(cert), "TLS_KEY": str(key), "PORTAL": portal,
-            "GATEWAY_1": gateways[0], "GATEWAY_2": gateways[1],
-            "GATEWAY_GRPC_1": grpc[0], "GATEWAY_GRPC_2": grpc[1],
-            "ACCESS_LOG": str(directory / "access.log")}
-
-
 @needs_nginx
 def test_nginx_accepts_the_deploy_configuration(tmp_path: Path):
     values = nginx_values(tmp_path, ["127.0.0.1:1", "127.0.0.1:2"], "127.0.0.1:3")
@@ -90,33 +78,6 @@ def test_nginx_accepts_the_deploy_configuration(tmp_path: Path):
     assert "test is successful" in output
     rendered = (tmp_path / "nginx" / "swarm.conf").read_text()
     assert not PLACEHOLDER.search(rendered)
-
-
-UNITS = sorted((DEPLOY / "systemd").glob("swarm-*"))
-# What systemd would put in place of the units' specifiers and ${VARIABLES} (--help only).
-SPECIFIERS = {"%i": "8101", "%d": "/run/credentials/x", "%C": "/var/cache", "%l": "host",
-              "${SWARM_PORTAL_URL}": "http://127.0.0.1:8000", "${SWARM_GATEWAY_HOST}": "127.0.0.1",
-              "${SWARM_GATEWAY_GRPC_PORT}": "0"}
-
-
-def installed_here(text: str) -> str:
-    """Return a unit's text with /opt/swarm-portal (and its .venv) pointing at this checkout."""
-    venv_bin = str(Path(sys.executable).parent)
-    return (text.replace("/opt/swarm-portal/.venv/bin", venv_bin)
-            .replace("/opt/swarm-portal", str(ROOT)))
-
-
-def command_lines(text: str) -> list[list[str]]:
-    """Return the ExecStart/ExecStartPre command lines of a unit, specifiers filled in."""
-    lines = text.replace("\\\n", " ").splitlines()
-    commands = []
-    for line in lines:
-        if line.startswith(("ExecStart=", "ExecStartPre=")):
-            command = line.split("=", 1)[1]
-            for specifier, value in SPECIFIERS.items():
-                command = command.replace(specifier, value)
-            commands.append(shlex.split(command))
-    return commands
 
 
 @pytest.mark.slow
