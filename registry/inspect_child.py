@@ -254,15 +254,18 @@ def check_numpy_outputs(results: list[Any], signature: Signature) -> list[dict[s
     return observed
 
 
-def checked_steps(raw_steps: Any, raw_signature: dict[str, Any]) -> dict[str, Any]:
+def checked_steps(raw_steps: Any, raw_signature: dict[str, Any],
+                  observed: list[dict[str, Any]]) -> dict[str, Any]:
     """Return the version's steps checked against the model signature, after one dry run
-    on generated pictures (registry/steps_run.py, the replica's own step code)."""
+    on generated pictures and the model's observed output widths (registry/steps_run.py,
+    the replica's own step code)."""
     from registry.steps import StepsError, parse_steps
     from registry.steps_run import StepError, dry_run
 
+    classes = {out["name"]: out["shape"][-1] for out in observed if len(out["shape"]) == 2}
     try:
         steps = parse_steps(raw_steps, parse_signature(raw_signature))
-        dry_run(steps)
+        dry_run(steps, classes)
     except (StepsError, StepError) as exc:
         raise Refusal(f"steps: {exc}") from None
     return steps.to_dict()
@@ -289,7 +292,8 @@ def main() -> int:
             _source(request), request.get("format"), request.get("signature"), limits,
             request.get("example_input"))}
         if request.get("steps") is not None:
-            reply["steps"] = checked_steps(request["steps"], reply["signature"])
+            reply["steps"] = checked_steps(request["steps"], reply["signature"],
+                                           reply["outputs"])
     except Refusal as exc:
         reply = {"ok": False, "error": str(exc)}
     except MemoryError:

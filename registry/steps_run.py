@@ -97,13 +97,19 @@ def label_table(labels: tuple[str, ...]) -> np.ndarray:
 def classify(output: np.ndarray, step: ClassifyStep, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Return the step's outputs for a float model output [N, classes]: top-k scores [N, k]
     (softmax first if asked), and indices (INT64) and labels (BYTES, from `label_table`)
-    when named. RuntimeError when the model has more classes than labels."""
+    when named. RuntimeError when the classes are fewer than k or not one per label."""
+    if step.labels and output.shape[1] != len(labels):
+        raise RuntimeError(f"output {step.output!r} has {output.shape[1]} classes but the "
+                           f"labels file has {len(labels)} labels")
     scores = output.astype(np.float32)
     if step.softmax:
         shifted = scores - scores.max(axis=1, keepdims=True)
         exp = np.exp(shifted)
         scores = exp / exp.sum(axis=1, keepdims=True)
-    k = min(step.top_k, scores.shape[1])
+    k = step.top_k
+    if scores.shape[1] < k:
+        raise RuntimeError(f"output {step.output!r} has {scores.shape[1]} classes, fewer than "
+                           f"top_k {k}")
     # argpartition finds the top k in O(classes); only those k are then sorted.
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
@@ -112,20 +118,16 @@ def classify(output: np.ndarray, step: ClassifyStep, labels: np.ndarray) -> dict
     if step.indices:
         result[step.indices] = indices
     if step.labels:
-        if indices.size and int(indices.max()) >= len(labels):
-            raise RuntimeError(f"output {step.output!r} has {scores.shape[1]} classes but "
-                               f"the labels file has {len(labels)} labels")
         result[step.labels] = labels[indices]
     return result
 
 
-def dry_run(steps: Steps) -> None:
+def dry_run(steps: Steps, classes: dict[str, int] | None = None) -> None:
     """Run every step once: a generated 2x3 PNG and JPEG through each image step, and a
-    one-row output through each classify step; raise StepError naming what failed."""
+    one-row output through each classify step (`classes`: the model output's observed
+    width, by output name); raise StepError naming what failed."""
     for step in steps.inputs:
-        pictures = np.empty((2, 1), dtype=object)
-        pictures[:, 0] = [_picture(fmt) for fmt in IMAGE_FORMATS]
-        decoded = decode_images(pictures, step)
+        decoded = decode_images(sample_pictures(), step)
         if step.layout == "CHW":
             expected = (2, decoded.shape[1], step.height, step.width)
         else:
@@ -135,11 +137,19 @@ def dry_run(steps: Steps) -> None:
                             f"not {list(expected)}")
     labels = label_table(steps.labels)
     for classify_step in steps.outputs:
-        classes = max(classify_step.top_k, len(steps.labels))
+        width = (classes or {}).get(classify_step.output) or \
+            (len(steps.labels) if classify_step.labels else classify_step.top_k)
         try:
-            classify(np.zeros((1, classes), dtype=np.float32), classify_step, labels)
+            classify(np.zeros((1, width), dtype=np.float32), classify_step, labels)
         except RuntimeError as exc:
             raise StepError(str(exc)) from None
+
+
+def sample_pictures(rows: int = 2) -> np.ndarray:
+    """Return BYTES [rows, 1] of small generated pictures, PNG and JPEG in turn."""
+    pictures = np.empty((rows, 1), dtype=object)
+    pictures[:, 0] = [_picture(IMAGE_FORMATS[row % len(IMAGE_FORMATS)]) for row in range(rows)]
+    return pictures
 
 
 def _picture(fmt: str) -> bytes:

@@ -15,9 +15,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as triton
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
+from torch import nn
 from tritonclient.utils import InferenceServerException
 
 from registry.models import ModelVersion
@@ -43,7 +45,7 @@ from serving.agent.protocol import DesiredReplica, ProtocolError
 from serving.agent.replicas import ReplicaManager, ReplicaSettings
 from tests.agent_fakes import FakePortal, desired_replica
 from tests.gateway_helpers import BEARER, StandaloneGateway
-from tests.replica_models import ReplicaProcess
+from tests.replica_models import ReplicaProcess, save_torchscript
 from tests.steps_helpers import (
     CLASSIFIER_SIGNATURE,
     CLASSIFIER_STEPS,
@@ -324,6 +326,24 @@ def test_a_dry_run_decodes_generated_pictures_through_every_step():
     dry_run(parse_steps(steps_with(input={"layout": "HWC", "color": "L", "scale": 1}), uint8))
 
 
+class WideColors(nn.Module):
+    """FP32 images -> 6 classes ([-1, -1] in its signature): more than 3 labels cover."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.mean(dim=(2, 3)).repeat(1, 2)
+
+
+@pytest.mark.slow
+def test_a_replica_whose_steps_cannot_run_its_model_exits_at_load(tmp_path):
+    signature = {"inputs": CLASSIFIER_SIGNATURE["inputs"],
+                 "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, -1]}]}
+    artifact = save_torchscript(WideColors().eval(), tmp_path / "wide.pt")
+    with pytest.raises(AssertionError) as caught:
+        start_with_steps(tmp_path, artifact, signature, CLASSIFIER_STEPS, name="wide")
+    assert "warm-up pass failed" in str(caught.value)
+    assert "6 classes but the labels file has 3 labels" in str(caught.value)
+
+
 # uploads: steps and a labels file are checked in the validation child
 
 
@@ -378,6 +398,23 @@ def test_invalid_steps_are_refused_at_upload(operator_api, model, tmp_path, stor
     assert message in response.json()["error"]
     assert not ModelVersion.objects.exists()
     assert store.stored_names() == set() and store.staging_names() == set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_labels_that_do_not_cover_the_model_s_classes_are_refused_at_upload(
+        operator_api, model, tmp_path, store):
+    signature = {"inputs": CLASSIFIER_SIGNATURE["inputs"],
+                 "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, -1]}]}
+    artifact = save_torchscript(WideColors().eval(), tmp_path / "wide.pt")
+    with artifact.open("rb") as handle:
+        response = operator_api.post(f"/api/models/{model.name}/versions/", {
+            "artifact": handle, "signature": json.dumps(signature),
+            "steps": json.dumps(without_labels(CLASSIFIER_STEPS)),
+            "labels": SimpleUploadedFile("labels.txt", b"red\ngreen\nblue\n")},
+            format="multipart")
+    assert response.status_code == 400, response.content
+    assert "6 classes but the labels file has 3 labels" in response.json()["error"]
+    assert not ModelVersion.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)

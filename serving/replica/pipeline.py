@@ -16,10 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from registry.steps import Steps, served_signature
-from registry.steps_run import StepError, classify, decode_images, label_table
-from serving.replica.datatypes import bf16_bits_to_float32
+from registry.steps_run import (
+    StepError,
+    classify,
+    decode_images,
+    label_table,
+    sample_pictures,
+)
+from serving.replica.datatypes import NUMPY_DTYPES, bf16_bits_to_float32
 from serving.replica.engine import Runner
-from serving.replica.runner import ModelFailure
+from serving.replica.runner import LoadError, ModelFailure
 
 
 class InputRejected(ModelFailure):
@@ -47,8 +53,16 @@ class StepsRunner:
         self._decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
     def load(self, warm_up_rows: int) -> None:
-        """Load and warm up the wrapped model (its own zero tensors, no steps)."""
+        """Load and warm up the wrapped model, then run generated pictures through the
+        steps and the model once (raises LoadError: a version that cannot serve)."""
         self.runner.load(warm_up_rows)
+        arrays = [sample_pictures(1) if spec.name in self._image_steps
+                  else np.zeros(spec.concrete_shape(1), dtype=NUMPY_DTYPES[spec.datatype])
+                  for spec in self.runner.signature.inputs]
+        try:
+            self.forward(arrays)
+        except Exception as exc:  # whatever it is, this version cannot serve
+            raise LoadError(f"the steps' warm-up pass failed: {exc}") from exc
 
     def forward(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Return the served outputs (served order) for served inputs (served order)."""
