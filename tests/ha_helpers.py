@@ -232,7 +232,6 @@ def nginx_values(directory: Path, gateways: list[str], portal: str,
             "ACCESS_LOG": str(directory / "access.log")}
 
 
-
 # gateways
 
 
