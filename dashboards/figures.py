@@ -66,8 +66,9 @@ def combine(rates: list[ReplicaRate]) -> dict[str, float | None]:
            else max((v for v, _ in weighted), default=None))
     p99 = max((r.latency_p99_ms for r in rates if r.latency_p99_ms is not None), default=None)
     total = requests + errors
+    # No traffic: no error rate (the page shows a dash, the chart a gap), not 0.00 %.
     return {"rps": round(requests, 3), "p50_ms": p50, "p99_ms": p99,
-            "error_rate": round(errors / total, 4) if total else 0.0}
+            "error_rate": round(errors / total, 4) if total else None}
 
 
 def _bucket(t_s: float, step_s: float) -> float:
@@ -93,24 +94,34 @@ def deployment_series(histories: dict[int, list[Sample]], deployment_of: dict[in
     return result
 
 
-def device_series(samples: list[Sample]) -> Series:
-    """Return one node's utilisation per device over time ("gpu0", "gpu1", ...)."""
+def device_series(samples: list[Sample], kinds: dict[int, str] | None = None) -> Series:
+    """Return one node's utilisation per device over time ("gpu0", "gpu1", or "cpu0" for
+    a CPU device: `kinds` maps device index to "gpu"/"cpu"; unknown ones are GPUs)."""
+    kinds = kinds or {}
     indexes = sorted({row[0] for sample in samples for row in sample[1]})
     series = Series()
     for sample in samples:
         by_index = {row[0]: row[1] for row in sample[1]}
-        series.add(sample[0], {f"gpu{i}": by_index.get(i) for i in indexes})
+        series.add(sample[0], {f"{kinds.get(i, 'gpu')}{i}": by_index.get(i) for i in indexes})
     return series
 
 
-def fleet_series(histories: dict[int, list[Sample]], step_s: float) -> Series:
-    """Return the whole fleet's mean device utilisation and requests/s over time."""
+def fleet_series(histories: dict[int, list[Sample]], step_s: float,
+                 kinds: dict[int, dict[int, str]] | None = None,
+                 kind: str | None = None) -> Series:
+    """Return the whole fleet's mean device utilisation and requests/s over time.
+
+    With `kind` ("gpu" or "cpu"), only devices of that kind count towards utilisation
+    (`kinds`: {node id: {device index: kind}}; unknown devices are GPUs).
+    """
     utils: dict[float, list[float]] = defaultdict(list)
     rates: dict[float, float] = defaultdict(float)
-    for samples in histories.values():
+    for node_id, samples in histories.items():
+        node_kinds = (kinds or {}).get(node_id, {})
         for sample in samples:
             utils[_bucket(sample[0], step_s)].extend(
-                row[1] for row in sample[1] if row[1] is not None)
+                row[1] for row in sample[1] if row[1] is not None
+                and (kind is None or node_kinds.get(row[0], "gpu") == kind))
         for older, newer in pairwise(samples):
             rates[_bucket(newer[0], step_s)] += sum(
                 r.requests_per_s for r in replica_rates(older, newer).values())

@@ -11,6 +11,7 @@ from serving.services.deployments import MAX_REPLICAS
 
 class ScaleForm(forms.Form):
     replicas = forms.IntegerField(min_value=0, max_value=MAX_REPLICAS)
+    pause_policy = forms.BooleanField(required=False)
 
 
 class RollbackForm(forms.Form):
@@ -79,3 +80,14 @@ class JoinTokenForm(forms.Form):
     name = forms.CharField(max_length=100)
     uses = forms.IntegerField(required=False, min_value=1, help_text="empty: unlimited")
     expires_in_hours = forms.IntegerField(required=False, min_value=1, max_value=24 * 365)
+
+
+class DeployForm(forms.Form):
+    """Deploy one version of a model from its registry page (the other settings: defaults)."""
+
+    model = forms.SlugField(max_length=100)
+    version = forms.IntegerField(min_value=1)
+    name = forms.SlugField(max_length=100, help_text="endpoint name under /v2")
+    replicas = forms.IntegerField(min_value=0, max_value=MAX_REPLICAS, initial=1)
+    memory_gib = forms.FloatField(min_value=0.001, max_value=4096, initial=0.5,
+                                  help_text="memory one replica needs on its device")

@@ -6,13 +6,14 @@ deployments (asserted in tests/test_dashboards_queries.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Count, Q
+from django.db.models import Count, Max, Min, Q
+from django.utils import timezone
 
-from dashboards import figures, history
+from dashboards import figures, health, history
 from serving import live
 from serving.models import (
     ACTIVE_REPLICA_STATES,
@@ -60,9 +61,11 @@ class NodeRow:
 class Summary:
     nodes: int
     ready_nodes: int
-    active_nodes: int
-    gpus: int
-    mean_utilization_pct: float | None
+    active_nodes: int  # ready and holding replicas: never more than ready_nodes
+    gpus: int  # GPU devices only
+    cpus: int  # CPU devices (nodes without a GPU serve on their CPU)
+    mean_utilization_pct: float | None  # over GPUs only: a CPU's load is not GPU use
+    mean_cpu_load_pct: float | None
     requests_per_s: float
     cost_per_hour: float
 
@@ -99,16 +102,29 @@ def _node_row(node: Node, figures_: dict[str, Any] | None) -> NodeRow:
 
 def summary(nodes: list[NodeRow], histories: dict[int, list[Any]]) -> Summary:
     """Return the overview's totals from the fleet rows and the chart history."""
-    utils = [g.utilization_pct for n in nodes if n.status != NodeStatus.OFFLINE
-             for g in n.gpus if g.utilization_pct is not None]
     rps = sum(rate.requests_per_s for samples in histories.values()
               for rate in figures.latest_rates(samples).values())
+    devices = [g for n in nodes for g in n.gpus]
     return Summary(
         nodes=len(nodes), ready_nodes=sum(n.status == NodeStatus.READY for n in nodes),
-        active_nodes=sum(n.active for n in nodes), gpus=sum(len(n.gpus) for n in nodes),
-        mean_utilization_pct=round(sum(utils) / len(utils), 1) if utils else None,
+        active_nodes=sum(n.active for n in nodes),
+        gpus=sum(g.kind == "gpu" for g in devices), cpus=sum(g.kind != "gpu" for g in devices),
+        mean_utilization_pct=_mean_utilization(nodes, "gpu"),
+        mean_cpu_load_pct=_mean_utilization(nodes, "cpu"),
         requests_per_s=round(rps, 2),
         cost_per_hour=round(sum(n.cost_per_hour for n in nodes if n.active), 2))
+
+
+def _mean_utilization(nodes: list[NodeRow], kind: str) -> float | None:
+    """Return the mean utilisation (%) of the reporting devices of one kind, or None."""
+    utils = [g.utilization_pct for n in nodes if n.status != NodeStatus.OFFLINE
+             for g in n.gpus if g.kind == kind and g.utilization_pct is not None]
+    return round(sum(utils) / len(utils), 1) if utils else None
+
+
+def device_kinds(nodes: list[NodeRow]) -> dict[str, dict[str, str]]:
+    """Return {node id: {device index: "gpu" or "cpu"}} for the browser's live sums."""
+    return {str(n.id): {str(g.index): g.kind for g in n.gpus} for n in nodes}
 
 
 def node_histories(node_ids: list[int]) -> dict[int, list[Any]]:
@@ -125,10 +141,16 @@ def recent_events(limit: int = RECENT_EVENTS) -> list[EventRow]:
     rows += [EventRow(at, "node", f"node {name} is {status}") for name, status, at in
              Node.objects.order_by("-status_changed_at")
              .values_list("name", "status", "status_changed_at")[:limit]]
-    rows += [EventRow(at, "replica", f"{name} replica #{pk} is {state}")
-             for pk, name, state, at in Replica.objects.order_by("-state_changed_at")
-             .values_list("pk", "deployment__name", "state", "state_changed_at")[:limit]]
+    rows += [EventRow(at, "replica", replica_event_text(name, pk, state, error))
+             for pk, name, state, error, at in Replica.objects.order_by("-state_changed_at")
+             .values_list("pk", "deployment__name", "state", "error", "state_changed_at")[:limit]]
     return sorted(rows, key=lambda row: row.at, reverse=True)[:limit]
+
+
+def replica_event_text(deployment: str, replica_id: int, state: str, error: str) -> str:
+    """Return "<deployment> replica #<id> is <state>", with the reason when it has one."""
+    text = f"{deployment} replica #{replica_id} is {state}"
+    return f"{text}: {error[:200]}" if error else text
 
 
 @dataclass
@@ -143,21 +165,47 @@ class DeploymentRow:
     states: dict[str, dict[str, int]] = field(default_factory=dict)  # version -> state: count
     policy: Any = None
     figures: dict[str, float | None] = field(default_factory=dict)
+    facts: health.ReplicaFacts = field(default_factory=health.ReplicaFacts)
+    health: health.Health = field(default_factory=lambda: health.Health(health.OK))
 
 
-def deployment_rows() -> list[DeploymentRow]:
+def deployment_rows(now: datetime | None = None) -> list[DeploymentRow]:
     """Return every deployment with its replicas per version and state (2 queries)."""
     deployments = Deployment.objects.select_related("model", "version", "scaling_policy")
     rows = {d.pk: DeploymentRow(d.pk, d.name, d.model.name, d.version.number, d.alias_name,
                                 d.replicas, d.traffic, policy=_policy_or_none(d))
             for d in deployments}
+    recent = Q(state_changed_at__gte=(now or timezone.now())
+               - timedelta(seconds=health.FAILED_RECENTLY_S))
     counts = (Replica.objects.filter(deployment_id__in=rows).exclude(state=ReplicaState.STOPPED)
               .values_list("deployment_id", "version__number", "state")
-              .annotate(n=Count("id")))
-    for deployment_id, version, state, n in counts:
-        by_state = rows[deployment_id].states.setdefault(str(version), {})
+              .annotate(n=Count("id"), recent=Count("id", filter=recent),
+                        since=Min("state_changed_at"), reason=Max("error")).order_by())
+    for deployment_id, version, state, n, recent_n, since, reason in counts:
+        row = rows[deployment_id]
+        by_state = row.states.setdefault(str(version), {})
         by_state[state] = by_state.get(state, 0) + n
+        row.facts = _add_facts(row.facts, state, n, recent_n, since, reason)
     return list(rows.values())
+
+
+def _add_facts(facts: health.ReplicaFacts, state: str, count: int, recent: int,
+               since: datetime, reason: str) -> health.ReplicaFacts:
+    if state == ReplicaState.FAILED:
+        return replace(facts, failed_recently=facts.failed_recently + recent)
+    if state == ReplicaState.PENDING:
+        oldest = min(filter(None, (facts.pending_since_s, since.timestamp())))
+        return replace(facts, pending=facts.pending + count, pending_since_s=oldest,
+                       pending_reason=facts.pending_reason or reason)
+    return facts
+
+
+def with_health(rows: list[DeploymentRow], now: datetime | None = None) -> list[DeploymentRow]:
+    """Judge each row's health from its replica facts and its latest error rate."""
+    now_s = (now or timezone.now()).timestamp()
+    for row in rows:
+        row.health = health.deployment_health(row.facts, row.figures.get("error_rate"), now_s)
+    return rows
 
 
 def _policy_or_none(deployment: Deployment) -> Any:

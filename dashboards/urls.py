@@ -11,6 +11,7 @@ urlpatterns = [
     path("overview/", views.overview, name="overview"),
     path("fleet/", views.fleet, name="fleet"),
     path("deployments/", views.deployment_list, name="deployment-list"),
+    path("deployments/new/", views.deployment_create, name="deployment-create"),
     path("deployments/<slug:name>/", views.deployment_detail, name="deployment-detail"),
     path("deployments/<slug:name>/scale/", views.deployment_scale, name="deployment-scale"),
     path("deployments/<slug:name>/traffic/", views.deployment_traffic,

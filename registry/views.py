@@ -56,15 +56,30 @@ def model_list(request: HttpRequest) -> HttpResponse:
 
 def model_detail(request: HttpRequest, name: str) -> HttpResponse:
     model = get_object_or_404(Model.objects.select_related("owner"), name=name)
+    versions = list(model.versions.select_related("created_by"))
+    served = _served_by(model)
+    for version in versions:
+        version.served_by = served.get(version.number, [])
     context = {
         "model": model,
-        "versions": model.versions.select_related("created_by"),
+        "versions": versions,
         "aliases": model.aliases.select_related("version"),
         "moves": alias_moves(model)[:50],
         "can_edit": is_operator(request.user),
         "alias_form": AliasMoveForm(),
     }
     return render(request, "registry/model_detail.html", context)
+
+
+def _served_by(model: Model) -> dict[int, list[str]]:
+    """Return {version number: names of the deployments sending it traffic} (one query)."""
+    served: dict[int, list[str]] = {}
+    for name, primary, traffic in model.deployments.values_list(
+            "name", "version__number", "traffic").order_by("name"):
+        numbers = {int(n) for n, weight in traffic.items() if float(weight) > 0} or {primary}
+        for number in numbers:
+            served.setdefault(number, []).append(name)
+    return served
 
 
 def model_create(request: HttpRequest) -> HttpResponse:
@@ -120,10 +135,11 @@ def _checked_upload(request: HttpRequest, model: Model, handler: Any) -> HttpRes
                       {"model": model, "form": form, "error": exc.message},
                       status=exc.status_code)
     target = reverse("registry:model-detail", kwargs={"name": model.name})
+    # Said on the page the upload leads to, whether the script or the form posted it.
+    messages.success(request, f"Version {version.number} uploaded (sha256 {version.sha256}).")
     if wants_json:
         return JsonResponse({"number": version.number, "sha256": version.sha256,
                              "redirect": target}, status=201)
-    messages.success(request, f"Version {version.number} uploaded (sha256 {version.sha256}).")
     return redirect(target)
 
 

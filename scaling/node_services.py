@@ -20,6 +20,7 @@ from scaling.nodeplan import (
     NodeInfo,
     NodePlan,
     active_cost_per_hour,
+    fits_a_new_node,
     plan_nodes,
     replicas_per_new_node,
 )
@@ -38,11 +39,12 @@ def tick_nodes(now: datetime | None = None, provider: NodeProvider | None = None
     managed = provider.managed_names()
     nodes = node_infos(managed)
     joined = {node.name for node in nodes if node.managed}
-    pending, memory_bytes = pending_replicas()
-    per_node = (replicas_per_new_node(device_memory(managed), memory_bytes, pending)
-                if pending else 1)
+    devices = node_devices(managed)
+    pending, memory_bytes, unfit = pending_replicas(devices)
+    memory = [[size for _, size in node] for node in devices]
+    per_node = replicas_per_new_node(memory, memory_bytes, pending) if pending else 1
     plan = plan_nodes(nodes, pending, len(managed - joined), provider.bounds, now.timestamp(),
-                      per_node)
+                      per_node, unfit)
     plan = _carry_out(plan, provider, counted=len(managed))
     if plan.changes or plan.reason != _last_reason[0]:
         log.info("nodes (%s provider): %s", provider.name, plan.reason)
@@ -63,21 +65,29 @@ def node_infos(managed_names: set[str]) -> list[NodeInfo]:
             for pk, name, status, cost, active, changed, replica_change in rows]
 
 
-def pending_replicas() -> tuple[int, int]:
-    """Return how many wanted replicas fit on no node now, and the most memory one needs."""
-    figures = Replica.objects.filter(state=ReplicaState.PENDING, desired=True,
-                                     node__isnull=True).aggregate(
-        count=Count("pk"), memory_bytes=Max("deployment__memory_bytes"))
-    return figures["count"], figures["memory_bytes"] or 0
+def pending_replicas(devices: list[list[tuple[str, int]]]) -> tuple[int, int, int]:
+    """Return how many wanted replicas fit on no node now but would on a new one, the most
+    memory one of those needs, and how many fit no kind of node at all."""
+    rows = Replica.objects.filter(state=ReplicaState.PENDING, desired=True,
+                                  node__isnull=True).values_list(
+        "deployment__memory_bytes", "deployment__device").order_by().annotate(count=Count("pk"))
+    fitting, memory_bytes, unfit = 0, 0, 0
+    for memory, device, count in rows:
+        if fits_a_new_node(devices, memory, device):
+            fitting, memory_bytes = fitting + count, max(memory_bytes, memory)
+        else:
+            unfit += count
+    return fitting, memory_bytes, unfit
 
 
-def device_memory(managed_names: set[str]) -> list[list[int]]:
-    """Return each live node's device memory: of the provider's nodes, if it has any."""
-    by_node: dict[tuple[int, str], list[int]] = defaultdict(list)
-    for node_id, name, memory_bytes in Gpu.objects.filter(
+def node_devices(managed_names: set[str]) -> list[list[tuple[str, int]]]:
+    """Return each live node's devices as (kind, memory bytes): of the provider's nodes, if
+    it has any (a new node is one of those)."""
+    by_node: dict[tuple[int, str], list[tuple[str, int]]] = defaultdict(list)
+    for node_id, name, kind, memory_bytes in Gpu.objects.filter(
             node__status__in=[NodeStatus.READY, NodeStatus.DRAINING]).values_list(
-            "node_id", "node__name", "memory_total_bytes"):
-        by_node[node_id, name].append(memory_bytes)
+            "node_id", "node__name", "kind", "memory_total_bytes"):
+        by_node[node_id, name].append((kind, memory_bytes))
     managed = [devices for (_, name), devices in by_node.items() if name in managed_names]
     return managed or list(by_node.values())
 

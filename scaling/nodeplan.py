@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from serving.placement import DeviceRoom, NodeView, ReplicaNeed, place_replica
+
 # Node statuses as serving.models.NodeStatus spells them (no Django import here).
 READY, DRAINING, OFFLINE = "ready", "draining", "offline"
 LIVE_STATUSES = (READY, DRAINING)
@@ -86,12 +88,41 @@ def replicas_per_new_node(node_device_memory_bytes: Sequence[Sequence[int]],
     return max(fits, 1)
 
 
+def fits_a_new_node(node_devices: Sequence[Sequence[tuple[str, int]]], memory_bytes: int,
+                    device: str) -> bool:
+    """Return whether a replica would fit an empty node like one of those known.
+
+    `node_devices`: per known node, its devices as (kind "gpu"/"cpu", memory bytes). With
+    no node known, assume it fits (the first node started tells). A replica that fits no
+    kind of node must not start nodes: a new one of the same kind would not take it either.
+    """
+    if not node_devices:
+        return True
+    empty_nodes = [NodeView(node_id, 0.0, tuple(DeviceRoom(index, kind, memory, memory)
+                                               for index, (kind, memory) in enumerate(devices)))
+                   for node_id, devices in enumerate(node_devices)]
+    return place_replica(empty_nodes, ReplicaNeed(memory_bytes, device)) is not None
+
+
 def plan_nodes(nodes: Sequence[NodeInfo], pending_replicas: int, starting_nodes: int,
-               bounds: NodeBounds, now_s: float, replicas_per_node: int = 1) -> NodePlan:
+               bounds: NodeBounds, now_s: float, replicas_per_node: int = 1,
+               unfit_replicas: int = 0) -> NodePlan:
     """Return how many nodes to add and which managed nodes to release, with the reason.
 
     `replicas_per_node`: how many pending replicas one new node takes (see above).
+    `pending_replicas` counts only replicas a new node could take; `unfit_replicas` are
+    pending ones no kind of node fits (they start nothing; the reason says so).
     """
+    plan = _plan(nodes, pending_replicas, starting_nodes, bounds, now_s, replicas_per_node)
+    if unfit_replicas:
+        note = (f"{unfit_replicas} pending replicas fit no kind of node here: no node "
+                f"started for them")
+        return NodePlan(plan.add, plan.release, f"{plan.reason}; {note}", plan.unmet_nodes)
+    return plan
+
+
+def _plan(nodes: Sequence[NodeInfo], pending_replicas: int, starting_nodes: int,
+          bounds: NodeBounds, now_s: float, replicas_per_node: int) -> NodePlan:
     fleet = sum(1 for node in nodes if node.managed and node.status in LIVE_STATUSES)
     fleet += starting_nodes
     for_pending = _nodes_for_pending(nodes, pending_replicas, starting_nodes, bounds, now_s,

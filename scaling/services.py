@@ -31,6 +31,7 @@ from scaling.policy import (
 from serving import live
 from serving.models import ACTIVE_REPLICA_STATES, Deployment, Replica
 from serving.services.reconcile import reconcile_deployment
+from serving.services.revisions import record_revision
 from swarm_portal.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,10 @@ def _record_change(deployment: Deployment, decision: Decision, replicas_reportin
                    held: int) -> ScalingEvent:
     from_replicas = deployment.replicas
     Deployment.objects.filter(pk=deployment.pk).update(replicas=decision.desired_replicas)
+    deployment.replicas = decision.desired_replicas
+    # The revision timeline shows every change of the count, the auto-scaler's too.
+    record_revision(deployment, f"auto-scaler: {from_replicas} → {decision.desired_replicas}"
+                                f" replicas ({decision.reason})", None)
     event = ScalingEvent.objects.create(
         deployment=deployment, from_replicas=from_replicas,
         to_replicas=decision.desired_replicas, reason=decision.reason, panic=decision.panic,

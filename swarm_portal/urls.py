@@ -27,3 +27,5 @@ urlpatterns = [
     path("", include("registry.urls")),
     path("", include("dashboards.urls")),
 ]
+handler404 = "dashboards.views.errors.page_not_found"
+handler403 = "dashboards.views.errors.permission_denied"

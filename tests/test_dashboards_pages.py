@@ -171,8 +171,8 @@ def test_pages_show_the_latest_heartbeat_figures(viewer_client, gpu_node, served
     fleet = page_text(viewer_client, "/fleet/")
     assert b'<td class="util">77%</td>' in fleet
     overview = page_text(viewer_client, "/overview/")
-    assert b'id="tile-util">77%' in overview
-    assert b'id="tile-active">1<' in overview
+    assert b'id="tile-util" data-kind="gpu">77%' in overview
+    assert b'id="tile-active">1 <small class="muted">of 1 ready<' in overview
     detail = page_text(viewer_client, "/deployments/mlp/")
     assert b'class="state ready"' in detail
 

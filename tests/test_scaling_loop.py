@@ -110,7 +110,7 @@ def test_steady_load_changes_nothing_and_the_state_is_persisted(node, deployment
 
 def test_scale_down_waits_for_the_delay_across_a_scheduler_restart(node, deployment):
     policy(deployment, min_replicas=1)
-    services.do_scale_deployment(deployment, 3)
+    services.do_update_deployment(deployment, {"replicas": 3}, None)  # as a tick would
     report(node, in_flight_each=0)
     assert scaling.tick(T0) == []  # the delay starts now
     # A "restart": nothing in memory; the next ticks read the persisted state.

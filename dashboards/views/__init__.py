@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dashboards.views.access import access, key_create, key_revoke, token_create, token_revoke
 from dashboards.views.deployments import (
+    deployment_create,
     deployment_detail,
     deployment_list,
     deployment_policy,
@@ -16,6 +17,7 @@ from dashboards.views.playground import playground
 
 __all__ = [
     "access",
+    "deployment_create",
     "deployment_detail",
     "deployment_list",
     "deployment_policy",

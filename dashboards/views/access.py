@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.contrib import messages
+from django.db.models import Max
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 
@@ -27,7 +28,9 @@ def _access_page(request: HttpRequest, shown: dict[str, str] | None = None) -> H
     context = {
         "keys": ApiKey.objects.select_related("created_by").prefetch_related(
             "deployments")[:LISTED],
-        "tokens": JoinToken.objects.select_related("created_by")[:LISTED],
+        # A join token is used when a server joins with it: its last use is the newest node.
+        "tokens": JoinToken.objects.select_related("created_by").annotate(
+            last_joined_at=Max("nodes__registered_at"))[:LISTED],
         "key_form": ApiKeyForm(), "token_form": JoinTokenForm(),
         "shown": shown,
         "portal_url": request.build_absolute_uri("/").rstrip("/"),

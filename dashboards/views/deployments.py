@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, render
+from typing import Any
 
-from dashboards import events, queries
-from dashboards.forms import PolicyForm, RollbackForm, ScaleForm, TrafficForm
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+
+from dashboards import diffs, events, health, queries
+from dashboards.forms import DeployForm, PolicyForm, RollbackForm, ScaleForm, TrafficForm
+from dashboards.templatetags.dashboards import plural
 from dashboards.views.common import form_errors, operator_action, run_action, viewer_page
+from registry.models import Model
 from scaling import services as scaling
 from serving import services
 from serving.models import Deployment
+from serving.services.reconcile import target_counts
 from swarm_portal.errors import ServiceError
 
 DETAIL = "dashboards:deployment-detail"
@@ -26,7 +32,9 @@ def deployment_list(request: HttpRequest) -> HttpResponse:
     for row in rows:
         row.figures = latest.get(row.id, {})
     return render(request, "dashboards/deployments.html",
-                  {"deployments": rows, "replica_map": queries.replica_deployments()})
+                  {"deployments": queries.with_health(rows),
+                   "replica_map": queries.replica_deployments(),
+                   "error_rate_bad": health.ERROR_RATE_BAD})
 
 
 @viewer_page
@@ -35,11 +43,16 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         Deployment.objects.select_related("model", "version", "scaling_policy"), name=name)
     policy = queries._policy_or_none(deployment)
     series = queries.deployment_series([deployment.pk]).get(deployment.pk)
+    numbers = dict(deployment.model.versions.values_list("pk", "number"))
     context = {
         "deployment": deployment,
         "replicas": events.replica_rows([deployment.pk])[deployment.pk],
-        "versions": list(deployment.model.versions.values_list("number", flat=True)),
-        "revisions": deployment.revisions.select_related("created_by")[:REVISIONS_SHOWN],
+        "versions": sorted(numbers.values()),
+        "revisions": _with_changes(list(
+            deployment.revisions.select_related("created_by")[:REVISIONS_SHOWN + 1])),
+        "split": diffs.split_text(deployment.traffic),
+        "targets": sorted((numbers[pk], count) for pk, count in
+                          target_counts(deployment).items() if pk in numbers),
         "scaling_events": deployment.scaling_events.all()[:EVENTS_SHOWN],
         "policy": policy,
         "series": series.to_dict() if series else {"t": []},
@@ -48,6 +61,20 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         "traffic_text": ", ".join(f"{v}={w:g}" for v, w in deployment.traffic.items()),
     }
     return render(request, "dashboards/deployment_detail.html", context)
+
+
+def _with_changes(revisions: list[Any]) -> list[Any]:
+    """Give each revision (newest first) `.changes`: what it changed from the one before."""
+    for newer, older in zip(revisions, [*revisions[1:], None], strict=False):
+        newer.changes = diffs.spec_changes(older.spec if older else None, newer.spec)
+    if len(revisions) > REVISIONS_SHOWN:  # the extra one was read only to diff against
+        revisions = revisions[:REVISIONS_SHOWN]
+    return revisions
+
+
+def _policy_on(deployment: Deployment) -> bool:
+    policy = queries._policy_or_none(deployment)
+    return bool(policy and policy.enabled)
 
 
 def _deployment(name: str) -> Deployment:
@@ -66,9 +93,13 @@ def deployment_scale(request: HttpRequest, name: str) -> HttpResponse:
     def scale() -> str:
         form = ScaleForm(request.POST)
         _valid(form)
-        replicas = form.cleaned_data["replicas"]
-        services.do_scale_deployment(deployment, replicas, request.user)
-        return f"{deployment.name} scaled to {replicas} replicas."
+        replicas, pause = form.cleaned_data["replicas"], form.cleaned_data["pause_policy"]
+        paused = pause and _policy_on(deployment)
+        services.do_scale_deployment(deployment, replicas, request.user, pause_policy=pause)
+        noun = plural(replicas, "replica")
+        text = f"{deployment.name} scaled to {replicas} {noun}."
+        return text + (" The auto-scaler is paused: turn it on again in the policy to let "
+                       "it change the count." if paused else "")
     return run_action(request, scale, DETAIL, name=name)
 
 
@@ -111,3 +142,25 @@ def deployment_policy(request: HttpRequest, name: str) -> HttpResponse:
         scaling.do_set_policy(deployment, **form.cleaned_data)
         return f"Scaling policy of {deployment.name} saved."
     return run_action(request, set_policy, DETAIL, name=name)
+
+
+@operator_action
+def deployment_create(request: HttpRequest) -> HttpResponse:
+    """Deploy a version from its registry page; back there with the reason if refused."""
+    form = DeployForm(request.POST)
+    model = get_object_or_404(Model, name=request.POST.get("model", "")[:100])
+    if not form.is_valid():
+        messages.error(request, form_errors(form))
+        return redirect("registry:model-detail", name=model.name)
+    data = form.cleaned_data
+    try:
+        deployment = services.do_create_deployment(
+            name=data["name"], model=model, version_number=data["version"], alias_name="",
+            user=request.user, replicas=data["replicas"],
+            memory_bytes=int(data["memory_gib"] * 1024**3))
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        return redirect("registry:model-detail", name=model.name)
+    messages.success(request, f"{deployment.name} deploys {model.name} v{data['version']} "
+                              f"with {data['replicas']} {plural(data['replicas'], 'replica')}.")
+    return redirect(DETAIL, name=deployment.name)

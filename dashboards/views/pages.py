@@ -13,11 +13,15 @@ from dashboards.views.common import viewer_page
 def overview(request: HttpRequest) -> HttpResponse:
     nodes = queries.fleet_nodes()
     histories = queries.node_histories([node.id for node in nodes])
+    summary = queries.summary(nodes, histories)
+    kinds = {node.id: {g.index: g.kind for g in node.gpus} for node in nodes}
     context = {
-        "summary": queries.summary(nodes, histories),
+        "summary": summary,
         "events": queries.recent_events(),
-        "series": figures.fleet_series(histories, history.HISTORY_STEP_S).to_dict(),
+        "series": figures.fleet_series(histories, history.HISTORY_STEP_S, kinds,
+                                       "gpu" if summary.gpus else "cpu").to_dict(),
         "seed": _figures_seed(nodes, histories),
+        "device_kinds": queries.device_kinds(nodes),
     }
     template = ("dashboards/_summary.html" if request.GET.get("partial") == "summary"
                 else "dashboards/overview.html")
@@ -30,7 +34,8 @@ def fleet(request: HttpRequest) -> HttpResponse:
     histories = queries.node_histories([node.id for node in nodes])
     context = {
         "nodes": nodes,
-        "series": {node.id: figures.device_series(histories.get(node.id, [])).to_dict()
+        "series": {node.id: figures.device_series(histories.get(node.id, []),
+                                                  {g.index: g.kind for g in node.gpus}).to_dict()
                    for node in nodes},
         "seed": _figures_seed(nodes, histories),
     }

@@ -208,3 +208,6 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
 
 class ScaleSerializer(StrictSerializer):
     replicas = serializers.IntegerField(min_value=0, max_value=256)
+    pause_policy = serializers.BooleanField(
+        default=False, help_text="under an enabled scaling policy: turn it off and scale "
+                                 "(without it, the request is refused with 409)")

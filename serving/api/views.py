@@ -157,14 +157,17 @@ class DeploymentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
     def perform_destroy(self, instance: Deployment) -> None:
         services.do_delete_deployment(instance)
 
-    @extend_schema(request=ScaleSerializer, responses={200: DeploymentSerializer, 400: ERROR})
+    @extend_schema(request=ScaleSerializer,
+                   responses={200: DeploymentSerializer, 400: ERROR, 409: ERROR})
     @action(detail=True, methods=["post"])
     def scale(self, request: Request, name: str) -> Response:
-        """Set the number of replicas by hand."""
+        """Set the number of replicas by hand (409 under an enabled policy, unless
+        pause_policy turns it off)."""
         body = ScaleSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         services.do_scale_deployment(self.get_object(), body.validated_data["replicas"],
-                                     request.user)
+                                     request.user,
+                                     pause_policy=body.validated_data["pause_policy"])
         return self._reply(name)
 
 

@@ -54,10 +54,32 @@ def do_create_deployment(*, name: str, model: Model, version_number: int | None,
     return deployment
 
 
-def do_scale_deployment(deployment: Deployment, replicas: int, user: Any = None) -> Deployment:
-    """Set the desired replica count by hand and reconcile."""
-    return do_update_deployment(deployment, {"replicas": replicas}, user,
-                                reason=f"scaled to {replicas}")
+def do_scale_deployment(deployment: Deployment, replicas: int, user: Any = None, *,
+                        pause_policy: bool = False) -> Deployment:
+    """Set the desired replica count by hand and reconcile.
+
+    Under an enabled scaling policy the auto-scaler owns the count: a hand-set one would
+    silently revert at its next tick. So this refuses (409) unless `pause_policy`, which
+    turns the policy off first (its settings stay; turning it on again resumes it).
+    """
+    policy = _enabled_policy(deployment)
+    if policy is not None and not pause_policy:
+        raise Conflict(f"the auto-scaler sets the replica count of {deployment.name} (policy "
+                       f"on, {policy.min_replicas}..{policy.max_replicas} replicas): pause it "
+                       f"to scale by hand (pause_policy), or change the policy's bounds")
+    reason = f"scaled to {replicas} by hand"
+    if policy is not None:
+        from scaling.services import do_set_policy  # scaling builds on these services
+
+        do_set_policy(deployment, enabled=False)
+        reason += " (auto-scaler paused)"
+    return do_update_deployment(deployment, {"replicas": replicas}, user, reason=reason)
+
+
+def _enabled_policy(deployment: Deployment) -> Any:
+    from scaling.models import ScalingPolicy
+
+    return ScalingPolicy.objects.filter(deployment=deployment, enabled=True).first()
 
 
 def check_traffic(deployment: Deployment, traffic: Any) -> dict[str, float]:

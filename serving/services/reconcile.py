@@ -39,7 +39,7 @@ from serving.placement import (
     NodeView,
     ReplicaNeed,
     ReplicaView,
-    place_replicas,
+    place_replicas_explained,
     removal_order,
 )
 from serving.services.revisions import record_revision
@@ -180,21 +180,38 @@ def _backing_off(deployment: Deployment, now: datetime) -> bool:
 
 def _add_replicas(deployment: Deployment, version_id: int, count: int,
                   current: list[Replica], spread: Counter[int | None]) -> bool:
-    unplaced = [r.pk for r in current if r.node_id is None]
+    """Place `count` more replicas and retry the pending ones; a replica that fits nowhere
+    stays PENDING with the reason on its row (Replica.error)."""
+    unplaced = [r for r in current if r.node_id is None]
     count += len(unplaced)
     sha256 = ModelVersion.objects.values_list("sha256", flat=True).get(pk=version_id)
     need = ReplicaNeed(memory_bytes=deployment.memory_bytes, device=deployment.device,
                        sha256=sha256)
-    placements = place_replicas(node_views(spread), need, count)
+    placements, reason = place_replicas_explained(node_views(spread), need, count)
+    reason = reason[:2000]
     if unplaced and not placements:
-        return False  # still no room anywhere: keep the pending rows as they are
-    Replica.objects.filter(pk__in=unplaced).delete()
+        # Still no room anywhere: keep the pending rows, with today's reason.
+        return _note_pending_reason(deployment, unplaced, reason)
+    Replica.objects.filter(pk__in=[r.pk for r in unplaced]).delete()
     new = [Replica(deployment=deployment, version_id=version_id, node_id=p.node_id,
                    gpu_index=p.gpu_index, state=ReplicaState.STARTING) for p in placements]
-    new += [Replica(deployment=deployment, version_id=version_id, state=ReplicaState.PENDING)
-            for _ in range(count - len(placements))]
+    new += [Replica(deployment=deployment, version_id=version_id, state=ReplicaState.PENDING,
+                    error=reason) for _ in range(count - len(placements))]
     Replica.objects.bulk_create(new)
     spread.update(p.node_id for p in placements)
+    if reason:
+        log.info("deployment %s: %d replicas pending: %s", deployment.name,
+                 count - len(placements), reason)
+    return True
+
+
+def _note_pending_reason(deployment: Deployment, unplaced: list[Replica], reason: str) -> bool:
+    """Write a changed reason on pending rows; return whether any row changed."""
+    stale = [r.pk for r in unplaced if r.error != reason]
+    if not stale:
+        return False
+    Replica.objects.filter(pk__in=stale).update(error=reason)
+    log.info("deployment %s: %d replicas pending: %s", deployment.name, len(unplaced), reason)
     return True
 
 
@@ -231,7 +248,8 @@ def node_views(spread: Counter[int | None]) -> list[NodeView]:
     for node in nodes:
         devices = tuple(
             DeviceRoom(gpu.index, gpu.kind, gpu.memory_total_bytes
-                       - reserved[(node.pk, gpu.index if gpu.kind == "gpu" else None)])
+                       - reserved[(node.pk, gpu.index if gpu.kind == "gpu" else None)],
+                       gpu.memory_total_bytes)
             for gpu in node.gpus.all())
         views.append(NodeView(node.pk, node.cost_per_hour, devices, spread.get(node.pk, 0),
                               frozenset(node.cached_artifacts)))

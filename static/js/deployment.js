@@ -6,15 +6,17 @@
   var deploymentId = Number(root.dataset.deployment);
   var rates = new L.RateTracker();
   var seed = L.json("series") || { t: [] };
-  var rpsChart = new L.Chart(document.getElementById("chart-rps"), ["rps"], seed);
-  var latencyChart = new L.Chart(document.getElementById("chart-latency"), ["p50_ms", "p99_ms", "error_rate"], seed);
+  var rpsChart = new L.Chart(document.getElementById("chart-rps"), [{ key: "rps", label: "requests", unit: "req/s", scale: "rps" }], seed);
+  var latencyChart = new L.Chart(document.getElementById("chart-latency"), [
+    { key: "p50_ms", label: "p50", unit: "ms", scale: "ms" }, { key: "p99_ms", label: "p99", unit: "ms", scale: "ms" },
+    { key: "error_rate", label: "errors", unit: "%", scale: "%", factor: 100 }], seed);
   var lastPointS = 0;
 
   function latest(name) { var col = seed[name]; return col && col.length ? col[col.length - 1] : null; }
   function showFigures(f) {
     document.getElementById("tile-rps").textContent = L.num(f.rps);
     document.getElementById("tile-latency").textContent = L.num(f.p50_ms) + " / " + L.num(f.p99_ms) + " ms";
-    document.getElementById("tile-errors").textContent = L.num(100 * (f.error_rate || 0), 2) + "%";
+    document.getElementById("tile-errors").textContent = f.error_rate == null ? "–" : L.num(100 * f.error_rate, 2) + "%";
   }
   if (seed.t.length) showFigures({ rps: latest("rps"), p50_ms: latest("p50_ms"), p99_ms: latest("p99_ms"), error_rate: latest("error_rate") });
 
@@ -31,6 +33,7 @@
 
   function showReplicas(message) {
     document.getElementById("desired").textContent = message.desired_replicas;
+    document.getElementById("desired-noun").textContent = message.desired_replicas === 1 ? "replica" : "replicas";
     var body = document.querySelector("#replicas tbody");
     body.innerHTML = "";
     message.replicas.forEach(function (r) {
@@ -41,7 +44,9 @@
       cell(row, r.node || "–");
       cell(row, r.gpu_index == null ? "cpu" : "cuda:" + r.gpu_index);
       cell(row, r.state, "state " + r.state);
-      cell(row, (r.desired ? "" : "retiring ") + (r.error || ""), "muted");
+      var why = r.error && (r.state === "pending" || r.state === "failed");
+      cell(row, (r.desired ? "" : "retiring ") + (r.error || ""), why ? "why" : "muted");
+      row.lastChild.dataset.field = "why";
       body.appendChild(row);
     });
     if (!message.replicas.length) body.innerHTML = '<tr class="empty"><td colspan="6" class="muted">No replicas.</td></tr>';
@@ -58,6 +63,26 @@
     cell(row, message.reason);
     body.insertBefore(row, body.firstChild);
   }
+
+  // Canary weights: show the split they give as they are typed, or what is wrong.
+  var trafficInput = document.getElementById("traffic-input");
+  function previewSplit() {
+    var preview = document.getElementById("split-preview"), known = trafficInput.dataset.versions.split(",");
+    var parts = trafficInput.value.split(/[,;]/).map(function (p) { return p.trim(); }).filter(Boolean);
+    var weights = {}, total = 0, problem = null;
+    parts.forEach(function (part) {
+      var match = /^(\d+)\s*=\s*(\d+(\.\d+)?)$/.exec(part);
+      if (!match) { problem = problem || "“" + part + "” is not version=weight (for example 1=90, 2=10)"; return; }
+      if (known.indexOf(match[1]) < 0) { problem = problem || "there is no version " + match[1]; return; }
+      weights[match[1]] = Number(match[2]); total += Number(match[2]);
+    });
+    if (!problem && parts.length && total <= 0) problem = "at least one version needs a positive weight";
+    trafficInput.setCustomValidity(problem || "");
+    preview.className = problem ? "helptext error" : "helptext";
+    preview.textContent = problem ? problem : parts.length ? "Gives: " + Object.keys(weights).filter(function (v) { return weights[v] > 0; })
+      .map(function (v) { return "v" + v + " " + Number((100 * weights[v] / total).toPrecision(3)) + "%"; }).join(" · ") : "";
+  }
+  if (trafficInput) { trafficInput.addEventListener("input", previewSplit); previewSplit(); }
 
   L.connect("/ws/deployments/", function (message) {
     if (message.type === "node.figures") {

@@ -4,6 +4,7 @@
   var L = window.SwarmLive;
   var rates = new L.RateTracker();
   var deploymentOf = L.json("replica-map") || {};
+  var errorRateBad = Number(document.getElementById("deployments").dataset.errorRateBad || 0.05);
 
   function row(deploymentId) { return document.querySelector('#deployments tr[data-deployment="' + deploymentId + '"]'); }
 
@@ -22,6 +23,17 @@
       return "v" + v + ": " + Object.keys(byVersion[v]).map(function (s) { return byVersion[v][s] + " " + s; }).join(", ");
     });
     tr.querySelector('[data-field="states"]').textContent = parts.length ? parts.join("  ") : "none";
+    var failed = message.replicas.filter(function (r) { return r.state === "failed"; }).length;
+    if (failed) markUnhealthy(tr, failed + " failed");
+  }
+
+  // Live evidence only makes a row worse; the next page load judges it afresh.
+  function markUnhealthy(tr, why) {
+    tr.className = "health-bad";
+    tr.dataset.health = "bad";
+    var cell = tr.querySelector('[data-field="health"]');
+    cell.innerHTML = '<span class="health bad">unhealthy</span> ';
+    cell.appendChild(document.createTextNode(why));
   }
 
   function showFigures() {
@@ -33,7 +45,9 @@
       var f = rates.combine(ids[deploymentId]);
       tr.querySelector('[data-field="rps"]').textContent = L.num(f.rps);
       tr.querySelector('[data-field="latency"]').textContent = L.num(f.p50_ms) + " / " + L.num(f.p99_ms);
-      tr.querySelector('[data-field="errors"]').textContent = L.num(100 * f.error_rate, 2) + "%";
+      var served = f.error_rate != null;
+      tr.querySelector('[data-field="errors"]').textContent = served ? L.num(100 * f.error_rate, 2) + "%" : "–";
+      if (served && f.error_rate > errorRateBad) markUnhealthy(tr, "errors " + L.num(100 * f.error_rate, 1) + "%");
     });
   }
 

@@ -15,10 +15,11 @@
       var seed = series[nodeId] || { t: [] };
       var names = Object.keys(seed).filter(function (k) { return k !== "t"; });
       if (!names.length) {
-        names = Array.prototype.map.call(document.querySelectorAll("#node-" + nodeId + " tr[data-gpu]"), function (row) { return "gpu" + row.dataset.gpu; });
+        names = Array.prototype.map.call(document.querySelectorAll("#node-" + nodeId + " tr[data-gpu]"), function (row) { return (row.dataset.kind || "gpu") + row.dataset.gpu; });
       }
       el.innerHTML = "";
-      charts[nodeId] = new L.Chart(el, names, seed, 160, [0, 100]);
+      var specs = names.map(function (key) { return { key: key, label: key.slice(0, 3).toUpperCase() + " " + key.slice(3), unit: "%", scale: "%" }; });
+      charts[nodeId] = new L.Chart(el, specs, seed, 160, [0, 100]);
     });
   }
 
@@ -42,7 +43,7 @@
     if (!card) { refreshNodes(); return; }
     var values = {};
     message.devices.forEach(function (d) {
-      values["gpu" + d.index] = d.utilization_pct;
+      values[(d.kind || "gpu") + d.index] = d.utilization_pct;
       var row = card.querySelector('tr[data-gpu="' + d.index + '"]');
       if (!row) return;
       row.querySelector(".util").textContent = L.pct(d.utilization_pct);

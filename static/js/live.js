@@ -73,28 +73,67 @@
       if (r.p99 != null) p99 = p99 == null ? r.p99 : Math.max(p99, r.p99);
     });
     var total = rps + eps;
-    return { rps: rps, p50_ms: weight ? p50w / weight : null, p99_ms: p99, error_rate: total ? eps / total : 0 };
+    // No traffic: no error rate (a dash and a chart gap), not 0.00 %.
+    return { rps: rps, p50_ms: weight ? p50w / weight : null, p99_ms: p99, error_rate: total ? eps / total : null };
   };
 
-  // A rolling chart: series {t: [...], name: [...]}; push(t, {name: value}).
-  function Chart(el, names, seed, height, yRange) {
-    this.names = names;
-    this.data = [seed && seed.t ? seed.t.slice() : []];
+  // One time format everywhere on the charts: 24-hour HH:MM:SS, local time.
+  function clock(tS) {
+    var d = new Date(tS * 1000);
+    return [d.getHours(), d.getMinutes(), d.getSeconds()].map(function (n) { return (n < 10 ? "0" : "") + n; }).join(":");
+  }
+
+  // A line of a chart: {key, label, unit, scale, factor}; a plain name is a line on "y".
+  function lineSpec(spec) {
+    return typeof spec === "string" ? { key: spec, label: spec, unit: "", scale: "y", factor: 1 }
+      : { key: spec.key, label: spec.label || spec.key, unit: spec.unit || "", scale: spec.scale || "y", factor: spec.factor || 1 };
+  }
+
+  // A rolling chart of series {t: [...], key: [...]}; push(t, {key: value}). Each scale
+  // (one quantity, one unit) gets its own axis: the first on the left, a second on the
+  // right. A stretch without data longer than gapS is drawn as a gap, never as a line.
+  function Chart(el, specs, seed, height, yRange, gapS) {
     var self = this;
-    names.forEach(function (name) { self.data.push(seed && seed[name] ? seed[name].slice() : []); });
+    this.lines = specs.map(lineSpec);
+    this.gapS = gapS || 20;
+    this.data = [[]].concat(this.lines.map(function () { return []; }));
+    var times = seed && seed.t ? seed.t : [];
+    times.forEach(function (t, i) {
+      var values = {};
+      self.lines.forEach(function (line) { var col = seed[line.key]; values[line.key] = col ? col[i] : null; });
+      self._append(t, values);
+    });
     var palette = ["#2f6fde", "#0f7b3f", "#b42318", "#a15c07", "#6941c6", "#0e7490", "#be185d", "#4d7c0f"];
+    var scales = [], units = {};
+    this.lines.forEach(function (line) { if (scales.indexOf(line.scale) < 0) { scales.push(line.scale); units[line.scale] = line.unit; } });
+    var scaleOpts = { x: { time: true } };
+    scales.forEach(function (scale) { if (units[scale] === "%" || (yRange && scale === "y")) scaleOpts[scale] = { range: yRange || [0, 100] }; });
     var opts = {
       width: Math.max(el.clientWidth || 0, 280), height: height || 180,
-      series: [{}].concat(names.map(function (name, i) { return { label: name, stroke: palette[i % palette.length], width: 1.5, spanGaps: true }; })),
-      axes: [{}, { size: 50 }], legend: { show: true },
-      scales: yRange ? { y: { range: yRange } } : {}
+      series: [{ value: function (u, t) { return t == null ? "–" : clock(t); } }].concat(this.lines.map(function (line, i) {
+        return { label: line.label + (line.unit ? " (" + line.unit + ")" : ""), scale: line.scale, stroke: palette[i % palette.length], width: 1.5, spanGaps: false,
+                 value: function (u, v) { return v == null ? "–" : Number(v).toFixed(line.unit === "req/s" ? 2 : 1) + (line.unit ? " " + line.unit : ""); } };
+      })),
+      axes: [{ values: function (u, splits) { return splits.map(clock); } }].concat(scales.map(function (scale, i) {
+        return { scale: scale, side: i === 0 ? 3 : 1, size: 56, label: units[scale] || undefined, grid: { show: i === 0 } };
+      })),
+      legend: { show: true }, scales: scaleOpts
     };
     this.plot = window.uPlot ? new window.uPlot(opts, this.data, el) : null;
+    el.swarmChart = this;  // for tests and the console: the points as drawn
   }
+  Chart.prototype._append = function (t, values) {
+    var data = this.data, lines = this.lines, last = data[0].length ? data[0][data[0].length - 1] : null;
+    if (last != null && t - last > this.gapS) {  // no data for a while: break the line
+      data[0].push((last + t) / 2);
+      lines.forEach(function (line, i) { data[i + 1].push(null); });
+    }
+    data[0].push(t);
+    lines.forEach(function (line, i) { var v = values[line.key]; data[i + 1].push(v == null ? null : v * line.factor); });
+  };
   Chart.prototype.push = function (t, values) {
     var data = this.data;
-    data[0].push(t);
-    this.names.forEach(function (name, i) { data[i + 1].push(values[name] == null ? null : values[name]); });
+    this._append(t, values);
     while (data[0].length && data[0][0] < t - HISTORY_S) data.forEach(function (col) { col.shift(); });
     if (this.plot) this.plot.setData(data);
   };
@@ -102,5 +141,5 @@
   function pct(value) { return value == null ? "–" : Math.round(value) + "%"; }
   function num(value, digits) { return value == null ? "–" : Number(value).toFixed(digits == null ? 1 : digits); }
 
-  window.SwarmLive = { json: json, connect: connect, fromSample: fromSample, RateTracker: RateTracker, Chart: Chart, pct: pct, num: num };
+  window.SwarmLive = { json: json, connect: connect, fromSample: fromSample, RateTracker: RateTracker, Chart: Chart, pct: pct, num: num, clock: clock };
 })();

@@ -6,8 +6,16 @@
   var utilByNode = {};
   var seed = L.json("seed") || {};
   Object.keys(seed).forEach(function (nodeId) { rates.update(L.fromSample(Number(nodeId), seed[nodeId])); });
-  var chart = new L.Chart(document.getElementById("fleet-chart"), ["util_pct", "rps"], L.json("series"), 200);
+  var utilLabel = document.getElementById("tile-util") && document.getElementById("tile-util").dataset.kind === "cpu" ? "CPU load" : "GPU utilisation";
+  var chart = new L.Chart(document.getElementById("fleet-chart"), [
+    { key: "util_pct", label: utilLabel, unit: "%", scale: "%" }, { key: "rps", label: "requests", unit: "req/s", scale: "rps" }], L.json("series"), 200);
   var lastPointS = 0, refreshTimer = null;
+  var kinds = L.json("device-kinds") || {};
+
+  // The utilisation tile shows GPUs, or the CPU load when the pool has no GPU: never a
+  // CPU's load under a GPU label.
+  function tileKind() { var tile = document.getElementById("tile-util"); return tile ? tile.dataset.kind : "gpu"; }
+  function kindOf(nodeId, device) { return device.kind || (kinds[nodeId] || {})[device.index] || "gpu"; }
 
   function totals() {
     var utils = [];
@@ -18,7 +26,8 @@
 
   function showFigures(message) {
     rates.update(message);
-    utilByNode[message.node_id] = message.devices.map(function (d) { return d.utilization_pct; }).filter(function (v) { return v != null; });
+    utilByNode[message.node_id] = message.devices.filter(function (d) { return kindOf(message.node_id, d) === tileKind(); })
+      .map(function (d) { return d.utilization_pct; }).filter(function (v) { return v != null; });
     var t = totals();
     document.getElementById("tile-util").textContent = L.pct(t.util_pct);
     document.getElementById("tile-rps").textContent = L.num(t.rps);
@@ -48,8 +57,10 @@
         .then(function (html) {
           var holder = document.createElement("div");
           holder.innerHTML = html;
-          var fresh = holder.firstElementChild, t = totals();
+          var fresh = holder.firstElementChild, before = tileKind();
           document.getElementById("summary").replaceWith(fresh);
+          if (tileKind() !== before) utilByNode = {};  // a GPU joined (or left): other devices count now
+          var t = totals();
           if (Object.keys(utilByNode).length) document.getElementById("tile-util").textContent = L.pct(t.util_pct);
         });
     }, 150);
@@ -60,9 +71,12 @@
     if (message.type === "scaling.event") addEvent("scaling", message.deployment_name + ": " + message.from_replicas + " → " + message.to_replicas + " replicas (" + message.reason + ")");
     else if (message.type === "node.status") addEvent("node", "node " + message.name + " is " + message.status);
     else if (message.type === "replicas.changed") {
-      var states = {};
-      message.replicas.forEach(function (r) { states[r.state] = (states[r.state] || 0) + 1; });
-      addEvent("replica", message.deployment_name + ": " + Object.keys(states).map(function (s) { return states[s] + " " + s; }).join(", ") + " (" + message.desired_replicas + " desired)");
+      var states = {}, reasons = [];
+      message.replicas.forEach(function (r) {
+        states[r.state] = (states[r.state] || 0) + 1;
+        if ((r.state === "pending" || r.state === "failed") && r.error && reasons.indexOf(r.error) < 0) reasons.push(r.error);
+      });
+      addEvent("replica", message.deployment_name + ": " + Object.keys(states).map(function (s) { return states[s] + " " + s; }).join(", ") + " (" + message.desired_replicas + " desired)" + (reasons.length ? ": " + reasons.join("; ") : ""));
     }
     refreshSummary();
   });

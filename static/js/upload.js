@@ -9,11 +9,21 @@
   var phase = box.querySelector(".phase");
   var errorBox = document.getElementById("upload-error");
 
+  // After a refusal the bar starts again from nothing (it must not stay at 100 %).
+  function resetProgress() {
+    bar.value = 0;
+    percent.textContent = "0%";
+    phase.textContent = phase.dataset.initial || "";
+    box.hidden = true;
+  }
+
   function showError(message) {
+    resetProgress();
     errorBox.textContent = message;
     errorBox.hidden = false;
     form.querySelector("button[type=submit]").disabled = false;
   }
+  phase.dataset.initial = phase.textContent;
 
   form.addEventListener("submit", function (event) {
     event.preventDefault();
