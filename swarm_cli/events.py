@@ -1,4 +1,4 @@
-"""`swarm events` (scaling events, `--follow` polls with a cursor) and `swarm logs`."""
+"""`swarm events`: scaling events; `--follow` polls with a cursor."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from swarm_cli import output
-from swarm_cli.client import EXIT_REFUSED, api, fail
+from swarm_cli.client import api
 
 POLL_PAGE_ROWS = 1000  # the API's largest page: more new events than this per poll are rare
 
@@ -58,13 +58,3 @@ def events(
         rows, cursor = new_events(page, cursor)
         _print(rows, stream=True)
 
-
-def logs(
-    replica: Annotated[int, typer.Argument(help="a replica id (see /api/replicas/)")],
-    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
-) -> None:
-    """Print a replica's output (not available yet: worker agents do not keep it)."""
-    found = api().get(f"/api/replicas/{replica}/")  # an unknown replica: the portal's 404
-    fail(f"replica logs are not available on this portal: worker agents do not keep replica "
-         f"output yet (replica {replica} of {found.get('deployment')} runs on "
-         f"{found.get('node_name') or 'no node'})", EXIT_REFUSED)

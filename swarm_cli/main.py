@@ -19,8 +19,9 @@ from swarm_cli import config, output
 from swarm_cli.access import keys_app, tokens_app
 from swarm_cli.client import EXIT_USAGE, Client, fail
 from swarm_cli.deploy import deploy_app
-from swarm_cli.events import events, logs
+from swarm_cli.events import events
 from swarm_cli.infer import infer
+from swarm_cli.logs import logs
 from swarm_cli.models import alias_app, models_app, versions
 from swarm_cli.nodes import nodes_app
 

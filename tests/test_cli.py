@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import ANY
 
 import httpx
 import numpy as np
@@ -23,11 +24,13 @@ from django.core.cache import cache
 
 from registry.models import Alias, Model, ModelVersion
 from scaling.models import ScalingEvent
+from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
 from serving.gateway.filesource import write_table
 from serving.models import ApiKey, Deployment, JoinToken, Node
 from swarm_portal.api_login import MAX_FAILED_LOGINS
 from tests import factories
 from tests.conftest import free_port
+from tests.dashboards_helpers import gpu
 from tests.gateway_helpers import (
     MLP,
     SECRET,
@@ -297,11 +300,37 @@ def test_events_prints_recent_events_and_follows_new_ones(logged_in, served_depl
         follower.wait(timeout=10)
 
 
-def test_logs_are_refused_as_not_available(logged_in, served_deployment):
-    replica = served_deployment.replica_set.first()
-    run = logged_in("logs", str(replica.pk))
-    assert_one_line_error(run, 2, "not available on this portal")
-    assert_one_line_error(logged_in("logs", "999999"), 2, "refused (404)")
+def push_lines(portal: LivePortal, node: Node, replica_id: int, lines: list[str]) -> None:
+    """Send one heartbeat as the node's agent would, carrying a replica's new output."""
+    status = ReplicaStatus(replica_id=replica_id, state="starting", log_lines=lines)
+    body = HeartbeatRequest(devices=[gpu()], replicas=[status]).to_dict()
+    reply = httpx.post(f"{portal.url}/api/agent/heartbeat", json=body, timeout=30,
+                       headers={"Authorization": f"Bearer {node.secret}"})
+    assert reply.status_code == 200, reply.text
+
+
+def test_logs_print_a_replicas_recent_output_and_follow_it(logged_in, portal,
+                                                           served_deployment, gpu_node):
+    swarm = logged_in
+    replica = served_deployment.replica_set.get()
+    push_lines(portal, gpu_node, replica.pk, ["loading the model", "\x1b[2Jready"])
+    assert swarm.ok("logs", str(replica.pk)).stdout == "loading the model\n\\x1b[2Jready\n"
+    assert swarm.ok("logs", str(replica.pk), "--tail", "1").stdout == "\\x1b[2Jready\n"
+    [first, second] = swarm.json("logs", str(replica.pk))
+    assert (first["seq"], first["text"]) == (1, "loading the model") and second["seq"] == 2
+
+    follower = subprocess.Popen(swarm.command("--json", "logs", str(replica.pk), "--follow",
+                                              "--tail", "1", "--interval-s", "0.2"),
+                                cwd=ROOT, env=swarm.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(read_line(follower))["seq"] == 2
+        push_lines(portal, gpu_node, replica.pk, ["serving"])
+        assert json.loads(read_line(follower)) == {"seq": 3, "text": "serving", "at": ANY}
+    finally:
+        follower.kill()
+        follower.wait(timeout=10)
+    assert_one_line_error(swarm("logs", "999999"), 2, "refused (404)")
 
 
 def test_errors_are_one_line_with_their_exit_code(swarm, portal, tmp_path):

@@ -89,14 +89,14 @@ class LogTail:
         self.pending: list[str] = []
 
     def collect(self) -> list[str]:
-        """Read new lines into `pending` (bounded), cap the files; return `pending`."""
+        """Read new lines into `pending` (bounded), cap the files; return a copy of it."""
         for stream in self._streams:
             budget_lines = MAX_LINES_PER_HEARTBEAT - len(self.pending)
             budget_bytes = MAX_BYTES_PER_HEARTBEAT - sum(len(line) for line in self.pending)
             if budget_lines > 0 and budget_bytes > 0:
                 self.pending.extend(_read_lines(stream, budget_lines, budget_bytes))
             self._cap(stream)
-        return self.pending
+        return list(self.pending)
 
     def acknowledge(self, count: int) -> None:
         """Forget the first `count` pending lines: a heartbeat carried them to the portal."""

@@ -96,15 +96,60 @@ class JoinTokenCreatedSerializer(JoinTokenSerializer):
 
 
 class ReplicaSerializer(serializers.ModelSerializer):
+    """A replica row; the live facts (null: unknown) come from its node's last heartbeat
+    and its output (context["facts"], serving.replica_logs.replica_facts)."""
+
     deployment = serializers.CharField(source="deployment.name")
     version = serializers.IntegerField(source="version.number")
     node_name = serializers.CharField(source="node.name", allow_null=True, default=None)
+    uptime_s = serializers.SerializerMethodField(help_text="seconds since its process started")
+    restarts = serializers.SerializerMethodField(
+        help_text="times its agent started it again under this id")
+    in_flight = serializers.SerializerMethodField(help_text="requests in it, queued included")
+    latency_p50_ms = serializers.SerializerMethodField(help_text="over its recent requests")
+    last_error = serializers.SerializerMethodField(
+        help_text="the last line of its output that reads as an error (untrusted text)")
 
     class Meta:
         model = Replica
         fields = ["id", "deployment", "version", "node", "node_name", "gpu_index", "port",
-                  "state", "desired", "error", "created_at", "ready_at", "state_changed_at"]
+                  "state", "desired", "error", "created_at", "ready_at", "state_changed_at",
+                  "uptime_s", "restarts", "in_flight", "latency_p50_ms", "last_error"]
         read_only_fields = fields
+
+    def _fact(self, replica: Replica, name: str) -> Any:
+        return self.context.get("facts", {}).get(replica.pk, {}).get(name)
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_uptime_s(self, replica: Replica) -> float | None:
+        return self._fact(replica, "uptime_s")
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
+    def get_restarts(self, replica: Replica) -> int | None:
+        return self._fact(replica, "restarts")
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
+    def get_in_flight(self, replica: Replica) -> int | None:
+        return self._fact(replica, "in_flight")
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_latency_p50_ms(self, replica: Replica) -> float | None:
+        return self._fact(replica, "latency_p50_ms")
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_last_error(self, replica: Replica) -> str | None:
+        return self._fact(replica, "last_error")
+
+
+class ReplicaLogLineSerializer(serializers.Serializer):
+    seq = serializers.IntegerField(help_text="this line's number in the replica's output")
+    at = serializers.DateTimeField(help_text="when the portal received it")
+    text = serializers.CharField(help_text="untrusted text: controls escaped, cut at 1 KiB")
+
+
+class ReplicaLogsSerializer(serializers.Serializer):
+    lines = ReplicaLogLineSerializer(many=True)
+    next = serializers.IntegerField(help_text="pass as `after` to read the lines after these")
 
 
 class DeploymentSerializer(serializers.ModelSerializer):

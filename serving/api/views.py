@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
+from typing import Any
 
 from django.db.models import Count, Q, QuerySet
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -14,7 +16,7 @@ from rest_framework.response import Response
 
 from registry.models import Model
 from registry.permissions import IsOperatorOrReadOnly
-from serving import live, services
+from serving import live, replica_logs, services
 from serving.api.serializers import (
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
@@ -25,14 +27,18 @@ from serving.api.serializers import (
     JoinTokenCreatedSerializer,
     JoinTokenSerializer,
     NodeSerializer,
+    ReplicaLogsSerializer,
     ReplicaSerializer,
     RevisionSerializer,
     RollbackSerializer,
     ScaleSerializer,
 )
 from serving.models import ApiKey, Deployment, JoinToken, Node, Replica, ReplicaState
+from swarm_portal.api import bounded_int
+from swarm_portal.errors import ServiceUnavailable
 
 ERROR = OpenApiResponse(description='{"error": "..."}')
+MAX_LOG_SEQ = 9_999_999_999  # what bounded_int reads (10 digits): centuries of output
 
 
 class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
@@ -177,6 +183,33 @@ class ReplicaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     serializer_class = ReplicaSerializer
     queryset = Replica.objects.select_related("deployment", "version", "node")
     query_filters = {"deployment": "deployment__name"}
+
+    def get_serializer(self, *args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], Replica | list):  # a row or a page: add live facts
+            rows = args[0] if isinstance(args[0], list) else [args[0]]
+            kwargs["context"] = {**self.get_serializer_context(),
+                                 "facts": replica_logs.replica_facts(rows, time.time())}
+        return super().get_serializer(*args, **kwargs)
+
+    @extend_schema(parameters=[
+        OpenApiParameter("after", int, description="only lines after this seq (the last "
+                         "answer's `next`); without it, the last `limit` lines"),
+        OpenApiParameter("limit", int, description=f"at most this many lines (1.."
+                         f"{replica_logs.MAX_READ_LINES}, default "
+                         f"{replica_logs.DEFAULT_READ_LINES})")],
+        responses={200: ReplicaLogsSerializer, 400: ERROR, 404: ERROR, 503: ERROR})
+    @action(detail=True, methods=["get"])
+    def logs(self, request: Request, pk: str) -> Response:
+        """The replica's recent output, pushed by its agent: follow with ?after=<next>."""
+        replica = self.get_object()
+        after = bounded_int(request, "after", -1, 0, MAX_LOG_SEQ)
+        limit = bounded_int(request, "limit", replica_logs.DEFAULT_READ_LINES, 1,
+                            replica_logs.MAX_READ_LINES)
+        try:
+            found = replica_logs.read_lines(replica.pk, None if after < 0 else after, limit)
+        except live.CacheUnavailable:
+            raise ServiceUnavailable("the portal's cache is unavailable; retry", 2) from None
+        return Response(found)
 
 
 class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
