@@ -20,6 +20,8 @@ The split of work between the steps and the graph:
 
 from __future__ import annotations
 
+import argparse
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,3 +155,32 @@ def save_onnx(path: Path, trained: TrainedDigits | None = None) -> TrainedDigits
     save_model(onnx_model(trained), str(path))
     return trained
 
+
+def sample_png(index: int = 0, side: int = 64) -> tuple[bytes, int]:
+    """Return held-out digit `index` as a dark-on-light grayscale PNG (side x side pixels)
+    and its label; IndexError past the 450 held-out digits."""
+    from PIL import Image
+
+    split = split_digits()
+    ink = np.rint(split.held_out_images[index] * 255 / DIGITS_INK_MAX).astype(np.uint8)
+    picture = Image.fromarray(255 - ink, "L").resize((side, side), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue(), int(split.held_out_labels[index])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write a held-out digit as a PNG to try demo-digits with (the README's example)."""
+    parser = argparse.ArgumentParser(prog="python -m registry.demo_digits",
+                                     description=main.__doc__)
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--index", type=int, default=0, help="held-out digit, 0 to 449")
+    parser.add_argument("--side", type=int, default=64, help="width and height in pixels")
+    args = parser.parse_args(argv)
+    png, label = sample_png(args.index, args.side)
+    args.path.write_bytes(png)
+    print(f"wrote {args.path}: held-out digit {args.index}, a {label}")
+
+
+if __name__ == "__main__":
+    main()

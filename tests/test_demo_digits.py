@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,21 @@ HEAD+='"parameters":{"binary_data_size":'$((N + 4))'}}]}'
 curl -sS --fail-with-body -H "Authorization: Bearer $KEY" \
   -H "Inference-Header-Content-Length: ${#HEAD}" -H "Content-Type: application/octet-stream" \
   --data-binary @- "$URL/v2/models/demo-digits/infer"
+"""
+
+TRITON_SCRIPT = """
+import os
+
+import numpy as np
+import tritonclient.http as httpclient
+
+client = httpclient.InferenceServerClient("127.0.0.1:8000")
+image = httpclient.InferInput("image", [1, 1], "BYTES")
+with open("digit.png", "rb") as png:
+    image.set_data_from_numpy(np.array([[png.read()]], dtype=object))
+result = client.infer("demo-digits", [image],
+                      headers={"Authorization": f"Bearer {os.environ['KEY']}"})
+print(result.as_numpy("labels")[0], result.as_numpy("scores")[0])  # top 3, best first
 """
 
 
@@ -280,16 +296,31 @@ def test_held_out_digits_come_back_as_their_labels(client, fmt, side):
     assert accuracy >= MIN_SERVED_ACCURACY
 
 
+def readme_digit(directory: Path) -> str:
+    """Write digit.png as the README does; return the label the command prints."""
+    run = subprocess.run([sys.executable, "-m", "registry.demo_digits", "digit.png"],
+                         cwd=directory, capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.startswith("wrote digit.png: held-out digit 0, a "), run.stdout
+    return run.stdout.strip().rsplit(" ", 1)[1]
+
+
 @pytest.mark.slow
-def test_the_readme_curl_command_sends_a_png_and_gets_its_label(client, gateway, tmp_path):
-    pictures, labels = rendered("PNG", 32)
-    answers = [top[0] for top in classify(client, pictures[:ROWS_PER_REQUEST])]
-    first_right = next(i for i, answer in enumerate(answers) if answer == str(labels[i]))
-    (tmp_path / "digit.png").write_bytes(pictures[first_right])
+def test_the_readme_curl_command_sends_a_png_and_gets_its_label(gateway, tmp_path):
+    label = readme_digit(tmp_path)
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", CURL_SCRIPT], cwd=tmp_path,
                          capture_output=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "KEY": SECRET, "URL": gateway.url})
     assert run.returncode == 0, run.stderr
     outputs = {o["name"]: o for o in json.loads(run.stdout)["outputs"]}
     assert outputs["labels"]["datatype"] == "BYTES" and outputs["labels"]["shape"] == [1, 3]
-    assert outputs["labels"]["data"][0] == str(labels[first_right])
+    assert outputs["labels"]["data"][0] == label
+
+
+@pytest.mark.slow
+def test_the_readme_tritonclient_example_gets_the_label(gateway, tmp_path):
+    label = readme_digit(tmp_path)
+    script = TRITON_SCRIPT.replace("127.0.0.1:8000", f"127.0.0.1:{gateway.port}")
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "KEY": SECRET})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"[b'{label}' "), run.stdout
