@@ -334,7 +334,7 @@ def test_a_real_replicas_output_reaches_the_api_and_follows(tmp_path, artifact_r
             body = api.get(f"/api/replicas/{replica.pk}/logs/", params=query).json()
             return [line["text"] for line in body["lines"]], body["next"]
         wait_until(lambda: any("ready on port" in text for text in texts()[0]), 10,
-                   "the replica's ready line in the API")
+                   "the replica's ready line in the API", interval_s=0.1)
         print(f"ready line in the API {time.monotonic() - ready_s:.2f} s after ready")
         row = api.get(f"/api/replicas/{replica.pk}/").json()
         assert row["uptime_s"] is not None and row["restarts"] == 0
@@ -342,7 +342,7 @@ def test_a_real_replicas_output_reaches_the_api_and_follows(tmp_path, artifact_r
         _, cursor = texts()
         assert api.post("/api/deployments/mlp/scale/", json={"replicas": 0}).status_code == 200
         wait_until(lambda: any("draining" in text for text in texts(cursor)[0]), 30,
-                   "the drain line after the cursor")
+                   "the drain line after the cursor", interval_s=0.2)
     finally:
         agent.terminate(timeout_s=40)
         portal.stop()

@@ -192,11 +192,13 @@ class ReplicaViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return super().get_serializer(*args, **kwargs)
 
     @extend_schema(parameters=[
-        OpenApiParameter("after", int, description="only lines after this seq (the last "
-                         "answer's `next`); without it, the last `limit` lines"),
-        OpenApiParameter("limit", int, description=f"at most this many lines (1.."
-                         f"{replica_logs.MAX_READ_LINES}, default "
-                         f"{replica_logs.DEFAULT_READ_LINES})")],
+        OpenApiParameter("after", {"type": "integer", "minimum": 0, "maximum": MAX_LOG_SEQ},
+                         description="only lines after this seq (the last answer's `next`); "
+                                     "without it, the last `limit` lines"),
+        OpenApiParameter("limit", {"type": "integer", "minimum": 1,
+                                   "maximum": replica_logs.MAX_READ_LINES},
+                         description=f"at most this many lines (default "
+                                     f"{replica_logs.DEFAULT_READ_LINES})")],
         responses={200: ReplicaLogsSerializer, 400: ERROR, 404: ERROR, 503: ERROR})
     @action(detail=True, methods=["get"])
     def logs(self, request: Request, pk: str) -> Response:
