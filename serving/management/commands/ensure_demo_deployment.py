@@ -39,4 +39,4 @@ class Command(BaseCommand):
             name=name, model=model, version_number=None, alias_name="production",
             user=user, replicas=replicas, max_batch_size=16, max_queue_delay_ms=2.0,
             device="auto", memory_bytes=256 * 1024**2, threads=1)
-        self.stdout.write(f"deployed {name} with {replicas} replicas")
+        self.stdout.write(f"deployed {name} with {replicas} replica{'s' * (replicas != 1)}")
