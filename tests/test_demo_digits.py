@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from django.core.management import call_command
 from django.test import Client, override_settings
@@ -34,9 +35,17 @@ from registry.models import ModelVersion
 from registry.signature import parse_signature
 from registry.steps import parse_steps
 from registry.steps_run import decode_images
+from serving.gateway.filesource import write_table
 from serving.models import Deployment
 from tests.factories import make_user
-from tests.gateway_helpers import BEARER, SECRET, StandaloneGateway
+from tests.gateway_helpers import (
+    BEARER,
+    SECRET,
+    StandaloneGateway,
+    deployment,
+    replica_route,
+    table,
+)
 from tests.replica_models import (
     KEY,
     REPO_ROOT,
@@ -45,7 +54,7 @@ from tests.replica_models import (
     replica_command,
     wait_until_ready,
 )
-from tests.steps_helpers import gateway_for
+from tests.steps_helpers import served_info
 
 # The module's fixture runs the demo commands on the test database: a test marked
 # django_db makes pytest-django create that database.
@@ -244,9 +253,21 @@ def replica(registered, tmp_path_factory) -> Iterator[ReplicaProcess]:
 
 
 @pytest.fixture(scope="module")
-def gateway(replica, tmp_path_factory) -> Iterator[StandaloneGateway]:
-    with gateway_for(tmp_path_factory.mktemp("digits-gateway"), replica) as process:
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def gateway(replica, grpc_port, tmp_path_factory) -> Iterator[StandaloneGateway]:
+    """A standalone gateway serving REST and gRPC, routing demo-digits to the replica."""
+    path = tmp_path_factory.mktemp("digits-gateway") / "table.json"
+    write_table(path, table(deployment(DIGITS_MODEL_NAME, [replica_route(replica, 1)],
+                                       info=served_info(replica))))
+    process = StandaloneGateway(path, "--grpc-port", str(grpc_port))
+    try:
         yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture
@@ -324,3 +345,15 @@ def test_the_readme_tritonclient_example_gets_the_label(gateway, tmp_path):
                          text=True, timeout=60, env={**os.environ, "KEY": SECRET})
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"[b'{label}' "), run.stdout
+
+
+@pytest.mark.slow
+def test_a_png_through_grpc_comes_back_as_its_label(gateway, grpc_port):
+    pictures, labels = rendered("PNG", 32)
+    image = triton_grpc.InferInput("image", [1, 1], "BYTES")
+    image.set_data_from_numpy(bytes_rows(pictures[:1]))
+    with triton_grpc.InferenceServerClient(url=f"127.0.0.1:{grpc_port}") as client:
+        result = client.infer(DIGITS_MODEL_NAME, [image],
+                              headers={"authorization": f"Bearer {SECRET}"})
+    assert result.as_numpy("labels").shape == (1, 3)
+    assert result.as_numpy("labels")[0, 0] == str(labels[0]).encode()
