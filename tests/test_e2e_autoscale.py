@@ -125,8 +125,12 @@ def test_a_burst_adds_a_node_and_a_replica_then_drains_back_with_no_failure(
     scaling.do_set_policy(deployment, min_replicas=1, max_replicas=2,
                           target_in_flight_per_replica=1.0, stable_window_s=10.0,
                           panic_window_s=2.0, scale_down_delay_s=3.0)
+    key, url = _api_key(operator), f"{portal.url}/v2/models/slow/infer"
     wait_until(lambda: len(ready(deployment)) == 1, 120, "the first replica")
-    clients = Clients(f"{portal.url}/v2/models/slow/infer", _api_key(operator), threads=6)
+    # The gateway polls the portal: the new key and the replica reach it within a poll.
+    wait_until(lambda: httpx.post(url, json=ROW, timeout=90, headers={
+        "Authorization": f"Bearer {key}"}).status_code == 200, 30, "the gateway to serve")
+    clients = Clients(url, key, threads=6)
     try:
         wait_until(lambda: ScalingEvent.objects.filter(to_replicas=2).exists(), 60,
                    "a scale-up decision")
