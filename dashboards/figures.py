@@ -75,12 +75,23 @@ def _bucket(t_s: float, step_s: float) -> float:
     return round(t_s / step_s) * step_s
 
 
+# Two samples further apart than this many steps bracket a stretch without data: their
+# rate (averaged over the whole stretch) is no point of the chart, which shows a gap there.
+MAX_PAIR_STEPS = 3
+
+
+def _pairs(samples: list[Sample], step_s: float) -> list[tuple[Sample, Sample]]:
+    """Return the consecutive sample pairs close enough to make a rate."""
+    return [(older, newer) for older, newer in pairwise(samples)
+            if newer[0] - older[0] <= MAX_PAIR_STEPS * step_s]
+
+
 def deployment_series(histories: dict[int, list[Sample]], deployment_of: dict[int, int],
                       step_s: float) -> dict[int, Series]:
     """Return per deployment: requests/s, p50, p99 and error rate over time."""
     buckets: dict[int, dict[float, list[ReplicaRate]]] = defaultdict(lambda: defaultdict(list))
     for samples in histories.values():
-        for older, newer in pairwise(samples):
+        for older, newer in _pairs(samples, step_s):
             for replica_id, rate in replica_rates(older, newer).items():
                 deployment_id = deployment_of.get(replica_id)
                 if deployment_id is not None:
@@ -122,14 +133,14 @@ def fleet_series(histories: dict[int, list[Sample]], step_s: float,
             utils[_bucket(sample[0], step_s)].extend(
                 row[1] for row in sample[1] if row[1] is not None
                 and (kind is None or node_kinds.get(row[0], "gpu") == kind))
-        for older, newer in pairwise(samples):
+        for older, newer in _pairs(samples, step_s):
             rates[_bucket(newer[0], step_s)] += sum(
                 r.requests_per_s for r in replica_rates(older, newer).values())
     series = Series()
     for t_s in sorted(utils):
         values = utils[t_s]
         series.add(t_s, {"util_pct": round(sum(values) / len(values), 2) if values else None,
-                         "rps": round(rates.get(t_s, 0.0), 3)})
+                         "rps": round(rates[t_s], 3) if t_s in rates else None})
     return series
 
 

@@ -45,7 +45,8 @@ def test_fleet_series_averages_devices_and_sums_requests():
     histories = {1: [sample(100, [(1, 0, 0, None, None)], (20.0, 40.0)),
                      sample(105, [(1, 25, 0, None, None)], (60.0, 80.0))]}
     series = figures.fleet_series(histories, 5.0).to_dict()
-    assert series == {"t": [100.0, 105.0], "util_pct": [30.0, 70.0], "rps": [0.0, 5.0]}
+    # No rate before the second sample: none, not a made-up 0.
+    assert series == {"t": [100.0, 105.0], "util_pct": [30.0, 70.0], "rps": [None, 5.0]}
 
 
 def test_history_keeps_one_sample_per_step_and_a_bounded_count(settings):

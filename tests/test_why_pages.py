@@ -485,3 +485,18 @@ def test_a_version_shows_its_deployments_offers_deploy_and_download_and_reads_me
         "model": model.name, "version": 2, "name": "mlp-v2", "replicas": 1,
         "memory_gib": 1}, follow=True).content.decode()
     assert "a deployment named &#x27;mlp-v2&#x27; already exists" in taken
+
+
+# -- charts an SRE can trust ------------------------------------------------------------
+
+def test_a_stretch_without_samples_makes_no_rate_and_no_error_rate_without_traffic():
+    def at(t_s: float, completed: int, failed: int = 0) -> list:
+        return [t_s, [[0, 50.0, 0, None, None]], [[7, completed, failed, 0, 2.0, 5.0]]]
+    samples = [at(0, 0), at(5, 10), at(10, 20), at(310, 30), at(315, 40), at(320, 40)]
+    series = figures.deployment_series({1: samples}, {7: 1}, 5.0)[1]
+    # 10 → 310 spans five minutes without data: no point averaged over it.
+    assert series.t_s == [5.0, 10.0, 315.0, 320.0]
+    assert series.lines["rps"] == [2.0, 2.0, 2.0, 0.0]
+    assert series.lines["error_rate"] == [0.0, 0.0, 0.0, None]  # no traffic: no rate
+    fleet = figures.fleet_series({1: samples}, 5.0).to_dict()
+    assert fleet["rps"] == [None, 2.0, 2.0, None, 2.0, 0.0]

@@ -132,7 +132,7 @@ def test_a_missing_page_is_a_styled_404_with_a_way_back(browser, portal, operato
     response = page.goto("/deployments/nothing-here/")
     assert response.status == 404
     assert page.locator("#error-page h1").inner_text() == "Nothing here"
-    page.click("#error-page >> text=Deployments")
+    page.click('#error-page nav a[href="/deployments/"]')
     page.wait_for_url("**/deployments/")
     assert page.locator('nav a[aria-current="page"]').inner_text() == "Deployments"
     shots(page, "404")
