@@ -5,40 +5,28 @@ every answer is JSON (or the replica's own body). Auth, rate limits and metrics 
 code over in-memory state; the routing table is refreshed by a background task started on
 the first request (the portal's ASGI stack has no lifespan), so no request waits on it.
 
-Two transports share one core (KServe's transport -> dataplane split): `admit` (table,
-credentials, model and version, metadata and readiness answers, rate limit) and `infer`
-(version draw, hold at zero, balanced forwarding with retries, metrics) take plain values
-and return a Response; the ASGI path here and the gRPC servicer (grpc_server.py) only
-translate their wire format to those values and back.
+This module is the REST transport only: it reads the ASGI request and calls the core it
+shares with the gRPC servicer (core.py: `admit`, then `infer`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
-import random
-import time
 from collections.abc import Callable
+from typing import Any
 
-from serving.balancing import BalancerConfig
-from serving.gateway.auth import Authenticator, Rejected, SessionCache
-from serving.gateway.deployments import DeploymentRuntime, Fleet
-from serving.gateway.forwarding import Forwarder, UpstreamRequest
-from serving.gateway.hold import Activator, ColdStarts
-from serving.gateway.limits import header_refusal, headers_fit, shown, target_refusal
-from serving.gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from serving.gateway.ratelimit import RateLimiter, retry_after_s
-from serving.gateway.refresh import TableRefresher
-from serving.gateway.requests import (
-    ClientGone,
-    DisconnectWatcher,
-    ModelPath,
-    parse_model_path,
-    read_body,
+from serving.gateway.core import (
+    DEFAULT_MAX_BODY_BYTES,
+    SERVER_NAME,
+    UNKNOWN_MODEL_LABEL,
+    GatewayCore,
 )
+from serving.gateway.forwarding import UpstreamRequest
+from serving.gateway.limits import header_refusal, headers_fit, shown, target_refusal
+from serving.gateway.metrics import CONTENT_TYPE
+from serving.gateway.requests import ClientGone, ModelPath, read_body
 from serving.gateway.responses import (
-    JSON_HEADERS,
     Headers,
     Receive,
     Response,
@@ -46,102 +34,32 @@ from serving.gateway.responses import (
     Send,
     error,
     json_response,
-    retry_later,
     send_response,
 )
-from serving.gateway.routes import ApiKeyRoute, RouteTable, SessionAuth, TableSource
-from serving.gateway.upstream import UpstreamPool
-from serving.traffic import version_for_request
+from serving.gateway.routes import SessionAuth, TableSource
 from serving.wire_numbers import parse_count
 
-SERVER_NAME = "swarm-portal"
-SERVER_VERSION = "0.1.0"
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "SERVER_NAME", "UNKNOWN_MODEL_LABEL", "GatewayApp"]
 # Sent on to the replica; the client's Authorization is replaced by the replica key.
 FORWARD_HEADERS = frozenset({b"content-type", b"inference-header-content-length", b"accept",
                              b"content-encoding"})
-MAX_CACHED_PATHS = 10_000
-# The model label of what the gateway refuses for a name it does not serve: a made-up name
-# in the URL must never become a metric series of its own.
-UNKNOWN_MODEL_LABEL = "_unknown"
-# Requests shorter than this never pay for a task watching for the client to go away.
-WATCH_AFTER_S = 0.05
-_UNPARSED = ModelPath("", None, "", "")
-_CLIENT_GONE = Response(499, b"", [])  # a marker: the client hung up while held
 logger = logging.getLogger("serving.gateway")
 
 
-class GatewayApp:
+class GatewayApp(GatewayCore):
     """ASGI callable serving /v2 (and /metrics) for every deployment in the routing table."""
 
     def __init__(self, source: TableSource, session_auth: SessionAuth | None = None, *,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics_enabled: bool = True,
-                 metrics_token: str | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None,
-                 balancer_config: BalancerConfig | None = None,
-                 pool: UpstreamPool | None = None,
-                 activator: Activator | None = None,
-                 poll_interval_s: float = 0.2, full_reload_s: float = 5.0) -> None:
-        self.max_body_bytes = max_body_bytes
-        self._max_body_digits = len(str(max_body_bytes))
-        self._clock = clock
-        # Canary splits and p2c need fair draws, not secrets.
-        self._rng = rng or random.Random()  # noqa: S311
-        self.fleet = Fleet(self._rng, balancer_config or BalancerConfig())
-        self.metrics = GatewayMetrics(metrics_enabled, lambda: self.fleet.live(clock()))
+                 metrics_token: str | None = None, **options: Any) -> None:
+        """`metrics_token`: the bearer token /metrics asks for (None: none); `options`
+        go to GatewayCore (max_body_bytes, clocks, rng, balancer_config, pool, ...)."""
+        super().__init__(source, session_auth, **options)
         self._metrics_bearer = f"Bearer {metrics_token}".encode() if metrics_token else None
-        sessions = SessionCache(session_auth, clock) if session_auth is not None else None
-        self._auth = Authenticator(sessions, wall_clock)
-        self._limiter = RateLimiter()
-        self.pool = pool or UpstreamPool()
-        self._forwarder = Forwarder(self.pool, self.metrics, clock)
-        self._disconnects = DisconnectWatcher(WATCH_AFTER_S)
-        self.cold_starts = ColdStarts(activator)
-        self.refresher = TableRefresher(source, self._apply_table, clock, poll_interval_s,
-                                        full_reload_s, self._take_successes)
-        self._ready = False
-        self._start_task: asyncio.Task[None] | None = None
-        self._poll_task: asyncio.Task[None] | None = None
-        self._server_metadata = json_response(200, {
-            "name": SERVER_NAME, "version": SERVER_VERSION,
-            "extensions": ["binary_tensor_data"]})
-        self._model_paths: dict[str, ModelPath | None] = {}
         self._fixed: dict[str, Callable[[Scope], Response]] = {
             "/v2": self._metadata_endpoint, "/v2/": self._metadata_endpoint,
             "/v2/health/live": self._live, "/v2/health/ready": self._health_ready,
             "/metrics": self._metrics_endpoint,
         }
-
-    # introspection, for tests and the portal
-
-    @property
-    def table(self) -> RouteTable:
-        """Return the routing table in use."""
-        return self.fleet.table
-
-    def in_flight(self) -> dict[str, int]:
-        """Return attempts in flight per deployment (leases not yet released)."""
-        return self.fleet.in_flight()
-
-    def queue_depth(self) -> dict[str, int]:
-        """Return requests waiting for a replica per deployment."""
-        return self.fleet.queue_depth()
-
-    def state_sizes(self) -> dict[str, int]:
-        """Return the size of everything the gateway keeps per client input (for tests)."""
-        return {**self._auth.sizes(), "model_paths": len(self._model_paths),
-                "rate_buckets": len(self._limiter), "held": len(self.cold_starts.held),
-                "version_metrics": self.metrics.version_count()}
-
-    async def aclose(self) -> None:
-        """Stop the refresh loop and close idle upstream connections."""
-        for task in (self._poll_task, self._start_task):
-            if task is not None and not task.done():
-                task.cancel()
-        self.cold_starts.cancel()
-        self.pool.close()
 
     # ASGI
 
@@ -167,44 +85,6 @@ class GatewayApp:
         else:
             response = error(404, f"no such endpoint: {path}")
         await send_response(send, response)
-
-    @property
-    def ready(self) -> bool:
-        """Return whether a routing table has been loaded."""
-        return self._ready
-
-    def now_s(self) -> float:
-        """Return the gateway clock's time (request durations are measured on it)."""
-        return self._clock()
-
-    @property
-    def server_metadata(self) -> Response:
-        """Return the server metadata answer (name, version, extensions)."""
-        return self._server_metadata
-
-    async def start(self) -> None:
-        """Load the first table and start the refresh loop (once; the loop retries)."""
-        if self._start_task is None:
-            self._start_task = asyncio.get_running_loop().create_task(self._load_first())
-        await asyncio.shield(self._start_task)
-
-    async def _load_first(self) -> None:
-        try:
-            await self.refresher.load()
-        except Exception:
-            # Requests get 503 meanwhile; only the refresh loop asks the source again.
-            logger.exception("could not load the routing table; retrying in the background")
-        finally:
-            self._poll_task = asyncio.get_running_loop().create_task(self.refresher.run())
-
-    def _take_successes(self) -> set[int]:
-        taken, self._forwarder.succeeded = self._forwarder.succeeded, set()
-        return taken
-
-    def _apply_table(self, table: RouteTable) -> None:
-        self.fleet.apply(table)
-        self._limiter.forget_all_but({key.key_id for key in table.api_keys.values()})
-        self._ready = True
 
     # fixed endpoints
 
@@ -247,86 +127,10 @@ class GatewayApp:
         target = self._model_path(scope)
         if isinstance(target, Response):
             return target
-        admitted = await self.admit(target, scope["headers"])
-        if isinstance(admitted, Response):
-            return admitted
-        return await self._infer(scope, receive, admitted, target)
-
-    def _model_path(self, scope: Scope) -> ModelPath | Response:
-        """Return the parsed model path, or the 404/405 answer when there is none."""
-        path: str = scope["path"]
-        target = self.model_target(path)
-        if target is None:
-            return error(404, f"no such endpoint: {path}")
-        wanted = "POST" if target.action == "infer" else "GET"
-        if scope["method"] != wanted and not (wanted == "GET" and scope["method"] == "HEAD"):
-            return _method_not_allowed(wanted)
-        return target
-
-    # the transport-neutral core, shared with the gRPC servicer
-
-    def model_target(self, path: str) -> ModelPath | None:
-        """Return the parts of a `/v2/models/...` path (cached for served ones), or None."""
-        target = self._model_paths.get(path, _UNPARSED)
-        if target is _UNPARSED:
-            target = parse_model_path(path)
-            if target is not None and self._servable(target):
-                # Only paths we serve are kept: made-up ones are parsed again each time.
-                if len(self._model_paths) >= MAX_CACHED_PATHS:
-                    self._model_paths.clear()
-                self._model_paths[path] = target
-        return target
-
-    async def admit(self, target: ModelPath, headers: Headers) -> Response | DeploymentRuntime:
-        """Return the deployment an inference request may go to, or the answer that ends
-        the request: 503 (no table yet), 401/403/431 (credentials in `headers`), 404,
-        the metadata or readiness answer, 429 (rate limit)."""
-        if not self._ready:
-            return retry_later(503, "the gateway has no routing table yet", 1)
-        runtime = self.fleet.deployments.get(target.name)
-        try:
-            key = await self._auth.authorize(self.fleet.table.api_keys, headers,
-                                             target.name, runtime is not None)
-        except Rejected as rejected:
-            self.metrics.rejected(target.name if runtime is not None else UNKNOWN_MODEL_LABEL,
-                                  rejected.response.status)
-            return rejected.response
-        if runtime is None:
-            return error(404, f"unknown model {target.name!r}")
-        if target.version is not None and target.version not in runtime.routing_weights:
-            return error(404, f"unknown version {target.version_text!r} of model "
-                              f"{target.name!r}")
-        if target.action == "":
-            return Response(200, runtime.metadata(target.version), JSON_HEADERS)
-        if target.action == "ready":
-            return self._model_ready(runtime, target)
-        refused = self._rate_limited(key, target.name)
-        return runtime if refused is None else refused
-
-    def _servable(self, target: ModelPath) -> bool:
-        """Return whether a parsed path names a deployment (and version) in the table."""
-        runtime = self.fleet.deployments.get(target.name)
-        return runtime is not None and (target.version is None
-                                        or target.version in runtime.routing_weights)
-
-    def _rate_limited(self, key: ApiKeyRoute | None, deployment: str) -> Response | None:
-        """Count an inference request against its key; return a 429 when over the limit."""
-        if key is None:  # a portal session: the playground has no per-key limit
-            return None
-        wait_s = self._limiter.wait_s(key, self._clock())
-        if wait_s <= 0:
-            return None
-        self.metrics.rejected(deployment, 429)
-        return retry_later(429, "rate limit exceeded for this API key", retry_after_s(wait_s))
-
-    def _model_ready(self, runtime: DeploymentRuntime, target: ModelPath) -> Response:
-        if runtime.is_ready(target.version):
-            return json_response(200, {"name": runtime.name, "ready": True})
-        return json_response(503, {"name": runtime.name, "ready": False},
-                             [(b"retry-after", b"1")])
-
-    async def _infer(self, scope: Scope, receive: Receive, runtime: DeploymentRuntime,
-                     target: ModelPath) -> Response | None:
+        runtime = await self.admit(target, scope["headers"])
+        if isinstance(runtime, Response):
+            return runtime
+        # The body is read here, not in a helper coroutine: one frame less per request.
         started_s = self._clock()
         forwarded, declared = _forwarded_headers(scope["headers"])
         # Fewer ASCII digits than the limit has is surely within it: no int() per request.
@@ -348,87 +152,16 @@ class GatewayApp:
                                   forwarded, body)
         return await self.infer(runtime, target, request, started_s, receive)
 
-    async def infer(self, runtime: DeploymentRuntime, target: ModelPath,
-                    request: UpstreamRequest, started_s: float,
-                    receive: Receive | None = None) -> Response | None:
-        """Return the answer to an admitted inference request (None: the client left).
-
-        `started_s` is the clock's time the request began; `receive` is watched for the
-        client's disconnect (None: the transport cancels this task itself when it goes).
-        """
-        version = self._version(runtime, target)
-        if version is None:
-            self.metrics.rejected(runtime.name, 503)
-            return retry_later(503, f"no version of {runtime.name!r} takes traffic", 1)
-        if not runtime.route.replicas and runtime.route.hold_timeout_s > 0:
-            refused = await self._hold(receive, runtime)
-            if refused is not None:
-                return None if refused is _CLIENT_GONE else refused
-        loop = asyncio.get_running_loop()  # once per request: each call costs a getpid()
-        deadline = loop.time() + runtime.route.request_timeout_s
-        response: Response | None
-        if receive is None:
-            response = await self._forwarder.forward(runtime, version, request, deadline)
-        else:
-            response = await self._forward_watching(loop, receive, runtime, version, request,
-                                                    deadline)
-        if response is None:
-            self.metrics.cancelled(runtime.name)
-            return None
-        self.metrics.for_version(runtime.name, version).observe(
-            response.status, self._clock() - started_s)
-        return response
-
-    async def _hold(self, receive: Receive | None,
-                    runtime: DeploymentRuntime) -> Response | None:
-        """Wait while a deployment at zero starts a replica: None once one is listed, the
-        503 if none comes in time, _CLIENT_GONE if the client hangs up meanwhile."""
-        watch = None if receive is None else \
-            self._disconnects.watch(asyncio.get_running_loop(), receive)
-        try:
-            refused = await self.cold_starts.hold(runtime, runtime.route.hold_timeout_s)
-        except asyncio.CancelledError:
-            if watch is None or not watch.client_gone:
-                raise
-            watch.task.uncancel()
-            self.metrics.cancelled(runtime.name)
-            return _CLIENT_GONE  # no longer held: the count the auto-scaler sees drops
-        finally:
-            if watch is not None:
-                self._disconnects.stop(watch)
-        if refused is None:
-            return None
-        self.metrics.rejected(runtime.name, 503)
-        return retry_later(503, refused, 1)
-
-    def _version(self, runtime: DeploymentRuntime, target: ModelPath) -> int | None:
-        """Return the version this request goes to (None: no version takes traffic)."""
-        if target.version is not None:
-            return target.version  # checked against the table already
-        if runtime.sole_version is not None:
-            return runtime.sole_version  # the common case: no draw
-        if not runtime.has_traffic:
-            return None
-        return version_for_request(runtime.routing_weights, self._rng)
-
-    def _too_large(self, runtime: DeploymentRuntime) -> Response:
-        self.metrics.rejected(runtime.name, 413)
-        return error(413, f"the request body is larger than {self.max_body_bytes} bytes")
-
-    async def _forward_watching(self, loop: asyncio.AbstractEventLoop, receive: Receive,
-                                runtime: DeploymentRuntime, version: int,
-                                request: UpstreamRequest, deadline: float) -> Response | None:
-        """Forward, but give up (None) once the client has disconnected."""
-        watch = self._disconnects.watch(loop, receive)
-        try:
-            return await self._forwarder.forward(runtime, version, request, deadline)
-        except asyncio.CancelledError:
-            if not watch.client_gone:
-                raise
-            watch.task.uncancel()
-            return None
-        finally:
-            self._disconnects.stop(watch)
+    def _model_path(self, scope: Scope) -> ModelPath | Response:
+        """Return the parsed model path, or the 404/405 answer when there is none."""
+        path: str = scope["path"]
+        target = self._model_paths.get(path) or self.model_target(path)
+        if target is None:
+            return error(404, f"no such endpoint: {path}")
+        wanted = "POST" if target.action == "infer" else "GET"
+        if scope["method"] != wanted and not (wanted == "GET" and scope["method"] == "HEAD"):
+            return _method_not_allowed(wanted)
+        return target
 
 
 def _forwarded_headers(headers: Headers) -> tuple[Headers, bytes]:

@@ -111,7 +111,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         if response is None or response.status != 200:
             await _abort(context, response or Response(499, b"", []))
-        return _infer_response(response)
+        try:
+            return _infer_response(response)
+        except (ValueError, KeyError, TypeError):  # JSON, shape or size errors
+            logger.exception("replica answer for %r is not a binary OIP response",
+                             admitted.name)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                "the replica's answer is not a valid inference response")
 
     # helpers
 
