@@ -87,20 +87,33 @@ def _pairs(samples: list[Sample], step_s: float) -> list[tuple[Sample, Sample]]:
 
 
 def deployment_series(histories: dict[int, list[Sample]], deployment_of: dict[int, int],
-                      step_s: float) -> dict[int, Series]:
-    """Return per deployment: requests/s, p50, p99 and error rate over time."""
-    buckets: dict[int, dict[float, list[ReplicaRate]]] = defaultdict(lambda: defaultdict(list))
+                      step_s: float, version_of: dict[int, int] | None = None,
+                      ) -> dict[int, Series]:
+    """Return per deployment: requests/s, p50, p99 and error rate over time.
+
+    With `version_of` ({replica id: version number}), a deployment whose replicas serve
+    more than one version (a canary) also gets "rps_v<number>" per version.
+    """
+    buckets: dict[int, dict[float, list[tuple[int | None, ReplicaRate]]]] = defaultdict(
+        lambda: defaultdict(list))
     for samples in histories.values():
         for older, newer in _pairs(samples, step_s):
             for replica_id, rate in replica_rates(older, newer).items():
                 deployment_id = deployment_of.get(replica_id)
                 if deployment_id is not None:
-                    buckets[deployment_id][_bucket(newer[0], step_s)].append(rate)
+                    version = (version_of or {}).get(replica_id)
+                    buckets[deployment_id][_bucket(newer[0], step_s)].append((version, rate))
     result = {}
     for deployment_id, by_time in buckets.items():
+        versions = sorted({v for rows in by_time.values() for v, _ in rows if v is not None})
         series = Series()
         for t_s in sorted(by_time):
-            series.add(t_s, combine(by_time[t_s]))
+            rows = by_time[t_s]
+            values = combine([rate for _, rate in rows])
+            for number in versions if len(versions) > 1 else ():
+                mine = [rate for version, rate in rows if version == number]
+                values[f"rps_v{number}"] = combine(mine)["rps"] if mine else None
+            series.add(t_s, values)
         result[deployment_id] = series
     return result
 

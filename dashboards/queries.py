@@ -223,12 +223,14 @@ def replica_deployments(deployment_ids: list[int] | None = None) -> dict[int, in
     return dict(replicas.values_list("pk", "deployment_id"))
 
 
-def deployment_series(deployment_ids: list[int] | None = None) -> dict[int, figures.Series]:
-    """Return the chart history per deployment (2 queries and one cache read)."""
+def deployment_series(deployment_ids: list[int] | None = None,
+                      version_of: dict[int, int] | None = None) -> dict[int, figures.Series]:
+    """Return the chart history per deployment (2 queries and one cache read); with
+    `version_of` ({replica id: version}), per-version request rates during a canary."""
     node_ids = list(Node.objects.values_list("pk", flat=True))
     return figures.deployment_series(node_histories(node_ids),
                                      replica_deployments(deployment_ids),
-                                     history.HISTORY_STEP_S)
+                                     history.HISTORY_STEP_S, version_of)
 
 
 def latest_figures(series: dict[int, figures.Series]) -> dict[int, dict[str, Any]]:

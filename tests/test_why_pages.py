@@ -500,3 +500,14 @@ def test_a_stretch_without_samples_makes_no_rate_and_no_error_rate_without_traff
     assert series.lines["error_rate"] == [0.0, 0.0, 0.0, None]  # no traffic: no rate
     fleet = figures.fleet_series({1: samples}, 5.0).to_dict()
     assert fleet["rps"] == [None, 2.0, 2.0, None, 2.0, 0.0]
+
+
+def test_a_canary_gets_a_request_rate_per_version():
+    def at(t_s: float, first: int, second: int) -> list:
+        return [t_s, [], [[1, first, 0, 0, 2.0, 5.0], [2, second, 0, 0, 3.0, 6.0]]]
+    samples = [at(0, 0, 0), at(5, 45, 5), at(10, 90, 10)]
+    series = figures.deployment_series({1: samples}, {1: 9, 2: 9}, 5.0, {1: 1, 2: 2})[9]
+    assert series.lines["rps"] == [10.0, 10.0]
+    assert (series.lines["rps_v1"], series.lines["rps_v2"]) == ([9.0, 9.0], [1.0, 1.0])
+    single = figures.deployment_series({1: samples}, {1: 9, 2: 9}, 5.0, {1: 1, 2: 1})[9]
+    assert "rps_v1" not in single.lines  # one version: the total says it all

@@ -42,11 +42,13 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     deployment = get_object_or_404(
         Deployment.objects.select_related("model", "version", "scaling_policy"), name=name)
     policy = queries._policy_or_none(deployment)
-    series = queries.deployment_series([deployment.pk]).get(deployment.pk)
+    replicas = events.replica_rows([deployment.pk])[deployment.pk]
+    series = queries.deployment_series(
+        [deployment.pk], {r["id"]: r["version"] for r in replicas}).get(deployment.pk)
     numbers = dict(deployment.model.versions.values_list("pk", "number"))
     context = {
         "deployment": deployment,
-        "replicas": events.replica_rows([deployment.pk])[deployment.pk],
+        "replicas": replicas,
         "versions": sorted(numbers.values()),
         "revisions": _with_changes(list(
             deployment.revisions.select_related("created_by")[:REVISIONS_SHOWN + 1])),

@@ -6,7 +6,17 @@
   var deploymentId = Number(root.dataset.deployment);
   var rates = new L.RateTracker();
   var seed = L.json("series") || { t: [] };
-  var rpsChart = new L.Chart(document.getElementById("chart-rps"), [{ key: "rps", label: "requests", unit: "req/s", scale: "rps" }], seed);
+  // During a canary (replicas of several versions), one requests line per version too.
+  function versionsShown() {
+    var found = {};
+    Object.keys(seed).forEach(function (key) { var m = /^rps_v(\d+)$/.exec(key); if (m) found[m[1]] = true; });
+    document.querySelectorAll("#replicas tr[data-version]").forEach(function (row) { found[row.dataset.version] = true; });
+    var list = Object.keys(found).sort(function (a, b) { return a - b; });
+    return list.length > 1 ? list : [];
+  }
+  var versions = versionsShown();
+  var rpsChart = new L.Chart(document.getElementById("chart-rps"), [{ key: "rps", label: "all", unit: "req/s", scale: "rps" }].concat(
+    versions.map(function (v) { return { key: "rps_v" + v, label: "v" + v, unit: "req/s", scale: "rps" }; })), seed);
   var latencyChart = new L.Chart(document.getElementById("chart-latency"), [
     { key: "p50_ms", label: "p50", unit: "ms", scale: "ms" }, { key: "p99_ms", label: "p99", unit: "ms", scale: "ms" },
     { key: "error_rate", label: "errors", unit: "%", scale: "%", factor: 100 }], seed);
@@ -20,8 +30,9 @@
   }
   if (seed.t.length) showFigures({ rps: latest("rps"), p50_ms: latest("p50_ms"), p99_ms: latest("p99_ms"), error_rate: latest("error_rate") });
 
-  function replicaIds() {
-    return Array.prototype.map.call(document.querySelectorAll("#replicas tr[data-replica]"), function (row) { return Number(row.dataset.replica); });
+  function replicaIds(version) {
+    var rows = document.querySelectorAll("#replicas tr[data-replica]" + (version ? '[data-version="' + version + '"]' : ""));
+    return Array.prototype.map.call(rows, function (row) { return Number(row.dataset.replica); });
   }
 
   function cell(row, text, className) {
@@ -39,6 +50,7 @@
     message.replicas.forEach(function (r) {
       var row = document.createElement("tr");
       row.dataset.replica = r.id;
+      row.dataset.version = r.version;
       cell(row, "#" + r.id);
       cell(row, "v" + r.version);
       cell(row, r.node || "–");
@@ -91,7 +103,9 @@
       showFigures(f);
       if (message.at_s - lastPointS >= 1) {
         lastPointS = message.at_s;
-        rpsChart.push(message.at_s, f);
+        var point = { rps: f.rps };
+        versions.forEach(function (v) { point["rps_v" + v] = rates.combine(replicaIds(v)).rps; });
+        rpsChart.push(message.at_s, point);
         latencyChart.push(message.at_s, f);
       }
     } else if (message.type === "replicas.changed" && message.deployment_id === deploymentId) {
