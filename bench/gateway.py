@@ -19,6 +19,13 @@ the replica and the gateway. `--client aiohttp` is the older asyncio + aiohttp g
 (shared with bench/replica.py), which uses most of a core itself: against the gateway it
 makes three busy processes on two cores where direct has two, and understates the ratio.
 
+`--grpc` also serves OIP gRPC from the same gateway process (`--grpc-port`) and adds a
+`grpc` target: the same row as a raw FP32 tensor (`raw_input_contents`, no JSON), the answer
+as `raw_output_contents`, from an asyncio load loop on the generated stub (grpc.aio, one
+HTTP/2 channel, `concurrency` calls in flight) in this process. That client costs far
+more CPU per request than wrk and shares the 2 cores with the gateway, so also compare
+against REST from a Python client (`--client aiohttp`): the `client CPU` column shows it.
+
 `--compare-bare` adds two bare proxies as targets (uvicorn and a forward with no auth,
 balancing or metrics): one on the gateway's upstream pool, one on an aiohttp session, to
 show what the hop itself costs and why the gateway does not use aiohttp.
@@ -63,6 +70,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "swk_bench_gateway_key"
 GATEWAY_HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 BARE_PROXIES = ("bare-pool", "bare-aiohttp")
+GRPC = "grpc"  # the gateway's gRPC port, as a target of its own
 INFER_PATH = "/v2/models/mlp/infer"
 CLIENTS = ("wrk", "aiohttp")
 # wrk: the request, a count of answers that are not 200, and one result line from done().
@@ -142,12 +150,13 @@ def write_table(path: Path, replica_port: int) -> None:
     path.write_text(json.dumps(table))
 
 
-def start_proxy(name: str, table_path: Path, replica_port: int,
-                port: int) -> subprocess.Popen[bytes]:
-    """Start the gateway, or a bare proxy (this script with --serve-bare)."""
+def start_proxy(name: str, table_path: Path, replica_port: int, port: int,
+                grpc_port: int = 0) -> subprocess.Popen[bytes]:
+    """Start the gateway (with gRPC on `grpc_port` if set), or a bare proxy (this script
+    with --serve-bare)."""
     if name == "gateway":
         command = [sys.executable, "-m", "serving.gateway.standalone", "--table",
-                   str(table_path), "--port", str(port)]
+                   str(table_path), "--port", str(port), "--grpc-port", str(grpc_port)]
     else:
         command = [sys.executable, __file__, "--serve-bare", name, "--port", str(port),
                    "--upstream-port", str(replica_port)]
@@ -219,9 +228,85 @@ def serve_bare(kind: str, port: int, upstream_port: int) -> None:
     uvloop.run(uvicorn.Server(config).serve())
 
 
+def grpc_stub(address: str) -> tuple[Any, Any, Any]:
+    """Return a grpc.aio channel to `address`, its OIP stub, and the benchmark's request."""
+    sys.path.insert(0, str(REPO_ROOT))  # run as a script: bench/ is on the path, not the root
+    import grpc
+    import numpy as np
+
+    from serving.gateway.proto import grpc_predict_v2_pb2 as pb
+    from serving.gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    row = np.random.default_rng(0).normal(size=64).astype(np.float32)  # request_body's row
+    request = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[row.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    channel = grpc.aio.insecure_channel(address)
+    return channel, pb_grpc.GRPCInferenceServiceStub(channel), request
+
+
+async def drive_grpc(target: Target, concurrency: int, args: argparse.Namespace,
+                     pids: dict[str, int]) -> Cell:
+    """One cell over gRPC: keep `concurrency` ModelInfer calls in flight on one channel."""
+    import grpc
+
+    channel, stub, request = grpc_stub(target.url)
+    metadata = (("authorization", f"Bearer {API_KEY}"),)
+    latencies_ms: list[float] = []
+    errors = 0
+    measuring = False
+    stop_at = time.monotonic() + args.warm_up_s + args.duration_s
+
+    async def worker() -> None:
+        nonlocal errors
+        while (started := time.monotonic()) < stop_at:
+            try:
+                await stub.ModelInfer(request, metadata=metadata)
+                ok = True
+            except grpc.aio.AioRpcError:
+                ok = False
+            if measuring:
+                latencies_ms.append((time.monotonic() - started) * 1000.0)
+                errors += not ok
+
+    async with channel:
+        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        await asyncio.sleep(args.warm_up_s)
+        cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+        client_before_s = time.process_time()
+        measuring, started_s = True, time.monotonic()
+        await asyncio.gather(*workers)
+        elapsed_s = time.monotonic() - started_s
+    used = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
+    used["client"] = time.process_time() - client_before_s
+    used[GRPC] = used["gateway"]  # the same process serves both
+    return Cell(target.name, concurrency, len(latencies_ms), errors, elapsed_s,
+                percentiles(latencies_ms), used)
+
+
+async def wait_grpc(target: Target, process: subprocess.Popen[bytes]) -> None:
+    """Wait until the gateway answers a gRPC inference."""
+    import grpc
+
+    channel, stub, request = grpc_stub(target.url)
+    metadata = (("authorization", f"Bearer {API_KEY}"),)
+    give_up_at = time.monotonic() + READY_DEADLINE_S
+    async with channel:
+        while time.monotonic() < give_up_at:
+            if process.poll() is not None:
+                raise SystemExit(f"the gateway exited with {process.returncode}")
+            try:
+                await stub.ModelInfer(request, metadata=metadata, timeout=5)
+                return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.05)
+    raise SystemExit("the gateway's gRPC port did not get ready")
+
+
 async def drive(target: Target, concurrency: int, args: argparse.Namespace, body: bytes,
                 pids: dict[str, int], scripts: Path) -> Cell:
     """Load one target for one cell; measure each process's CPU over it."""
+    if target.name == GRPC:
+        return await drive_grpc(target, concurrency, args, pids)
     if args.client == "wrk":
         return drive_wrk(target, concurrency, args, body, pids, scripts)
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -314,16 +399,22 @@ async def run(args: argparse.Namespace) -> list[Cell]:
         write_table(table_path, replica.port)
         targets = [Target("direct", replica.url, REPLICA_HEADERS)]
         processes: dict[str, subprocess.Popen[bytes]] = {}
+        grpc_port = free_port() if args.grpc else 0
         for name in ("gateway", *(BARE_PROXIES if args.compare_bare else ())):
             port = free_port()
-            processes[name] = start_proxy(name, table_path, replica.port, port)
+            processes[name] = start_proxy(name, table_path, replica.port, port, grpc_port)
             headers = GATEWAY_HEADERS if name == "gateway" else REPLICA_HEADERS
             targets.append(Target(name, f"http://127.0.0.1:{port}", headers))
+        if grpc_port:
+            targets.insert(2, Target(GRPC, f"127.0.0.1:{grpc_port}", {}))
         try:
             async with aiohttp.ClientSession(headers=REPLICA_HEADERS) as session:
                 await wait_ready(session, replica)
                 for target in targets[1:]:
-                    await wait_proxy(session, target, processes[target.name], body)
+                    if target.name == GRPC:
+                        await wait_grpc(target, processes["gateway"])
+                    else:
+                        await wait_proxy(session, target, processes[target.name], body)
             pids = {"replica": replica.process.pid,
                     **{name: process.pid for name, process in processes.items()}}
             return await measure(targets, args, body, pids, Path(directory))
@@ -336,9 +427,11 @@ async def run(args: argparse.Namespace) -> list[Cell]:
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
     client = "wrk (1 thread)" if args.client == "wrk" and args.wrk_threads == 1 \
         else f"wrk ({args.wrk_threads} threads)" if args.client == "wrk" else "aiohttp"
+    grpc_client = "; grpc from grpc.aio in the benchmark process" if args.grpc else ""
     print(f"\ngateway benchmark: {args.duration_s} s per cell, median of {args.rounds} "
           f"alternating round(s), concurrency {', '.join(map(str, args.concurrency))}, "
-          f"load from {client}, torch {torch.__version__}, {os.cpu_count()} CPUs\n")
+          f"load from {client}{grpc_client}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {args.load_before} before and {load_average()} after\n")
     print("| target | concurrency | requests/s | p50 ms | p99 ms | errors "
           "| replica CPU us/req | proxy CPU us/req | client CPU us/req |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -359,6 +452,11 @@ def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
                   f" | {cell.latency_ms(0.5) - direct.latency_ms(0.5):+.3f} ms |")
 
 
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages, as `uptime` shows them."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration-s", type=float, default=5.0)
@@ -370,6 +468,8 @@ def main() -> None:
                         help="load generator (default: wrk when installed)")
     parser.add_argument("--wrk-threads", type=int, default=1,
                         help="wrk threads (at most one per connection)")
+    parser.add_argument("--grpc", action="store_true",
+                        help="also measure the gateway's OIP gRPC port (grpc.aio client)")
     parser.add_argument("--compare-bare", action="store_true",
                         help="also measure bare proxies (our pool, aiohttp) for reference")
     parser.add_argument("--serve-bare", choices=BARE_PROXIES, help=argparse.SUPPRESS)
@@ -381,6 +481,7 @@ def main() -> None:
         return
     if args.client == "wrk" and shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install wrk), or use --client aiohttp")
+    args.load_before = load_average()
     try:
         import uvloop
     except ImportError:
