@@ -208,8 +208,9 @@ def _relisted(known: dict[str, float], instance: str, now_s: float) -> dict[str,
     return dict(newest)
 
 
-# Replica output (serving/replica_logs.py): one ring per replica, and its last error line
-# apart, so a list of replicas reads a few bytes each rather than whole rings.
+# Replica output (serving/replica_logs.py, serving/log_ring.py): per replica an index and
+# a few chunks of lines, and its last error line apart, so a list of replicas reads a few
+# bytes each rather than whole rings.
 REPLICA_LOGS_TTL_S = 24 * 3600  # a failed replica's last words stay readable for a day
 
 
@@ -217,24 +218,42 @@ def _logs_key(replica_id: int) -> str:
     return f"replica:{replica_id}:logs"
 
 
+def _chunk_key(replica_id: int, number: int) -> str:
+    return f"replica:{replica_id}:logs:{number}"
+
+
 def _last_error_key(replica_id: int) -> str:
     return f"replica:{replica_id}:last-error"
 
 
-def replica_log_rings(replica_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Return {replica id: its log ring} for those that have one (one round trip)."""
+def replica_log_indexes(replica_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Return {replica id: its log ring's index} for those that have one (one round trip)."""
     with _guarded("reading replica logs"):
         found = cache.get_many([_logs_key(pk) for pk in replica_ids])
     return {int(key.split(":")[1]): value for key, value in found.items()}
 
 
-def store_replica_logs(rings: dict[int, dict[str, Any]],
+def replica_log_chunks(wanted: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
+    """Return {(replica id, chunk number): its lines} of the chunks still cached."""
+    keys = {_chunk_key(pk, number): (pk, number) for pk, number in wanted}
+    with _guarded("reading replica logs"):
+        found = cache.get_many(list(keys))
+    return {keys[key]: value for key, value in found.items()}
+
+
+def store_replica_logs(indexes: dict[int, dict[str, Any]],
+                       chunks: dict[tuple[int, int], list[Any]],
+                       dropped: list[tuple[int, int]],
                        last_errors: dict[int, dict[str, Any]]) -> None:
-    """Write log rings and last error lines (overwriting), in one round trip."""
-    values = {_logs_key(pk): ring for pk, ring in rings.items()}
+    """Write ring indexes, changed chunks and last error lines; delete dropped chunks."""
+    values: dict[str, Any] = {_chunk_key(pk, n): lines for (pk, n), lines in chunks.items()}
     values.update({_last_error_key(pk): error for pk, error in last_errors.items()})
+    # The index last: a reader never meets an index that names a chunk not written yet.
+    values.update({_logs_key(pk): index for pk, index in indexes.items()})
     with _guarded("recording replica logs"):
         cache.set_many(values, REPLICA_LOGS_TTL_S)
+        if dropped:
+            cache.delete_many([_chunk_key(pk, n) for pk, n in dropped])
 
 
 def replica_last_errors(replica_ids: list[int]) -> dict[int, dict[str, Any]]:

@@ -1,125 +1,33 @@
-"""Replica output on the portal: a bounded ring of recent lines per replica, in the cache.
+"""Replica output and per-replica facts on the portal, from the cache.
 
-Agents push new lines with their heartbeats (serving/agent/logs.py); the portal never
-connects to a worker. Each line gets a sequence number per replica, so readers follow
-with `after=<seq>`. The ring keeps the last MAX_RING_LINES lines or MAX_RING_CHARS
-characters, whichever is fewer. Only an authenticated agent's own replicas grow it
+Agents push new output lines with their heartbeats (serving/agent/logs.py); the portal
+never connects to a worker. Each replica's lines go to a bounded ring in the cache
+(serving/log_ring.py: about the last 1,000 lines or 256 KiB), numbered so readers follow
+with `after=<seq>`. Only an authenticated agent's own replicas grow it
 (`record_agent_lines`). The text is untrusted (a model prints it): it is cleaned again
-here (controls escaped, lines cut) and must be escaped wherever it is shown.
-
-The ring's shape in the cache: {"next": <seq of the next line>, "lines": [[seq, at_s,
-text], ...]}, plain lists so a code change never meets an old pickled class.
+there (controls escaped, lines cut) and must be escaped wherever it is shown.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-from serving import live
-from serving.agent.logs import MAX_BYTES_PER_HEARTBEAT, clean_line
-from serving.agent.protocol import MAX_LOG_LINES
+from serving import live, log_ring
 from serving.models import Replica
 
 log = logging.getLogger(__name__)
-MAX_RING_LINES = 1000
-MAX_RING_CHARS = 256 * 1024
 DEFAULT_READ_LINES = 100
 MAX_READ_LINES = 1000
-# What makes a line the replica's "last error" on the replica list: log levels, Python's
-# traceback header and exception names.
-_ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL|FATAL|Traceback|\w*(Error|Exception))\b")
 
-Ring = dict[str, Any]
-
-
-# --- pure ------------------------------------------------------------------------------
-
-def empty_ring() -> Ring:
-    return {"next": 1, "lines": []}
-
-
-def bounded_batch(texts: list[str]) -> list[str]:
-    """Return what the ring takes of one heartbeat's lines: cleaned, within the caps."""
-    taken: list[str] = []
-    chars = 0
-    for text in texts[:MAX_LOG_LINES]:
-        line = clean_line(text)
-        chars += len(line)
-        if chars > MAX_BYTES_PER_HEARTBEAT:
-            break
-        taken.append(line)
-    return taken
-
-
-def appended(ring: Ring | None, texts: list[str], at_s: float) -> Ring:
-    """Return `ring` with `texts` added at `at_s`, the oldest lines dropped past the caps."""
-    current = ring if _well_formed(ring) else empty_ring()
-    assert current is not None
-    seq = int(current["next"])
-    lines = list(current["lines"])
-    for text in bounded_batch(texts):
-        lines.append([seq, at_s, text])
-        seq += 1
-    lines = lines[-MAX_RING_LINES:]
-    chars = sum(len(line[2]) for line in lines)
-    while chars > MAX_RING_CHARS:
-        chars -= len(lines.pop(0)[2])
-    return {"next": seq, "lines": lines}
-
-
-def last_error(texts: list[str], at_s: float) -> dict[str, Any] | None:
-    """Return {"at_s", "text"} of the last line that looks like an error, or None."""
-    for text in reversed(bounded_batch(texts)):
-        if _ERROR_LINE.search(text):
-            return {"at_s": at_s, "text": text}
-    return None
-
-
-def lines_after(ring: Ring | None, after: int | None,
-                limit: int) -> tuple[list[dict[str, Any]], int]:
-    """Return (lines, cursor): up to `limit` lines after seq `after`, oldest first.
-
-    `after` None: the last `limit` lines. An `after` beyond the newest line means the
-    ring started again (the cache lost it): read from its start. Pass the cursor back as
-    `after` to follow.
-    """
-    current = ring if _well_formed(ring) else empty_ring()
-    assert current is not None
-    lines = current["lines"]
-    newest = int(current["next"]) - 1
-    if after is None:
-        chosen = lines[-limit:] if limit else []
-    else:
-        start = 0 if after > newest else after
-        chosen = [line for line in lines if line[0] > start][:limit]
-    cursor = chosen[-1][0] if chosen else (newest if after is None or after > newest
-                                           else after)
-    return [_shown(line) for line in chosen], cursor
-
-
-def _shown(line: list[Any]) -> dict[str, Any]:
-    seq, at_s, text = line
-    at = datetime.fromtimestamp(at_s, UTC).isoformat().replace("+00:00", "Z")
-    return {"seq": seq, "at": at, "text": text}
-
-
-def _well_formed(ring: Any) -> bool:
-    return isinstance(ring, dict) and isinstance(ring.get("next"), int) \
-        and isinstance(ring.get("lines"), list)
-
-
-# --- the cache and the database ----------------------------------------------------------
 
 def record_agent_lines(node_id: int, lines_by_replica: Mapping[int, list[str]],
                        at_s: float) -> None:
     """Add an agent's lines to its own replicas' rings; lines for any other are dropped.
 
     Never raises for a cache outage: the heartbeat itself was applied, and the agent
-    does not send the lines again.
+    does not send the lines again. Four cache round trips for all of a heartbeat's lines.
     """
     if not lines_by_replica:
         return
@@ -128,20 +36,41 @@ def record_agent_lines(node_id: int, lines_by_replica: Mapping[int, list[str]],
     if len(owned) < len(lines_by_replica):
         log.info("node %d sent lines for replicas that are not its own: dropped", node_id)
     try:
-        rings = live.replica_log_rings(owned)
-        new_rings = {pk: appended(rings.get(pk), lines_by_replica[pk], at_s) for pk in owned}
-        errors = {pk: error for pk in owned
-                  if (error := last_error(lines_by_replica[pk], at_s)) is not None}
-        live.store_replica_logs(new_rings, errors)
+        _append(owned, lines_by_replica, at_s)
     except live.CacheUnavailable as exc:
         log.warning("replica lines of node %d lost: %s", node_id, exc)
+
+
+def _append(replica_ids: list[int], lines_by_replica: Mapping[int, list[str]],
+            at_s: float) -> None:
+    indexes = {pk: log_ring.valid_index(index)
+               for pk, index in live.replica_log_indexes(replica_ids).items()}
+    newest = live.replica_log_chunks([(pk, index["chunks"][-1][0])
+                                      for pk, index in indexes.items() if index["chunks"]])
+    new_indexes: dict[int, log_ring.Index] = {}
+    chunks: dict[tuple[int, int], log_ring.Chunk] = {}
+    dropped: list[tuple[int, int]] = []
+    errors: dict[int, dict[str, Any]] = {}
+    for pk in replica_ids:
+        index = indexes.get(pk)
+        tail = newest.get((pk, index["chunks"][-1][0])) if index and index["chunks"] else None
+        write = log_ring.appended(index, tail, lines_by_replica[pk], at_s)
+        new_indexes[pk] = write.index
+        chunks.update({(pk, number): lines for number, lines in write.chunks.items()})
+        dropped.extend((pk, number) for number in write.dropped)
+        if (error := log_ring.last_error(lines_by_replica[pk], at_s)) is not None:
+            errors[pk] = error
+    live.store_replica_logs(new_indexes, chunks, dropped, errors)
 
 
 def read_lines(replica_id: int, after: int | None,
                limit: int = DEFAULT_READ_LINES) -> dict[str, Any]:
     """Return {"lines": [{"seq", "at", "text"}], "next": cursor}; raise CacheUnavailable."""
-    ring = live.replica_log_rings([replica_id]).get(replica_id)
-    lines, cursor = lines_after(ring, after, limit)
+    index = live.replica_log_indexes([replica_id]).get(replica_id)
+    numbers = log_ring.chunks_to_read(index, after, limit)
+    found = live.replica_log_chunks([(replica_id, number) for number in numbers])
+    chunks = {number: lines for (_pk, number), lines in found.items()}
+    lines, cursor = log_ring.lines_after(index, chunks, after, limit)
     return {"lines": lines, "next": cursor}
 
 
@@ -159,8 +88,10 @@ def facts_of(status: Mapping[str, Any] | None, error: Mapping[str, Any] | None,
     """
     status = status or {}
     started_s = status.get("started_at_s")
-    running = status.get("state") in _RUNNING_STATES and isinstance(started_s, int | float)
-    return {"uptime_s": round(max(now_s - started_s, 0.0), 1) if running else None,
+    uptime_s = None
+    if status.get("state") in _RUNNING_STATES and isinstance(started_s, int | float):
+        uptime_s = round(max(now_s - started_s, 0.0), 1)  # clocks apart: never negative
+    return {"uptime_s": uptime_s,
             "restarts": status.get("restarts"), "in_flight": status.get("in_flight"),
             "latency_p50_ms": status.get("latency_p50_ms"),
             "last_error": error.get("text") if error else None}

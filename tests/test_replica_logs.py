@@ -8,13 +8,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
 from django.core.cache import cache
 from django.test import Client
 
-from serving import replica_logs
+from serving import log_ring
 from serving.agent import logs as agent_logs
 from serving.agent.logs import LogTail, clean_line
 from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
@@ -156,39 +157,94 @@ def test_a_replica_reports_its_output_start_time_and_restarts(tmp_path: Path,
 # --- the portal's ring (pure) ---------------------------------------------------------------
 
 
-def test_the_ring_keeps_the_last_1000_lines_or_256_kib_with_growing_seqs() -> None:
-    ring = None
+class Ring:
+    """A ring kept in a dict as the cache keeps it: an index and chunks by number."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, Any] | None = None
+        self.chunks: dict[int, list[Any]] = {}
+        self.widest_write = 0
+
+    def add(self, texts: list[str], at_s: float = 1.0) -> None:
+        index = self.index
+        newest = self.chunks.get(index["chunks"][-1][0]) if index and index["chunks"] else None
+        write = log_ring.appended(index, newest, texts, at_s)
+        self.chunks.update(write.chunks)
+        for number in write.dropped:
+            del self.chunks[number]
+        self.index = write.index
+        self.widest_write = max(self.widest_write, len(write.chunks))
+
+    def read(self, after: int | None, limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
+        wanted = log_ring.chunks_to_read(self.index, after, limit)
+        chunks = {n: self.chunks[n] for n in wanted if n in self.chunks}  # what it asked
+        return log_ring.lines_after(self.index, chunks, after, limit)
+
+    def texts(self) -> list[str]:
+        return [line[2] for number in sorted(self.chunks) for line in self.chunks[number]]
+
+
+def test_the_ring_keeps_about_the_last_1000_lines_or_256_kib_in_chunks() -> None:
+    ring = Ring()
     for batch in range(8):
-        ring = replica_logs.appended(ring, [f"b{batch} l{i}" for i in range(200)], 100.0 + batch)
-    assert ring is not None and len(ring["lines"]) == replica_logs.MAX_RING_LINES
-    assert ring["lines"][0][0] == 601 and ring["next"] == 1601
-    wide = None
+        ring.add([f"b{batch} l{i}" for i in range(200)])
+    assert ring.index is not None and ring.index["next"] == 1601
+    assert 875 <= len(ring.texts()) <= 1000 and ring.texts()[-1] == "b7 l199"
+    assert len(ring.chunks) <= log_ring.MAX_CHUNKS
+    assert ring.widest_write <= 3  # an append rewrites a chunk or three, not the ring
+    lines, cursor = ring.read(None, 1000)
+    assert [line["text"] for line in lines] == ring.texts() and cursor == 1600
+
+    wide = Ring()
     for _ in range(20):
-        wide = replica_logs.appended(wide, ["w" * 1024] * 200, 1.0)
-    assert wide is not None
-    assert sum(len(line[2]) for line in wide["lines"]) <= replica_logs.MAX_RING_CHARS
+        wide.add(["w" * 1024] * 200)
+    assert 224 * 1024 <= sum(map(len, wide.texts())) <= 256 * 1024
     # One heartbeat adds at most 32 KiB: 200 lines of 1 KiB are cut to 32 of them.
-    assert replica_logs.appended(None, ["w" * 1024] * 200, 1.0)["next"] == 33
+    one = Ring()
+    one.add(["w" * 1024] * 200)
+    assert one.index is not None and one.index["next"] == 33
 
 
 def test_reading_after_a_seq_follows_and_survives_a_lost_ring() -> None:
-    ring = replica_logs.appended(None, ["a", "b", "c", "d"], 1_700_000_000.0)
-    tail, cursor = replica_logs.lines_after(ring, None, 2)
+    ring = Ring()
+    ring.add(["a", "b", "c", "d"], 1_700_000_000.0)
+    tail, cursor = ring.read(None, 2)
     assert [line["text"] for line in tail] == ["c", "d"] and cursor == 4
     assert tail[0] == {"seq": 3, "at": "2023-11-14T22:13:20Z", "text": "c"}
-    assert replica_logs.lines_after(ring, 4, 100) == ([], 4)
-    ring = replica_logs.appended(ring, ["e"], 1_700_000_001.0)
-    assert [line["text"] for line in replica_logs.lines_after(ring, 4, 100)[0]] == ["e"]
-    restarted = replica_logs.appended(None, ["x"], 2.0)  # the cache lost the old ring
-    assert [line["text"] for line in replica_logs.lines_after(restarted, 5, 100)[0]] == ["x"]
-    assert replica_logs.lines_after(None, None, 10) == ([], 0)
+    assert ring.read(4) == ([], 4)
+    ring.add(["e"], 1_700_000_001.0)
+    assert [line["text"] for line in ring.read(4)[0]] == ["e"]
+    for batch in range(10):  # a follower reading page by page sees every line, in order
+        ring.add([f"{batch}-{i}" for i in range(100)])
+    seen, cursor = [], 5
+    while True:
+        page, cursor = ring.read(cursor, 70)
+        if not page:
+            break
+        seen.extend(line["seq"] for line in page)
+    assert seen == list(range(seen[0], 1006)) and cursor == 1005
+
+    restarted = Ring()  # the cache lost the old ring: a reader's cursor is beyond it
+    restarted.add(["x"])
+    assert [line["text"] for line in restarted.read(1005)[0]] == ["x"]
+    assert log_ring.lines_after(None, {}, None, 10) == ([], 0)
+    assert log_ring.chunks_to_read(None, None, 10) == log_ring.chunks_to_read(None, 3, 10) == []
+
+
+def test_a_ring_whose_newest_chunk_expired_goes_on_in_a_new_one() -> None:
+    ring = Ring()
+    ring.add(["a", "b"])
+    assert ring.index is not None
+    ring.chunks.clear()  # the cache dropped the chunk, not the index
+    ring.add(["c"])
+    assert ring.read(None, 10) == ([{"seq": 3, "at": ANY, "text": "c"}], 3)
 
 
 def test_the_last_error_line_is_picked_from_the_output() -> None:
     lines = ["INFO ready", "Traceback (most recent call last):", "  File x", "ValueError: bad",
              "INFO still serving"]
-    assert replica_logs.last_error(lines, 5.0) == {"at_s": 5.0, "text": "ValueError: bad"}
-    assert replica_logs.last_error(["all good", "errors=0 is fine?"], 5.0) is None
+    assert log_ring.last_error(lines, 5.0) == {"at_s": 5.0, "text": "ValueError: bad"}
+    assert log_ring.last_error(["all good", "errors=0 is fine?"], 5.0) is None
 
 
 # --- the agent API and the replica API ------------------------------------------------------
