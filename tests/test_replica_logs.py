@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ from tests import factories
 from tests.conftest import free_port
 from tests.dashboards_helpers import gpu, register_node
 from tests.e2e import LiveAgent
-from tests.live import LivePortal
+from tests.live import ROOT, LivePortal
 from tests.test_agent_replicas import make_manager, step_until_state
 from tests.waiting import wait_until
 
@@ -112,6 +114,14 @@ def test_a_reader_far_behind_jumps_to_the_recent_output(tmp_path: Path) -> None:
         lines = tail.collect()
         heartbeats += 1
     assert heartbeats <= agent_logs.MAX_BYTES_PER_HEARTBEAT // (9 * 200) + 1
+
+
+def test_the_reader_and_the_ring_import_no_django() -> None:
+    code = ("import sys, serving.agent.logs, serving.agent.replicas, serving.log_ring; "
+            "assert not any(m == 'django' or m.startswith('django.') for m in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 # --- the agent's replica manager, with fake replica processes ------------------------------
