@@ -69,8 +69,9 @@ def instance(tmp_path: Path) -> Iterator[Launcher]:
     try:
         wait_until(lambda: _answers(f"{launcher.url}/healthz"), 120, "make run's portal", 0.5)
         key = launcher.manage("create_api_key", "--name", "readme-test-wait").splitlines()[-1]
-        wait_until(lambda: _answers(f"{launcher.url}/v2/models/demo-mlp/ready", key), 180,
-                   "the demo deployment to be ready", 0.5)
+        for demo in ("demo-mlp", "demo-digits"):
+            wait_until(lambda demo=demo: _answers(f"{launcher.url}/v2/models/{demo}/ready", key),
+                       180, f"{demo} to be ready", 0.5)
         yield launcher
     finally:
         assert launcher.stop() == 0
