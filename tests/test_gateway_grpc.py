@@ -3,6 +3,8 @@ standalone gateway process (`--grpc-port`), with real replicas behind it."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,9 +14,12 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import uvloop
 from tritonclient.utils import InferenceServerException
 
+from serving.gateway.app import GatewayApp
 from serving.gateway.filesource import write_table
+from serving.gateway.grpc_server import start_grpc
 from serving.gateway.proto import grpc_predict_v2_pb2 as pb
 from serving.gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.gateway.routes import RouteTable
@@ -22,6 +27,7 @@ from tests.gateway_helpers import (
     MLP,
     SECRET,
     Fleet,
+    MemoryTableSource,
     StandaloneGateway,
     api_key,
     completed,
@@ -65,6 +71,31 @@ class GrpcGateway:
     def scrape(self) -> str:
         with httpx.Client(base_url=self.process.url) as http:
             return http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+
+
+class GrpcThread:
+    """An in-process GatewayApp's gRPC server (start_grpc) on an event loop in a thread."""
+
+    def __init__(self, app: GatewayApp) -> None:
+        self.app = app
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
+
+    def __enter__(self) -> GrpcThread:
+        self._thread.start()
+        self.server = self._run(start_grpc(self.app, "127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self.server.bound_port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._run(self.server.stop(0))
+        self._run(self.app.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +308,39 @@ def test_a_replica_killed_mid_run_is_retried_elsewhere(fleet, tmp_path):
     finally:
         doomed.stop()
         gateway.process.stop()
+
+
+@pytest.fixture
+def at_zero() -> Iterator[tuple[GrpcThread, MemoryTableSource]]:
+    source = MemoryTableSource(table(deployment(MLP, [], hold_timeout_s=20.0)))
+    app = GatewayApp(source, poll_interval_s=0.05)
+    with GrpcThread(app) as gateway:
+        yield gateway, source
+        wait_for(lambda: not any(app.cold_starts.held.values()), "no request held", 10)
+        assert not any(app.in_flight().values())
+
+
+def test_a_grpc_request_at_zero_is_held_until_a_replica_is_listed(fleet, at_zero):
+    gateway, source = at_zero
+    with grpc.insecure_channel(gateway.target) as channel, ThreadPoolExecutor(1) as pool:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        pending = pool.submit(stub.ModelInfer, raw_request(features(1)),
+                              metadata=KEY_METADATA, timeout=30)
+        wait_for(lambda: gateway.app.cold_starts.held.get(MLP) == 1, "the request to be held")
+        source.set(table(deployment(MLP, [replica_route(fleet.mlp_v1[0], 1)],
+                                    hold_timeout_s=20.0)))
+        response = pending.result(timeout=20)
+    assert response.outputs[0].name == "scores"
+
+
+def test_a_grpc_deadline_that_passes_while_held_ends_the_hold(at_zero):
+    gateway, _source = at_zero
+    with grpc.insecure_channel(gateway.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ModelInfer(raw_request(features(1)), metadata=KEY_METADATA, timeout=0.5)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Well before the 20 s hold timeout: the cancelled call is no longer held, and counted.
+    wait_for(lambda: gateway.app.cold_starts.held.get(MLP) == 0, "the hold to end", 5)
+    scraped = gateway.app.metrics.render().decode()
+    assert metric_value(scraped, "swarm_gateway_cancelled_total", model=MLP) == 1
