@@ -159,5 +159,10 @@ def test_every_page_fits_a_390_px_phone_without_sideways_scrolling(
         nav = page.locator("header.topbar nav")
         box, bar = nav.bounding_box(), page.locator("header.topbar").bounding_box()
         assert box["y"] + box["height"] <= bar["y"] + bar["height"] + 1, path  # on the dark bar
-        shots(page, "phone" + path.strip("/").replace("/", "-"))
+        shots(page, "phone-" + path.strip("/").replace("/", "-"))
     assert too_wide == {}
+    desktop = log_in(browser, portal, "olga")
+    for path in PAGES:  # and each page as a desktop shows it, for the record
+        desktop.goto(path)
+        desktop.wait_for_load_state("load")
+        shots(desktop, "desktop-" + path.strip("/").replace("/", "-"))
