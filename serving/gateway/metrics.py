@@ -156,6 +156,9 @@ class GatewayMetrics:
     def __init__(self, enabled: bool, live: Callable[[], Iterable[LiveDeployment]]) -> None:
         self.enabled = enabled
         self.registry = CollectorRegistry()
+        # What render() writes the registry with: swarm-gateway --metrics-dir swaps in the
+        # sum over its sibling processes (metrics_share.SharedMetrics.render).
+        self.renderer: Callable[[CollectorRegistry], bytes] = generate_latest
         self._versions: dict[tuple[str, int], VersionMetrics | NullVersionMetrics] = {}
         self.registry.register(_RequestCollector(self._counted_versions))
         self.retries = Counter("swarm_gateway_retries", "Attempts retried on another replica",
@@ -210,4 +213,4 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""
-        return generate_latest(self.registry)
+        return self.renderer(self.registry)

@@ -8,6 +8,8 @@ may run on one host (`--reuse-port`, or one inherited listening socket, `--fd`, 
 run` does) and on many hosts. With `--pass-through` every other request (pages, the
 management API, the dashboards' WebSockets) is forwarded to the portal, so one URL serves
 both. Started while the portal is away, it serves the last table saved at `--table-cache`.
+With `--metrics-dir` the processes that share a port share their figures through files
+there, so `/metrics` on any of them reports them all (serving/gateway/metrics_share.py).
 On SIGTERM it stops accepting first, then finishes the requests in flight. Prints
 `GATEWAY READY port=N` once listening.
 """
@@ -28,6 +30,7 @@ import uvicorn
 import uvloop
 
 from serving.gateway.app import DEFAULT_MAX_BODY_BYTES, GatewayApp
+from serving.gateway.metrics_share import SharedMetrics, SnapshotWriter
 from serving.gateway.portal_proxy import PortalProxy
 from serving.gateway.portal_source import PortalClient
 from serving.gateway.responses import Receive, Scope, Send
@@ -66,6 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "is away at start)")
     parser.add_argument("--instance-id", default=None,
                         help="this process's name to the portal (default host:pid)")
+    parser.add_argument("--metrics-dir", type=Path,
+                        help="share /metrics with the other processes given this directory "
+                             "(each writes <instance-id>.json there; a scrape sums them)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
@@ -147,10 +153,12 @@ class GatewayServer(uvicorn.Server):
     """uvicorn's server with the gateway's start (table, gRPC) and a lossless stop."""
 
     def __init__(self, config: uvicorn.Config, gateway: GatewayApp, closers: list[Any],
-                 grpc_port: int = 0, reuse_port: bool = True) -> None:
+                 grpc_port: int = 0, reuse_port: bool = True,
+                 metrics_writer: SnapshotWriter | None = None) -> None:
         super().__init__(config)
         self.gateway = gateway
         self._closers = closers  # what to close last: the portal proxy and client
+        self._metrics_writer = metrics_writer
         self._grpc_port = grpc_port
         self._reuse_port = reuse_port
         self._grpc: Any = None
@@ -161,6 +169,8 @@ class GatewayServer(uvicorn.Server):
             return
         # Load the table now, not on the first request (the refresh loop starts with it).
         await self.gateway.start()
+        if self._metrics_writer is not None:
+            self._metrics_writer.start()
         if self._grpc_port:
             from serving.gateway.grpc_server import start_grpc  # grpc loaded only when asked
 
@@ -178,13 +188,30 @@ class GatewayServer(uvicorn.Server):
             stopping.append(self._grpc.stop(GRPC_STOP_GRACE_S))
         await asyncio.gather(*stopping)
         await super().shutdown(sockets)
+        if self._metrics_writer is not None:
+            await self._metrics_writer.aclose()  # the final counts, once nothing is in flight
         await self.gateway.aclose()
         for closer in self._closers:
             await closer.aclose()
 
 
-def build(args: argparse.Namespace, token: str) -> tuple[Any, GatewayApp, list[Any]]:
-    """Return the ASGI app to serve, the gateway in it, and what to close at the end."""
+def metrics_writer(args: argparse.Namespace, gateway: GatewayApp, instance_id: str
+                   ) -> SnapshotWriter | None:
+    """Return the writer of this process's snapshot in --metrics-dir, with the gateway's
+    /metrics made the sum over the directory; None without --metrics-dir (OSError when the
+    directory cannot be made)."""
+    if args.metrics_dir is None:
+        return None
+    args.metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shared = SharedMetrics(args.metrics_dir, instance_id)
+    gateway.metrics.renderer = shared.render
+    return SnapshotWriter(shared, gateway.metrics.registry)
+
+
+def build(args: argparse.Namespace, token: str
+          ) -> tuple[Any, GatewayApp, list[Any], SnapshotWriter | None]:
+    """Return the ASGI app to serve, the gateway in it, what to close at the end, and the
+    writer of its metrics snapshot (with --metrics-dir)."""
     # The client also starts from the table saved at --table-cache when the portal is away.
     client = PortalClient(args.portal, token, uds_path=args.portal_uds,
                           table_cache_path=args.table_cache, instance_id=args.instance_id)
@@ -198,7 +225,7 @@ def build(args: argparse.Namespace, token: str) -> tuple[Any, GatewayApp, list[A
         proxy = PortalProxy(args.portal, uds_path=args.portal_uds)
         closers.insert(0, proxy)
         app = PassThroughApp(gateway, proxy)
-    return app, gateway, closers
+    return app, gateway, closers, metrics_writer(args, gateway, client.instance_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         token = read_token(args.token_file)
-        app, gateway, closers = build(args, token)
+        app, gateway, closers, writer = build(args, token)
         sock = listening_socket(args)
     except (OSError, ValueError) as exc:
         print(f"swarm-gateway: {exc}", file=sys.stderr)
@@ -220,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                             proxy_headers=False)  # X-Forwarded-For is for the portal to read
     server = GatewayServer(config, gateway, closers, args.grpc_port,
-                           reuse_port=args.reuse_port or args.fd is not None)
+                           reuse_port=args.reuse_port or args.fd is not None,
+                           metrics_writer=writer)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(server.serve(sockets=[sock]))
     return 0
