@@ -36,6 +36,7 @@ from pathlib import Path
 
 from scaling.providers.local import JOIN_TOKEN_ENV, LocalProcessProvider
 from swarm_portal import broker, stopping
+from swarm_portal.console import ErrorEcho, configure_launcher_logging, log_dir
 from swarm_portal.env import env_int
 from swarm_portal.supervisor import ChildSpec, Supervisor
 
@@ -59,6 +60,7 @@ BROKER_PRUNE_EVERY_S = 60.0
 BROKER_KEEP_DELIVERED_S = 600.0
 # Connections the kernel queues while no uvicorn accepts (a portal restart takes seconds).
 LISTEN_BACKLOG = 4096
+METRICS_TOKEN_FILE = "metrics_token"  # noqa: S105  (a file name)
 
 
 def _secret_key(var_dir: Path) -> str:
@@ -92,17 +94,20 @@ def _portal_url(host: str, port: str) -> str:
 
 
 def _manage(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "manage.py"), *args], env=env,
-                            check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    return result.stdout
+    """Run manage.py; return its stdout (its log lines go to logs/launcher.log)."""
+    with (log_dir(Path(env["SWARM_VAR_DIR"])) / "launcher.log").open("ab") as log_file:
+        result = subprocess.run([sys.executable, str(ROOT / "manage.py"), *args], env=env,
+                                check=True, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=log_file)
+    return result.stdout.decode()
 
 
 def _prepare(env: dict[str, str]) -> None:
     _manage(env, "migrate", "--no-input", "-v", "0")
-    print(_manage(env, "ensure_admin"), end="", flush=True)
-    print(_manage(env, "register_demo_model"), end="", flush=True)
-    print(_manage(env, "ensure_demo_deployment"), end="", flush=True)
-    print(_manage(env, "ensure_demo_policy"), end="", flush=True)
+    print(_manage(env, "ensure_admin"), end="", flush=True)  # the password, once
+    for command in ("register_demo_model", "ensure_demo_deployment", "ensure_demo_policy"):
+        for line in _manage(env, command).splitlines():
+            log.info("%s", line)
 
 
 def _fixed_worker_spec(env: dict[str, str], name: str, ports: str, token: str) -> ChildSpec:
@@ -161,9 +166,12 @@ def _child_specs(env: dict[str, str], public: socket.socket,
     celery = [python, "-m", "celery", "-A", "swarm_portal", "worker", "--beat",
               "--concurrency", "1", "--loglevel", "WARNING",
               "--schedule", str(Path(env["SWARM_VAR_DIR"]) / "celery" / "beat-schedule")]
+    logs = log_dir(Path(env["SWARM_VAR_DIR"]))
     specs = [*_gateway_specs(env, public, str(portal_socket.getsockname())),
-             ChildSpec(PORTAL, portal, ROOT, env, stop_timeout_s=PORTAL_STOP_S, pass_fds=(fd,)),
-             ChildSpec(CELERY, celery, ROOT, env, stop_timeout_s=CELERY_STOP_S)]
+             ChildSpec(PORTAL, portal, ROOT, env, stop_timeout_s=PORTAL_STOP_S, pass_fds=(fd,),
+                       log_path=logs / f"{PORTAL}.log"),
+             ChildSpec(CELERY, celery, ROOT, env, stop_timeout_s=CELERY_STOP_S,
+                       log_path=logs / f"{CELERY}.log")]
     if env["SCALING_PROVIDER"] != "local":
         token = _manage(env, "local_join_token", "--uses", str(len(LOCAL_WORKERS))).strip()
         specs += [_fixed_worker_spec(env, name, ports, token) for name, ports in LOCAL_WORKERS]
@@ -199,7 +207,7 @@ def _gateway_specs(env: dict[str, str], public: socket.socket,
         if grpc_port and importlib.util.find_spec("serving.gateway.grpc_server"):
             command += ["--grpc-port", str(grpc_port)]
         specs.append(ChildSpec(name, command, ROOT, gateway_env, stop_timeout_s=GATEWAY_STOP_S,
-                               pass_fds=(fd,)))
+                               pass_fds=(fd,), log_path=log_dir(var_dir) / f"{name}.log"))
     return specs
 
 
@@ -214,12 +222,16 @@ def _gateway_token(env: dict[str, str]) -> str:
 
 def _metrics_token(env: dict[str, str]) -> str:
     """Return the gateways' /metrics token: METRICS_TOKEN, none with METRICS_PUBLIC=1,
-    else one nobody knows (closed, as the portal's settings do)."""
+    else the one kept in SWARM_VAR_DIR/metrics_token (made once, mode 0600)."""
     if env.get("METRICS_TOKEN"):
         return env["METRICS_TOKEN"]
     if env.get("METRICS_PUBLIC", "").lower() in ("1", "true", "yes", "on"):
         return ""
-    return secrets.token_urlsafe(32)
+    path = Path(env["SWARM_VAR_DIR"]) / METRICS_TOKEN_FILE
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
 
 
 def local_fleet(env: dict[str, str]) -> LocalProcessProvider:
@@ -237,7 +249,7 @@ def _start_local_fleet(env: dict[str, str]) -> None:
     started = fleet.start_nodes(env_int("LOCAL_FLEET_MIN_NODES", 1, minimum=0) - running,
                                 counted=running)
     if started:
-        print(f"started {', '.join(started)} (logs in {fleet.fleet_dir})", flush=True)
+        log.info("started %s (logs in %s)", ", ".join(started), fleet.fleet_dir)
 
 
 def _supervise(env: dict[str, str], supervisor: Supervisor) -> int:
@@ -252,8 +264,12 @@ def _supervise(env: dict[str, str], supervisor: Supervisor) -> int:
     signal.signal(signal.SIGTERM, stop)
     broker_file = broker.broker_file(Path(env["SWARM_VAR_DIR"]))
     next_prune_s = 0.0
+    errors = ErrorEcho({spec.name: spec.log_path for spec in supervisor.specs
+                        if spec.log_path is not None})
     while not stop_requested:
         supervisor.step()
+        for line in errors.poll():
+            print(line, flush=True)
         if time.monotonic() >= next_prune_s:
             _prune_broker(broker_file)
             next_prune_s = time.monotonic() + BROKER_PRUNE_EVERY_S
@@ -284,6 +300,17 @@ def _shut_down(env: dict[str, str], supervisor: Supervisor) -> None:
     supervisor.stop(gateway_names(env))
 
 
+def _details(env: dict[str, str]) -> str:
+    """Return the console's second line: gRPC, the metrics token, the logs."""
+    var_dir = Path(env["SWARM_VAR_DIR"])
+    grpc_port = env_int("SWARM_GRPC_PORT", 8001, minimum=0)
+    parts = [f"gRPC on port {grpc_port}"] if grpc_port else []
+    if (var_dir / METRICS_TOKEN_FILE).exists() and not env.get("METRICS_TOKEN"):
+        parts.append(f"/metrics takes the bearer token in {var_dir / METRICS_TOKEN_FILE}")
+    parts.append(f"logs in {log_dir(var_dir)}")
+    return "  " + "; ".join(parts)
+
+
 def main() -> None:
     env = embedded_environment()
     if sys.argv[1:2] == ["manage"]:
@@ -292,7 +319,7 @@ def main() -> None:
         os.execvpe(sys.executable, command, env)  # noqa: S606
     host = env.get("SWARM_HOST", "127.0.0.1")
     port = env.get("SWARM_PORT", "8000")
-    logging.basicConfig(level=logging.INFO, format="launcher: %(message)s")
+    configure_launcher_logging(Path(env["SWARM_VAR_DIR"]))
     stopping.clear_stopping(Path(env["SWARM_VAR_DIR"]))
     _prepare(env)
     try:
@@ -304,8 +331,8 @@ def main() -> None:
     supervisor.start_all()
     if env["SCALING_PROVIDER"] == "local":
         _start_local_fleet(env)
-    print(f"Swarm Portal: http://{host}:{port}/  (log in as admin; Ctrl-C stops everything)",
-          flush=True)
+    print(f"Swarm Portal: http://{host}:{port}/  (log in as admin; Ctrl-C stops everything)\n"
+          f"{_details(env)}", flush=True)
     sys.exit(_supervise(env, supervisor))
 
 

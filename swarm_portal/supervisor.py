@@ -57,6 +57,8 @@ class ChildSpec:
     stop_timeout_s: float = 40.0
     # Descriptors the child inherits (the portal's listening socket, held by the launcher).
     pass_fds: Sequence[int] = ()
+    # Where its stdout and stderr go (appended); None: the supervisor's own.
+    log_path: Path | None = None
 
 
 @dataclass
@@ -122,19 +124,29 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         spec = child.spec
         parent_pid = os.getpid()
-        child.proc = subprocess.Popen(  # preexec_fn is safe: the launcher runs no threads
-            list(spec.command), cwd=spec.cwd, env=dict(spec.env), start_new_session=True,
-            pass_fds=tuple(spec.pass_fds), preexec_fn=lambda: _die_with_parent(parent_pid))
+        output = spec.log_path.open("ab") if spec.log_path is not None else None
+        try:
+            child.proc = subprocess.Popen(  # preexec_fn is safe: the launcher runs no threads
+                list(spec.command), cwd=spec.cwd, env=dict(spec.env), start_new_session=True,
+                pass_fds=tuple(spec.pass_fds), stdout=output,
+                stderr=subprocess.STDOUT if output is not None else None,
+                preexec_fn=lambda: _die_with_parent(parent_pid))
+        finally:
+            if output is not None:
+                output.close()  # the child has its own copy
         child.started_at_s = self.clock()
         child.restart_at_s = None
 
     def stop(self, names: Sequence[str]) -> None:
-        """Stop these children together: SIGTERM their groups, then SIGKILL after a while."""
+        """Stop these children together: SIGTERM each, then SIGKILL its whole group once it
+        has exited (or after its stop timeout)."""
         children = [self.children[name] for name in names]
         for child in children:
             child.restart_at_s = None
-            if child.proc is not None:
-                kill_group(child.proc.pid, signal.SIGTERM)
+            if child.proc is not None and child.proc.poll() is None:
+                # The leader only: Celery stops its own pool (a pool process signalled
+                # directly is reported as an error), uvicorn its own connections.
+                child.proc.send_signal(signal.SIGTERM)
         for child in children:
             if child.proc is not None:
                 _wait_then_kill(child.proc, child.spec.stop_timeout_s)

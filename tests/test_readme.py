@@ -72,9 +72,19 @@ def instance(tmp_path: Path) -> Iterator[Launcher]:
         for demo in ("demo-mlp", "demo-digits"):
             wait_until(lambda demo=demo: _answers(f"{launcher.url}/v2/models/{demo}/ready", key),
                        180, f"{demo} to be ready", 0.5)
+        _assert_quiet_console(launcher.var_dir.parent / "launcher.log")
         yield launcher
     finally:
         assert launcher.stop() == 0
+
+
+def _assert_quiet_console(console: Path) -> None:
+    """make run's console: the password, the URL and where the rest is; no log chatter."""
+    lines = [line for line in console.read_text().splitlines() if line.strip()]
+    assert any(line.startswith("Swarm Portal: http://") for line in lines), lines
+    chatter = [line for line in lines if " INFO " in line or "INFO:" in line
+               or "celery@" in line or "GATEWAY READY" in line or "Warning" in line]
+    assert not chatter and len(lines) <= 6, lines
 
 
 def _answers(url: str, key: str | None = None) -> bool:
@@ -85,13 +95,14 @@ def _answers(url: str, key: str | None = None) -> bool:
         return False
 
 
-def _workdir(tmp_path: Path) -> Path:
+def _workdir(tmp_path: Path, var_dir: Path) -> Path:
     """A scratch folder where the README's relative commands work as in a checkout."""
     work = tmp_path / "reader"
     (work / "bin").mkdir(parents=True)
     for name in ("Makefile", "pyproject.toml", "constraints.txt"):
         (work / name).symlink_to(ROOT / name)
     (work / ".venv").symlink_to(sys.prefix)
+    (work / "var").symlink_to(var_dir)  # make run's folder, as in a checkout
     curl = work / "bin" / "curl"
     curl.write_text(CURL_WRAPPER)
     curl.chmod(0o755)
@@ -101,7 +112,7 @@ def _workdir(tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_readme_block_runs_against_make_run(instance: Launcher, tmp_path: Path) -> None:
-    work = _workdir(tmp_path)
+    work = _workdir(tmp_path, instance.var_dir)
     env = {**instance.env, "VENV": sys.prefix, "PATH": f"{work / 'bin'}:{os.environ['PATH']}"}
     # `make -s api-key` installs first when the venv is older than pyproject.toml: from this
     # folder that would point the editable install here. `make test` has just installed.
