@@ -105,6 +105,7 @@ class Alias(models.Model):
 
     class Meta:
         ordering = ["model", "name"]
+        verbose_name_plural = "aliases"
         constraints = [
             models.UniqueConstraint(fields=["model", "name"], name="unique_alias_per_model"),
         ]

@@ -54,9 +54,13 @@ def create(
 
 
 @deploy_app.command("scale")
-def scale(name: str, replicas: Annotated[int, typer.Argument(min=0)]) -> None:
+def scale(name: str, replicas: Annotated[int, typer.Argument(min=0)],
+          pause_policy: Annotated[bool, typer.Option(
+              help="pause NAME's auto-scaling policy (refused while it is on)")] = False,
+          ) -> None:
     """Set the number of replicas of NAME by hand."""
-    output.emit(api().post(_path(name, "scale"), {"replicas": replicas}), DEPLOYMENT_COLUMNS)
+    body = {"replicas": replicas, "pause_policy": pause_policy}
+    output.emit(api().post(_path(name, "scale"), body), DEPLOYMENT_COLUMNS)
 
 
 def parse_weights(pairs: list[str]) -> dict[str, float]:
