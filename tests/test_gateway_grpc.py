@@ -295,14 +295,14 @@ def test_a_replica_killed_mid_run_is_retried_elsewhere(fleet, tmp_path):
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(load, worker) for worker in range(4)]
-            wait_for(lambda: len(done) >= 30 or any(f.done() for f in futures),
-                     "the first requests")
-            doomed_served = completed(doomed)
+            # Killed mid-run, once both replicas have taken traffic.
+            wait_for(lambda: (len(done) >= 30 and completed(doomed) > 0)
+                     or any(f.done() for f in futures), "both replicas to serve")
             doomed.process.kill()
             assert sorted(f.result() for f in futures) == [0, 1, 2, 3]  # raises on a failure
         assert len(done) == 160
-        assert doomed_served > 0  # it did take traffic before it died
-        assert completed(fleet.mlp_v1[0]) > survivor_before + 30  # and took over
+        survivor_served = completed(fleet.mlp_v1[0]) - survivor_before
+        assert 0 < survivor_served < 160 + 16, survivor_served  # and took over
         assert metric_value(gateway.scrape(), "nv_inference_request_failure_total",
                             model=MLP, version="1") == 0
     finally:
