@@ -79,7 +79,7 @@ def share(directory: Path, instance: str, metrics: GatewayMetrics,
 def write_snapshot(directory: Path, instance: str, metrics: GatewayMetrics,
                    written_s: float = NOW_S) -> None:
     shared = SharedMetrics(directory, instance, clock_s=lambda: written_s)
-    shared.write(shared.snapshot(metrics.registry))
+    assert shared.write(*shared.snapshot(metrics.registry))
 
 
 # -- fast ----------------------------------------------------------------------------------
@@ -115,6 +115,29 @@ def test_alone_in_its_directory_a_process_renders_what_it_did_without_one(tmp_pa
     share(tmp_path, "only", metrics)
     write_snapshot(tmp_path, "only", gateway_metrics())  # its own file is not read
     assert metrics.render() == plain
+
+
+def test_no_counter_goes_back_when_the_next_scrape_lands_on_the_other_process(tmp_path):
+    first, second = gateway_metrics(), gateway_metrics()
+    serve(first, 3)
+    serve(second, 2)
+    share(tmp_path, "first", first)
+    share(tmp_path, "second", second)
+    assert value(samples(first.render()), SUCCESS) == 3  # second has written nothing yet
+    serve(second, 1)
+    assert value(samples(second.render()), SUCCESS) == 6  # first's file came with its scrape
+    assert value(samples(first.render()), SUCCESS) == 6
+
+
+def test_an_older_snapshot_never_replaces_a_newer_one(tmp_path):
+    metrics = gateway_metrics()
+    shared = SharedMetrics(tmp_path, "g", clock_s=lambda: NOW_S)
+    older = shared.snapshot(metrics.registry)
+    serve(metrics, 1)
+    assert shared.write(*shared.snapshot(metrics.registry))
+    assert shared.write(*older)  # the periodic thread finishing after a scrape's write
+    written = metrics_share.decode((tmp_path / "g.json").read_bytes())
+    assert sum(v for f in written.families for n, _, v in f.samples if n == SUCCESS) == 1
 
 
 def test_gauges_of_a_stale_snapshot_are_dropped_but_its_counters_stay(tmp_path):

@@ -4,8 +4,9 @@ A scrape lands on one process, so with only its own figures a counter jumps betw
 processes' values from scrape to scrape (Prometheus' rate() sees resets) and the others'
 traffic is missing from every answer. With `swarm-gateway --metrics-dir DIR` each process
 writes its figures to `DIR/<instance id>.json` (tmp + rename, mode 0600) about once a
-second and at shutdown, and a scrape on any process renders its own live figures plus every
-other process's last snapshot:
+second, at shutdown and at each scrape it answers, and a scrape on any process renders its
+own live figures plus every other process's last snapshot (so the others' figures lag by up
+to a second, and no counter goes back from one scrape to the next, whichever answers):
 
 - counters and histograms add up, those of a process that has stopped included (its file
   stays: the figures are cumulative). A process restarted under the same instance id starts
@@ -31,6 +32,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -289,19 +291,44 @@ class SharedMetrics:
         self.path = directory / f"{instance}.json"
         self._clock_s = clock_s
         self._reader = SnapshotReader(directory, self.path.name)
+        self._lock = threading.Lock()  # the periodic write runs in a thread
+        self._taken = 0  # snapshots taken (on the event loop)
+        self._written = 0  # the latest one in the file
+        self._failing = False
 
     def render(self, live: Collector) -> bytes:
-        """Return the Prometheus text of `live` plus every other process's snapshot."""
-        summed = merge(families_of(live), self._reader.read(), self._clock_s())
-        return generate_latest(_Fixed(summed))  # type: ignore[arg-type]
+        """Return the Prometheus text of `live` plus every other process's snapshot.
 
-    def snapshot(self, live: Collector) -> bytes:
-        """Return this process's figures as the bytes its file gets."""
-        return encode(Snapshot(self.instance, self._clock_s(), families_of(live)))
+        Our own file is brought up to date first: a later scrape answered by another
+        process then counts at least what this one did, so no counter goes back between
+        scrapes (Prometheus would take that for a reset)."""
+        now_s = self._clock_s()
+        own = families_of(live)
+        self._taken += 1
+        self.write(self._taken, encode(Snapshot(self.instance, now_s, own)))
+        summed = _Fixed(merge(own, self._reader.read(), now_s))
+        return generate_latest(summed)  # type: ignore[arg-type]
 
-    def write(self, data: bytes) -> None:
-        """Replace this process's file with `data` (OSError when the disk says no)."""
-        write_atomically(self.path, data)
+    def snapshot(self, live: Collector) -> tuple[int, bytes]:
+        """Return this process's figures as the bytes its file gets, and their number."""
+        self._taken += 1
+        return self._taken, encode(Snapshot(self.instance, self._clock_s(), families_of(live)))
+
+    def write(self, taken: int, data: bytes) -> bool:
+        """Replace our file with snapshot number `taken` unless a later one is there already;
+        return False when the disk refused (logged once until a write succeeds)."""
+        with self._lock:
+            if taken <= self._written:
+                return True
+            try:
+                write_atomically(self.path, data)
+            except OSError as exc:
+                if not self._failing:
+                    log.warning("cannot write the metrics snapshot %s: %s", self.path, exc)
+                self._failing = True
+                return False
+            self._written, self._failing = taken, False
+            return True
 
 
 class SnapshotWriter:
@@ -313,7 +340,6 @@ class SnapshotWriter:
         self._live = live
         self._every_s = every_s
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
 
     def start(self) -> None:
         """Start writing (on the running loop: the figures are read there, their only
@@ -327,16 +353,9 @@ class SnapshotWriter:
             await asyncio.sleep(self._every_s)
 
     async def write_now(self) -> None:
-        """Write the snapshot (the file in a thread); a failure is logged once, retried."""
-        data = self.shared.snapshot(self._live)
-        try:
-            await asyncio.to_thread(self.shared.write, data)
-        except OSError as exc:
-            if not self._failing:
-                log.warning("cannot write the metrics snapshot %s: %s", self.shared.path, exc)
-            self._failing = True
-        else:
-            self._failing = False
+        """Write the snapshot (the file in a thread: the loop keeps serving meanwhile)."""
+        taken, data = self.shared.snapshot(self._live)
+        await asyncio.to_thread(self.shared.write, taken, data)
 
     async def aclose(self) -> None:
         """Stop the task and write the final figures."""
