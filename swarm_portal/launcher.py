@@ -200,7 +200,9 @@ def _gateway_specs(env: dict[str, str], public: socket.socket,
                    "--portal", env["LOCAL_FLEET_PORTAL_URL"], "--portal-uds", portal_uds,
                    "--fd", str(fd), "--host", env.get("SWARM_HOST", "127.0.0.1"),
                    "--pass-through", "--instance-id", f"make-run-{name}",
-                   "--table-cache", str(var_dir / "gateway" / f"{name}-table.json")]
+                   "--table-cache", str(var_dir / "gateway" / f"{name}-table.json"),
+                   # One /metrics for them all, whichever answers the scrape.
+                   "--metrics-dir", str(var_dir / "gateway" / "metrics")]
         if "GATEWAY_MAX_BODY_BYTES" in env:
             command += ["--max-body-bytes", env["GATEWAY_MAX_BODY_BYTES"]]
         grpc_port = env_int("SWARM_GRPC_PORT", 8001, minimum=0)
