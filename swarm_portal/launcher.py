@@ -189,6 +189,8 @@ def _gateway_specs(env: dict[str, str], public: socket.socket,
     """Return one ChildSpec per gateway process, all serving the one public socket."""
     var_dir = Path(env["SWARM_VAR_DIR"])
     (var_dir / "gateway").mkdir(mode=0o700, exist_ok=True)
+    for stale in (var_dir / "gateway" / "metrics").glob("*.json"):
+        stale.unlink()  # a run counts from zero, without the gateways a previous run had more
     gateway_env = {key: value for key, value in env.items() if key not in NOT_FOR_GATEWAYS}
     # Given by environment: a command line is readable by every user (ps).
     gateway_env["SWARM_GATEWAY_TOKEN"] = _gateway_token(env)
