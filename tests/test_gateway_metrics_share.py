@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.gateway import metrics_share
@@ -129,6 +130,20 @@ def test_no_counter_goes_back_when_the_next_scrape_lands_on_the_other_process(tm
     assert value(samples(first.render()), SUCCESS) == 6
 
 
+def test_frozen_figures_collect_as_the_registry_did_when_they_were_taken():
+    metrics = gateway_metrics(in_flight=2, queued=1, ejected=True)
+    serve(metrics, 3)
+    metrics.retried("m")
+    metrics.rejected("m", 429)
+    metrics.cancelled("m")
+    metrics.ejected("m")
+    frozen = metrics.frozen()
+    then = generate_latest(metrics.registry)
+    serve(metrics, 2)
+    metrics.retried("m")
+    assert generate_latest(frozen) == then  # type: ignore[arg-type]
+
+
 def test_an_older_snapshot_never_replaces_a_newer_one(tmp_path):
     metrics = gateway_metrics()
     shared = SharedMetrics(tmp_path, "g", clock_s=lambda: NOW_S)
@@ -219,7 +234,7 @@ def test_a_snapshot_file_is_private_and_replaced_whole(tmp_path):
 async def test_the_writer_writes_every_interval_and_the_final_figures_at_close(tmp_path):
     metrics = gateway_metrics()
     shared = SharedMetrics(tmp_path, "w")
-    writer = SnapshotWriter(shared, metrics.registry, every_s=0.05)
+    writer = SnapshotWriter(shared, metrics.frozen, every_s=0.05)
     path = tmp_path / "w.json"
 
     def written_successes() -> float:

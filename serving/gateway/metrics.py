@@ -69,6 +69,13 @@ class VersionMetrics:
         self.duration_sum_s += duration_s
         self.buckets[bisect_left(LATENCY_BUCKETS_S, duration_s)] += 1
 
+    def copy(self) -> VersionMetrics:
+        """Return a copy of the counts as they are now."""
+        twin = VersionMetrics.__new__(VersionMetrics)
+        twin.labels, twin.success, twin.failure = self.labels, self.success, self.failure
+        twin.duration_sum_s, twin.buckets = self.duration_sum_s, self.buckets[:]
+        return twin
+
     def cumulative_buckets(self) -> list[tuple[str, float]]:
         """Return the histogram buckets as Prometheus wants them: cumulative, with +Inf."""
         total = 0
@@ -150,6 +157,20 @@ class _LiveCollector:
         yield from (in_flight, queued, replica_in_flight, ejected)
 
 
+class FrozenMetrics:
+    """Every figure at one moment, collected as the registry would be: the request counts
+    are copied (cheap on the event loop) and turned into families only when collected,
+    which may be on another thread."""
+
+    def __init__(self, versions: list[VersionMetrics], others: list[Metric]) -> None:
+        self._versions = versions
+        self._others = others
+
+    def collect(self) -> Iterator[Metric]:
+        yield from _RequestCollector(lambda: self._versions).collect()
+        yield from self._others
+
+
 class GatewayMetrics:
     """Every gateway metric, in a registry of its own (tests may build several apps)."""
 
@@ -171,7 +192,8 @@ class GatewayMetrics:
         self.cancellations = Counter("swarm_gateway_cancelled",
                                      "Requests whose client went away first", ["model"],
                                      registry=self.registry)
-        self.registry.register(_LiveCollector(live))
+        self._live = _LiveCollector(live)
+        self.registry.register(self._live)
 
     def _counted_versions(self) -> Iterator[VersionMetrics]:
         for bound in list(self._versions.values()):
@@ -186,6 +208,14 @@ class GatewayMetrics:
                 else NullVersionMetrics()
             self._versions[(model, version)] = bound
         return bound
+
+    def frozen(self) -> FrozenMetrics:
+        """Return the figures as they are now, the registry's families in its order (for a
+        snapshot written off the event loop)."""
+        others = [metric for collector in (self.retries, self.ejections, self.rejections,
+                                           self.cancellations, self._live)
+                  for metric in collector.collect()]
+        return FrozenMetrics([bound.copy() for bound in self._counted_versions()], others)
 
     def version_count(self) -> int:
         """Return how many (deployment, version) counters exist."""

@@ -302,17 +302,25 @@ class SharedMetrics:
         Our own file is brought up to date first: a later scrape answered by another
         process then counts at least what this one did, so no counter goes back between
         scrapes (Prometheus would take that for a reset)."""
-        now_s = self._clock_s()
+        taken, now_s = self.stamp()
         own = families_of(live)
-        self._taken += 1
-        self.write(self._taken, encode(Snapshot(self.instance, now_s, own)))
+        self.write(taken, encode(Snapshot(self.instance, now_s, own)))
         summed = _Fixed(merge(own, self._reader.read(), now_s))
         return generate_latest(summed)  # type: ignore[arg-type]
 
-    def snapshot(self, live: Collector) -> tuple[int, bytes]:
-        """Return this process's figures as the bytes its file gets, and their number."""
+    def stamp(self) -> tuple[int, float]:
+        """Return the next snapshot's number and time (taken where the figures are)."""
         self._taken += 1
-        return self._taken, encode(Snapshot(self.instance, self._clock_s(), families_of(live)))
+        return self._taken, self._clock_s()
+
+    def encode(self, figures: Collector, written_s: float) -> bytes:
+        """Return `figures` as the bytes our file gets."""
+        return encode(Snapshot(self.instance, written_s, families_of(figures)))
+
+    def snapshot(self, live: Collector) -> tuple[int, bytes]:
+        """Return this process's figures now as the bytes its file gets, and their number."""
+        taken, now_s = self.stamp()
+        return taken, self.encode(live, now_s)
 
     def write(self, taken: int, data: bytes) -> bool:
         """Replace our file with snapshot number `taken` unless a later one is there already;
@@ -332,18 +340,20 @@ class SharedMetrics:
 
 
 class SnapshotWriter:
-    """Writes a process's snapshot every `every_s` from a task, and once more at `aclose`."""
+    """Writes a process's snapshot every `every_s` from a task, and once more at `aclose`.
 
-    def __init__(self, shared: SharedMetrics, live: Collector,
+    `freeze` returns the figures as they are (GatewayMetrics.frozen: a cheap copy, on the
+    event loop, their only writer); they become JSON and a file in a thread."""
+
+    def __init__(self, shared: SharedMetrics, freeze: Callable[[], Collector],
                  every_s: float = WRITE_EVERY_S) -> None:
         self.shared = shared
-        self._live = live
+        self._freeze = freeze
         self._every_s = every_s
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start writing (on the running loop: the figures are read there, their only
-        writer)."""
+        """Start writing, from a task on the running loop."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -353,9 +363,13 @@ class SnapshotWriter:
             await asyncio.sleep(self._every_s)
 
     async def write_now(self) -> None:
-        """Write the snapshot (the file in a thread: the loop keeps serving meanwhile)."""
-        taken, data = self.shared.snapshot(self._live)
-        await asyncio.to_thread(self.shared.write, taken, data)
+        """Write the snapshot (encoded and written in a thread: the loop keeps serving)."""
+        figures = self._freeze()
+        taken, now_s = self.shared.stamp()
+        await asyncio.to_thread(self._write, taken, figures, now_s)
+
+    def _write(self, taken: int, figures: Collector, written_s: float) -> None:
+        self.shared.write(taken, self.shared.encode(figures, written_s))
 
     async def aclose(self) -> None:
         """Stop the task and write the final figures."""

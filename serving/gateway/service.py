@@ -205,7 +205,7 @@ def metrics_writer(args: argparse.Namespace, gateway: GatewayApp, instance_id: s
     args.metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     shared = SharedMetrics(args.metrics_dir, instance_id)
     gateway.metrics.renderer = shared.render
-    return SnapshotWriter(shared, gateway.metrics.registry)
+    return SnapshotWriter(shared, gateway.metrics.frozen)
 
 
 def build(args: argparse.Namespace, token: str
