@@ -169,6 +169,23 @@ def test_gauges_of_a_stale_snapshot_are_dropped_but_its_counters_stay(tmp_path):
     assert value(samples(here.render()), "swarm_gateway_in_flight", model="m") == 10
 
 
+def test_a_process_restarted_under_its_instance_id_counts_on_from_its_file(tmp_path):
+    before = gateway_metrics(in_flight=9)
+    serve(before, 5)
+    before.retried("m")
+    write_snapshot(tmp_path, "g-1", before)
+    after = gateway_metrics(in_flight=1)  # a new process, same id, a second later
+    serve(after, 2)
+    share(tmp_path, "g-1", after, now_s=NOW_S + 1)
+    scraped = samples(after.render())
+    assert value(scraped, SUCCESS, model="m") == 7
+    assert value(scraped, "nv_inference_request_duration_seconds_count") == 7
+    assert value(scraped, "swarm_gateway_retries_total") == 1
+    assert value(scraped, "swarm_gateway_in_flight") == 1  # the old run's gauges are gone
+    written = metrics_share.decode((tmp_path / "g-1.json").read_bytes())
+    assert sum(v for f in written.families for n, _, v in f.samples if n == SUCCESS) == 7
+
+
 def test_the_ejected_flag_is_one_while_any_process_ejects_the_replica(tmp_path):
     here = gateway_metrics(ejected=True)
     for name in ("a", "b"):
@@ -218,10 +235,11 @@ def test_a_snapshot_file_is_private_and_replaced_whole(tmp_path):
     tmp_path = tmp_path / "metrics"
     tmp_path.mkdir()
     metrics = gateway_metrics()
+    shared = SharedMetrics(tmp_path, "g-1", clock_s=lambda: NOW_S)
     serve(metrics, 2)
-    write_snapshot(tmp_path, "g-1", metrics)
+    assert shared.write(*shared.snapshot(metrics.registry))
     serve(metrics, 1)
-    write_snapshot(tmp_path, "g-1", metrics)
+    assert shared.write(*shared.snapshot(metrics.registry))
     assert os.listdir(tmp_path) == ["g-1.json"]  # no temporary file left behind
     assert (tmp_path / "g-1.json").stat().st_mode & 0o777 == 0o600
     written = metrics_share.decode((tmp_path / "g-1.json").read_bytes())
@@ -305,3 +323,5 @@ def test_every_scrape_counts_the_requests_both_processes_served(stack, sharing_p
 
     gateways[0].stop()  # its last figures stay counted by the one left
     assert [scrape() for _ in range(3)] == [requests] * 3
+    gateways[0].start()  # the same instance id counts on from its file
+    assert [scrape() for _ in range(10)] == [requests] * 10

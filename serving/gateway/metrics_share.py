@@ -9,17 +9,19 @@ own live figures plus every other process's last snapshot (so the others' figure
 to a second, and no counter goes back from one scrape to the next, whichever answers):
 
 - counters and histograms add up, those of a process that has stopped included (its file
-  stays: the figures are cumulative). A process restarted under the same instance id starts
-  its file again from zero, which Prometheus treats as a counter reset (rate() copes), so
-  live processes need distinct instance ids, and a new id per restart (the default,
-  host:pid) leaves one more file each time (at most MAX_SNAPSHOT_FILES are read);
+  stays: the figures are cumulative). A process restarted under the same instance id (as
+  make run's supervisor does) counts on from its file, so the sum does not drop: had it
+  started from zero, Prometheus would take the drop for a reset of the sum and rate() would
+  count everything again. Live processes need distinct instance ids; a new id per start
+  (the default, host:pid) starts from zero and leaves one more file each time (at most
+  MAX_SNAPSHOT_FILES are read; make run empties the directory when it starts);
 - gauges (in flight, queued) add up too, but only from snapshots written in the last
   GAUGE_FRESH_S, so a dead process's requests in flight do not stick; the replica-ejected
   flag takes the largest value (1 while any process ejects the replica);
 - a file over MAX_SNAPSHOT_BYTES, or one that is not a snapshot, is skipped with one warning.
 
-The request path is untouched: the figures are read from the registry once a second and at
-scrape time only.
+The request path is untouched: the figures are copied once a second (GatewayMetrics.frozen,
+on the event loop; JSON and file in a thread) and read from the registry at scrape time.
 """
 
 from __future__ import annotations
@@ -291,6 +293,7 @@ class SharedMetrics:
         self.path = directory / f"{instance}.json"
         self._clock_s = clock_s
         self._reader = SnapshotReader(directory, self.path.name)
+        self._carried = self._previous_counts()
         self._lock = threading.Lock()  # the periodic write runs in a thread
         self._taken = 0  # snapshots taken (on the event loop)
         self._written = 0  # the latest one in the file
@@ -303,10 +306,32 @@ class SharedMetrics:
         process then counts at least what this one did, so no counter goes back between
         scrapes (Prometheus would take that for a reset)."""
         taken, now_s = self.stamp()
-        own = families_of(live)
+        own = self._own(live, now_s)
         self.write(taken, encode(Snapshot(self.instance, now_s, own)))
         summed = _Fixed(merge(own, self._reader.read(), now_s))
         return generate_latest(summed)  # type: ignore[arg-type]
+
+    def _previous_counts(self) -> Snapshot | None:
+        """Return the counters and histograms our file kept from a previous process under
+        our instance id (we count on from them), else None."""
+        try:
+            if self.path.stat().st_size > MAX_SNAPSHOT_BYTES:
+                raise ValueError(f"over {MAX_SNAPSHOT_BYTES} bytes")
+            before = decode(self.path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("starting the metrics of %s from zero: %s", self.path, exc)
+            return None
+        counts = tuple(f for f in before.families if f.kind != "gauge")
+        return Snapshot(before.instance, before.written_s, counts)
+
+    def _own(self, figures: Collector, now_s: float) -> tuple[Family, ...]:
+        """Return our figures: `figures` plus what a previous process here counted."""
+        live = families_of(figures)
+        if self._carried is None:
+            return live
+        return families_of(_Fixed(merge(live, [self._carried], now_s)))
 
     def stamp(self) -> tuple[int, float]:
         """Return the next snapshot's number and time (taken where the figures are)."""
@@ -315,7 +340,7 @@ class SharedMetrics:
 
     def encode(self, figures: Collector, written_s: float) -> bytes:
         """Return `figures` as the bytes our file gets."""
-        return encode(Snapshot(self.instance, written_s, families_of(figures)))
+        return encode(Snapshot(self.instance, written_s, self._own(figures, written_s)))
 
     def snapshot(self, live: Collector) -> tuple[int, bytes]:
         """Return this process's figures now as the bytes its file gets, and their number."""
