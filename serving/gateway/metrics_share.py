@@ -309,7 +309,7 @@ class SharedMetrics:
         own = self._own(live, now_s)
         self.write(taken, encode(Snapshot(self.instance, now_s, own)))
         summed = _Fixed(merge(own, self._reader.read(), now_s))
-        return generate_latest(summed)  # type: ignore[arg-type]
+        return generate_latest(summed)
 
     def _previous_counts(self) -> Snapshot | None:
         """Return the counters and histograms our file kept from a previous process under
