@@ -39,9 +39,10 @@ def test_a_join_tokens_status_is_shown_truly_in_the_api_and_the_access_page(
     page.force_login(operator)
     html = page.get("/access/").content.decode()
     row = html.split('id="join-tokens"')[1].split("</table>")[0]
-    assert f"<td>{status}</td>" in row
+    shown = f'<span class="state {status.replace(" ", "-")}">{status}</span>'
+    assert shown in row
     if status != "valid":
-        assert "<td>valid</td>" not in row
+        assert '<span class="state valid">valid</span>' not in row
 
 
 @pytest.mark.parametrize(("fields", "status"), [
