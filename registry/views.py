@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.contrib import messages
@@ -118,12 +119,19 @@ def version_upload(request: HttpRequest, name: str) -> HttpResponse:
         handler.discard()  # a refused CSRF check leaves no staged file either
 
 
+def _upload_initial(model: Model) -> dict[str, str]:
+    """Prefill a new version's signature with the latest version's: a new version of a model
+    most often keeps its tensors (clear the field to have it read from the file)."""
+    latest = model.versions.order_by("-number").first()
+    return {"signature": json.dumps(latest.signature)} if latest is not None else {}
+
+
 @csrf_protect
 def _checked_upload(request: HttpRequest, model: Model, handler: Any) -> HttpResponse:
     wants_json = request.headers.get("Accept", "").startswith("application/json")
     if request.method != "POST":
         return render(request, "registry/upload.html",
-                      {"model": model, "form": VersionUploadForm()})
+                      {"model": model, "form": VersionUploadForm(initial=_upload_initial(model))})
     try:
         version = create_version_from_request(request, model, handler)
     except ServiceError as exc:

@@ -110,3 +110,15 @@ def test_operator_creates_a_model_from_the_page(operator_client):
     assert response.redirect_chain[-1][0] == "/models/bert/"
     clash = operator_client.post("/models/new/", {"name": "bert", "description": ""})
     assert b"already exists" in clash.content
+
+
+def test_the_upload_form_prefills_the_latest_versions_signature(operator_client, model,
+                                                                model_files):
+    empty = operator_client.get(f"/models/{model.name}/upload/").content.decode()
+    assert "&quot;inputs&quot;" not in empty.split('name="signature"')[1].split("</textarea>")[0]
+    operator_client.post(f"/models/{model.name}/upload/", form_data(model_files["torchscript"]))
+    signature = ModelVersion.objects.get().signature
+    page = operator_client.get(f"/models/{model.name}/upload/").content.decode()
+    field = page.split('name="signature"')[1].split("</textarea>")[0]
+    shown = field.split(">", 1)[1].replace("&quot;", '"').strip()
+    assert json.loads(shown) == signature
