@@ -7,7 +7,7 @@ background), writes the learned weights into an ONNX graph with the `onnx.helper
 get labels back.
 
 The split of work between the steps and the graph:
-- steps (registry/steps.py): decode PNG/JPEG, grayscale ("L"), resize to 8x8 (Pillow's
+- steps (swarm_protocol/steps.py): decode PNG/JPEG, grayscale ("L"), resize to 8x8 (Pillow's
   bilinear filter widens with the shrink, so it averages like the dataset's 4x4 blocks),
   scale 1/255: the model input `pixels` is FP32 [-1, 1, 8, 8] in 0..1, as the dataset
   divided by its 16 (which is what the classifier is trained on);

@@ -16,8 +16,8 @@ import os
 import sys
 from typing import Any
 
-from registry import signature_infer
-from registry.archive import (
+from swarm_protocol import signature_infer
+from swarm_protocol.archive import (
     FORMAT_ONNX,
     FORMAT_TORCH_EXPORT,
     ArchiveLimits,
@@ -26,8 +26,8 @@ from registry.archive import (
     Source,
     inspect_archive,
 )
-from registry.model_loading import load_export_program, load_module, load_onnx_session
-from registry.signature import (
+from swarm_protocol.model_loading import load_export_program, load_module, load_onnx_session
+from swarm_protocol.signature import (
     DATATYPES,
     TORCH_DTYPE_TO_DATATYPE,
     Signature,
@@ -257,10 +257,10 @@ def check_numpy_outputs(results: list[Any], signature: Signature) -> list[dict[s
 def checked_steps(raw_steps: Any, raw_signature: dict[str, Any],
                   observed: list[dict[str, Any]]) -> dict[str, Any]:
     """Return the version's steps checked against the model signature, after one dry run
-    on generated pictures and the model's observed output widths (registry/steps_run.py,
+    on generated pictures and the model's observed output widths (swarm_protocol/steps_run.py,
     the replica's own step code)."""
-    from registry.steps import StepsError, parse_steps
-    from registry.steps_run import StepError, dry_run
+    from swarm_protocol.steps import StepsError, parse_steps
+    from swarm_protocol.steps_run import StepError, dry_run
 
     classes = {out["name"]: out["shape"][-1] for out in observed if len(out["shape"]) == 2}
     try:

@@ -8,8 +8,8 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 
-from registry.signature import parse_signature
-from registry.steps import parse_steps, served_signature
+from swarm_protocol.signature import parse_signature
+from swarm_protocol.steps import parse_steps, served_signature
 
 ALIAS_NAME_VALIDATOR = RegexValidator(
     r"^[a-z][a-z0-9_-]{0,62}$",

@@ -14,14 +14,14 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 
-from registry.archive import ArchiveLimits
 from registry.models import ALIAS_NAME_VALIDATOR, Alias, AliasMove, Model, ModelVersion
-from registry.signature import SignatureError, parse_signature
-from registry.signature_infer import parse_example_input
-from registry.steps import StepsError, parse_labels_file
 from registry.storage import ArtifactStore, StagingFile
 from registry.validation import ArtifactRejected, ValidationResult, validate_artifact
 from swarm_portal.errors import Conflict, NotFound, ServiceError, ServiceUnavailable
+from swarm_protocol.archive import ArchiveLimits
+from swarm_protocol.signature import SignatureError, parse_signature
+from swarm_protocol.signature_infer import parse_example_input
+from swarm_protocol.steps import StepsError, parse_labels_file
 
 log = logging.getLogger(__name__)
 MAX_METADATA_BYTES = 64 * 1024

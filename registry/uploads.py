@@ -12,9 +12,9 @@ from typing import Any
 from django.core.files.uploadedfile import SimpleUploadedFile, UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler
 
-from registry.steps import MAX_LABELS_FILE_BYTES
 from registry.storage import ArtifactStore, StagingFile
 from swarm_portal.errors import PayloadTooLarge, ServiceError
+from swarm_protocol.steps import MAX_LABELS_FILE_BYTES
 
 ARTIFACT_FIELD = "artifact"
 LABELS_FIELD = "labels"  # a small text file (class labels), kept in memory

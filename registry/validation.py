@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.archive import ArchiveLimits
+from swarm_protocol.archive import ArchiveLimits
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -102,7 +102,7 @@ def _warn_once(reason: str) -> None:
     log.warning("validation child runs as the portal's user: %s", reason)
 
 
-_PROBE = ("import importlib.util, registry.archive; "
+_PROBE = ("import importlib.util, swarm_protocol.archive; "
           "assert importlib.util.find_spec('torch'), 'torch is not importable'")
 
 

@@ -1,7 +1,7 @@
 """The agent API: register, heartbeat, deregister, artifact download.
 
 Plain Django views, not DRF: a thousand nodes heartbeat every second, so this path
-stays lean. Bodies are validated by the shared dataclasses in serving.agent.protocol.
+stays lean. Bodies are validated by the shared dataclasses in swarm_protocol.agent_messages.
 Every answer is JSON: bad input is a 4xx naming the problem, a cache outage a 503 with
 Retry-After (the agent retries), never an HTML error page.
 """
@@ -22,8 +22,8 @@ from registry.downloads import SHA256_HEADER, read_chunks
 from registry.models import ModelVersion
 from registry.services import artifact_store
 from serving import replica_logs, services
-from serving.agent.protocol import HeartbeatRequest, ProtocolError, RegisterRequest
 from swarm_portal.errors import ServiceError
+from swarm_protocol.agent_messages import HeartbeatRequest, ProtocolError, RegisterRequest
 
 MAX_AGENT_BODY_BYTES = 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)

@@ -35,8 +35,8 @@ from serving import live, secrets
 from serving.gateway.limits import MAX_CREDENTIAL_BYTES
 from serving.gateway_source import route_table, send_activation, session_user_active, share_caps
 from serving.models import GatewayToken
-from serving.wire_numbers import parse_count
 from swarm_portal.errors import ServiceError
+from swarm_protocol.wire_numbers import parse_count
 
 GATEWAY_TOKEN_PREFIX = "swg_"  # noqa: S105 - a prefix, not a secret
 MAX_BODY_BYTES = 1024 * 1024  # 10,000 successes are about 400 KB

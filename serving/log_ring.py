@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from serving.agent.logs import MAX_BYTES_PER_HEARTBEAT, clean_line
-from serving.agent.protocol import MAX_LOG_LINES
+from swarm_protocol.agent_messages import MAX_LOG_LINES
 
 CHUNK_LINES = 125
 CHUNK_CHARS = 32 * 1024

@@ -15,7 +15,7 @@ import secrets
 
 from django.conf import settings
 
-from serving.agent.protocol import NODE_SECRET_PREFIX
+from swarm_protocol.agent_messages import NODE_SECRET_PREFIX
 
 JOIN_TOKEN_PREFIX = "swj_"  # noqa: S105 - a prefix, not a secret
 # Ours are ~60 characters; anything much longer is refused before it is parsed or looked up.

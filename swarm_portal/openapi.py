@@ -3,7 +3,7 @@ and the plain Django views DRF cannot see (artifact download, the agent API).
 
 A drf-spectacular postprocessing hook (SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]).
 The agent's bodies are described from the same dataclasses the agent and the portal use
-(serving.agent.protocol), so this file cannot drift from them.
+(swarm_protocol.agent_messages), so this file cannot drift from them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from drf_spectacular.openapi import AutoSchema
 
-from serving.agent import protocol
+from swarm_protocol import agent_messages as protocol
 
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 ERROR_SCHEMA = {

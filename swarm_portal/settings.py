@@ -51,7 +51,7 @@ ARTIFACT_ROOT = Path(env_str("ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 4 * 1024**3, minimum=1024)
 VALIDATION_TIMEOUT_S = env_float("VALIDATION_TIMEOUT_S", 120.0, minimum=1.0)
 VALIDATION_MEMORY_BYTES = env_int("VALIDATION_MEMORY_BYTES", 8 * 1024**3, minimum=256 * 1024**2)
-# Checked from the zip's directory before anything inflates (registry/archive.py).
+# Checked from the zip's directory before anything inflates (swarm_protocol/archive.py).
 ARCHIVE_MAX_UNCOMPRESSED_BYTES = env_int("ARCHIVE_MAX_UNCOMPRESSED_BYTES",
                                          VALIDATION_MEMORY_BYTES, minimum=1024**2)
 ARCHIVE_MAX_RATIO = env_float("ARCHIVE_MAX_RATIO", 200.0, minimum=1.0)

@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from serving.agent import protocol
-from serving.agent.protocol import DesiredReplica
+from swarm_protocol import agent_messages as protocol
+from swarm_protocol.agent_messages import DesiredReplica
 
 FAKE_REPLICA_MODULE = "tests.agent_fakes"
 JOIN_TOKEN = "join-me"

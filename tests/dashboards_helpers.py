@@ -55,7 +55,7 @@ GIB = 1024**3
 
 
 def gpu(index: int = 0, util: float = 10.0, used_gib: float = 2.0) -> Any:
-    from serving.agent.protocol import DeviceInfo
+    from swarm_protocol.agent_messages import DeviceInfo
 
     return DeviceInfo(index=index, kind="gpu", name="NVIDIA H100", uuid=f"GPU-{index}",
                       memory_total_bytes=80 * GIB, memory_used_bytes=int(used_gib * GIB),
@@ -65,8 +65,8 @@ def gpu(index: int = 0, util: float = 10.0, used_gib: float = 2.0) -> Any:
 def register_node(join_secret: str, name: str, cost_per_hour: float = 2.5) -> Any:
     """Register a node through the real service; return the Node with `.secret` set."""
     from serving import services
-    from serving.agent.protocol import RegisterRequest
     from serving.models import Node
+    from swarm_protocol.agent_messages import RegisterRequest
 
     reply = services.do_register_node(RegisterRequest(
         join_token=join_secret, name=name, address="127.0.0.1", cost_per_hour=cost_per_hour,

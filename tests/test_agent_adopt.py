@@ -23,8 +23,8 @@ import pytest
 
 from registry.demo import DEMO_SIGNATURE, save_torchscript
 from serving.agent import survivors
-from serving.agent.protocol import DesiredReplica
 from serving.agent.replicas import ALIVE_FILE, ReplicaManager, ReplicaSettings
+from swarm_protocol.agent_messages import DesiredReplica
 from tests.agent_fakes import (
     FAKE_REPLICA_MODULE,
     JOIN_TOKEN,

@@ -9,10 +9,10 @@ import pytest
 from django.test import Client
 
 from serving import services
-from serving.agent.protocol import HeartbeatRequest
 from serving.models import Deployment, Gpu, Node, Replica
 from serving.services import nodes as node_services
 from serving.services.nodes import Unauthorized
+from swarm_protocol.agent_messages import HeartbeatRequest
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -16,7 +16,7 @@ from serving.agent.client import (
     PortalError,
     PortalUnreachable,
 )
-from serving.agent.protocol import HeartbeatRequest, RegisterRequest
+from swarm_protocol.agent_messages import HeartbeatRequest, RegisterRequest
 from tests.agent_fakes import JOIN_TOKEN, FakePortal, desired_replica
 
 

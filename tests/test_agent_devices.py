@@ -13,7 +13,7 @@ from serving.agent.devices import (
     NvmlBackend,
     detect_backend,
 )
-from serving.agent.protocol import DeviceInfo
+from swarm_protocol.agent_messages import DeviceInfo
 from tests.agent_fakes import FakeGpu, FakeNvml
 
 GIB = 1024**3

@@ -23,7 +23,7 @@ from serving.agent.agent import (
 )
 from serving.agent.client import PortalClient
 from serving.agent.devices import CpuBackend
-from serving.agent.protocol import HEARTBEAT_PATH
+from swarm_protocol.agent_messages import HEARTBEAT_PATH
 from tests.agent_fakes import (
     FAKE_REPLICA_MODULE,
     JOIN_TOKEN,

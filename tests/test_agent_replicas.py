@@ -15,8 +15,8 @@ import pytest
 from serving.agent import processes
 from serving.agent.cache import ArtifactCache
 from serving.agent.client import PortalClient
-from serving.agent.protocol import DesiredReplica
 from serving.agent.replicas import ReplicaManager, ReplicaSettings
+from swarm_protocol.agent_messages import DesiredReplica
 from tests.agent_fakes import (
     FAKE_REPLICA_MODULE,
     FakePortal,

@@ -262,7 +262,8 @@ def test_every_request_field_in_the_schema_is_bounded(schema):
         kind = prop.get("type")
         if kind == "integer" and not {"minimum", "maximum"} <= set(prop):
             unbounded.append(where)
-        # The agent protocol (serving/agent/protocol.py) bounds its floats by finiteness only.
+        # The agent protocol (swarm_protocol/agent_messages.py) bounds its floats by
+        # finiteness only.
         if kind == "number" and "maximum" not in prop and "/api/agent/" not in where:
             unbounded.append(where)
         if kind == "string" and not ({"maxLength", "enum"} & set(prop)) and (

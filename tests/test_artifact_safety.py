@@ -16,14 +16,6 @@ import httpx
 import pytest
 
 from registry import services
-from registry.archive import (
-    ArchiveLimits,
-    ArchiveRefused,
-    InspectedArchive,
-    inspect_archive,
-)
-from registry.model_loading import load_module
-from registry.signature import parse_signature
 from registry.validation import (
     ArtifactRejected,
     child_environment,
@@ -34,6 +26,14 @@ from registry.validation import (
     validate_artifact,
 )
 from serving.replica.runner import LoadError, ModelRunner
+from swarm_protocol.archive import (
+    ArchiveLimits,
+    ArchiveRefused,
+    InspectedArchive,
+    inspect_archive,
+)
+from swarm_protocol.model_loading import load_module
+from swarm_protocol.signature import parse_signature
 from tests import factories
 from tests.factories import SIGNATURE
 from tests.test_registry_refusals import assert_refused, upload_bytes
@@ -215,21 +215,23 @@ def _called_names(source: str) -> set[str]:
 
 
 def test_only_the_model_loader_calls_a_torch_loader():
-    # Every format, now and later, must load through registry/model_loading.py, whose
+    # Every format, now and later, must load through swarm_protocol/model_loading.py, whose
     # load_module and load_onnx_session take only what inspect_archive returned.
     root = Path(__file__).resolve().parent.parent
     callers = sorted(
         str(path.relative_to(root))
-        for folder in ("registry", "serving", "scaling", "swarm_portal", "dashboards", "bench")
+        for folder in ("swarm_protocol", "registry", "serving", "scaling", "swarm_portal",
+                       "dashboards", "bench")
         for path in (root / folder).rglob("*.py")
         if _called_names(path.read_text()) & LOADERS
     )
-    assert callers == ["registry/model_loading.py"]
+    assert callers == ["swarm_protocol/model_loading.py"]
 
 
 def test_the_inspector_imports_neither_django_nor_torch():
     # The replica imports it too, and the child runs it before importing torch.
-    code = ("import sys, registry.archive, registry.model_loading, registry.inspect_child;"
+    code = ("import sys, swarm_protocol.archive, swarm_protocol.model_loading,"
+            " registry.inspect_child;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'torch')))")
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,

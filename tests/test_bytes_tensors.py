@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from registry.signature import parse_signature
 from serving.replica import codec
 from serving.replica.codec import CodecError, OutputTensor
 from serving.replica.datatypes import (
@@ -26,6 +25,7 @@ from serving.replica.datatypes import (
     bytes_from_buffer,
     bytes_to_buffer,
 )
+from swarm_protocol.signature import parse_signature
 from tests.gateway_helpers import BEARER, StandaloneGateway
 from tests.replica_models import ReplicaProcess, save_torchscript
 from tests.steps_helpers import gateway_for, start_with_steps

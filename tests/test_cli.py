@@ -24,10 +24,10 @@ from django.core.cache import cache
 
 from registry.models import Alias, Model, ModelVersion
 from scaling.models import ScalingEvent
-from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
 from serving.gateway.filesource import write_table
 from serving.models import ApiKey, Deployment, JoinToken, Node
 from swarm_portal.api_login import MAX_FAILED_LOGINS
+from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
 from tests import factories
 from tests.conftest import free_port
 from tests.dashboards_helpers import gpu

@@ -166,8 +166,8 @@ async def test_a_heartbeat_and_a_replica_state_change_reach_open_pages(memory_la
                                                                       gpu_node,
                                                                       served_deployment):
     from serving import services
-    from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
     from serving.models import Replica
+    from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
     from tests.dashboards_helpers import gpu
 
     cookie = await sync_to_async(session_cookie)(viewer)
@@ -195,8 +195,8 @@ async def test_an_auto_scaler_decision_reaches_open_pages_with_its_reason(
         memory_layer, viewer, gpu_node, served_deployment):
     from scaling import services as scaling
     from serving import services
-    from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
     from serving.models import Replica
+    from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
     from tests.dashboards_helpers import gpu
 
     cookie = await sync_to_async(session_cookie)(viewer)

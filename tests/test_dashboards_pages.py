@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from serving import services
-from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
 from serving.models import ApiKey, Deployment, JoinToken, Replica
+from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
 from tests.dashboards_helpers import gpu
 
 pytestmark = pytest.mark.django_db(transaction=True)

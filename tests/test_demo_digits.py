@@ -32,11 +32,11 @@ from PIL import Image
 from registry import demo_digits, services
 from registry.demo_digits import DIGITS_MODEL_NAME, DIGITS_SIGNATURE, DIGITS_STEPS
 from registry.models import ModelVersion
-from registry.signature import parse_signature
-from registry.steps import parse_steps
-from registry.steps_run import decode_images
 from serving.gateway.filesource import write_table
 from serving.models import Deployment
+from swarm_protocol.signature import parse_signature
+from swarm_protocol.steps import parse_steps
+from swarm_protocol.steps_run import decode_images
 from tests.factories import make_user
 from tests.gateway_helpers import (
     BEARER,

@@ -6,10 +6,15 @@ import pytest
 
 from registry import services as registry_services
 from serving import live, services
-from serving.agent.protocol import DeviceInfo, HeartbeatRequest, RegisterRequest, ReplicaStatus
 from serving.gateway_source import build_route_table, effective_weights
 from serving.models import Deployment, Node, Replica, ReplicaState
 from serving.secrets import digest
+from swarm_protocol.agent_messages import (
+    DeviceInfo,
+    HeartbeatRequest,
+    RegisterRequest,
+    ReplicaStatus,
+)
 from tests.factories import add_version
 
 pytestmark = pytest.mark.django_db(transaction=True)

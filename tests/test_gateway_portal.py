@@ -21,11 +21,16 @@ from django.test import Client
 
 from registry import services as registry_services
 from serving import services
-from serving.agent.protocol import DeviceInfo, HeartbeatRequest, RegisterRequest, ReplicaStatus
 from serving.gateway.app import GatewayApp
 from serving.gateway_source import DatabaseTableSource, PortalSessionAuth
 from serving.models import Node, Replica
 from serving.secrets import replica_key
+from swarm_protocol.agent_messages import (
+    DeviceInfo,
+    HeartbeatRequest,
+    RegisterRequest,
+    ReplicaStatus,
+)
 from tests.factories import DEMO_SIGNATURE, add_version
 from tests.gateway_helpers import GatewayThread
 from tests.live import wait_until

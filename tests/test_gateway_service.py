@@ -32,11 +32,11 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from serving import services
-from serving.agent.protocol import RegisterRequest
 from serving.gateway.portal_proxy import forwarded_headers
 from serving.gateway.service import parse_args, read_token
 from serving.models import Node
 from swarm_portal.launcher import listen
+from swarm_protocol.agent_messages import RegisterRequest
 from tests import factories
 from tests.chaos_helpers import SteadyLoad, load_average
 from tests.conftest import free_port

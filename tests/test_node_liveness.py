@@ -24,10 +24,10 @@ from django.test import Client
 from django.utils import timezone
 
 from serving import live, liveness, services
-from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
 from serving.gateway_source import DatabaseTableSource, build_route_table
 from serving.liveness import LivenessLimits, NodeEvidence, SweepClock
 from serving.models import Deployment, Node, NodeStatus, Replica, ReplicaState
+from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
 from tests import factories
 from tests.conftest import free_port
 from tests.dashboards_helpers import gpu, register_node

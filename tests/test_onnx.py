@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from registry.archive import ArchiveRefused, inspect_archive
 from registry.demo import DEMO_SIGNATURE
+from swarm_protocol.archive import ArchiveRefused, inspect_archive
 from tests import onnx_models
 from tests.onnx_models import ONNX_SIGNATURE, expected_scores
 from tests.test_registry_refusals import assert_refused
@@ -68,8 +68,8 @@ def test_a_declared_onnx_zip_and_a_declared_torchscript_onnx_are_refused(onnx_fi
 
 
 def test_the_session_loader_takes_only_what_the_inspector_returned(onnx_file):
-    from registry.archive import InspectedArchive
-    from registry.model_loading import load_onnx_session
+    from swarm_protocol.archive import InspectedArchive
+    from swarm_protocol.model_loading import load_onnx_session
 
     with pytest.raises(TypeError, match="inspect_archive"):
         load_onnx_session(InspectedArchive(str(onnx_file), "onnx", "", 1))
@@ -85,7 +85,7 @@ def test_the_session_loader_takes_only_what_the_inspector_returned(onnx_file):
 ], ids=["cuda-built-in", "cuda-missing", "cpu"])
 def test_providers_are_cuda_where_asked_and_built_in_else_cpu_never_azure(device, available,
                                                                           expected):
-    from registry.model_loading import onnx_providers
+    from swarm_protocol.model_loading import onnx_providers
 
     assert onnx_providers(device, available) == expected
 

@@ -56,7 +56,7 @@ def test_openapi_schema_generates_without_warnings(tmp_path):
 
 
 def test_pure_modules_do_not_import_django():
-    code = ("import sys; import registry.signature, registry.inspect_child, registry.storage;"
+    code = ("import sys; import swarm_protocol.signature, registry.inspect_child, registry.storage;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'torch')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from registry.signature import parse_signature
 from serving.replica import codec
 from serving.replica.codec import CodecError, OutputTensor
 from serving.replica.datatypes import bf16_bits_to_float32, float32_to_bf16_bits
+from swarm_protocol.signature import parse_signature
 from tests.replica_models import RECOMMENDER_SIGNATURE
 
 SIGNATURE = parse_signature(RECOMMENDER_SIGNATURE)

@@ -7,11 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from registry.signature import parse_signature
 from serving.replica.batching import BatchPolicy
 from serving.replica.engine import InferenceEngine
 from serving.replica.runner import ModelFailure
 from serving.replica.stats import ReplicaStats
+from swarm_protocol.signature import parse_signature
 
 POISON = -1.0
 

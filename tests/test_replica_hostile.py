@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from serving.wire_numbers import parse_count
+from swarm_protocol.wire_numbers import parse_count
 from tests.replica_models import ReplicaProcess, save_torchscript, start_replica
 
 pytestmark = pytest.mark.slow

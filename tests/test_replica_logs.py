@@ -20,8 +20,8 @@ from django.test import Client
 from serving import log_ring
 from serving.agent import logs as agent_logs
 from serving.agent.logs import LogTail, clean_line
-from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
 from serving.models import Node, Replica, ReplicaState
+from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
 from tests import factories
 from tests.conftest import free_port
 from tests.dashboards_helpers import gpu, register_node

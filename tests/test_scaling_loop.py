@@ -10,10 +10,15 @@ from django.db import connection
 from scaling import services as scaling
 from scaling.models import ScalingEvent, ScalingPolicy
 from serving import services
-from serving.agent.protocol import DeviceInfo, HeartbeatRequest, RegisterRequest, ReplicaStatus
 from serving.gateway_source import build_route_table
 from serving.models import Deployment, Node, Replica
 from swarm_portal.errors import ServiceError
+from swarm_protocol.agent_messages import (
+    DeviceInfo,
+    HeartbeatRequest,
+    RegisterRequest,
+    ReplicaStatus,
+)
 from tests.factories import add_version
 
 pytestmark = pytest.mark.django_db(transaction=True)

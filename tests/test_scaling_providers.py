@@ -30,8 +30,8 @@ from scaling.providers import (
 )
 from serving import services
 from serving.agent.credentials import NodeCredentials, node_state_dir, save_credentials
-from serving.agent.protocol import DeviceInfo, RegisterRequest
 from serving.models import JoinToken, Node, NodeStatus
+from swarm_protocol.agent_messages import DeviceInfo, RegisterRequest
 from tests import factories
 from tests.conftest import free_port
 from tests.live import LivePortal

@@ -8,15 +8,15 @@ import pytest
 from django.utils import timezone
 
 from serving import live, services
-from serving.agent.protocol import (
+from serving.models import Deployment, Node, NodeStatus, Replica, ReplicaState
+from serving.services.nodes import Unauthorized
+from swarm_portal import stopping
+from swarm_protocol.agent_messages import (
     DeviceInfo,
     HeartbeatRequest,
     RegisterRequest,
     ReplicaStatus,
 )
-from serving.models import Deployment, Node, NodeStatus, Replica, ReplicaState
-from serving.services.nodes import Unauthorized
-from swarm_portal import stopping
 from tests.factories import add_version
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -1,6 +1,6 @@
 """Processing steps: images in, labels and scores out.
 
-Units for the validation (registry/steps.py) and the step functions, then a real replica
+Units for the validation (swarm_protocol/steps.py) and the step functions, then a real replica
 with a steps file behind the standalone gateway, driven by tritonclient.http.
 """
 
@@ -23,15 +23,19 @@ from torch import nn
 from tritonclient.utils import InferenceServerException
 
 from registry.models import ModelVersion
-from registry.signature import parse_signature
-from registry.steps import (
+from serving.agent.cache import ArtifactCache
+from serving.agent.client import PortalClient
+from serving.agent.replicas import ReplicaManager, ReplicaSettings
+from swarm_protocol.agent_messages import DesiredReplica, ProtocolError
+from swarm_protocol.signature import parse_signature
+from swarm_protocol.steps import (
     MAX_LABELS_FILE_BYTES,
     StepsError,
     parse_labels_file,
     parse_steps,
     served_signature,
 )
-from registry.steps_run import (
+from swarm_protocol.steps_run import (
     MAX_DECODED_BYTES,
     StepError,
     classify,
@@ -39,10 +43,6 @@ from registry.steps_run import (
     dry_run,
     label_table,
 )
-from serving.agent.cache import ArtifactCache
-from serving.agent.client import PortalClient
-from serving.agent.protocol import DesiredReplica, ProtocolError
-from serving.agent.replicas import ReplicaManager, ReplicaSettings
 from tests.agent_fakes import FakePortal, desired_replica
 from tests.gateway_helpers import BEARER, StandaloneGateway
 from tests.replica_models import ReplicaProcess, save_torchscript

@@ -19,9 +19,9 @@ from scaling.models import ScalingPolicy
 from scaling.node_services import tick_nodes
 from scaling.nodeplan import NodeBounds, fits_a_new_node
 from serving import services
-from serving.agent.protocol import DeviceInfo, HeartbeatRequest, RegisterRequest
 from serving.models import Deployment, JoinToken, Node, Replica, ReplicaState
 from serving.placement import DeviceRoom, NodeView, ReplicaNeed, format_bytes, unplaced_reason
+from swarm_protocol.agent_messages import DeviceInfo, HeartbeatRequest, RegisterRequest
 from tests import factories
 from tests.dashboards_helpers import gpu, register_node
 from tests.test_scaling_providers import RecordingProvider

@@ -18,14 +18,14 @@ from serving.agent.cache import ArtifactCache
 from serving.agent.client import CredentialsRevoked, PortalClient, PortalError, PortalUnreachable
 from serving.agent.devices import DeviceBackend
 from serving.agent.processes import DEFAULT_WATCHDOG_S, REPLICA_MODULE
-from serving.agent.protocol import (
+from serving.agent.replicas import ReplicaManager, ReplicaSettings
+from swarm_protocol.agent_messages import (
     DesiredReplica,
     DeviceInfo,
     HeartbeatRequest,
     HeartbeatResponse,
     RegisterRequest,
 )
-from serving.agent.replicas import ReplicaManager, ReplicaSettings
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0

@@ -11,8 +11,8 @@ import httpx
 # httpcore retries this import on every call when it is missing: import it once, on purpose.
 import sniffio  # noqa: F401
 
-from serving.agent import protocol
-from serving.agent.protocol import (
+from swarm_protocol import agent_messages as protocol
+from swarm_protocol.agent_messages import (
     HeartbeatRequest,
     HeartbeatResponse,
     Message,

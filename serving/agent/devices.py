@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from serving.agent.protocol import DeviceInfo
+from swarm_protocol.agent_messages import DeviceInfo
 
 log = logging.getLogger(__name__)
 BACKEND_CHOICES = ("auto", "nvml", "cpu")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.agent.protocol import MAX_LOG_LINE_CHARS, MAX_LOG_LINES
+from swarm_protocol.agent_messages import MAX_LOG_LINE_CHARS, MAX_LOG_LINES
 
 STDOUT_FILE = "stdout.log"
 STDERR_FILE = "stderr.log"

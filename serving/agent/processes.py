@@ -17,7 +17,7 @@ from typing import Protocol
 import serving
 from serving.agent import survivors
 from serving.agent.logs import ROTATED_SUFFIX, STDERR_FILE, STDOUT_FILE
-from serving.agent.protocol import DesiredReplica
+from swarm_protocol.agent_messages import DesiredReplica
 
 log = logging.getLogger(__name__)
 REPLICA_MODULE = "serving.replica"

@@ -23,11 +23,11 @@ from typing import Any
 
 import httpx
 
-from registry.signature import SignatureError, parse_signature
-from registry.steps import StepsError, parse_steps
 from serving.agent import processes, replica_stats, survivors
 from serving.agent.logs import LogTail
-from serving.agent.protocol import DesiredReplica, ReplicaStatus
+from swarm_protocol.agent_messages import DesiredReplica, ReplicaStatus
+from swarm_protocol.signature import SignatureError, parse_signature
+from swarm_protocol.steps import StepsError, parse_steps
 
 log = logging.getLogger(__name__)
 REPLICA_FORMATS = ("torchscript", "torch_export", "onnx")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.agent.protocol import DesiredReplica, ProtocolError
+from swarm_protocol.agent_messages import DesiredReplica, ProtocolError
 
 log = logging.getLogger(__name__)
 RECORD_FILE = "replica.json"

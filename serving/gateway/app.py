@@ -37,7 +37,7 @@ from serving.gateway.responses import (
     send_response,
 )
 from serving.gateway.routes import SessionAuth, TableSource
-from serving.wire_numbers import parse_count
+from swarm_protocol.wire_numbers import parse_count
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "SERVER_NAME", "UNKNOWN_MODEL_LABEL", "GatewayApp"]
 # Sent on to the replica; the client's Authorization is replaced by the replica key.

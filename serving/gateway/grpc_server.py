@@ -33,7 +33,7 @@ from serving.gateway.proto import grpc_predict_v2_pb2 as pb
 from serving.gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.gateway.requests import ModelPath
 from serving.gateway.responses import Headers, Response, error
-from serving.wire_numbers import parse_count
+from swarm_protocol.wire_numbers import parse_count
 
 BINARY_CONTENT_TYPE = (b"content-type", b"application/octet-stream")
 HEADER_LENGTH = b"inference-header-content-length"

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 from serving.gateway.responses import Receive
-from serving.wire_numbers import parse_count
+from swarm_protocol.wire_numbers import parse_count
 
 MODELS_PREFIX = "/v2/models/"
 ACTIONS = frozenset({"", "ready", "infer"})

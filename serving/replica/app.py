@@ -20,7 +20,7 @@ from serving.replica.config import ReplicaConfig
 from serving.replica.engine import InferenceEngine
 from serving.replica.pipeline import InputRejected
 from serving.replica.runner import ModelFailure
-from serving.wire_numbers import parse_count
+from swarm_protocol.wire_numbers import parse_count
 
 SERVER_NAME = "swarm-replica"
 SERVER_VERSION = "0.1.0"

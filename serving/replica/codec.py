@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from registry.signature import Signature, TensorSpec
 from serving.replica.codec_hints import binary_hint
 from serving.replica.datatypes import (
     NUMPY_DTYPES,
@@ -26,7 +25,8 @@ from serving.replica.datatypes import (
     array_to_bytes,
     array_to_json,
 )
-from serving.wire_numbers import parse_count
+from swarm_protocol.signature import Signature, TensorSpec
+from swarm_protocol.wire_numbers import parse_count
 
 HEADER_LENGTH_HEADER = "inference-header-content-length"
 JSON_CONTENT_TYPE = "application/json"

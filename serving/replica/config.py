@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.signature import Signature, SignatureError, parse_signature
-from registry.steps import Steps, StepsError, parse_steps
+from swarm_protocol.signature import Signature, SignatureError, parse_signature
+from swarm_protocol.steps import Steps, StepsError, parse_steps
 
 KEY_ENV = "SWARM_REPLICA_KEY"
 MIN_KEY_CHARS = 16
@@ -41,7 +41,7 @@ class ReplicaConfig:
     threads: int
     key: str
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    steps: Steps | None = None  # the version's processing steps (registry/steps.py)
+    steps: Steps | None = None  # the version's processing steps (swarm_protocol/steps.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,10 +17,10 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from registry.signature import Signature
 from serving.replica.batching import Batch, Batcher, BatchPolicy
 from serving.replica.runner import ModelFailure, is_batchable
 from serving.replica.stats import ReplicaStats
+from swarm_protocol.signature import Signature
 
 R = TypeVar("R")
 Outputs = list[np.ndarray]

@@ -1,7 +1,7 @@
 """The ONNX Runtime backend of the replica's runner.
 
 The file passes the same archive inspector as in the portal (no external data, no
-custom-op domains, size limits) and the session is built by `registry.model_loading`
+custom-op domains, size limits) and the session is built by `swarm_protocol.model_loading`
 from the bytes that were checked. Providers: CUDA when the device is cuda and the
 installed onnxruntime has it, else the CPU (with a warning); intra-op threads from the
 replica's --threads.
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from registry.archive import FORMAT_ONNX, ArchiveRefused, inspect_archive
-from registry.model_loading import CUDA_PROVIDER, load_onnx_session
-from registry.signature import Signature, TensorSpec
 from serving.replica.datatypes import NUMPY_DTYPES
 from serving.replica.runner import LoadError, ModelFailure, first_line
+from swarm_protocol.archive import FORMAT_ONNX, ArchiveRefused, inspect_archive
+from swarm_protocol.model_loading import CUDA_PROVIDER, load_onnx_session
+from swarm_protocol.signature import Signature, TensorSpec
 
 logger = logging.getLogger("serving.replica")
 # numpy has no bfloat16 and ONNX Runtime takes no raw bits for it; BYTES would need str.

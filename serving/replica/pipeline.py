@@ -15,17 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from registry.steps import Steps, served_signature
-from registry.steps_run import (
+from serving.replica.datatypes import NUMPY_DTYPES, bf16_bits_to_float32
+from serving.replica.engine import Runner
+from serving.replica.runner import LoadError, ModelFailure
+from swarm_protocol.steps import Steps, served_signature
+from swarm_protocol.steps_run import (
     StepError,
     classify,
     decode_images,
     label_table,
     sample_pictures,
 )
-from serving.replica.datatypes import NUMPY_DTYPES, bf16_bits_to_float32
-from serving.replica.engine import Runner
-from serving.replica.runner import LoadError, ModelFailure
 
 
 class InputRejected(ModelFailure):

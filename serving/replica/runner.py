@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from registry.signature import Signature
 from serving.replica.datatypes import NUMPY_DTYPES
+from swarm_protocol.signature import Signature
 
 WARM_UP_PASSES = 2  # TorchScript's profiling executor optimises after a couple of calls
 ONNX_FORMAT = "onnx"

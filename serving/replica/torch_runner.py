@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from registry.archive import ArchiveRefused, inspect_archive
-from registry.model_loading import load_module
-from registry.signature import TORCH_DTYPE_TO_DATATYPE, Signature, TensorSpec
 from serving.replica.runner import LoadError, ModelFailure, first_line
+from swarm_protocol.archive import ArchiveRefused, inspect_archive
+from swarm_protocol.model_loading import load_module
+from swarm_protocol.signature import TORCH_DTYPE_TO_DATATYPE, Signature, TensorSpec
 
 
 class TorchBackend:
@@ -32,7 +32,7 @@ class TorchBackend:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise LoadError(f"device {self.device} was asked for but CUDA is not available")
         # A worker never trusts the portal's earlier check: the same inspector runs here,
-        # and the loader only takes what it returns (registry/archive.py).
+        # and the loader only takes what it returns (swarm_protocol/archive.py).
         try:
             archive = inspect_archive(self.artifact_path, declared_format=self.artifact_format)
         except ArchiveRefused as exc:

@@ -15,17 +15,17 @@ from django.utils import timezone
 
 from dashboards import events as dashboard_events
 from serving import live, liveness, secrets
-from serving.agent.protocol import (
+from serving.models import Gpu, JoinToken, Node, NodeStatus, Replica, ReplicaState
+from serving.services.reconcile import desired_for_node, reconcile_deployments_of
+from swarm_portal import stopping
+from swarm_portal.errors import ServiceError
+from swarm_protocol.agent_messages import (
     HeartbeatRequest,
     HeartbeatResponse,
     RegisterRequest,
     RegisterResponse,
     ReplicaStatus,
 )
-from serving.models import Gpu, JoinToken, Node, NodeStatus, Replica, ReplicaState
-from serving.services.reconcile import desired_for_node, reconcile_deployments_of
-from swarm_portal import stopping
-from swarm_portal.errors import ServiceError
 
 log = logging.getLogger(__name__)
 LAST_HEARTBEAT_PERSIST_S = 10.0

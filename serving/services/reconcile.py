@@ -25,7 +25,6 @@ from django.utils import timezone
 from dashboards import events as dashboard_events
 from registry.models import Alias, ModelVersion
 from serving import live
-from serving.agent.protocol import DesiredReplica
 from serving.models import (
     ACTIVE_REPLICA_STATES,
     Deployment,
@@ -43,6 +42,7 @@ from serving.placement import (
     removal_order,
 )
 from serving.services.revisions import record_revision
+from swarm_protocol.agent_messages import DesiredReplica
 
 log = logging.getLogger(__name__)
 # A deployment whose replicas keep failing is not restarted faster than this.

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from serving.agent.client import PortalClient
-from serving.agent.protocol import HeartbeatRequest, ReplicaStatus
 from serving.models import Replica
+from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
 from tests.dashboards_helpers import gpu
 from tests.factories import SIGNATURE
 

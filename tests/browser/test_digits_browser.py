@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from registry import demo_digits
-from registry.signature import parse_signature
-from registry.steps import parse_steps
-from registry.steps_run import decode_images
+from swarm_protocol.signature import parse_signature
+from swarm_protocol.steps import parse_steps
+from swarm_protocol.steps_run import decode_images
 from tests.browser.test_dashboards_browser import log_in
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]

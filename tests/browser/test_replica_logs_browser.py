@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.agent.protocol import ReplicaStatus
+from swarm_protocol.agent_messages import ReplicaStatus
 from tests.browser.test_dashboards_browser import heartbeat, log_in
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]

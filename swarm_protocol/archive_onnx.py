@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from registry.archive_export import ArchiveRefused
+from swarm_protocol.archive_export import ArchiveRefused
 
 # Domains ONNX Runtime implements in its own binary; anything else needs a custom-op
 # library, which we never register.

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from registry.signature import (
+from swarm_protocol.signature import (
     DATATYPES,
     Signature,
     SignatureError,

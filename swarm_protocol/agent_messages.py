@@ -304,7 +304,7 @@ class DesiredReplica(Message):
     max_queue_delay_ms: float
     device: str
     threads: int = 1
-    # The version's processing steps (registry/steps.py, labels included); {}: none.
+    # The version's processing steps (swarm_protocol/steps.py, labels included); {}: none.
     steps: dict[str, Any] = field(default_factory=dict)
 
 

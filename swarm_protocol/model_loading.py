@@ -1,4 +1,4 @@
-"""Load a model from an archive that passed `registry.archive.inspect_archive`, and only then.
+"""Load a model from an archive that passed `swarm_protocol.archive.inspect_archive`, and only then.
 
 Shared by the validation child and the replica (no Django; torch and onnxruntime imported
 when called). The only module that calls a torch loader or builds an ONNX Runtime session.
@@ -9,7 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from registry.archive import FORMAT_ONNX, FORMAT_TORCHSCRIPT, InspectedArchive, require_inspected
+from swarm_protocol.archive import (
+    FORMAT_ONNX,
+    FORMAT_TORCHSCRIPT,
+    InspectedArchive,
+    require_inspected,
+)
 
 # torch.load reads this at every call and then refuses weights_only=False: torch.export's
 # own fallbacks (sample inputs, legacy state dicts) would otherwise unpickle freely.

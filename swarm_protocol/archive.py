@@ -2,10 +2,10 @@
 
 A model file is untrusted code. Before torch sees it, `inspect_archive` reads only the
 zip's central directory and a few JSON files (never a pickle) and returns an
-`InspectedArchive` once the archive passes; loaders (`registry/model_loading.py`) take
+`InspectedArchive` once the archive passes; loaders (`swarm_protocol/model_loading.py`) take
 that result, not a path, so no loader can skip the check. Deny by default: an entry,
 a config field or a graph target this module does not know is refused. A file that is
-not a zip goes to the ONNX inspector (`registry/archive_onnx.py`).
+not a zip goes to the ONNX inspector (`swarm_protocol/archive_onnx.py`).
 
 No Django and no torch here: the portal's validation child and the replica import it.
 """
@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO
 
-from registry import archive_export, archive_onnx
-from registry.archive_export import ArchiveRefused
+from swarm_protocol import archive_export, archive_onnx
+from swarm_protocol.archive_export import ArchiveRefused
 
 FORMAT_TORCHSCRIPT = "torchscript"
 FORMAT_TORCH_EXPORT = "torch_export"
@@ -113,7 +113,7 @@ def _inspect_onnx(source: Source, limits: ArchiveLimits,
 def require_inspected(archive: object) -> InspectedArchive:
     """Return `archive` if inspect_archive made it; loaders call this first."""
     if not isinstance(archive, InspectedArchive) or archive._seal is not _SEAL:
-        raise TypeError("loaders take the result of registry.archive.inspect_archive")
+        raise TypeError("loaders take the result of swarm_protocol.archive.inspect_archive")
     return archive
 
 

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from registry.signature import (
+from swarm_protocol.signature import (
     Signature,
     SignatureError,
     TensorSpec,

@@ -1,4 +1,4 @@
-"""Run a version's steps (registry/steps.py) on numpy arrays: images in, labels out.
+"""Run a version's steps (swarm_protocol/steps.py) on numpy arrays: images in, labels out.
 
 Pure apart from Pillow: image bytes become the model's input tensor (decode, color mode,
 resize, layout, scale, mean/std) and a model output becomes top-k scores, class indices
@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
-from registry.steps import ClassifyStep, ImageStep, Steps
+from swarm_protocol.steps import ClassifyStep, ImageStep, Steps
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded size; checked from the header before decoding
