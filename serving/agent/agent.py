@@ -339,7 +339,10 @@ class Agent:
 
 
 def _agent_version() -> str:
-    try:
-        return metadata.version("swarm-portal")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    # A GPU server installs swarm-worker; a portal checkout runs the agent from swarm-portal.
+    for distribution in ("swarm-worker", "swarm-portal"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"

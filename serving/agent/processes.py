@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import serving
 from serving.agent import survivors
 from serving.agent.logs import ROTATED_SUFFIX, STDERR_FILE, STDOUT_FILE
 from swarm_protocol.agent_messages import DesiredReplica
@@ -37,8 +36,9 @@ REPLICA_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PYTORCH_CUDA_")
 SIGNATURE_FILE = survivors.SIGNATURE_FILE
 STEPS_FILE = "steps.json"
 _STDERR_TAIL_BYTES = 4096
-# The directory that holds the `serving` package, so the child finds it from any cwd.
-_CODE_ROOT = str(Path(serving.__file__).resolve().parent.parent)
+# The directory that holds the `serving` package, so the child finds it from any cwd. From this
+# file, not serving.__file__: in the worker's wheel `serving` is a namespace package (no file).
+_CODE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
