@@ -1,8 +1,8 @@
-"""Publish points: one call each from the services that change what the dashboards show.
+"""Publish points: the dashboards' side of the services' live events (swarm_portal.live_events).
 
-`serving.services.nodes` calls these (heartbeats, node status, replica changes); the
-auto-scaler publishes ScalingEventMessage through dashboards.bus.publish directly. Each
-call returns at once; the message is built and sent after commit and never raises.
+`on_live_event` is subscribed in DashboardsConfig.ready(); serving/ and scaling/ publish
+(heartbeats, node status, replica changes, scaling decisions) without importing dashboards.
+Each call returns at once; the message is built and sent after commit and never raises.
 """
 
 from __future__ import annotations
@@ -18,7 +18,31 @@ from dashboards.messages import (
     NodeFiguresMessage,
     NodeStatusMessage,
     ReplicasChangedMessage,
+    ScalingEventMessage,
 )
+from swarm_portal.live_events import (
+    DeploymentScaled,
+    LiveEvent,
+    NodeFigures,
+    NodeStatusChanged,
+    ReplicasChanged,
+)
+
+
+def on_live_event(event: LiveEvent) -> None:
+    """Turn a service's live event into the dashboards' message(s)."""
+    match event:
+        case NodeFigures():
+            node_figures(event.node_id, event.at_s, event.devices, event.replicas)
+        case NodeStatusChanged():
+            node_status(event.node_id, event.status, event.name)
+        case ReplicasChanged():
+            replicas_changed(event.deployment_ids)
+        case DeploymentScaled():
+            bus.publish(ScalingEventMessage(
+                deployment_id=event.deployment_id, deployment_name=event.deployment_name,
+                at=event.at, from_replicas=event.from_replicas, to_replicas=event.to_replicas,
+                reason=event.reason))
 
 
 def node_figures(node_id: int, at_s: float, devices: list[dict[str, Any]],

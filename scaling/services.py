@@ -32,7 +32,9 @@ from serving import live
 from serving.models import ACTIVE_REPLICA_STATES, Deployment, Replica
 from serving.services.reconcile import reconcile_deployment
 from serving.services.revisions import record_revision
+from swarm_portal import live_events
 from swarm_portal.errors import ServiceError
+from swarm_portal.live_events import DeploymentScaled
 
 log = logging.getLogger(__name__)
 POLICY_FIELDS = ("enabled", "min_replicas", "max_replicas", "target_in_flight_per_replica",
@@ -229,14 +231,11 @@ def _record_change(deployment: Deployment, decision: Decision, replicas_reportin
 
 
 def _publish(event: ScalingEvent) -> None:
-    """Push the event to the dashboards (never fails the tick)."""
+    """Publish the decision as a live event (the dashboards show it; never fails the tick)."""
     try:
-        from dashboards import bus
-        from dashboards.messages import ScalingEventMessage
-
-        bus.publish(ScalingEventMessage(
+        live_events.publish(DeploymentScaled(
             deployment_id=event.deployment_id, deployment_name=event.deployment.name,
             at=event.created_at.isoformat(), from_replicas=event.from_replicas,
             to_replicas=event.to_replicas, reason=event.reason))
-    except Exception:
+    except Exception:  # reading the deployment's name may fail
         log.exception("could not publish scaling event %s", event.pk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 
 from scaling import node_services, services
 
@@ -23,3 +24,10 @@ def activate_deployment(deployment_id: int, held: int) -> bool:
     if activated:
         node_services.tick_nodes()  # a cold start may need a node too
     return activated
+
+
+def send_activation(deployment_id: int, held: int) -> None:
+    """Queue activate_deployment (the registered activator); raise if the broker fails."""
+    # Expires with the gateway's hold: a later run would start replicas nobody waits for.
+    activate_deployment.apply_async(args=[deployment_id, held],
+                                    expires=settings.GATEWAY_HOLD_TIMEOUT_S or None)

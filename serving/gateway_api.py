@@ -33,8 +33,9 @@ from kombu.exceptions import KombuError
 
 from serving import live, secrets
 from serving.gateway.limits import MAX_CREDENTIAL_BYTES
-from serving.gateway_source import route_table, send_activation, session_user_active, share_caps
+from serving.gateway_source import route_table, session_user_active, share_caps
 from serving.models import GatewayToken
+from swarm_portal import activation
 from swarm_portal.errors import ServiceError
 from swarm_protocol.wire_numbers import parse_count
 
@@ -212,7 +213,9 @@ def activations(request: HttpRequest) -> HttpResponse:
     deployment_id = _whole(body["deployment_id"], "deployment_id", 1, 2**63 - 1)
     held = _whole(body["held"], "held", 0, MAX_HELD)
     try:
-        send_activation(deployment_id, held)
+        activation.activate(deployment_id, held)
+    except activation.NoActivator:
+        return _unavailable("the auto-scaler")
     except (KombuError, OSError):
         return _unavailable("the task broker")
     return HttpResponse(status=202)

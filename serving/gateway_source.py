@@ -186,15 +186,3 @@ class PortalSessionAuth:
         return await _closing(session_user_active)(session_key)
 
 
-def send_activation(deployment_id: int, held: int) -> None:
-    """Send the auto-scaler's activation task (by name); raise when the broker fails."""
-    from swarm_portal.celery import app
-
-    # By name: serving does not import the scaling app that defines the task.
-    app.send_task("scaling.tasks.activate_deployment", args=[deployment_id, held],
-                  expires=settings.GATEWAY_HOLD_TIMEOUT_S or None)
-
-
-async def celery_activator(deployment_id: int, held: int) -> None:
-    """Activator for the gateway: ask the auto-scaler (a Celery task) to start a replica."""
-    await sync_to_async(send_activation, thread_sensitive=False)(deployment_id, held)

@@ -13,12 +13,12 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from dashboards import events as dashboard_events
 from serving import live, liveness, secrets
 from serving.models import Gpu, JoinToken, Node, NodeStatus, Replica, ReplicaState
 from serving.services.reconcile import desired_for_node, reconcile_deployments_of
-from swarm_portal import stopping
+from swarm_portal import live_events, stopping
 from swarm_portal.errors import ServiceError
+from swarm_portal.live_events import NodeFigures, NodeStatusChanged, ReplicasChanged
 from swarm_protocol.agent_messages import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -89,7 +89,7 @@ def do_register_node(message: RegisterRequest, now: datetime | None = None) -> R
     with contextlib.suppress(live.CacheUnavailable):  # unknown figures: the next heartbeat's
         live.record_heartbeat(node.pk, now.timestamp(), [asdict(d) for d in message.devices],
                               [])
-    dashboard_events.node_status(node.pk)
+    live_events.publish(NodeStatusChanged(node.pk))
     log.info("node %s (#%s) joined with token %s", node.name, node.pk, token.prefix)
     return RegisterResponse(node_id=node.pk, node_secret=secret,
                             replica_key=secrets.replica_key(node.pk),
@@ -129,8 +129,8 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
                               [asdict(r) for r in message.replicas])
     except live.CacheUnavailable as exc:
         raise CacheDown("the portal's cache is unavailable; retry the heartbeat") from exc
-    dashboard_events.node_figures(node.pk, now.timestamp(), devices,
-                                  [asdict(r) for r in message.replicas])
+    live_events.publish(NodeFigures(node.pk, now.timestamp(), devices,
+                                    [asdict(r) for r in message.replicas]))
     with transaction.atomic():
         node = Node.objects.select_for_update().filter(pk=node.pk).first()
         if node is None:  # removed while this heartbeat was on its way
@@ -148,7 +148,7 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
     if changed:
         if _may_place():
             reconcile_deployments_of(changed, now)
-        dashboard_events.replicas_changed(changed)
+        live_events.publish(ReplicasChanged(tuple(changed)))
     return HeartbeatResponse(desired=desired_for_node(node), replica_key=secrets.replica_key(
         node.pk), heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, node_status=node.status)
 
@@ -161,7 +161,7 @@ def _persist_node_changes(node: Node, message: HeartbeatRequest, now: datetime) 
     if came_back:
         fields.update(status=NodeStatus.READY, status_changed_at=now)
         log.info("node %s (#%s) is back", node.name, node.pk)
-        dashboard_events.node_status(node.pk)
+        live_events.publish(NodeStatusChanged(node.pk))
     stale = (node.last_heartbeat_at is None
              or (now - node.last_heartbeat_at).total_seconds() >= LAST_HEARTBEAT_PERSIST_S)
     if stale or fields:
@@ -278,8 +278,8 @@ def _mark_offline(node_id: int, now: datetime) -> bool:
     log.warning("node #%s is offline: missed heartbeats; replacing its replicas (ready ones "
                 "serve until their replacements are ready)", node_id)
     reconcile_deployments_of(deployments, now)
-    dashboard_events.node_status(node_id)
-    dashboard_events.replicas_changed(deployments)
+    live_events.publish(NodeStatusChanged(node_id))
+    live_events.publish(ReplicasChanged(tuple(deployments)))
     return True
 
 
@@ -305,8 +305,8 @@ def do_drain_node(node: Node, now: datetime | None = None) -> None:
         live_replicas.update(desired=False)
         live.bump_routes_on_commit()
     reconcile_deployments_of(deployments, now)
-    dashboard_events.node_status(node.pk)
-    dashboard_events.replicas_changed(deployments)
+    live_events.publish(NodeStatusChanged(node.pk))
+    live_events.publish(ReplicasChanged(tuple(deployments)))
 
 
 def do_remove_node(node: Node, now: datetime | None = None) -> None:
@@ -319,8 +319,8 @@ def do_remove_node(node: Node, now: datetime | None = None) -> None:
         node.delete()
     live.forget(node_id)
     reconcile_deployments_of(deployments, now)
-    dashboard_events.node_status(node_id, "removed", node.name)
-    dashboard_events.replicas_changed(deployments)
+    live_events.publish(NodeStatusChanged(node_id, "removed", node.name))
+    live_events.publish(ReplicasChanged(tuple(deployments)))
 
 
 def do_deregister_node(node: Node, now: datetime | None = None) -> None:
@@ -335,8 +335,8 @@ def do_deregister_node(node: Node, now: datetime | None = None) -> None:
     live.forget(node.pk)
     if _may_place():
         reconcile_deployments_of(deployments, now)
-    dashboard_events.node_status(node.pk)
-    dashboard_events.replicas_changed(deployments)
+    live_events.publish(NodeStatusChanged(node.pk))
+    live_events.publish(ReplicasChanged(tuple(deployments)))
 
 
 def _may_place() -> bool:

@@ -22,7 +22,6 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from dashboards import events as dashboard_events
 from registry.models import Alias, ModelVersion
 from serving import live
 from serving.models import (
@@ -42,6 +41,8 @@ from serving.placement import (
     removal_order,
 )
 from serving.services.revisions import record_revision
+from swarm_portal import live_events
+from swarm_portal.live_events import ReplicasChanged
 from swarm_protocol.agent_messages import DesiredReplica
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def reconcile_deployment(deployment_id: int, now: datetime | None = None) -> Non
         released = _release_unwanted_on_offline_nodes(deployment_id, now)
         if (not deployment.deleting and _reconcile_locked(deployment, now)) or released:
             live.bump_routes_on_commit()
-            dashboard_events.replicas_changed([deployment_id])
+            live_events.publish(ReplicasChanged((deployment_id,)))
     if deployment.deleting:
         delete_if_drained(deployment_id)
 
