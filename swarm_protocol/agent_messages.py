@@ -180,7 +180,8 @@ class Message:
         if not isinstance(raw, dict):
             raise ProtocolError(f"{where or cls.__name__} must be a JSON object")
         values: dict[str, Any] = {}
-        specs = _field_specs(cls)
+        # A dataclass with eq is unhashable, its class is not: mypy needs the plain `type`.
+        specs = _field_specs(typing.cast(type, cls))
         for spec in fields(cls):
             name = f"{where}{spec.name}"
             if spec.name not in raw:

@@ -60,7 +60,7 @@ class Forwarder:
         tried: frozenset[int] = frozenset()
         last: UpstreamResponse | None = None
         for attempt in range(max(1, runtime.route.max_attempts)):
-            lease = runtime.choose(self._clock(), tried, version)
+            lease: Lease | Unavailable | str = runtime.choose(self._clock(), tried, version)
             if lease is Unavailable.AT_CAPACITY:
                 lease = await self._wait_for_lease(runtime, version, tried, deadline)
             if not isinstance(lease, Lease):

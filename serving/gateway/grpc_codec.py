@@ -61,7 +61,8 @@ def error_details(body: bytes) -> str:
     except ValueError:
         value = None
     if isinstance(value, dict) and isinstance(value.get("error"), str):
-        return value["error"]
+        message: str = value["error"]
+        return message
     text = body.decode("utf-8", "replace")
     return text if len(text) <= MAX_DETAILS_CHARS else f"{text[:MAX_DETAILS_CHARS]}..."
 

@@ -118,6 +118,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                              admitted.name)
             await context.abort(grpc.StatusCode.INTERNAL,
                                 "the replica's answer is not a valid inference response")
+            raise AssertionError("unreachable: abort raises") from None
 
     # helpers
 
@@ -200,10 +201,11 @@ async def start_grpc(app: GatewayApp, host: str, port: int, *,
     """Return a started gRPC server for `app` on host:port (port 0: any; read the bound
     port from `server.bound_port`); raise RuntimeError when the port cannot be bound."""
     server = grpc.aio.server(options=server_options(app.max_body_bytes, reuse_port))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        InferenceServicer(app), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot listen for gRPC on {host}:{port}")
-    server.bound_port = bound  # type: ignore[attr-defined]
+    server.bound_port = bound  # grpc.aio.Server has no such attribute: ours
     await server.start()
     return server

@@ -125,7 +125,7 @@ class PortalProxy:
         where: dict[str, Any] = ({"unix": True, "path": self._uds_path} if self._uds_path
                                  else {"host": self._host, "port": self._port})
         return await connect(
-            uri, origin=origin.decode("latin-1") if origin else None,  # type: ignore[arg-type]
+            uri, origin=origin.decode("latin-1") if origin else None,
             subprotocols=scope.get("subprotocols") or None, compression=None,
             additional_headers=[(k.decode("latin-1"), v.decode("latin-1"))
                                 for k, v in forwarded_headers(scope)

@@ -137,7 +137,7 @@ class _Connection(asyncio.Protocol):
         transport, loop = self._transport, self._loop
         if self.closed or transport is None or loop is None or transport.is_closing():
             raise ConnectionBroken("the connection is closed", response_started=False)
-        waiter = loop.create_future()
+        waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._waiter = waiter
         # A timer on the loop is cheaper than asyncio.timeout(), which cancels the task.
         timer = loop.call_at(deadline, self._time_out) if deadline is not None else None

@@ -55,7 +55,7 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     """Return bfloat16 bits (uint16) of float values, rounded to nearest even."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-    result = ((bits + rounding) >> 16).astype(np.uint16)
+    result: np.ndarray = ((bits + rounding) >> 16).astype(np.uint16)
     nan = np.isnan(values)
     if nan.any():
         result[nan] = _BF16_QUIET_NAN
