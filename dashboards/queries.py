@@ -40,6 +40,16 @@ class GpuRow:
 
 
 @dataclass
+class ReplicaRow:
+    id: int
+    deployment: str
+    version: int
+    state: str
+    port: int | None
+    gpu_index: int | None  # None: on the CPU
+
+
+@dataclass
 class NodeRow:
     id: int
     name: str
@@ -50,6 +60,7 @@ class NodeRow:
     replicas: int
     gpus: list[GpuRow]
     heartbeat_at_s: float | None
+    replica_rows: list[ReplicaRow] = field(default_factory=list)  # filled by the fleet page
 
     @property
     def active(self) -> bool:
@@ -98,6 +109,19 @@ def _node_row(node: Node, figures_: dict[str, Any] | None) -> NodeRow:
     return NodeRow(node.pk, node.name, node.address, node.status, node.labels,
                    node.cost_per_hour, node.replica_count, gpus,
                    (figures_ or {}).get("at_s"))
+
+
+def node_replicas(node_ids: list[int]) -> dict[int, list[ReplicaRow]]:
+    """Return {node id: its replicas that are not stopped, by deployment} (1 query)."""
+    rows: dict[int, list[ReplicaRow]] = {}
+    replicas = (Replica.objects.filter(node_id__in=node_ids).exclude(state=ReplicaState.STOPPED)
+                .order_by("deployment__name", "pk")
+                .values_list("node_id", "pk", "deployment__name", "version__number", "state",
+                             "port", "gpu_index"))
+    for node_id, pk, deployment, version, state, port, gpu_index in replicas:
+        rows.setdefault(node_id, []).append(
+            ReplicaRow(pk, deployment, version, state, port, gpu_index))
+    return rows
 
 
 def summary(nodes: list[NodeRow], histories: dict[int, list[Any]]) -> Summary:

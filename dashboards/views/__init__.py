@@ -12,7 +12,7 @@ from dashboards.views.deployments import (
     deployment_scale,
     deployment_traffic,
 )
-from dashboards.views.pages import fleet, overview
+from dashboards.views.pages import fleet, node_drain, overview
 from dashboards.views.playground import playground
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "fleet",
     "key_create",
     "key_revoke",
+    "node_drain",
     "overview",
     "playground",
     "token_create",

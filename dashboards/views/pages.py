@@ -1,12 +1,14 @@
-"""Read pages: the overview and the fleet."""
+"""Read pages: the overview and the fleet, and the fleet's one control (drain a node)."""
 
 from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import get_object_or_404, render
 
 from dashboards import figures, history, queries
-from dashboards.views.common import viewer_page
+from dashboards.views.common import operator_action, run_action, viewer_page
+from serving import services
+from serving.models import Node
 
 
 @viewer_page
@@ -32,6 +34,9 @@ def overview(request: HttpRequest) -> HttpResponse:
 def fleet(request: HttpRequest) -> HttpResponse:
     nodes = queries.fleet_nodes()
     histories = queries.node_histories([node.id for node in nodes])
+    replicas = queries.node_replicas([node.id for node in nodes])
+    for node in nodes:
+        node.replica_rows = replicas.get(node.id, [])
     context = {
         "nodes": nodes,
         "series": {node.id: figures.device_series(histories.get(node.id, []),
@@ -42,6 +47,17 @@ def fleet(request: HttpRequest) -> HttpResponse:
     template = ("dashboards/_fleet_nodes.html" if request.GET.get("partial") == "nodes"
                 else "dashboards/fleet.html")
     return render(request, template, context)
+
+
+@operator_action
+def node_drain(request: HttpRequest, pk: int) -> HttpResponse:
+    """Drain a node: no new replicas go there and its replicas move elsewhere."""
+    node = get_object_or_404(Node, pk=pk)
+
+    def drain() -> str:
+        services.do_drain_node(node)
+        return f"Node {node.name} is draining: its replicas move to other nodes."
+    return run_action(request, drain, "dashboards:fleet")
 
 
 def _figures_seed(nodes: list[queries.NodeRow],

@@ -1,0 +1,67 @@
+"""In Chromium (issue 15): the fleet page lists each node's replicas and drains a node only
+after the operator confirms.
+
+Screenshots go to $SWARM_TEST_ARTEFACTS (else var/test-artifacts/fleet); the folder is printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.models import Node, NodeStatus, Replica
+from tests.browser.conftest import ARTIFACTS
+from tests.browser.test_dashboards_browser import log_in
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+@pytest.fixture
+def shots(request: pytest.FixtureRequest) -> Any:
+    """Save full-page screenshots under the artefacts folder (printed once per test)."""
+    folder = Path(os.environ.get("SWARM_TEST_ARTEFACTS") or ARTIFACTS / "fleet")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots: {folder}")
+
+    def save(page: Any, step: str) -> Path:
+        path = folder / f"{request.node.name}-{step}.png"
+        page.screenshot(path=str(path), full_page=True)
+        return path
+    return save
+
+
+def test_drain_asks_first_and_then_drains(browser, portal, served_deployment, shots):
+    replica = Replica.objects.get()
+    Replica.objects.filter(pk=replica.pk).update(port=41234, state="ready")
+    page = log_in(browser, portal, "olga")
+    page.goto("/fleet/")
+    row = page.locator(f'tr[data-replica="{replica.pk}"]')
+    assert "mlp" in row.inner_text() and "41234" in row.inner_text()
+    shots(page, "before")
+    questions: list[str] = []
+
+    def answer(accept: bool) -> None:
+        page.once("dialog", lambda d: (questions.append(d.message),
+                                       d.accept() if accept else d.dismiss()))
+    answer(False)
+    page.click(".drain-form button")
+    assert questions and questions[0].startswith("Drain node gpu-a?")
+    assert Node.objects.get().status == NodeStatus.READY  # dismissed: nothing sent
+    answer(True)
+    page.click(".drain-form button")
+    page.wait_for_selector("text=gpu-a is draining")
+    assert Node.objects.get().status == NodeStatus.DRAINING
+    assert page.locator(".drain-form").count() == 0
+    shots(page, "drained")
+
+
+def test_a_viewer_sees_replicas_but_no_drain_button(browser, portal, viewer, served_deployment,
+                                                     shots):
+    page = log_in(browser, portal, "victor")
+    page.goto("/fleet/")
+    assert page.locator("tr[data-replica]").count() == 1
+    assert page.locator(".drain-form").count() == 0
+    shots(page, "viewer")
