@@ -151,8 +151,9 @@ def device_kinds(nodes: list[NodeRow]) -> dict[str, dict[str, str]]:
     return {str(n.id): {str(g.index): g.kind for g in n.gpus} for n in nodes}
 
 
-def node_histories(node_ids: list[int]) -> dict[int, list[Any]]:
-    return history.histories(node_ids)
+def node_histories(node_ids: list[int],
+                   range_name: str = history.DEFAULT_RANGE) -> dict[int, list[Any]]:
+    return history.histories(node_ids, range_name)
 
 
 def recent_events(limit: int = RECENT_EVENTS) -> list[EventRow]:
@@ -239,22 +240,27 @@ def _policy_or_none(deployment: Deployment) -> Any:
         return None
 
 
-def replica_deployments(deployment_ids: list[int] | None = None) -> dict[int, int]:
-    """Return {replica id: deployment id} for replicas that may still report figures."""
-    replicas = Replica.objects.exclude(state=ReplicaState.STOPPED)
+def replica_deployments(deployment_ids: list[int] | None = None,
+                        stopped_too: bool = False) -> dict[int, int]:
+    """Return {replica id: deployment id} for replicas that may still report figures (with
+    `stopped_too`, also those gone since: a 24 h chart still counts their traffic)."""
+    replicas = (Replica.objects.all() if stopped_too
+                else Replica.objects.exclude(state=ReplicaState.STOPPED))
     if deployment_ids is not None:
         replicas = replicas.filter(deployment_id__in=deployment_ids)
     return dict(replicas.values_list("pk", "deployment_id"))
 
 
 def deployment_series(deployment_ids: list[int] | None = None,
-                      version_of: dict[int, int] | None = None) -> dict[int, figures.Series]:
+                      version_of: dict[int, int] | None = None,
+                      range_name: str = history.DEFAULT_RANGE) -> dict[int, figures.Series]:
     """Return the chart history per deployment (2 queries and one cache read); with
     `version_of` ({replica id: version}), per-version request rates during a canary."""
     node_ids = list(Node.objects.values_list("pk", flat=True))
-    return figures.deployment_series(node_histories(node_ids),
-                                     replica_deployments(deployment_ids),
-                                     history.HISTORY_STEP_S, version_of)
+    longer = range_name != history.DEFAULT_RANGE
+    return figures.deployment_series(node_histories(node_ids, range_name),
+                                     replica_deployments(deployment_ids, stopped_too=longer),
+                                     history.RANGES[range_name].step_s, version_of)
 
 
 def latest_figures(series: dict[int, figures.Series]) -> dict[int, dict[str, Any]]:

@@ -10,6 +10,7 @@ app_name = "dashboards"
 urlpatterns = [
     path("overview/", views.overview, name="overview"),
     path("fleet/", views.fleet, name="fleet"),
+    path("charts/", views.chart_series, name="chart-series"),
     path("fleet/nodes/<int:pk>/drain/", views.node_drain, name="node-drain"),
     path("deployments/", views.deployment_list, name="deployment-list"),
     path("deployments/new/", views.deployment_create, name="deployment-create"),

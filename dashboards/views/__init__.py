@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dashboards.views.access import access, key_create, key_revoke, token_create, token_revoke
+from dashboards.views.charts import chart_series
 from dashboards.views.deployments import (
     deployment_create,
     deployment_detail,
@@ -17,6 +18,7 @@ from dashboards.views.playground import playground
 
 __all__ = [
     "access",
+    "chart_series",
     "deployment_create",
     "deployment_detail",
     "deployment_list",

@@ -21,6 +21,10 @@
     { key: "p50_ms", label: "p50", unit: "ms", scale: "ms" }, { key: "p99_ms", label: "p99", unit: "ms", scale: "ms" },
     { key: "error_rate", label: "errors", unit: "%", scale: "%", factor: 100 }], seed);
   var lastPointS = 0;
+  L.rangePicker(document.getElementById("deployment-range"), "chart=deployment&deployment=" + encodeURIComponent(root.dataset.name || ""), function (body, live) {
+    rpsChart.reset(body.series, body.window_s, 4 * body.step_s, !live);
+    latencyChart.reset(body.series, body.window_s, 4 * body.step_s, !live);
+  });
 
   function latest(name) { var col = seed[name]; return col && col.length ? col[col.length - 1] : null; }
   function showFigures(f) {

@@ -34,6 +34,7 @@
           holder.innerHTML = html;
           document.getElementById("fleet-nodes").replaceWith(holder.firstElementChild);
           mountCharts();
+          if (shown) showRange(shown, false);
         });
     }, 150);
   }
@@ -59,6 +60,17 @@
     if (message.type === "node.figures") showFigures(message);
     else if (message.type === "node.status" || message.type === "replicas.changed") refreshNodes();
   }
+
+  // A longer range: every node's chart shows it, fetched again each step (and after a
+  // refresh of the node list, which mounts the charts anew).
+  var shown = null;
+  function showRange(body, live) {
+    shown = live ? null : body;
+    Object.keys(charts).forEach(function (nodeId) {
+      charts[nodeId].reset(body.series[nodeId] || { t: [] }, body.window_s, 4 * body.step_s, !live);
+    });
+  }
+  L.rangePicker(document.getElementById("fleet-range"), "chart=nodes", showRange);
 
   mountCharts();
   L.connect("/ws/fleet/", onMessage);

@@ -132,14 +132,51 @@
     lines.forEach(function (line, i) { var v = values[line.key]; data[i + 1].push(v == null ? null : v * line.factor); });
   };
   Chart.prototype.push = function (t, values) {
-    var data = this.data;
+    var data = this.data, windowS = this.windowS || HISTORY_S;
+    if (this.frozen) return;  // a longer range is shown: it is fetched again, not pushed to
     this._append(t, values);
-    while (data[0].length && data[0][0] < t - HISTORY_S) data.forEach(function (col) { col.shift(); });
+    while (data[0].length && data[0][0] < t - windowS) data.forEach(function (col) { col.shift(); });
     if (this.plot) this.plot.setData(data);
   };
+  // Show a fetched range instead: {t, key: [...]} over windowS seconds, gaps over gapS.
+  Chart.prototype.reset = function (seed, windowS, gapS, frozen) {
+    var self = this;
+    this.windowS = windowS; this.gapS = gapS; this.frozen = frozen;
+    this.data = [[]].concat(this.lines.map(function () { return []; }));
+    (seed.t || []).forEach(function (t, i) {
+      var values = {};
+      self.lines.forEach(function (line) { var col = seed[line.key]; values[line.key] = col ? col[i] : null; });
+      self._append(t, values);
+    });
+    if (this.plot) this.plot.setData(this.data);
+  };
+
+  // The 5 min / 1 h / 24 h buttons of a chart (templates/dashboards/_range_picker.html):
+  // a choice fetches that range's history from the server (/charts/) and hands it to
+  // onSeries(body, live); a longer range is fetched again every step, the 5 min one
+  // follows the heartbeats live.
+  function rangePicker(picker, query, onSeries) {
+    if (!picker) return;
+    var timer = null, buttons = picker.querySelectorAll("button[data-range]");
+    function choose(range) {
+      clearTimeout(timer);
+      buttons.forEach(function (b) { b.setAttribute("aria-pressed", String(b.dataset.range === range)); });
+      picker.dataset.state = "loading";
+      fetch("/charts/?" + query + "&range=" + encodeURIComponent(range), { credentials: "same-origin" })
+        .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
+        .then(function (body) {
+          picker.dataset.state = "shown";
+          picker.dataset.range = body.range;
+          onSeries(body, body.range === "5m");
+          if (body.range !== "5m") timer = setTimeout(function () { choose(range); }, body.step_s * 1000);
+        })
+        .catch(function () { picker.dataset.state = "failed"; });
+    }
+    buttons.forEach(function (b) { b.addEventListener("click", function () { choose(b.dataset.range); }); });
+  }
 
   function pct(value) { return value == null ? "–" : Math.round(value) + "%"; }
   function num(value, digits) { return value == null ? "–" : Number(value).toFixed(digits == null ? 1 : digits); }
 
-  window.SwarmLive = { json: json, connect: connect, fromSample: fromSample, RateTracker: RateTracker, Chart: Chart, pct: pct, num: num, clock: clock };
+  window.SwarmLive = { json: json, connect: connect, fromSample: fromSample, RateTracker: RateTracker, Chart: Chart, rangePicker: rangePicker, pct: pct, num: num, clock: clock };
 })();

@@ -10,6 +10,9 @@
   var chart = new L.Chart(document.getElementById("fleet-chart"), [
     { key: "util_pct", label: utilLabel, unit: "%", scale: "%" }, { key: "rps", label: "requests", unit: "req/s", scale: "rps" }], L.json("series"), 200);
   var lastPointS = 0, refreshTimer = null;
+  L.rangePicker(document.getElementById("fleet-range"), "chart=fleet", function (body, live) {
+    chart.reset(body.series, body.window_s, 4 * body.step_s, !live);
+  });
   var kinds = L.json("device-kinds") || {};
 
   // The utilisation tile shows GPUs, or the CPU load when the pool has no GPU: never a
