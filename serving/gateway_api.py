@@ -9,7 +9,8 @@ Every answer is JSON: bad input a 4xx naming the problem, a cache or database ou
 - GET  table?instance=<id>  -> the RouteTable JSON with an ETag (304 for If-None-Match)
 - POST sessions             {"session_key": str} -> {"allowed": bool}
 - POST activations          {"deployment_id": int, "held": int} -> 202
-- POST successes            {"replicas": {"<replica id>": unix s}} -> 204
+- POST successes            {"replicas": {"<replica id>": unix s},
+                              "keys": {"<API key id>": unix s} (optional)} -> 204
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from serving import live, secrets
 from serving.gateway.limits import MAX_CREDENTIAL_BYTES
 from serving.gateway_source import route_table, session_user_active, share_caps
 from serving.models import GatewayToken
+from serving.services.keys import record_keys_used
 from swarm_portal import activation
 from swarm_portal.errors import ServiceError
 from swarm_protocol.wire_numbers import parse_count
@@ -42,6 +44,7 @@ from swarm_protocol.wire_numbers import parse_count
 GATEWAY_TOKEN_PREFIX = "swg_"  # noqa: S105 - a prefix, not a secret
 MAX_BODY_BYTES = 1024 * 1024  # 10,000 successes are about 400 KB
 MAX_SUCCESSES = 10_000
+MAX_KEYS_USED = 10_000
 MAX_HELD = 1_000_000
 RETRY_AFTER_S = 1
 _INSTANCE = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)
@@ -126,8 +129,10 @@ def _refuse_constant(name: str) -> Any:
     raise ServiceError(f"the body is not valid JSON: {name} is not a number")
 
 
-def _json_object(request: HttpRequest, keys: set[str]) -> dict[str, Any]:
-    """Return the JSON object body with exactly `keys`; raise ServiceError (4xx)."""
+def _json_object(request: HttpRequest, keys: set[str],
+                 optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Return the JSON object body with exactly `keys` (and any of `optional`); raise
+    ServiceError (4xx)."""
     content_type = request.content_type or ""
     if content_type != "application/json":
         raise ServiceError(f"the body must be application/json, not {content_type[:50]!r}", 415)
@@ -143,8 +148,9 @@ def _json_object(request: HttpRequest, keys: set[str]) -> dict[str, Any]:
         raise ServiceError(f"the body is not valid JSON: {str(exc)[:100]}") from None
     except RecursionError:
         raise ServiceError("the body is not valid JSON: nested too deeply") from None
-    if not isinstance(data, dict) or set(data) != keys:
-        raise ServiceError(f"the body must be a JSON object with exactly {sorted(keys)}")
+    if not isinstance(data, dict) or not keys <= set(data) <= keys | optional:
+        also = f" (and optionally {sorted(optional)})" if optional else ""
+        raise ServiceError(f"the body must be a JSON object with exactly {sorted(keys)}{also}")
     return data
 
 
@@ -245,10 +251,31 @@ def _successes(raw: Any) -> dict[int, float]:
     return parsed
 
 
+def _keys_used(raw: Any) -> dict[int, float]:
+    if not isinstance(raw, dict) or len(raw) > MAX_KEYS_USED:
+        raise ServiceError(f"keys must be an object of at most {MAX_KEYS_USED} entries")
+    parsed: dict[int, float] = {}
+    for key, at_s in raw.items():
+        key_id = parse_count(key)
+        if key_id is None or key_id == 0:
+            raise ServiceError(f"API key ids are positive integers, not {key[:30]!r}")
+        try:
+            parsed[key_id] = _epoch_s(at_s, key_id)
+        except ServiceError:
+            raise ServiceError(f"API key {key_id}: a time is finite seconds since the "
+                               "epoch") from None
+    return parsed
+
+
 @_gateway_view("POST")
 def successes(request: HttpRequest) -> HttpResponse:
-    """Record when replicas last answered a gateway (the offline sweep's evidence)."""
-    live.record_replica_successes(_successes(_json_object(request, {"replicas"})["replicas"]))
+    """Record when replicas last answered a gateway (the offline sweep's evidence) and,
+    when sent, when API keys were last admitted (last_used_at, to the minute)."""
+    body = _json_object(request, {"replicas"}, frozenset({"keys"}))
+    replicas = _successes(body["replicas"])
+    keys = _keys_used(body.get("keys", {}))
+    live.record_replica_successes(replicas)
+    record_keys_used(keys, time.time())
     return HttpResponse(status=204)
 
 

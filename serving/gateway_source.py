@@ -7,7 +7,9 @@ cache read. Only when it changes, or every few seconds as a safety net, does it 
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any
@@ -16,7 +18,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.backends.base import SessionBase
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 from django.db.models import Q
 from django.utils.module_loading import import_string
 
@@ -31,6 +33,9 @@ from serving.gateway.routes import (
 )
 from serving.models import ApiKey, Deployment, NodeStatus, Replica, ReplicaState
 from serving.secrets import replica_key
+from serving.services.keys import record_keys_used
+
+logger = logging.getLogger(__name__)
 
 
 def effective_weights(target: dict[int, float], ready: set[int]) -> dict[int, float]:
@@ -159,15 +164,22 @@ class DatabaseTableSource:
         revision = await self.revision()
         return await _closing(build_route_table)(revision)
 
-    async def report_successes(self, latest_s_by_replica: dict[int, float]) -> None:
+    async def report_successes(self, latest_s_by_replica: dict[int, float],
+                               keys_used_s: dict[int, float] | None = None) -> None:
         """Record when each replica last answered a request successfully (time.time()).
 
         The offline sweep's evidence that a node whose heartbeats are late still serves.
         Call it at most once a second, with the replicas that succeeded since the last
-        call: one cache write, never raises.
+        call: one cache write, never raises. `keys_used_s` ({API key id: unix s}) sets
+        the keys' last_used_at (to the minute).
         """
         await sync_to_async(live.record_replica_successes,
                             thread_sensitive=False)(latest_s_by_replica)
+        if keys_used_s:
+            try:
+                await _closing(record_keys_used)(keys_used_s, time.time())
+            except DatabaseError:  # a late "last used" is no reason to fail serving
+                logger.warning("could not record the API keys' last use", exc_info=True)
 
 
 def session_user_active(session_key: str) -> bool:

@@ -235,6 +235,8 @@ class ApiKey(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT,
                                    related_name="api_keys")
     created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(
+        null=True, blank=True, help_text="when a gateway last admitted it (to the minute)")
 
     class Meta:
         ordering = ["-created_at"]

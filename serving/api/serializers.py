@@ -227,7 +227,8 @@ class ApiKeySerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiKey
         fields = ["id", "name", "prefix", "deployments", "all_deployments", "rate_limit_rps",
-                  "burst", "expires_at", "revoked_at", "status", "created_by", "created_at"]
+                  "burst", "expires_at", "revoked_at", "status", "created_by", "created_at",
+                  "last_used_at"]
         read_only_fields = fields
 
 

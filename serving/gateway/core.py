@@ -80,7 +80,12 @@ class GatewayCore:
         self._disconnects = DisconnectWatcher(WATCH_AFTER_S)
         self.cold_starts = ColdStarts(activator)
         self.refresher = TableRefresher(source, self._apply_table, clock, poll_interval_s,
-                                        full_reload_s, self._take_successes)
+                                        full_reload_s, self._take_successes,
+                                        take_keys_used=self._take_keys_used)
+        self._wall_clock = wall_clock
+        # {API key id: unix s it was last admitted}, reported and emptied once a second;
+        # ids come from the routing table only, so it is bounded by the keys there.
+        self._keys_used_s: dict[int, float] = {}
         self._ready = False
         self._start_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
@@ -153,6 +158,10 @@ class GatewayCore:
         taken, self._forwarder.succeeded = self._forwarder.succeeded, set()
         return taken
 
+    def _take_keys_used(self) -> dict[int, float]:
+        taken, self._keys_used_s = self._keys_used_s, {}
+        return taken
+
     def _apply_table(self, table: RouteTable) -> None:
         self.fleet.apply(table)
         self._limiter.forget_all_but({key.key_id for key in table.api_keys.values()})
@@ -186,6 +195,8 @@ class GatewayCore:
             self.metrics.rejected(target.name if runtime is not None else UNKNOWN_MODEL_LABEL,
                                   rejected.response.status)
             return rejected.response
+        if key is not None:
+            self._keys_used_s[key.key_id] = self._wall_clock()
         if runtime is None:
             return error(404, f"unknown model {target.name!r}")
         if target.version is not None and target.version not in runtime.routing_weights:

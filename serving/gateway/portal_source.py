@@ -175,11 +175,16 @@ class PortalClient:
         """Ask the auto-scaler to start a replica (the portal sends the task); never raises."""
         await self._post_quietly("activations", {"deployment_id": deployment_id, "held": held})
 
-    async def report_successes(self, latest_s_by_replica: dict[int, float]) -> None:
-        """Tell the portal when replicas last answered (unix s); never raises."""
-        if latest_s_by_replica:
-            replicas = {str(pk): at_s for pk, at_s in latest_s_by_replica.items()}
-            await self._post_quietly("successes", {"replicas": replicas})
+    async def report_successes(self, latest_s_by_replica: dict[int, float],
+                               keys_used_s: dict[int, float] | None = None) -> None:
+        """Tell the portal when replicas last answered and API keys were last admitted
+        (unix s); never raises."""
+        if latest_s_by_replica or keys_used_s:
+            body: dict[str, Any] = {
+                "replicas": {str(pk): at_s for pk, at_s in latest_s_by_replica.items()}}
+            if keys_used_s:
+                body["keys"] = {str(pk): at_s for pk, at_s in keys_used_s.items()}
+            await self._post_quietly("successes", body)
 
     async def _post_quietly(self, what: str, body: dict[str, Any]) -> None:
         try:

@@ -4,7 +4,8 @@ The request path never calls the source; this loop does, every `poll_interval_s`
 reloads in full every `full_reload_s` anyway, in case a change slipped past the revision.
 A failing source leaves the last good table in place. Once a second it also hands the
 source the replicas that answered successfully (`report_successes`, where the source has
-it): the offline sweep's evidence that a node whose heartbeats are late still serves.
+it): the offline sweep's evidence that a node whose heartbeats are late still serves,
+and the API keys it admitted (each key's "last used" on the access page).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class TableRefresher:
                  clock: Callable[[], float] = time.monotonic, poll_interval_s: float = 0.2,
                  full_reload_s: float = 5.0,
                  take_successes: Callable[[], set[int]] | None = None,
-                 report_interval_s: float = 1.0) -> None:
+                 report_interval_s: float = 1.0,
+                 take_keys_used: Callable[[], dict[int, float]] | None = None) -> None:
         self._source = source
         self._apply = apply
         self._clock = clock
@@ -36,6 +38,7 @@ class TableRefresher:
         self.revision: str | None = None
         self._loaded_at_s = -float("inf")
         self._take_successes = take_successes
+        self._take_keys_used = take_keys_used
         self.report_interval_s = report_interval_s
         self._reported_at_s = -float("inf")
 
@@ -60,8 +63,9 @@ class TableRefresher:
         return False
 
     async def report(self) -> bool:
-        """Hand the source the replicas that succeeded since the last report, at most once
-        per `report_interval_s`; return whether a report was sent."""
+        """Hand the source the replicas that succeeded and the API keys admitted since the
+        last report ({key id: unix s}), at most once per `report_interval_s`; return
+        whether a report was sent."""
         report: Any = getattr(self._source, "report_successes", None)
         if report is None or self._take_successes is None:
             return False
@@ -69,10 +73,14 @@ class TableRefresher:
             return False
         self._reported_at_s = self._clock()
         replica_ids = self._take_successes()
-        if not replica_ids:
+        keys_used_s = self._take_keys_used() if self._take_keys_used is not None else {}
+        if not replica_ids and not keys_used_s:
             return False
-        at_s = time.time()
-        await report(dict.fromkeys(replica_ids, at_s))
+        successes = dict.fromkeys(replica_ids, time.time())
+        if keys_used_s:
+            await report(successes, keys_used_s)
+        else:  # a source that knows nothing of keys still gets its one argument
+            await report(successes)
         return True
 
     async def run(self) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from serving import live, secrets
@@ -41,3 +42,23 @@ def do_revoke_api_key(key: ApiKey) -> None:
         ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(
             revoked_at=timezone.now())
         live.bump_routes_on_commit()
+
+
+LAST_USED_RESOLUTION_S = 60.0  # last_used_at is written at most once a minute per key
+
+
+def record_keys_used(used_s: dict[int, float], now_s: float) -> int:
+    """Set last_used_at from gateways' {key id: unix s} (clamped to now_s); unknown ids are
+    ignored. One read, then one UPDATE per key whose stored time is a minute older (so each
+    key is written at most once a minute). Return the number of keys written."""
+    if not used_s:
+        return 0
+    at = {pk: datetime.fromtimestamp(min(at_s, now_s), UTC) for pk, at_s in used_s.items()}
+    stored = ApiKey.objects.filter(pk__in=at).values_list("pk", "last_used_at")
+    due = {pk: at[pk] for pk, last in stored
+           if last is None or (at[pk] - last).total_seconds() >= LAST_USED_RESOLUTION_S}
+    for pk, when in due.items():
+        # A concurrent report may have moved the key on: never move last_used_at back.
+        ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=when),
+                              pk=pk).update(last_used_at=when)
+    return len(due)
