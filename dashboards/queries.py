@@ -28,6 +28,14 @@ RECENT_EVENTS = 25
 
 
 @dataclass
+class GpuProcessRow:
+    pid: int
+    memory_used_bytes: int | None  # None: NVML could not say
+    replica_id: int | None  # None: not a replica of this node's agent
+    deployment: str = ""  # filled by the fleet page from the node's replicas
+
+
+@dataclass
 class GpuRow:
     index: int
     kind: str
@@ -37,6 +45,7 @@ class GpuRow:
     memory_used_bytes: int | None = None
     temperature_c: float | None = None
     power_w: float | None = None
+    processes: list[GpuProcessRow] = field(default_factory=list)
 
 
 @dataclass
@@ -105,10 +114,26 @@ def _node_row(node: Node, figures_: dict[str, Any] | None) -> NodeRow:
         seen = devices.get(gpu.index, {})
         gpus.append(GpuRow(gpu.index, gpu.kind, gpu.name, gpu.memory_total_bytes,
                            seen.get("utilization_pct"), seen.get("memory_used_bytes"),
-                           seen.get("temperature_c"), seen.get("power_w")))
+                           seen.get("temperature_c"), seen.get("power_w"),
+                           [GpuProcessRow(p.get("pid", 0), p.get("memory_used_bytes"),
+                                          p.get("replica_id"))
+                            for p in seen.get("processes") or []]))
     return NodeRow(node.pk, node.name, node.address, node.status, node.labels,
                    node.cost_per_hour, node.replica_count, gpus,
                    (figures_ or {}).get("at_s"))
+
+
+def with_replicas(nodes: list[NodeRow]) -> list[NodeRow]:
+    """Give each node its replica rows and name the deployment of each GPU process that is
+    one of them (1 query)."""
+    replicas = node_replicas([node.id for node in nodes])
+    for node in nodes:
+        node.replica_rows = replicas.get(node.id, [])
+        deployment_of = {r.id: r.deployment for r in node.replica_rows}
+        for gpu in node.gpus:
+            for process in gpu.processes:
+                process.deployment = deployment_of.get(process.replica_id or 0, "")
+    return nodes
 
 
 def node_replicas(node_ids: list[int]) -> dict[int, list[ReplicaRow]]:

@@ -221,6 +221,20 @@ def _has_default(spec: Any) -> bool:
     return spec.default is not MISSING or spec.default_factory is not MISSING
 
 
+MAX_DEVICE_PROCESSES = 64  # per GPU: more than any real card runs; the rest are dropped
+
+
+@dataclass
+class DeviceProcess(Message):
+    """A process holding memory on a GPU, as NVML reports it."""
+
+    pid: int = field(metadata=limits(minimum=0, maximum=INT32_MAX))
+    # None: NVML cannot say (no permission, or a MIG / container setup hiding it).
+    memory_used_bytes: int | None = field(default=None, metadata=limits(minimum=0))
+    # The agent's replica this process belongs to (None: not one of ours).
+    replica_id: int | None = field(default=None, metadata=limits(minimum=1))
+
+
 @dataclass
 class DeviceInfo(Message):
     """One device: a GPU read through NVML, or the CPU on a machine without one."""
@@ -235,6 +249,8 @@ class DeviceInfo(Message):
     utilization_pct: float
     temperature_c: float | None = None
     power_w: float | None = None
+    processes: list[DeviceProcess] = field(
+        default_factory=list, metadata=limits(max_items=MAX_DEVICE_PROCESSES))
 
 
 @dataclass

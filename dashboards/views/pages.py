@@ -34,9 +34,7 @@ def overview(request: HttpRequest) -> HttpResponse:
 def fleet(request: HttpRequest) -> HttpResponse:
     nodes = queries.fleet_nodes()
     histories = queries.node_histories([node.id for node in nodes])
-    replicas = queries.node_replicas([node.id for node in nodes])
-    for node in nodes:
-        node.replica_rows = replicas.get(node.id, [])
+    queries.with_replicas(nodes)
     context = {
         "nodes": nodes,
         "series": {node.id: figures.device_series(histories.get(node.id, []),

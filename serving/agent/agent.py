@@ -16,7 +16,7 @@ from typing import TypeVar
 from serving.agent import credentials as creds
 from serving.agent.cache import ArtifactCache
 from serving.agent.client import CredentialsRevoked, PortalClient, PortalError, PortalUnreachable
-from serving.agent.devices import DeviceBackend
+from serving.agent.devices import DeviceBackend, attribute_processes
 from serving.agent.processes import DEFAULT_WATCHDOG_S, REPLICA_MODULE
 from serving.agent.replicas import ReplicaManager, ReplicaSettings
 from swarm_protocol.agent_messages import (
@@ -298,8 +298,9 @@ class Agent:
         self.replicas.forget_finished()
 
     def _read_devices(self) -> list[DeviceInfo]:
+        """Return the devices, each GPU process tied to the replica it belongs to."""
         try:
-            return self._devices.devices()
+            return attribute_processes(self._devices.devices(), self.replicas.pids())
         except Exception:  # a device library failing must not stop heartbeats
             log.exception("could not read devices")
             return []

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from swarm_protocol.agent_messages import DeviceInfo
+from swarm_protocol.agent_messages import MAX_DEVICE_PROCESSES, DeviceInfo, DeviceProcess
 
 log = logging.getLogger(__name__)
 BACKEND_CHOICES = ("auto", "nvml", "cpu")
@@ -89,7 +89,23 @@ class NvmlBackend:
             utilization_pct=float(utilization.gpu) if utilization is not None else 0.0,
             temperature_c=float(temperature_c) if temperature_c is not None else None,
             power_w=power_mw / _MILLIWATTS_PER_WATT if power_mw is not None else None,
+            processes=self._processes(handle),
         )
+
+    def _processes(self, handle: Any) -> list[DeviceProcess]:
+        """Return the compute processes on a GPU with their memory (bytes; None where NVML
+        cannot say), largest first, at most MAX_DEVICE_PROCESSES; [] if NVML has no list."""
+        nvml = self._nvml
+        # v3 where the binding has it (drivers from 510 on); older bindings, older call.
+        read = (getattr(nvml, "nvmlDeviceGetComputeRunningProcesses_v3", None)
+                or getattr(nvml, "nvmlDeviceGetComputeRunningProcesses", None))
+        if read is None:
+            return []
+        found: list[Any] = self._read(lambda: read(handle), [], "processes") or []
+        processes = [DeviceProcess(pid=int(p.pid), memory_used_bytes=_bytes_or_none(
+            getattr(p, "usedGpuMemory", None))) for p in found]
+        processes.sort(key=lambda p: -(p.memory_used_bytes or 0))
+        return processes[:MAX_DEVICE_PROCESSES]
 
     def _read(self, call: Callable[[], R], default: R, what: str) -> R:
         # One unsupported or failing field (power on many consumer cards) must not hide the GPU.
@@ -98,6 +114,36 @@ class NvmlBackend:
         except self._nvml.NVMLError as error:
             log.debug("NVML cannot read %s: %s", what, error)
             return default
+
+
+def _bytes_or_none(value: Any) -> int | None:
+    # pynvml gives None for NVML_VALUE_NOT_AVAILABLE; a raw binding may give the sentinel.
+    if value is None or not isinstance(value, int) or not 0 <= value < 2**63 - 1:
+        return None
+    return value
+
+
+def attribute_processes(devices: list[DeviceInfo], replica_of_pid: dict[int, int],
+                        group_of: Callable[[int], int | None] | None = None
+                        ) -> list[DeviceInfo]:
+    """Set each GPU process's replica_id: its pid is a replica's, or its process group is
+    (a replica runs as a group leader; a worker it forks holds the CUDA context)."""
+    group_of = group_of or _process_group
+    for device in devices:
+        for process in device.processes:
+            replica_id = replica_of_pid.get(process.pid)
+            if replica_id is None:
+                group = group_of(process.pid)
+                replica_id = replica_of_pid.get(group) if group is not None else None
+            process.replica_id = replica_id
+    return devices
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:  # gone, or in another pid namespace
+        return None
 
 
 def _text(value: str | bytes) -> str:

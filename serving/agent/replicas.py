@@ -199,6 +199,11 @@ class ReplicaManager:
             if replica.state in ("ready", "draining") and _alive(replica.process):
                 self._read_stats(replica)
 
+    def pids(self) -> dict[int, int]:
+        """Return {process id: replica id} of every replica with a live process."""
+        return {replica.process.pid: replica.replica_id for replica in self.replicas.values()
+                if replica.process is not None and _alive(replica.process)}
+
     def statuses(self) -> list[ReplicaStatus]:
         """Return one ReplicaStatus per tracked replica, by id."""
         return [self.replicas[key].status() for key in sorted(self.replicas)]

@@ -65,3 +65,23 @@ def test_a_viewer_sees_replicas_but_no_drain_button(browser, portal, viewer, ser
     assert page.locator("tr[data-replica]").count() == 1
     assert page.locator(".drain-form").count() == 0
     shots(page, "viewer")
+
+
+def test_memory_by_process_shows_under_each_gpu(browser, portal, viewer, served_deployment,
+                                                shots):
+    from serving import services
+    from swarm_protocol.agent_messages import DeviceProcess, HeartbeatRequest, ReplicaStatus
+    from tests.dashboards_helpers import gpu
+
+    replica = Replica.objects.get()
+    device = gpu(used_gib=5.5)
+    device.processes = [DeviceProcess(4242, 4 * 1024**3, replica.pk),
+                        DeviceProcess(777, 1024**3 + 1024**3 // 2)]
+    services.do_heartbeat(replica.node, HeartbeatRequest(devices=[device], replicas=[
+        ReplicaStatus(replica_id=replica.pk, state="ready", port=41234)]))
+    page = log_in(browser, portal, "victor")
+    page.goto("/fleet/")
+    processes = page.locator('tr[data-gpu-processes="0"]')
+    assert f"replica #{replica.pk} · mlp 4.0 GiB" in processes.inner_text()
+    assert "pid 777 (not a replica) 1.5 GiB" in processes.inner_text()
+    shots(page, "gpu-processes")
