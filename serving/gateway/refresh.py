@@ -11,6 +11,7 @@ and the API keys it admitted (each key's "last used" on the access page).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -74,12 +75,14 @@ class TableRefresher:
         self._reported_at_s = self._clock()
         replica_ids = self._take_successes()
         keys_used_s = self._take_keys_used() if self._take_keys_used is not None else {}
+        if not _takes_keys(report):  # a source that knows nothing of keys
+            keys_used_s = {}
         if not replica_ids and not keys_used_s:
             return False
         successes = dict.fromkeys(replica_ids, time.time())
         if keys_used_s:
-            await report(successes, keys_used_s)
-        else:  # a source that knows nothing of keys still gets its one argument
+            await report(successes, keys_used_s=keys_used_s)
+        else:
             await report(successes)
         return True
 
@@ -98,3 +101,11 @@ class TableRefresher:
                                      "keeping the old one", failures)
             else:
                 failures = 0
+
+
+def _takes_keys(report: Callable[..., Any]) -> bool:
+    """Whether a source's report_successes takes `keys_used_s` (older sources do not)."""
+    try:
+        return "keys_used_s" in inspect.signature(report).parameters
+    except (TypeError, ValueError):
+        return False
