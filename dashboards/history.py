@@ -94,7 +94,8 @@ def _append(node_id: int, range_: Range, sample: Sample) -> bool:
 
 def histories(node_ids: list[int], range_name: str = DEFAULT_RANGE) -> dict[int, list[Sample]]:
     """Return one range's samples of many nodes in one cache round trip (KeyError: no range)."""
-    RANGES[range_name]
+    if range_name not in RANGES:
+        raise KeyError(range_name)
     keys = {_key(node_id, range_name): node_id for node_id in node_ids}
     return {keys[key]: value for key, value in cache.get_many(list(keys)).items()}
 
