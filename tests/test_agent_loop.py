@@ -272,8 +272,10 @@ def test_a_timed_out_or_refused_heartbeat_backs_off_with_jitter_and_keeps_replic
     agent = Agent(config, CpuBackend(), client=PortalClient(portal.url, transport=transport),
                   jitter=lambda: jitter)
     agent.join()
+    # A fake replica process starts in well under a second, but not on a machine whose
+    # other test worker keeps both cores busy: a generous deadline, not a longer wait.
     wait_until(lambda: agent.step(time.monotonic()) or portal.replica_states(1) == {14: "ready"},
-               what="replica 14 reported ready")
+               60, what="replica 14 reported ready")
     process = agent.replicas.replicas[14].process
 
     times_s = []

@@ -248,3 +248,14 @@ async def test_metrics_count_requests_and_rejections_behind_a_token(make_gateway
 async def test_metrics_can_be_turned_off(make_gateway):
     response = await make_gateway(metrics_enabled=False).http.get("/metrics")
     assert response.status_code == 404
+
+
+async def test_a_key_created_a_moment_ago_works_before_the_next_poll(make_gateway):
+    gateway = make_gateway(poll_interval_s=3600.0)  # the regular poll never comes in time
+    assert (await gateway.http.get("/v2/health/ready")).status_code == 200  # table loaded
+    route = deployment(MLP, gateway.app.table.deployments[MLP].replicas)
+    gateway.source.set(table(route, keys=[api_key("brand-new", 7)]))
+    response = await gateway.http.get(f"/v2/models/{MLP}", headers=bearer("brand-new"))
+    assert response.status_code == 200, response.text
+    refused = await gateway.http.get(f"/v2/models/{MLP}", headers=bearer("never-made"))
+    assert refused.status_code == 401 and "unknown API key" in refused.json()["error"]

@@ -27,9 +27,10 @@ _CHALLENGE = [(b"www-authenticate", b"Bearer")]
 class Rejected(Exception):
     """The caller may not make this request; `response` says why (401/403/503)."""
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Response, unknown_key: bool = False) -> None:
         super().__init__(response.status)
         self.response = response
+        self.unknown_key = unknown_key  # a key this table lacks: it may be a new one
 
 
 def _unauthorized(message: str) -> Rejected:
@@ -181,7 +182,7 @@ class Authenticator:
                 self._digests[authorization] = digest
         key = api_keys.get(digest)
         if key is None:
-            raise _unauthorized("unknown API key")
+            raise Rejected(error(401, "unknown API key", _CHALLENGE), unknown_key=True)
         return key
 
     async def _check_session(self, session: str, asked: str, deployment: str) -> None:

@@ -181,6 +181,19 @@ class GatewayCore:
                 self._model_paths[path] = target
         return target
 
+    async def _authorize(self, headers: Headers, deployment: str,
+                         known: bool) -> ApiKeyRoute | None:
+        """Authorize against the table; a key it lacks gets one early poll first (a key
+        created a moment ago works at once, not at the next poll)."""
+        try:
+            return await self._auth.authorize(self.fleet.table.api_keys, headers, deployment,
+                                              known)
+        except Rejected as rejected:
+            if not rejected.unknown_key:
+                raise
+        await self.refresher.refresh_soon()
+        return await self._auth.authorize(self.fleet.table.api_keys, headers, deployment, known)
+
     async def admit(self, target: ModelPath, headers: Headers) -> Response | DeploymentRuntime:
         """Return the deployment an inference request may go to, or the answer that ends
         the request: 503 (no table yet), 401/403/431 (credentials in `headers`), 404,
@@ -189,8 +202,7 @@ class GatewayCore:
             return retry_later(503, "the gateway has no routing table yet", 1)
         runtime = self.fleet.deployments.get(target.name)
         try:
-            key = await self._auth.authorize(self.fleet.table.api_keys, headers,
-                                             target.name, runtime is not None)
+            key = await self._authorize(headers, target.name, runtime is not None)
         except Rejected as rejected:
             self.metrics.rejected(target.name if runtime is not None else UNKNOWN_MODEL_LABEL,
                                   rejected.response.status)

@@ -41,6 +41,8 @@ class TableRefresher:
         self._take_successes = take_successes
         self._take_keys_used = take_keys_used
         self.report_interval_s = report_interval_s
+        self._forced: asyncio.Task[None] | None = None
+        self._forced_at_s = -float("inf")
         self._reported_at_s = -float("inf")
 
     async def load(self) -> None:
@@ -52,6 +54,23 @@ class TableRefresher:
         self._apply(table)
         self.revision = revision
         self._loaded_at_s = self._clock()
+
+    async def refresh_soon(self, min_interval_s: float = 0.2) -> None:
+        """Poll now, at most once per `min_interval_s`: a request carried a key this table
+        lacks, which may have been created a moment ago. Concurrent callers share one poll;
+        a failing source is ignored (the request is refused as before)."""
+        if self._forced is None or self._forced.done():
+            if self._clock() - self._forced_at_s < min_interval_s:
+                return
+            self._forced_at_s = self._clock()
+            self._forced = asyncio.get_running_loop().create_task(self._poll_quietly())
+        await asyncio.shield(self._forced)
+
+    async def _poll_quietly(self) -> None:
+        try:
+            await self.step()
+        except Exception as exc:  # the regular loop logs the source's failures
+            logger.debug("an early table poll failed: %s", exc)
 
     async def step(self) -> bool:
         """Poll once; return whether a new table was loaded."""
