@@ -98,8 +98,10 @@ def test_the_default_policy_spreads_sequential_requests_over_idle_replicas(fleet
     served = completed(a) - before[0], completed(b) - before[1]
     # Nothing is ever outstanding: only latency noise tells the two apart, and it must not
     # decide (it once sent 196-200 of 200 to one replica). Not a fair 100/100: a busy
-    # machine's latency outliers keep a replica out for a few dozen requests at a time.
-    assert min(served) >= 30, served
+    # machine's latency outliers keep a replica out for a few dozen requests at a time
+    # (22 of 200 once in CI, with both cores busy: the bound is 10 %, against 0-4 before
+    # exploration).
+    assert min(served) >= 20, served
 
 
 class ReportingSource(MemoryTableSource):
