@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 HANDLER = "dashboard.message"  # the consumers' method: dashboard_message
 
 _state: dict[str, Any] = {"hosts_consumers": False, "loop": None}
+_pending: set[asyncio.Task[None]] = set()
 
 
 def mark_consumer_host() -> None:
@@ -97,13 +98,27 @@ def _route(message: LiveMessage) -> None:
         future = asyncio.run_coroutine_threadsafe(send_to_groups(message.groups, event), loop)
         future.add_done_callback(_log_failure)
     elif layer_reaches_other_processes():
-        async_to_sync(send_to_groups)(message.groups, event)
+        _send_from_this_thread(message.groups, event)
     elif not _state["hosts_consumers"] and message.durable:
         _write_outbox(message.groups, event["payload"])
     # else: nobody can hear it (no open socket here), or a figure that would arrive stale.
 
 
-def _log_failure(future: Future[Any]) -> None:
+def _send_from_this_thread(groups: tuple[str, ...], event: dict[str, Any]) -> None:
+    """group_send from a thread with no consumers; async_to_sync refuses a thread whose
+    event loop runs (a caller driven by one, e.g. Playwright's sync API): schedule there."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        async_to_sync(send_to_groups)(groups, event)
+        return
+    task = running.create_task(send_to_groups(groups, event))
+    _pending.add(task)  # keep a reference until it is done
+    task.add_done_callback(_pending.discard)
+    task.add_done_callback(_log_failure)
+
+
+def _log_failure(future: Future[Any] | asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("publishing a live message failed: %s", future.exception())
 

@@ -270,11 +270,15 @@ def test_nodes_list_and_drain(logged_in, gpu_node):
     assert_one_line_error(swarm("nodes", "drain", "no-such-node"), 2, "no node named")
 
 
-def read_line(process: subprocess.Popen[str], deadline_s: float = 15.0) -> str:
-    """Return the next stdout line of `process`, failing after `deadline_s`."""
+def read_line(process: subprocess.Popen[str], deadline_s: float = 60.0) -> str:
+    """Return the next stdout line of `process`, failing after `deadline_s` (a CLI start
+    took over 15 s once on a busy CI machine)."""
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], deadline_s)
-    assert ready, f"no line from swarm within {deadline_s} s"
+    if not ready:
+        process.kill()
+        _, stderr = process.communicate(timeout=10)
+        raise AssertionError(f"no line from swarm within {deadline_s} s; stderr: {stderr}")
     return process.stdout.readline()
 
 

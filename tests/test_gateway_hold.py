@@ -122,6 +122,19 @@ def test_without_a_hold_timeout_a_deployment_at_zero_answers_503_at_once(fleet):
     assert activations.calls == []
 
 
+def test_a_replica_listed_since_the_last_poll_serves_the_first_request(fleet):
+    # The portal's pages show a replica ready as soon as it reports; a request that finds
+    # none in the gateway's table gets one early poll, not a 503 until the next poll.
+    source = MemoryTableSource(table(deployment(MLP, [])))
+    app = GatewayApp(source, poll_interval_s=3600)
+    with GatewayThread(app) as gateway:
+        loads_before = source.loads
+        source.set(table(deployment(MLP, [replica_route(fleet.mlp_v1[0], 1)])))
+        response = _post(gateway)
+        assert source.loads == loads_before + 1  # one early poll, no more
+    assert response.status_code == 200, response.text
+
+
 def test_holding_is_bounded_by_the_queue_limit(at_zero):
     gateway, source, _activations = at_zero
     with ThreadPoolExecutor(3) as pool:

@@ -255,6 +255,11 @@ class GatewayCore:
         if version is None:
             self.metrics.rejected(runtime.name, 503)
             return retry_later(503, f"no version of {runtime.name!r} takes traffic", 1)
+        if not runtime.route.replicas:
+            # A replica may have become ready a moment ago (the portal's pages already say
+            # so): one early poll, shared by concurrent requests, before a hold or a 503.
+            await self.refresher.refresh_soon()
+            runtime = self.fleet.deployments.get(runtime.name, runtime)
         if not runtime.route.replicas and runtime.route.hold_timeout_s > 0:
             refused = await self._hold(receive, runtime)
             if refused is not None:
