@@ -75,12 +75,34 @@ class Node(models.Model):
     registered_at = models.DateTimeField(auto_now_add=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     status_changed_at = models.DateTimeField(auto_now_add=True)
+    # The TLS certificate the portal's CA issued at its join (serving/node_ca.py); empty: a
+    # loopback node serving plain HTTP. Gateways pin replicas to this fingerprint.
+    cert_sha256 = models.CharField(max_length=64, blank=True,
+                                   help_text="sha256 of the node certificate (DER), hex")
+    cert_serial = models.CharField(max_length=40, blank=True, help_text="hex")
+    cert_expires_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name", "id"]
 
     def __str__(self) -> str:
         return f"{self.name} (#{self.pk})"
+
+
+class NodeAuthority(models.Model):
+    """The certificate authority that signs node certificates: one row (pk 1).
+
+    The private key is stored encrypted under a key derived from SECRET_KEY (serving/node_ca.py):
+    every portal instance shares it through the database, and a database dump alone cannot
+    sign certificates.
+    """
+
+    certificate_pem = models.TextField()
+    encrypted_key = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"node CA #{self.pk}"
 
 
 class Gpu(models.Model):
