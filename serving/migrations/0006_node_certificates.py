@@ -13,7 +13,8 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name='NodeAuthority',
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False,
+                                           verbose_name='ID')),
                 ('certificate_pem', models.TextField()),
                 ('encrypted_key', models.TextField()),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
@@ -32,6 +33,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='node',
             name='cert_sha256',
-            field=models.CharField(blank=True, help_text='sha256 of the node certificate (DER), hex', max_length=64),
+            field=models.CharField(
+                blank=True, help_text='sha256 of the node certificate (DER), hex', max_length=64),
         ),
     ]
