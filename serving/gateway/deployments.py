@@ -8,7 +8,7 @@ import json
 import logging
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from serving.balancing import (
@@ -196,13 +196,17 @@ class Fleet:
         self._base_config = base_config
         self.table = RouteTable(revision="")
         self.deployments: dict[str, DeploymentRuntime] = {}
+        # Set by the tunnel server (serving/gateway/tunnel.py): the table as this gateway
+        # reaches it, with tunnel replicas on loopback ports or left out.
+        self.reroute: Callable[[RouteTable], RouteTable] | None = None
         # Removed deployments stay here: their in-flight leases still end in their balancer.
         self._every_runtime: dict[str, DeploymentRuntime] = {}
 
     def apply(self, table: RouteTable) -> None:
         """Adopt a new table, keeping what the balancers learnt about surviving replicas."""
         deployments: dict[str, DeploymentRuntime] = {}
-        for name, route in table.deployments.items():
+        routed = table if self.reroute is None else self.reroute(table)
+        for name, route in routed.deployments.items():
             try:
                 deployments[name] = self._runtime_for(name, route)
             except ValueError:

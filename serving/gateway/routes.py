@@ -21,6 +21,8 @@ class ReplicaRoute:
     replica_key: str  # sent as `Authorization: Bearer <key>`; clients never see it
     version: int
     draining: bool = False
+    node_id: int = 0
+    tunnel: bool = False  # reached through the node's tunnel (serving/gateway/tunnel.py)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class RouteTable:
     revision: str
     deployments: dict[str, DeploymentRoute] = field(default_factory=dict)
     api_keys: dict[str, ApiKeyRoute] = field(default_factory=dict)  # by digest
+    # node id -> sha256 hex of its tunnel key, for the nodes that serve through a tunnel
+    tunnels: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -93,8 +97,9 @@ class RouteTable:
             scope = k.get("deployments")
             keys[digest] = ApiKeyRoute(**{**k, "deployments": None if scope is None
                                           else frozenset(scope)})
+        tunnels = {int(node): str(digest) for node, digest in raw.get("tunnels", {}).items()}
         return cls(revision=str(raw.get("revision", "")), deployments=deployments,
-                   api_keys=keys)
+                   api_keys=keys, tunnels=tunnels)
 
 
 class TableSource(Protocol):
