@@ -263,6 +263,9 @@ class RegisterRequest(Message):
     labels: dict[str, Any] = field(default_factory=dict)
     agent_version: str = field(default="", metadata=limits(max_chars=50))
     protocol_version: int = PROTOCOL_VERSION
+    # PEM certificate signing request for the node's own key (made on the node, never sent):
+    # the portal's CA signs a certificate for `address`. "": plain HTTP, loopback nodes only.
+    csr_pem: str = field(default="", metadata=limits(max_chars=8192))
 
 
 @dataclass
@@ -271,6 +274,9 @@ class RegisterResponse(Message):
     node_secret: str
     replica_key: str
     heartbeat_interval_s: float
+    # The node's certificate and the CA that signed it (PEM); "" when no CSR was sent.
+    certificate_pem: str = ""
+    ca_certificate_pem: str = ""
 
 
 @dataclass
