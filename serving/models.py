@@ -81,6 +81,10 @@ class Node(models.Model):
                                    help_text="sha256 of the node certificate (DER), hex")
     cert_serial = models.CharField(max_length=40, blank=True, help_text="hex")
     cert_expires_at = models.DateTimeField(null=True, blank=True)
+    # How gateways reach its replicas (serving/services/reachability.py): `direct`, or
+    # `tunnel` when the portal could not reach it at join (or it asked).
+    reach_mode = models.CharField(max_length=8, default="direct",
+                                  choices=[("direct", "direct"), ("tunnel", "tunnel")])
 
     class Meta:
         ordering = ["name", "id"]
