@@ -266,6 +266,11 @@ class RegisterRequest(Message):
     # PEM certificate signing request for the node's own key (made on the node, never sent):
     # the portal's CA signs a certificate for `address`. "": plain HTTP, loopback nodes only.
     csr_pem: str = field(default="", metadata=limits(max_chars=8192))
+    # Reachability (serving/services/reachability.py): while it joins, the agent answers
+    # connections on probe_port with probe_nonce; `tunnel` asks for tunnel mode outright.
+    tunnel: bool = False
+    probe_port: int | None = field(default=None, metadata=limits(minimum=1, maximum=65_535))
+    probe_nonce: str = field(default="", metadata=limits(max_chars=64))
 
 
 @dataclass
@@ -277,6 +282,7 @@ class RegisterResponse(Message):
     # The node's certificate and the CA that signed it (PEM); "" when no CSR was sent.
     certificate_pem: str = ""
     ca_certificate_pem: str = ""
+    reach_mode: str = "direct"  # or "tunnel": the agent serves through gateway tunnels
 
 
 @dataclass
@@ -337,3 +343,8 @@ class HeartbeatResponse(Message):
     replica_key: str
     heartbeat_interval_s: float
     node_status: str = "ready"
+    # Tunnel mode: the key the agent shows gateways, and their tunnel URLs (ws:// or wss://).
+    reach_mode: str = field(default="direct", metadata=limits(max_chars=8))
+    tunnel_key: str = field(default="", metadata=limits(max_chars=128))
+    tunnel_urls: list[str] = field(default_factory=list, metadata=limits(
+        max_items=64, item_max_chars=200))
