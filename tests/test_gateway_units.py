@@ -194,6 +194,30 @@ async def test_the_refresher_reloads_on_a_new_revision_and_in_full_now_and_then(
     assert source.loads == 3
 
 
+class FrozenSource(MemoryTableSource):
+    """A source whose revision call never answers (a frozen portal)."""
+
+    async def revision(self) -> str:
+        await asyncio.Event().wait()
+        return ""
+
+
+async def test_an_early_poll_is_shared_and_waited_for_at_most_wait_s():
+    now_s = [0.0]
+    frozen = TableRefresher(FrozenSource(table()), lambda _table: None, lambda: now_s[0])
+    loop = asyncio.get_running_loop()
+    started_s = loop.time()
+    await asyncio.gather(*[frozen.refresh_soon(wait_s=0.2) for _ in range(5)])
+    assert 0.2 <= loop.time() - started_s < 2  # the callers gave up waiting together
+    assert frozen._forced is not None and not frozen._forced.done()  # the poll goes on
+    frozen._forced.cancel()
+    source = MemoryTableSource(table(revision="a"))
+    refresher = TableRefresher(source, lambda _table: None, lambda: now_s[0])
+    await refresher.refresh_soon()
+    await refresher.refresh_soon()  # within min_interval_s of the last: no second poll
+    assert source.loads == 1
+
+
 async def test_a_file_source_sees_a_replaced_file(tmp_path):
     path = tmp_path / "table.json"
     write_table(path, table(revision="1"))

@@ -11,6 +11,7 @@ and the API keys it admitted (each key's "last used" on the access page).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -55,16 +56,18 @@ class TableRefresher:
         self.revision = revision
         self._loaded_at_s = self._clock()
 
-    async def refresh_soon(self, min_interval_s: float = 0.2) -> None:
+    async def refresh_soon(self, min_interval_s: float = 0.2, wait_s: float = 1.0) -> None:
         """Poll now, at most once per `min_interval_s`: a request carried a key this table
-        lacks, which may have been created a moment ago. Concurrent callers share one poll;
-        a failing source is ignored (the request is refused as before)."""
+        lacks, or found no replica, and either may have changed a moment ago. Concurrent
+        callers share one poll and wait for it at most `wait_s` (a slow or frozen portal
+        delays them that long, no more; the poll goes on); a failing source is ignored."""
         if self._forced is None or self._forced.done():
             if self._clock() - self._forced_at_s < min_interval_s:
                 return
             self._forced_at_s = self._clock()
             self._forced = asyncio.get_running_loop().create_task(self._poll_quietly())
-        await asyncio.shield(self._forced)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._forced), wait_s)
 
     async def _poll_quietly(self) -> None:
         try:
