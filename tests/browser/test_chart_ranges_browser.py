@@ -1,38 +1,22 @@
 """In Chromium (issue 15): the 5 min / 1 h / 24 h choice on the overview, fleet and
 deployment charts shows the server's history for that range, gaps included.
 
-Screenshots go to $SWARM_TEST_ARTEFACTS (else var/test-artifacts/ranges); the folder is printed.
+Screenshots go to $SWARM_TEST_ARTEFACTS (else var/test-artifacts/chart_ranges); the folder is
+printed.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dashboards import history
 from serving.models import Replica
-from tests.browser.conftest import ARTIFACTS
-from tests.browser.test_dashboards_browser import log_in
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 START_S = 1_800_000_000.0
 MINUTES = [*range(0, 20), *range(35, 50)]  # 15 minutes without data between
-
-
-@pytest.fixture
-def shots(request: pytest.FixtureRequest) -> Any:
-    folder = Path(os.environ.get("SWARM_TEST_ARTEFACTS") or ARTIFACTS / "ranges")
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"screenshots: {folder}")
-
-    def save(page: Any, step: str) -> Path:
-        path = folder / f"{request.node.name}-{step}.png"
-        page.screenshot(path=str(path), full_page=True)
-        return path
-    return save
 
 
 @pytest.fixture
@@ -62,8 +46,8 @@ def assert_gap_between(times: list[float], values: list[Any]) -> None:
     assert times[gap - 1] <= START_S + 60 * 19 < START_S + 60 * 35 <= times[gap + 1]
 
 
-def test_the_overview_shows_the_last_hour(browser, portal, hour_of_history, shots):
-    page = log_in(browser, portal, "olga")
+def test_the_overview_shows_the_last_hour(log_in, hour_of_history, screenshot):
+    page = log_in("olga")
     page.goto("/overview/")
     choose(page, "fleet-range", "1h")
     assert page.get_attribute('#fleet-range button[data-range="1h"]', "aria-pressed") == "true"
@@ -71,12 +55,11 @@ def test_the_overview_shows_the_last_hour(browser, portal, hour_of_history, shot
     assert len([t for t, v in zip(times, util, strict=True) if v is not None]) == len(MINUTES)
     assert_gap_between(times, util)
     assert set(v for v in rps if v is not None) == {2.0}
-    shots(page, "overview-1h")
+    screenshot(page, "overview-1h")
 
 
-def test_the_fleet_and_deployment_pages_switch_ranges(browser, portal, hour_of_history,
-                                                      shots):
-    page = log_in(browser, portal, "olga")
+def test_the_fleet_and_deployment_pages_switch_ranges(log_in, hour_of_history, screenshot):
+    page = log_in("olga")
     page.goto("/fleet/")
     choose(page, "fleet-range", "1h")
     node_chart = page.get_attribute("[data-chart]", "data-chart")
@@ -84,11 +67,11 @@ def test_the_fleet_and_deployment_pages_switch_ranges(browser, portal, hour_of_h
         f"document.querySelector('[data-chart=\"{node_chart}\"]').swarmChart.data")
     assert max(v for v in util if v is not None) == 30.0 + MINUTES[-1]
     assert_gap_between(times, util)
-    shots(page, "fleet-1h")
+    screenshot(page, "fleet-1h")
     page.goto("/deployments/mlp/")
     choose(page, "deployment-range", "24h")
     times, rps, *_ = drawn(page, "chart-rps")
     assert [v for v in rps if v is not None] and set(v for v in rps if v is not None) == {2.0}
-    shots(page, "deployment-24h")
+    screenshot(page, "deployment-24h")
     choose(page, "deployment-range", "5m")  # back to live: the recent 5 s ring (empty here)
     assert drawn(page, "chart-rps")[0] == []

@@ -7,53 +7,21 @@ from typing import Any
 
 import pytest
 
-from serving.agent.client import PortalClient
 from serving.models import Replica
-from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
-from tests.dashboards_helpers import gpu
+from swarm_protocol.agent_messages import ReplicaStatus
 from tests.factories import SIGNATURE
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 LIVE_TIMEOUT_MS = 3000  # the issue asks for under a second; the margin is for a busy CI box
 
 
-def portal_password(username: str) -> str:
-    """Give the user a password the portal's hashers can check (tests hash with MD5)."""
-    from django.contrib.auth.hashers import PBKDF2PasswordHasher
-    from django.contrib.auth.models import User
-
-    password = f"pw-{username}"
-    hashed = PBKDF2PasswordHasher().encode(password, "browsersalt", iterations=1000)
-    User.objects.filter(username=username).update(password=hashed)
-    return password
-
-
-def log_in(browser: Any, portal: Any, username: str) -> Any:
-    password = portal_password(username)
-    page = browser.new_context(base_url=portal.url).new_page()
-    page.goto("/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", password)
-    page.click("main button[type=submit]")
-    page.wait_for_url("**/models/")
-    return page
-
-
 def wait_live(page: Any) -> None:
     page.wait_for_selector('#live-badge[data-state="live"]', timeout=10_000)
 
 
-def heartbeat(portal: Any, node: Any, util: float, replicas: list[ReplicaStatus]) -> None:
-    client = PortalClient(portal.url, node_secret=node.secret)
-    try:
-        client.heartbeat(HeartbeatRequest(devices=[gpu(util=util)], replicas=replicas))
-    finally:
-        client.close()
-
-
-def test_an_operator_uploads_a_model_through_the_form(browser, portal, operator, model_files,
+def test_an_operator_uploads_a_model_through_the_form(log_in, operator, model_files,
                                                       screenshot):
-    page = log_in(browser, portal, "olga")
+    page = log_in("olga")
     page.goto("/models/new/")
     page.fill("input[name=name]", "browser-mlp")
     page.fill("textarea[name=description]", "made in a browser")
@@ -68,18 +36,18 @@ def test_an_operator_uploads_a_model_through_the_form(browser, portal, operator,
     screenshot(page, "uploaded")
 
 
-def test_the_fleet_page_shows_a_heartbeat_without_a_reload(browser, portal, operator,
+def test_the_fleet_page_shows_a_heartbeat_without_a_reload(log_in, send_heartbeat, operator,
                                                            gpu_node, screenshot):
-    page = log_in(browser, portal, "olga")
+    page = log_in("olga")
     page.goto("/fleet/")
     wait_live(page)
     page.evaluate("window.notReloaded = true")
     util = page.locator(f'#node-{gpu_node.pk} tr[data-gpu="0"] .util')
-    heartbeat(portal, gpu_node, 88.0, [])
+    send_heartbeat(gpu_node, 88.0, [])
     page.wait_for_function(
         f"document.querySelector('#node-{gpu_node.pk} tr[data-gpu=\"0\"] .util')"
         ".textContent === '88%'", timeout=LIVE_TIMEOUT_MS)
-    heartbeat(portal, gpu_node, 12.0, [])
+    send_heartbeat(gpu_node, 12.0, [])
     page.wait_for_function(
         f"document.querySelector('#node-{gpu_node.pk} tr[data-gpu=\"0\"] .util')"
         ".textContent === '12%'", timeout=LIVE_TIMEOUT_MS)
@@ -88,9 +56,9 @@ def test_the_fleet_page_shows_a_heartbeat_without_a_reload(browser, portal, oper
     screenshot(page, "fleet")
 
 
-def test_an_operator_scales_and_sees_replicas_change_live(browser, portal, operator, gpu_node,
-                                                          served_deployment, screenshot):
-    page = log_in(browser, portal, "olga")
+def test_an_operator_scales_and_sees_replicas_change_live(
+        log_in, send_heartbeat, operator, gpu_node, served_deployment, screenshot):
+    page = log_in("olga")
     page.goto("/deployments/mlp/")
     assert page.locator("#replicas tr[data-replica]").count() == 1
     page.fill("#scale-form input[name=replicas]", "3")
@@ -101,7 +69,7 @@ def test_an_operator_scales_and_sees_replicas_change_live(browser, portal, opera
     page.evaluate("window.notReloaded = true")
     statuses = [ReplicaStatus(replica_id=r.pk, state="ready", port=9100 + i, completed=10)
                 for i, r in enumerate(Replica.objects.filter(node=gpu_node))]
-    heartbeat(portal, gpu_node, 50.0, statuses)
+    send_heartbeat(gpu_node, 50.0, statuses)
     page.wait_for_function(
         "document.querySelectorAll('#replicas td.state.ready').length === "
         f"{len(statuses)}", timeout=LIVE_TIMEOUT_MS)
@@ -109,8 +77,8 @@ def test_an_operator_scales_and_sees_replicas_change_live(browser, portal, opera
     screenshot(page, "scaled")
 
 
-def test_a_viewer_sees_no_controls(browser, portal, viewer, served_deployment, screenshot):
-    page = log_in(browser, portal, "victor")
+def test_a_viewer_sees_no_controls(log_in, viewer, served_deployment, screenshot):
+    page = log_in("victor")
     for url in ("/deployments/mlp/", "/access/"):
         page.goto(url)
         for control in ("#scale-form", "#traffic-form", "#rollback-form", "#policy",
@@ -128,7 +96,7 @@ def test_a_viewer_sees_no_controls(browser, portal, viewer, served_deployment, s
 
 
 def test_the_playground_calls_a_real_replica_and_shows_the_reply(
-        browser, portal, operator, model, model_files, tmp_path, screenshot):
+        log_in, portal, operator, model, model_files, tmp_path, screenshot):
     from serving import services
     from serving.models import Node
     from tests.e2e import LiveAgent
@@ -143,7 +111,7 @@ def test_the_playground_calls_a_real_replica_and_shows_the_reply(
         version = add_version(model, operator, model_files["torchscript"])
         services.do_create_deployment(name="mlp", model=model, version_number=version.number,
                                       alias_name="", user=operator, replicas=1)
-        page = log_in(browser, portal, "olga")
+        page = log_in("olga")
         page.goto("/deployments/mlp/")
         wait_live(page)
         # The agent starts the replica and reports it ready: the page learns it live.

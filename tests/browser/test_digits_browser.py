@@ -20,7 +20,6 @@ from registry import demo_digits
 from swarm_protocol.signature import parse_signature
 from swarm_protocol.steps import parse_steps
 from swarm_protocol.steps_run import decode_images
-from tests.browser.test_dashboards_browser import log_in
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -53,7 +52,7 @@ def a_digit_the_model_knows(directory: Path) -> tuple[Path, int]:
     raise AssertionError("the model gets no held-out digit right")
 
 
-def test_the_playground_sends_a_png_and_shows_the_digit(browser, portal, operator, tmp_path,
+def test_the_playground_sends_a_png_and_shows_the_digit(log_in, portal, operator, tmp_path,
                                                         screenshot):
     from registry.management.commands.register_demo_model import DEMO_MODELS, register
     from serving import services
@@ -75,7 +74,7 @@ def test_the_playground_sends_a_png_and_shows_the_digit(browser, portal, operato
                                                   state=ReplicaState.READY).exists(),
                    120, "the demo-digits replica to be ready")
         png, label = a_digit_the_model_knows(tmp_path)
-        page = log_in(browser, portal, "olga")
+        page = log_in("olga")
         page.goto(f"/playground/?deployment={digits.name}")
         page.wait_for_selector("#pg-image:not([hidden])", timeout=10_000)
         assert page.text_content("#pg-image-input") == "image"

@@ -6,41 +6,21 @@ Screenshots go to $SWARM_TEST_ARTEFACTS (else var/test-artifacts/fleet); the fol
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any
-
 import pytest
 
 from serving.models import Node, NodeStatus, Replica
-from tests.browser.conftest import ARTIFACTS
-from tests.browser.test_dashboards_browser import log_in
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
-@pytest.fixture
-def shots(request: pytest.FixtureRequest) -> Any:
-    """Save full-page screenshots under the artefacts folder (printed once per test)."""
-    folder = Path(os.environ.get("SWARM_TEST_ARTEFACTS") or ARTIFACTS / "fleet")
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"screenshots: {folder}")
-
-    def save(page: Any, step: str) -> Path:
-        path = folder / f"{request.node.name}-{step}.png"
-        page.screenshot(path=str(path), full_page=True)
-        return path
-    return save
-
-
-def test_drain_asks_first_and_then_drains(browser, portal, served_deployment, shots):
+def test_drain_asks_first_and_then_drains(log_in, served_deployment, screenshot):
     replica = Replica.objects.get()
     Replica.objects.filter(pk=replica.pk).update(port=41234, state="ready")
-    page = log_in(browser, portal, "olga")
+    page = log_in("olga")
     page.goto("/fleet/")
     row = page.locator(f'tr[data-replica="{replica.pk}"]')
     assert "mlp" in row.inner_text() and "41234" in row.inner_text()
-    shots(page, "before")
+    screenshot(page, "before")
     questions: list[str] = []
 
     def answer(accept: bool) -> None:
@@ -55,20 +35,20 @@ def test_drain_asks_first_and_then_drains(browser, portal, served_deployment, sh
     page.wait_for_selector("text=gpu-a is draining")
     assert Node.objects.get().status == NodeStatus.DRAINING
     assert page.locator(".drain-form").count() == 0
-    shots(page, "drained")
+    screenshot(page, "drained")
 
 
-def test_a_viewer_sees_replicas_but_no_drain_button(browser, portal, viewer, served_deployment,
-                                                     shots):
-    page = log_in(browser, portal, "victor")
+def test_a_viewer_sees_replicas_but_no_drain_button(log_in, viewer, served_deployment,
+                                                     screenshot):
+    page = log_in("victor")
     page.goto("/fleet/")
     assert page.locator("tr[data-replica]").count() == 1
     assert page.locator(".drain-form").count() == 0
-    shots(page, "viewer")
+    screenshot(page, "viewer")
 
 
-def test_memory_by_process_shows_under_each_gpu(browser, portal, viewer, served_deployment,
-                                                shots):
+def test_memory_by_process_shows_under_each_gpu(log_in, viewer, served_deployment,
+                                                screenshot):
     from serving import services
     from swarm_protocol.agent_messages import DeviceProcess, HeartbeatRequest, ReplicaStatus
     from tests.dashboards_helpers import gpu
@@ -79,9 +59,9 @@ def test_memory_by_process_shows_under_each_gpu(browser, portal, viewer, served_
                         DeviceProcess(777, 1024**3 + 1024**3 // 2)]
     services.do_heartbeat(replica.node, HeartbeatRequest(devices=[device], replicas=[
         ReplicaStatus(replica_id=replica.pk, state="ready", port=41234)]))
-    page = log_in(browser, portal, "victor")
+    page = log_in("victor")
     page.goto("/fleet/")
     processes = page.locator('tr[data-gpu-processes="0"]')
     assert f"replica #{replica.pk} · mlp 4.0 GiB" in processes.inner_text()
     assert "pid 777 (not a replica) 1.5 GiB" in processes.inner_text()
-    shots(page, "gpu-processes")
+    screenshot(page, "gpu-processes")
