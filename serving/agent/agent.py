@@ -14,17 +14,20 @@ from pathlib import Path
 from typing import TypeVar
 
 from serving.agent import credentials as creds
+from serving.agent import credentials_tls
 from serving.agent.cache import ArtifactCache
 from serving.agent.client import CredentialsRevoked, PortalClient, PortalError, PortalUnreachable
 from serving.agent.devices import DeviceBackend, attribute_processes
 from serving.agent.processes import DEFAULT_WATCHDOG_S, REPLICA_MODULE
 from serving.agent.replicas import ReplicaManager, ReplicaSettings
+from serving.agent.tunnel import ReachabilityProbe, Tunnels
 from swarm_protocol.agent_messages import (
     DesiredReplica,
     DeviceInfo,
     HeartbeatRequest,
     HeartbeatResponse,
     RegisterRequest,
+    RegisterResponse,
 )
 
 log = logging.getLogger(__name__)
@@ -70,9 +73,13 @@ class AgentConfig:
     http_timeout_s: float = 10.0
     replica_module: str = REPLICA_MODULE  # the replica server to run (`python -m` name)
     replica_watchdog_s: float = DEFAULT_WATCHDOG_S  # replicas drain after this long alone
+    tunnel: bool = False  # serve through gateway tunnels, whatever the portal's probe says
     # 0: never. Otherwise drain and exit once no heartbeat got through for this long: for
     # workers a portal starts for itself (the local provider), which must not outlive it.
     portal_lost_exit_s: float = 0.0
+    # Replicas serve TLS with a certificate the portal signs at join (direct mode). The CLI
+    # turns it on for every address but loopback ones (swarm-worker --tls).
+    tls: bool = False
 
 
 class Agent:
@@ -97,11 +104,15 @@ class Agent:
         self.cache.remove_partial_downloads()
         self.replicas = ReplicaManager(self._replica_settings(), self._prepare_artifact,
                                        self._executor)
+        # Leftover or adopted replicas of a previous run answer with the stored certificate.
+        self.replicas.use_tls(credentials_tls.load_tls_files(self.state_dir)
+                              if config.tls else None)
         self._last_heartbeat_s: float | None = None
         self._next_heartbeat_s = 0.0
         self._change_pending = False
         self.heartbeat_failures = 0
         self._failing_since_s: float | None = None
+        self.tunnels = Tunnels(config.port_range)  # used in tunnel mode only
 
     @property
     def next_heartbeat_s(self) -> float:
@@ -129,6 +140,11 @@ class Agent:
         clean: anything left running belongs to a node the portal may have removed.
         """
         stored = creds.load_credentials(self.state_dir, self.config.portal_url)
+        if stored is not None and self.config.tls and not credentials_tls.load_tls_files(
+                self.state_dir):
+            log.warning("stored credentials in %s have no TLS certificate: joining again",
+                        self.state_dir)
+            stored = None
         if stored is not None:
             log.info("using stored credentials of node %d (%s)", stored.node_id, self.state_dir)
             self._use(stored)
@@ -182,6 +198,7 @@ class Agent:
         if deregister:
             self._deregister()
         self.replicas.close()
+        self.tunnels.close()  # only now: draining replicas answered through it
         self._client.close()
         self._dir_lock.close()
 
@@ -196,11 +213,15 @@ class Agent:
         if not token:
             raise AgentExit(EXIT_FAILED, f"no stored credentials for {self.config.portal_url} "
                                          f"in {self.state_dir}: {JOIN_HINT}")
+        identity = credentials_tls.new_identity(self.config.name) if self.config.tls else None
         request = RegisterRequest(
             join_token=token, name=self.config.name, address=self.config.address,
             cost_per_hour=self.config.cost_per_hour, devices=self._read_devices(),
-            labels=dict(self.config.labels), agent_version=_agent_version())
-        response = self._call_with_retry(lambda: self._client.register(request))
+            labels=dict(self.config.labels), agent_version=_agent_version(),
+            csr_pem=identity.csr_pem if identity else "")
+        response = self._register_reachable(request)
+        if identity is not None:
+            self._store_identity(identity, response)
         stored = creds.NodeCredentials(
             portal_url=self.config.portal_url, node_id=response.node_id,
             node_secret=response.node_secret, replica_key=response.replica_key)
@@ -209,6 +230,28 @@ class Agent:
                  stored.node_id, path)
         self._use(stored, response.heartbeat_interval_s)
         return stored
+
+    def _store_identity(self, identity: credentials_tls.PendingIdentity,
+                        response: RegisterResponse) -> None:
+        """Keep the key with the certificate the portal signed; replicas serve TLS with it."""
+        if not response.certificate_pem or not response.ca_certificate_pem:
+            raise AgentExit(EXIT_FAILED, "the portal sent no TLS certificate for this node "
+                                         "(an older portal?): refusing to serve in clear")
+        try:
+            files = credentials_tls.save_identity(self.state_dir, identity,
+                                                  response.certificate_pem,
+                                                  response.ca_certificate_pem)
+        except ValueError as error:
+            raise AgentExit(EXIT_FAILED, f"the portal's TLS certificate is unusable: "
+                                         f"{error}") from error
+        self.replicas.use_tls(files)
+        log.info("TLS certificate for %s stored in %s", self.config.address, files.cert_path)
+
+    def _register_reachable(self, request: RegisterRequest) -> RegisterResponse:
+        """Register while answering the portal's reachability probe (serving/agent/tunnel.py)."""
+        with ReachabilityProbe(self.config.bind_host, self.config.port_range,
+                               self.config.tunnel) as probe:
+            return self._call_with_retry(lambda: self._client.register(probe.fields(request)))
 
     def _call_with_retry(self, call: Callable[[], R]) -> R:
         """Return call(), retrying with backoff while the portal is unreachable."""
@@ -253,6 +296,9 @@ class Agent:
             creds.save_credentials(self.state_dir, self.credentials)
         self._follow_interval(response.heartbeat_interval_s)
         self.replicas.reconcile(response.desired, response.replica_key, now_s)
+        if response.reach_mode == "tunnel":
+            self.tunnels.update(self.credentials.node_id, response.tunnel_key,
+                                response.tunnel_urls)
 
     def _on_heartbeat_failure(self, error: PortalError, now_s: float) -> None:
         # Replicas and their states stay as they are: a busy portal is no reason to stop
@@ -278,6 +324,7 @@ class Agent:
         log.error("the portal rejected the credentials of node %s (the node was removed?): %s",
                   node_id, error)
         creds.forget_credentials(self.state_dir)
+        credentials_tls.forget_identity(self.state_dir)
         self.credentials = None
         self._client.node_secret = None
         if not self.config.join_token:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -22,6 +23,7 @@ DEFAULT_CACHE_DIR = Path("~/.cache/swarm-worker")
 MAX_PORT = 65535
 EXIT_USAGE = 2
 JOIN_TOKEN_ENV = "SWARM_JOIN_TOKEN"  # noqa: S105 - a variable name
+TUNNEL_ENV = "SWARM_WORKER_TUNNEL"
 TOKEN_ON_COMMAND_LINE = (
     "--token puts the join token on the command line, where any user of this machine can "
     f"read it (ps): give it in the {JOIN_TOKEN_ENV} environment variable or in a file only "
@@ -70,10 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replica-watchdog-s", default=60.0, type=positive_float,
                         help="a replica drains itself after this long without an agent; a "
                         "restarted agent adopts replicas still running (60)")
+    parser.add_argument("--tunnel", action="store_true",
+                        default=os.environ.get(TUNNEL_ENV, "") == "1",
+                        help="serve through an outbound tunnel to each gateway even when the "
+                        f"portal could reach this machine (or set {TUNNEL_ENV}=1); replicas "
+                        "then listen on 127.0.0.1 unless --bind-host says otherwise")
     parser.add_argument("--portal-lost-exit-s", default=0.0, type=non_negative_float,
                         help="drain the replicas and exit once no heartbeat got through for "
                         "this long (0, the default: never; a worker keeps serving without "
                         "its portal)")
+    parser.add_argument("--tls", default="auto", choices=("auto", "on", "off"),
+                        help="replicas serve TLS with a certificate the portal signs at join "
+                        "(auto, the default: on unless --address is a loopback address; off "
+                        "is allowed for loopback addresses only)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
@@ -145,6 +156,19 @@ def default_bind_host(address: str) -> str:
     return "127.0.0.1" if loopback else "0.0.0.0"  # noqa: S104 - replicas check their key
 
 
+def is_loopback(address: str) -> bool:
+    """Return whether `address` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    return default_bind_host(address) == "127.0.0.1"
+
+
+def tls_enabled(choice: str, address: str) -> bool:
+    """Return whether replicas serve TLS; ValueError for plain HTTP on a network address."""
+    if choice == "off" and not is_loopback(address):
+        raise ValueError(f"--tls off would send requests and the replica key in clear to "
+                         f"{address}: plain HTTP is for loopback addresses only")
+    return choice == "on" or (choice == "auto" and not is_loopback(address))
+
+
 def join_token(args: argparse.Namespace) -> str | None:
     """Return the join token from --token-file or SWARM_JOIN_TOKEN (None: neither given).
 
@@ -166,7 +190,7 @@ def config_from_args(args: argparse.Namespace, token: str | None = None) -> Agen
         labels=dict(args.label), heartbeat_interval_s=args.heartbeat_interval_s,
         drain_grace_s=args.drain_grace_s, drain_delay_s=args.drain_delay_s,
         ready_timeout_s=args.ready_timeout_s, replica_watchdog_s=args.replica_watchdog_s,
-        portal_lost_exit_s=args.portal_lost_exit_s)
+        portal_lost_exit_s=args.portal_lost_exit_s, tls=tls_enabled(args.tls, args.address))
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -178,8 +202,9 @@ def run(argv: list[str] | None = None) -> int:
         print(f"swarm-worker: error: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        tls_enabled(args.tls, args.address)
         token = join_token(args)
-    except TokenFileError as error:
+    except (TokenFileError, ValueError) as error:
         print(f"swarm-worker: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=args.log_level,
@@ -193,7 +218,7 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     log.info("devices: %s backend", devices.name)
     try:
-        agent = Agent(config_from_args(args, token), devices)
+        agent = Agent(tunnel_mode(config_from_args(args, token), args), devices)
     except (OSError, NodeDirBusy) as error:
         log.error("cannot use the cache directory: %s", error)
         return EXIT_FAILED
@@ -205,6 +230,13 @@ def run(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return agent.run()
+
+
+def tunnel_mode(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
+    """Return the config with --tunnel applied: replicas listen on loopback by default."""
+    if not args.tunnel:
+        return config
+    return dataclasses.replace(config, tunnel=True, bind_host=args.bind_host or "127.0.0.1")
 
 
 def main() -> None:

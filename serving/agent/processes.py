@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from serving.agent import survivors
+from serving.agent.credentials_tls import TlsFiles
 from serving.agent.logs import ROTATED_SUFFIX, STDERR_FILE, STDOUT_FILE
 from swarm_protocol.agent_messages import DesiredReplica
 
@@ -55,6 +56,7 @@ class LaunchSpec:
     python: str = sys.executable
     alive_file: Path | None = None  # None: no watchdog, the replica never drains itself
     watchdog_s: float = DEFAULT_WATCHDOG_S
+    tls: TlsFiles | None = None  # the node's key and certificate: serve TLS (direct mode)
 
 
 class ReplicaProcess(Protocol):
@@ -88,6 +90,8 @@ def replica_command(spec: LaunchSpec, signature_path: Path) -> list[str]:
     """Return the argv that starts the replica server described by `spec`."""
     desired = spec.desired
     steps = ["--steps-file", str(spec.replica_dir / STEPS_FILE)] if desired.steps else []
+    tls = ([] if spec.tls is None else
+           ["--tls-cert-file", str(spec.tls.cert_path), "--tls-key-file", str(spec.tls.key_path)])
     return [
         spec.python, "-m", spec.replica_module,
         "--artifact", str(spec.artifact_path),
@@ -102,6 +106,7 @@ def replica_command(spec: LaunchSpec, signature_path: Path) -> list[str]:
         "--device", desired.device,
         "--threads", str(desired.threads),
         *steps,
+        *tls,
     ]
 
 

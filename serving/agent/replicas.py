@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 import httpx
 
 from serving.agent import processes, replica_stats, survivors
+from serving.agent.credentials_tls import TlsFiles, replica_client_context
 from serving.agent.logs import LogTail
 from swarm_protocol.agent_messages import DesiredReplica, ReplicaStatus
 from swarm_protocol.signature import SignatureError, parse_signature
@@ -112,6 +114,7 @@ class ReplicaManager:
         self._prepare_artifact = prepare_artifact
         self._executor = executor
         self._http = httpx.Client(timeout=settings.http_timeout_s)
+        self._tls: TlsFiles | None = None  # None: replicas serve plain HTTP (loopback nodes)
         self._last_port: int | None = None
         settings.replicas_dir.mkdir(parents=True, exist_ok=True)
         self.alive_file = survivors.AliveFile(settings.replicas_dir / ALIVE_FILE,
@@ -163,6 +166,13 @@ class ReplicaManager:
         if state in ("loading", "draining"):
             return str(state)
         return "it does not answer its health check"
+
+    def use_tls(self, files: TlsFiles | None) -> None:
+        """Start replicas with this key and certificate from now on, and reach them by TLS."""
+        self._tls = files
+        self._http.close()
+        verify: ssl.SSLContext | bool = replica_client_context(files) if files else True
+        self._http = httpx.Client(timeout=self.settings.http_timeout_s, verify=verify)
 
     def reconcile(self, desired: list[DesiredReplica], replica_key: str, now_s: float) -> None:
         """Start what the portal wants and is not here; drain what it no longer wants."""
@@ -331,7 +341,7 @@ class ReplicaManager:
             bind_host=self.settings.bind_host, port=replica.port,
             replica_key=replica.replica_key, replica_module=self.settings.replica_module,
             python=self.settings.python, alive_file=self.alive_file.path,
-            watchdog_s=self.settings.watchdog_s)
+            watchdog_s=self.settings.watchdog_s, tls=self._tls)
 
     def _check_starting(self, replica: ManagedReplica, now_s: float) -> None:
         if self._check_exited(replica, "exited before it was ready"):
@@ -422,7 +432,8 @@ class ReplicaManager:
             replica.busy_clock = replica_stats.busy_clock(raw)
 
     def _get(self, replica: ManagedReplica, path: str) -> httpx.Response:
-        url = f"http://{self.settings.connect_host}:{replica.port}{path}"
+        scheme = "https" if self._tls is not None else "http"
+        url = f"{scheme}://{self.settings.connect_host}:{replica.port}{path}"
         return self._http.get(url, headers={"Authorization": f"Bearer {replica.replica_key}"})
 
     def _replica_dir(self, replica: ManagedReplica) -> Path:

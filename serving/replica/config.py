@@ -42,6 +42,9 @@ class ReplicaConfig:
     key: str
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     steps: Steps | None = None  # the version's processing steps (swarm_protocol/steps.py)
+    # The node's certificate and key (PEM) from the portal's CA: serve TLS. None: plain HTTP.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--tls-cert-file", default=None,
+                        help="serve TLS with this certificate (PEM; with --tls-key-file)")
+    parser.add_argument("--tls-key-file", default=None, help="the certificate's key (PEM)")
     return parser
 
 
@@ -87,7 +93,15 @@ def load_config(argv: Sequence[str] | None = None,
         threads=_at_least(args.threads, 1, "--threads"),
         key=_key(env.get(KEY_ENV, "")),
         steps=None if args.steps_file is None else _steps(args.steps_file, signature),
+        tls_cert_file=_tls_file(args.tls_cert_file, args.tls_key_file, "--tls-cert-file"),
+        tls_key_file=_tls_file(args.tls_key_file, args.tls_cert_file, "--tls-key-file"),
     )
+
+
+def _tls_file(path: str | None, other: str | None, flag: str) -> str | None:
+    if (path is None) != (other is None):
+        raise ConfigError("--tls-cert-file and --tls-key-file go together")
+    return None if path is None else _existing_file(path, flag)
 
 
 def _existing_file(path: str, flag: str) -> str:

@@ -80,7 +80,10 @@ class Replica:
             self.app, host=self.config.host, port=self.config.port,
             loop="none", http="httptools", lifespan="off", access_log=False,
             log_level="warning", server_header=False, date_header=False,
-            timeout_keep_alive=KEEP_ALIVE_S, backlog=2048)
+            timeout_keep_alive=KEEP_ALIVE_S, backlog=2048,
+            # TLS with the node's certificate when the agent gives one (direct mode): the
+            # gateway checks it against the portal's CA and pins it (serving/gateway/node_tls.py).
+            ssl_certfile=self.config.tls_cert_file, ssl_keyfile=self.config.tls_key_file)
 
     async def serve(self) -> int:
         """Serve until drained or failed; return the process exit code."""

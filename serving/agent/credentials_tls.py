@@ -1,0 +1,120 @@
+"""The node's TLS identity: a private key made here, and the certificate the portal signs.
+
+At each join the agent makes a new EC P-256 key (it never leaves this machine), sends a
+certificate signing request with the registration, and stores the key, the certificate and
+the portal's CA certificate in its node directory, each 0600 like the credentials. Its
+replicas serve TLS with them (`--tls-cert-file`, `--tls-key-file`); the agent checks its own
+replicas' health over TLS too, trusting only the portal's CA.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+KEY_FILE = "node.key"
+CERT_FILE = "node.crt"
+CA_FILE = "portal-ca.crt"
+_PRIVATE_FILE_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where this node's key, certificate and the portal's CA certificate lie (PEM)."""
+
+    key_path: Path
+    cert_path: Path
+    ca_path: Path
+
+
+@dataclass(frozen=True)
+class PendingIdentity:
+    """A key made for a join, and the request that goes with it; stored once signed."""
+
+    key_pem: bytes
+    csr_pem: str
+
+
+def new_identity(node_name: str) -> PendingIdentity:
+    """Return a new private key and a CSR for it (the portal chooses the names it signs)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                       node_name[:64] or "node")]))
+           .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return PendingIdentity(key_pem=key_pem,
+                           csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` atomically to `path`, 0600 from the start."""
+    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp_path.unlink(missing_ok=True)
+    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+
+
+def save_identity(state_dir: Path, pending: PendingIdentity, certificate_pem: str,
+                  ca_certificate_pem: str) -> TlsFiles:
+    """Store the key with its signed certificate and the CA; return their paths.
+
+    Raises ValueError when the certificate is not for this key or not signed by the CA.
+    """
+    certificate = x509.load_pem_x509_certificate(certificate_pem.encode())
+    ca = x509.load_pem_x509_certificate(ca_certificate_pem.encode())
+    key = serialization.load_pem_private_key(pending.key_pem, password=None)
+    if certificate.public_key() != key.public_key():
+        raise ValueError("the portal's certificate is not for this node's key")
+    certificate.verify_directly_issued_by(ca)
+    files = tls_files(state_dir)
+    _write_private(files.key_path, pending.key_pem)
+    _write_private(files.cert_path, certificate_pem.encode())
+    _write_private(files.ca_path, ca_certificate_pem.encode())
+    return files
+
+
+def tls_files(state_dir: Path) -> TlsFiles:
+    """Return where the node's TLS files lie in `state_dir` (whether or not they exist)."""
+    return TlsFiles(state_dir / KEY_FILE, state_dir / CERT_FILE, state_dir / CA_FILE)
+
+
+def load_tls_files(state_dir: Path) -> TlsFiles | None:
+    """Return the stored TLS files, or None when this node has none (plain HTTP)."""
+    files = tls_files(state_dir)
+    present = [p.is_file() for p in (files.key_path, files.cert_path, files.ca_path)]
+    return files if all(present) else None
+
+
+def forget_identity(state_dir: Path) -> None:
+    """Delete the key and certificates (the portal revoked this node)."""
+    files = tls_files(state_dir)
+    for path in (files.key_path, files.cert_path, files.ca_path):
+        path.unlink(missing_ok=True)
+
+
+def replica_client_context(files: TlsFiles) -> ssl.SSLContext:
+    """Return the context the agent reaches its own replicas with: the portal's CA only.
+
+    No host name check: the agent connects over loopback to a certificate named for the
+    node's advertised address; the CA alone says it is this node's.
+    """
+    context = ssl.create_default_context(cafile=str(files.ca_path))
+    context.check_hostname = False
+    return context

@@ -1,0 +1,114 @@
+"""The node certificate authority: joins with a CSR get a pinned certificate for their
+address; plain-HTTP joins only on loopback; the CA key stays encrypted in the database."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from serving import node_ca, services
+from serving.agent import credentials_tls
+from serving.models import JoinToken, Node, NodeAuthority
+from swarm_portal.errors import ServiceError
+from swarm_protocol.agent_messages import RegisterRequest
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def join(secret: str, address: str, csr_pem: str = "") -> object:
+    return services.do_register_node(RegisterRequest(
+        join_token=secret, name="gpu-a", address=address, cost_per_hour=1.0, devices=[],
+        csr_pem=csr_pem))
+
+
+@pytest.fixture
+def join_secret_twice(operator) -> str:
+    _token, secret = services.do_create_join_token(name="lab", user=operator,
+                                                   expires_in=None, uses=2)
+    return secret
+
+
+def test_a_join_with_a_csr_gets_a_certificate_for_its_address_and_id(join_secret, tmp_path):
+    identity = credentials_tls.new_identity("gpu-a")
+    reply = join(join_secret, "10.231.7.2", identity.csr_pem)
+
+    certificate = x509.load_pem_x509_certificate(reply.certificate_pem.encode())
+    ca = x509.load_pem_x509_certificate(reply.ca_certificate_pem.encode())
+    certificate.verify_directly_issued_by(ca)
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.231.7.2")]
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"urn:swarm:node:{reply.node_id}"]
+    node = Node.objects.get(pk=reply.node_id)
+    assert node.cert_sha256 == node_ca.fingerprint(certificate)
+    assert node.cert_serial == f"{certificate.serial_number:x}"
+    assert certificate.not_valid_after_utc - certificate.not_valid_before_utc <= (
+        node_ca.NODE_CERT_LIFETIME + node_ca.CLOCK_SKEW)
+    # The agent stores the key with it, 0600; the key never went to the portal.
+    files = credentials_tls.save_identity(tmp_path, identity, reply.certificate_pem,
+                                          reply.ca_certificate_pem)
+    for path in (files.key_path, files.cert_path, files.ca_path):
+        assert path.stat().st_mode & 0o777 == 0o600
+    authority = NodeAuthority.objects.get()
+    assert b"PRIVATE KEY" not in authority.encrypted_key.encode()
+    assert identity.key_pem.decode() not in str(list(Node.objects.values()))
+
+
+def test_a_dns_name_is_a_dns_san(join_secret):
+    reply = join(join_secret, "gpu-a.example.net", credentials_tls.new_identity("a").csr_pem)
+    certificate = x509.load_pem_x509_certificate(reply.certificate_pem.encode())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["gpu-a.example.net"]
+
+
+def test_every_node_is_signed_by_one_ca(join_secret_twice):
+    first = join(join_secret_twice, "10.0.0.1", credentials_tls.new_identity("a").csr_pem)
+    second = join(join_secret_twice, "10.0.0.2", credentials_tls.new_identity("b").csr_pem)
+    assert first.ca_certificate_pem == second.ca_certificate_pem
+    assert NodeAuthority.objects.count() == 1
+
+
+def test_a_network_address_without_a_csr_is_refused_and_uses_no_join(join_secret):
+    with pytest.raises(ServiceError, match="must serve TLS") as refused:
+        join(join_secret, "10.231.7.2")
+    assert refused.value.status_code == 400
+    assert not Node.objects.exists()
+    assert JoinToken.objects.get().uses_left in (None, 1)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.3.0.1", "::1", "localhost"])
+def test_loopback_nodes_may_serve_plain_http(join_secret_twice, address):
+    reply = join(join_secret_twice, address)
+    assert reply.certificate_pem == "" and reply.ca_certificate_pem == ""
+    assert Node.objects.get(pk=reply.node_id).cert_sha256 == ""
+
+
+@pytest.mark.parametrize("csr_pem, fragment", [
+    ("not a csr", "not a valid certificate signing request"),
+    ("x" * 9000, "at most"),
+])
+def test_bad_csrs_are_refused_with_the_reason(join_secret, csr_pem, fragment):
+    with pytest.raises(ServiceError, match=fragment):
+        join(join_secret, "10.0.0.1", csr_pem)
+    assert not Node.objects.exists()
+
+
+def test_a_weak_key_is_refused(join_secret):
+    from cryptography import x509 as x
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP521R1())
+    csr = (x.CertificateSigningRequestBuilder().subject_name(
+        x.Name([x.NameAttribute(NameOID.COMMON_NAME, "n")])).sign(key, hashes.SHA256()))
+    with pytest.raises(ServiceError, match="P-256 or P-384"):
+        join(join_secret, "10.0.0.1", csr.public_bytes(serialization.Encoding.PEM).decode())
+
+
+def test_a_changed_secret_key_says_what_to_do(join_secret_twice, settings):
+    join(join_secret_twice, "10.0.0.1", credentials_tls.new_identity("a").csr_pem)
+    settings.SECRET_KEY = "another-secret-key-" + "x" * 40
+    with pytest.raises(node_ca.AuthorityUnreadable, match="SECRET_KEY changed"):
+        join(join_secret_twice, "10.0.0.2", credentials_tls.new_identity("b").csr_pem)
