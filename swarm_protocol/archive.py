@@ -19,13 +19,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO
 
-from swarm_protocol import archive_export, archive_onnx
+from swarm_protocol import archive_export, archive_hf, archive_onnx
 from swarm_protocol.archive_export import ArchiveRefused
 
 FORMAT_TORCHSCRIPT = "torchscript"
 FORMAT_TORCH_EXPORT = "torch_export"
 FORMAT_ONNX = "onnx"
-FORMATS = (FORMAT_TORCHSCRIPT, FORMAT_TORCH_EXPORT, FORMAT_ONNX)
+FORMAT_HF_CAUSAL_LM = archive_hf.FORMAT_HF_CAUSAL_LM  # a tar or zip of a Hugging Face folder
+FORMATS = (FORMAT_TORCHSCRIPT, FORMAT_TORCH_EXPORT, FORMAT_ONNX, FORMAT_HF_CAUSAL_LM)
 
 Source = str | IO[bytes]
 _SEAL = object()  # only inspect_archive can make an InspectedArchive that loaders accept
@@ -65,12 +66,19 @@ class InspectedArchive:
     uncompressed_bytes: int
     _seal: object = field(default=None, repr=False, compare=False)
     onnx: archive_onnx.OnnxInspection | None = field(default=None, repr=False, compare=False)
+    hf: archive_hf.HfInspection | None = field(default=None, repr=False, compare=False)
 
 
 def inspect_archive(source: Source, limits: ArchiveLimits | None = None,
                     declared_format: str | None = None) -> InspectedArchive:
     """Return the archive's format once every check passes; raise ArchiveRefused otherwise."""
     limits = limits or ArchiveLimits()
+    if declared_format == FORMAT_HF_CAUSAL_LM or (
+            declared_format is None and archive_hf.looks_like_hf(source)):
+        checked = archive_hf.inspect_hf(source, limits)
+        _rewind(source)
+        return InspectedArchive(source, FORMAT_HF_CAUSAL_LM, "", sum(checked.sizes.values()),
+                                _SEAL, hf=checked)
     # A declared ONNX file is never read as a zip: its weights may hold a zip's signature.
     if declared_format == FORMAT_ONNX or not zipfile.is_zipfile(source):
         return _inspect_onnx(source, limits, declared_format)

@@ -1,7 +1,8 @@
 """Load a model from an archive that passed `swarm_protocol.archive.inspect_archive`, and only then.
 
 Shared by the validation child and the replica (no Django; torch and onnxruntime imported
-when called). The only module that calls a torch loader or builds an ONNX Runtime session.
+when called). The only module that calls a torch loader, builds an ONNX Runtime session or
+loads a Hugging Face model (`from_pretrained`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 from typing import Any
 
 from swarm_protocol.archive import (
+    FORMAT_HF_CAUSAL_LM,
     FORMAT_ONNX,
     FORMAT_TORCHSCRIPT,
     InspectedArchive,
@@ -85,3 +87,44 @@ def load_onnx_session(archive: InspectedArchive, device: str = "cpu", threads: i
     # model in memory has no folder next to it to resolve external data against.
     return onnxruntime.InferenceSession(archive.onnx.content, sess_options=options,
                                         providers=providers)
+
+
+def load_causal_lm(archive: InspectedArchive, device: str = "cpu") -> tuple[Any, Any]:
+    """Return (model in eval mode on `device`, tokenizer) of a checked hf_causal_lm archive.
+
+    Only the members the inspector checked are copied out, by name, into a private
+    temporary folder (no extractall: nothing else of the archive is written), and loaded
+    from there with safetensors only, no remote code and no hub access.
+    """
+    import tempfile
+
+    archive = require_inspected(archive)
+    if archive.format != FORMAT_HF_CAUSAL_LM or archive.hf is None:
+        raise TypeError(f"a {archive.format} archive is not a Hugging Face causal LM")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach a hub, whatever a config names
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    with tempfile.TemporaryDirectory(prefix="swarm-hf-") as folder:
+        _copy_checked_members(archive, folder)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False,
+                                                  local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, use_safetensors=True, trust_remote_code=False, local_files_only=True)
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
+
+
+def _copy_checked_members(archive: InspectedArchive, folder: str) -> None:
+    from swarm_protocol.archive_hf import iter_member_bytes
+
+    assert archive.hf is not None
+    for name, chunks in iter_member_bytes(_rewound(archive), archive.hf):
+        written = 0
+        with open(os.path.join(folder, name), "xb") as handle:  # names were checked: no '/'
+            for chunk in chunks:
+                written += len(chunk)
+                if written > archive.hf.sizes[name]:
+                    raise ValueError(f"{name} holds more bytes than its header declares")
+                handle.write(chunk)
