@@ -23,6 +23,9 @@ class ReplicaRoute:
     draining: bool = False
     node_id: int = 0
     tunnel: bool = False  # reached through the node's tunnel (serving/gateway/tunnel.py)
+    # sha256 (hex) of the node's certificate: TLS, pinned to it (serving/gateway/node_tls.py).
+    # "": plain HTTP (loopback nodes only).
+    tls_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class RouteTable:
     api_keys: dict[str, ApiKeyRoute] = field(default_factory=dict)  # by digest
     # node id -> sha256 hex of its tunnel key, for the nodes that serve through a tunnel
     tunnels: dict[int, str] = field(default_factory=dict)
+    node_ca_pem: str = ""  # the portal's node CA (PEM): the only issuer replicas may show
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -99,7 +103,7 @@ class RouteTable:
                                           else frozenset(scope)})
         tunnels = {int(node): str(digest) for node, digest in raw.get("tunnels", {}).items()}
         return cls(revision=str(raw.get("revision", "")), deployments=deployments,
-                   api_keys=keys, tunnels=tunnels)
+                   api_keys=keys, tunnels=tunnels, node_ca_pem=str(raw.get("node_ca_pem", "")))
 
 
 class TableSource(Protocol):
