@@ -21,6 +21,8 @@ from typing import cast
 
 import httptools
 
+from serving.gateway.node_tls import UpstreamTls, check_pinned
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -66,6 +68,7 @@ class _Connection(asyncio.Protocol):
         self._response_started = False
         self.closed = False
         self.idle_since_s = 0.0
+        self.pinned = ""  # sha256 of the replica's certificate; "": plain HTTP
 
     # asyncio.Protocol
 
@@ -173,16 +176,21 @@ class UpstreamPool:
 
     async def request(self, host: str, port: int, method: bytes, target: bytes,
                       headers: Sequence[tuple[bytes, bytes]], body: bytes = b"",
-                      deadline: float | None = None) -> UpstreamResponse:
+                      deadline: float | None = None, tls: UpstreamTls | None = None,
+                      ) -> UpstreamResponse:
         """Send one request to host:port and return the whole response.
 
-        `deadline` is in event-loop time. Raises ConnectFailed, ConnectionBroken or
-        UpstreamTimeout; after a timeout or a cancellation the connection is closed, since
-        its state is unknown.
+        `deadline` is in event-loop time. `tls`: reach the replica over TLS and require the
+        certificate it pins (serving/gateway/node_tls.py). Raises ConnectFailed (a failed
+        or refused handshake too), ConnectionBroken or UpstreamTimeout; after a timeout or a
+        cancellation the connection is closed, since its state is unknown.
         """
         key = (host, port)
         head = self._head(key, method, target, headers, len(body))
         connection = self._take_idle(key)
+        if connection is not None and connection.pinned != (tls.sha256 if tls else ""):
+            connection.close()  # made for another certificate (or none): never reused
+            connection = None
         if connection is not None:
             try:
                 response = await self._exchange(connection, head, body, deadline)
@@ -194,7 +202,7 @@ class UpstreamPool:
             else:
                 self._give_back(key, connection)
                 return response
-        connection = await self._connect(key, deadline)
+        connection = await self._connect(key, deadline, tls)
         response = await self._exchange(connection, head, body, deadline)
         self._give_back(key, connection)
         return response
@@ -256,14 +264,20 @@ class UpstreamPool:
                                or connections[0].idle_since_s < oldest_allowed_s):
             connections.pop(0).close()
 
-    async def _connect(self, key: tuple[str, int], deadline: float | None) -> _Connection:
+    async def _connect(self, key: tuple[str, int], deadline: float | None,
+                       tls: UpstreamTls | None = None) -> _Connection:
         loop = asyncio.get_running_loop()
         limit_s = self.connect_timeout_s
         if deadline is not None:
             limit_s = min(limit_s, deadline - loop.time())
         try:
             async with asyncio.timeout(limit_s):
-                _, connection = await loop.create_connection(_Connection, key[0], key[1])
+                _, connection = await loop.create_connection(
+                    _Connection, key[0], key[1], ssl=tls.context if tls else None,
+                    server_hostname=key[0] if tls else None)
+                if tls is not None:
+                    connection.pinned = tls.sha256
+                    _check_pin(connection, tls)
         except TimeoutError as exc:
             if deadline is not None and loop.time() >= deadline:
                 raise UpstreamTimeout(f"connect to {key[0]}:{key[1]} timed out") from exc
@@ -275,3 +289,12 @@ class UpstreamPool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connections_opened += 1
         return connection
+
+
+def _check_pin(connection: _Connection, tls: UpstreamTls) -> None:
+    transport = connection._transport
+    try:
+        check_pinned(transport.get_extra_info("ssl_object") if transport else None, tls)
+    except OSError:
+        connection.close()
+        raise

@@ -1,0 +1,56 @@
+"""How the gateway checks a replica it reaches directly: TLS to the portal's CA, pinned.
+
+A replica on a node that joined with a certificate (serving/node_ca.py) is reached over TLS
+with a context that trusts only the portal's node CA and checks the node's address against
+the certificate's names; then the certificate itself must be the one the routing table names
+for that node (`ReplicaRoute.tls_sha256`). So a machine that did not join cannot pass for a
+replica, and a certificate the portal no longer lists (a removed node, or one that joined
+again with a new key) is refused from the next table on. A replica with no fingerprint in
+the table (a loopback node) is reached over plain HTTP.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import ssl
+from dataclasses import dataclass
+
+
+class PinMismatch(ssl.SSLError):
+    """The replica's certificate is valid for the CA but not the one the table names."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """TLS for one replica: the CA context and the certificate it must show (sha256 hex)."""
+
+    context: ssl.SSLContext
+    sha256: str
+
+
+@functools.lru_cache(maxsize=8)
+def context_for(ca_pem: str) -> ssl.SSLContext:
+    """Return a client context trusting only `ca_pem` ("": trusting nothing at all)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_pem:
+        context.load_verify_locations(cadata=ca_pem)
+    return context
+
+
+def upstream_tls(ca_pem: str, sha256: str) -> UpstreamTls | None:
+    """Return how to reach a replica whose node shows certificate `sha256` ("": plain)."""
+    if not sha256:
+        return None
+    return UpstreamTls(context_for(ca_pem), sha256.lower())
+
+
+def check_pinned(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, tls: UpstreamTls) -> None:
+    """Raise PinMismatch unless the peer's certificate is the pinned one."""
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    shown = hashlib.sha256(der).hexdigest() if der else ""
+    if not hmac.compare_digest(shown, tls.sha256):
+        raise PinMismatch(f"the replica's certificate ({shown[:16] or 'none'}...) is not the "
+                          f"one its node holds ({tls.sha256[:16]}...)")
