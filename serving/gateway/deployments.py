@@ -21,6 +21,7 @@ from serving.balancing import (
     Unavailable,
 )
 from serving.gateway.metrics import LiveDeployment, LiveReplica
+from serving.gateway.node_tls import UpstreamTls, replica_tls
 from serving.gateway.routes import DeploymentRoute, RouteTable
 
 logger = logging.getLogger("serving.gateway")
@@ -33,6 +34,7 @@ class ReplicaTarget:
     host: str
     port: int
     authorization: tuple[bytes, bytes]
+    tls: UpstreamTls | None = None  # None: plain HTTP (a loopback node)
 
 
 class WaitQueue:
@@ -118,20 +120,23 @@ def default_version(route: DeploymentRoute) -> int | None:
 class DeploymentRuntime:
     """One deployment's balancer, replica addresses, wait queue and cached answers."""
 
-    def __init__(self, route: DeploymentRoute, balancer: Balancer) -> None:
+    def __init__(self, route: DeploymentRoute, balancer: Balancer,
+                 tls: dict[int, UpstreamTls] | None = None) -> None:
         self.balancer = balancer
         self.waiting = WaitQueue()
         self.leased = 0  # leases not yet released, wherever their replica went since
-        self.apply(route)
+        self.apply(route, tls)
 
-    def apply(self, route: DeploymentRoute) -> None:
-        """Adopt a new version of this deployment's route (ValueError: left unchanged)."""
+    def apply(self, route: DeploymentRoute, tls: dict[int, UpstreamTls] | None = None) -> None:
+        """Adopt a new version of this deployment's route (ValueError: left unchanged);
+        `tls`: {replica id: how to reach it over TLS} (node_tls.replica_tls)."""
         self.balancer.update_replicas(routable_replicas(route))  # validates first
         self.route = route
         self.name = route.name
+        tls = tls or {}
         self.targets = {r.replica_id: ReplicaTarget(
-            r.host, r.port, (b"authorization", f"Bearer {r.replica_key}".encode()))
-            for r in route.replicas}
+            r.host, r.port, (b"authorization", f"Bearer {r.replica_key}".encode()),
+            tls.get(r.replica_id)) for r in route.replicas}
         # A pinned request may name any listed version, even at weight 0 (a canary tried
         # by name); unpinned traffic only ever draws versions with a positive weight.
         self.routing_weights = {v: route.weights.get(v, 0.0)
@@ -206,9 +211,10 @@ class Fleet:
         """Adopt a new table, keeping what the balancers learnt about surviving replicas."""
         deployments: dict[str, DeploymentRuntime] = {}
         routed = table if self.reroute is None else self.reroute(table)
+        tls = replica_tls(table)
         for name, route in routed.deployments.items():
             try:
-                deployments[name] = self._runtime_for(name, route)
+                deployments[name] = self._runtime_for(name, route, tls)
             except ValueError:
                 logger.exception("deployment %s: bad route, keeping the previous one", name)
                 if name in self.deployments:
@@ -221,14 +227,15 @@ class Fleet:
         self.table = table
         self.deployments = deployments
 
-    def _runtime_for(self, name: str, route: DeploymentRoute) -> DeploymentRuntime:
+    def _runtime_for(self, name: str, route: DeploymentRoute,
+                     tls: dict[int, UpstreamTls]) -> DeploymentRuntime:
         config = balancer_config(self._base_config, route)
         runtime = self._every_runtime.get(name)
         if runtime is None:
-            runtime = DeploymentRuntime(route, Balancer(self._rng, config))
+            runtime = DeploymentRuntime(route, Balancer(self._rng, config), tls)
             self._every_runtime[name] = runtime
         else:
-            runtime.apply(route)
+            runtime.apply(route, tls)
             runtime.balancer.reconfigure(config)
         return runtime
 

@@ -101,7 +101,7 @@ class Forwarder:
         try:
             response = await self._pool.request(
                 target.host, target.port, request.method, request.target,
-                [*request.headers, target.authorization], request.body, deadline)
+                [*request.headers, target.authorization], request.body, deadline, target.tls)
         except TimeoutError:
             self._release(runtime, lease, Outcome.TIMEOUT, started_s)
             return error(504, f"{runtime.name}: the replica did not answer within "

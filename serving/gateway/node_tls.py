@@ -17,6 +17,8 @@ import hmac
 import ssl
 from dataclasses import dataclass
 
+from serving.gateway.routes import RouteTable
+
 
 class PinMismatch(ssl.SSLError):
     """The replica's certificate is valid for the CA but not the one the table names."""
@@ -24,10 +26,12 @@ class PinMismatch(ssl.SSLError):
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTls:
-    """TLS for one replica: the CA context and the certificate it must show (sha256 hex)."""
+    """TLS for one replica: the CA context, the certificate it must show (sha256 hex) and
+    the name it must carry (the node's address, also when a tunnel carries the bytes)."""
 
     context: ssl.SSLContext
     sha256: str
+    server_name: str
 
 
 @functools.lru_cache(maxsize=8)
@@ -40,11 +44,23 @@ def context_for(ca_pem: str) -> ssl.SSLContext:
     return context
 
 
-def upstream_tls(ca_pem: str, sha256: str) -> UpstreamTls | None:
-    """Return how to reach a replica whose node shows certificate `sha256` ("": plain)."""
+def upstream_tls(ca_pem: str, sha256: str, server_name: str) -> UpstreamTls | None:
+    """Return how to reach a replica whose node at `server_name` shows certificate `sha256`
+    ("": plain HTTP)."""
     if not sha256:
         return None
-    return UpstreamTls(context_for(ca_pem), sha256.lower())
+    return UpstreamTls(context_for(ca_pem), sha256.lower(), server_name)
+
+
+def replica_tls(table: RouteTable) -> dict[int, UpstreamTls]:
+    """Return {replica id: its TLS} for the table's replicas that serve TLS.
+
+    Taken from the table as the portal sent it: a tunnel may reroute a replica to a
+    loopback port, but the certificate still names the node's own address.
+    """
+    return {replica.replica_id: tls for route in table.deployments.values()
+            for replica in route.replicas
+            if (tls := upstream_tls(table.node_ca_pem, replica.tls_sha256, replica.host))}
 
 
 def check_pinned(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, tls: UpstreamTls) -> None:

@@ -274,7 +274,7 @@ class UpstreamPool:
             async with asyncio.timeout(limit_s):
                 _, connection = await loop.create_connection(
                     _Connection, key[0], key[1], ssl=tls.context if tls else None,
-                    server_hostname=key[0] if tls else None)
+                    server_hostname=tls.server_name if tls else None)
                 if tls is not None:
                     connection.pinned = tls.sha256
                     _check_pin(connection, tls)
