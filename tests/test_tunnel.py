@@ -1,0 +1,256 @@
+"""The tunnel on loopback: the gateway's tunnel server, the agent's client, a replica-like
+HTTP server behind it, and the gateway's own upstream pool in front, over real sockets.
+
+The node's "replica" listens on 127.0.0.1 only; the gateway reaches it through the loopback
+port its TunnelRegistry gives the replica in the routing table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from serving.agent.tunnel import TunnelClient, backoff_s
+from serving.balancing import BalancerConfig
+from serving.gateway.deployments import Fleet
+from serving.gateway.routes import DeploymentRoute, ReplicaRoute, RouteTable, VersionInfo
+from serving.gateway.tunnel import TunnelServer, key_digest
+from serving.gateway.upstream import UpstreamError, UpstreamPool
+from swarm_protocol.tunnel import NODE_HEADER, TUNNEL_PATH, WINDOW_BYTES
+
+NODE_ID = 7
+KEY = "k" * 64
+DEADLINE_S = 30.0
+
+
+async def eventually(condition: object, what: str, timeout_s: float = DEADLINE_S) -> None:
+    """Wait (on the loop) until `condition()` is truthy; fail after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class EchoReplica:
+    """HTTP/1.1 keep-alive server: answers each request with its body (or, for
+    /stall, reads nothing at all until released)."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.release = asyncio.Event()
+        self.requests = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"POST /stall"):
+                    await self.release.wait()
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                self.requests += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@dataclass
+class Lab:
+    fleet: Fleet
+    server: TunnelServer
+    replica: EchoReplica
+    replica_port: int
+    url: str
+    pool: UpstreamPool
+
+    def target(self) -> tuple[str, int] | None:
+        runtime = self.fleet.deployments["m"]
+        if not runtime.route.replicas:
+            return None
+        replica = runtime.route.replicas[0]
+        return replica.host, replica.port
+
+    async def post(self, body: bytes, path: bytes = b"/echo") -> bytes:
+        target = self.target()
+        assert target is not None, "the tunnel replica is not in the table"
+        response = await self.pool.request(target[0], target[1], b"POST", path, [], body)
+        assert response.status == 200
+        return response.body
+
+
+def table(replica_port: int) -> RouteTable:
+    replica = ReplicaRoute(replica_id=1, host="10.255.255.1", port=replica_port,
+                           replica_key="rk", version=1, node_id=NODE_ID, tunnel=True)
+    route = DeploymentRoute(name="m", deployment_id=1, weights={1: 1.0},
+                            versions={1: VersionInfo("pytorch", [], [])}, replicas=(replica,))
+    return RouteTable(revision="1", deployments={"m": route},
+                      tunnels={NODE_ID: key_digest(KEY)})
+
+
+async def start_server(fleet: Fleet, port: int = 0) -> TunnelServer:
+    server = TunnelServer(fleet, "127.0.0.1", port)
+    await server.start()
+    fleet.apply(fleet.table)
+    return server
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    replica = EchoReplica()
+    replica_port = await replica.start()
+    fleet = Fleet(random.Random(1), BalancerConfig())
+    fleet.apply(table(replica_port))
+    server = await start_server(fleet)
+    pool = UpstreamPool()
+    yield Lab(fleet, server, replica, replica_port,
+              f"ws://127.0.0.1:{server.port}{TUNNEL_PATH}", pool)
+    pool.close()
+    await server.aclose()
+    replica.close()
+
+
+@pytest.fixture
+async def client(lab: Lab) -> AsyncIterator[TunnelClient]:
+    agent = TunnelClient(lab.url, NODE_ID, KEY, {lab.replica_port})
+    task = asyncio.ensure_future(agent.run())
+    await eventually(lab.target, "the replica routed through the tunnel")
+    yield agent
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_without_a_tunnel_the_node_s_replica_is_not_in_the_table(lab: Lab) -> None:
+    assert lab.fleet.table.deployments["m"].replicas  # the portal lists it...
+    assert lab.target() is None  # ...but this gateway cannot reach it
+
+
+async def test_concurrent_requests_each_get_their_own_binary_answer(
+        lab: Lab, client: TunnelClient) -> None:
+    bodies = [os.urandom(1000 + i) + bytes([i]) * 7 for i in range(64)]
+    answers = await asyncio.gather(*(lab.post(body) for body in bodies))
+    assert answers == bodies
+    assert lab.target() is not None and lab.target()[0] == "127.0.0.1"  # type: ignore[index]
+
+
+async def test_a_big_binary_body_crosses_whole(lab: Lab, client: TunnelClient) -> None:
+    body = os.urandom(24 * 1024 * 1024)
+    answer = await lab.post(body)
+    assert hashlib.sha256(answer).digest() == hashlib.sha256(body).digest()
+
+
+async def test_a_replica_that_reads_nothing_stops_the_sender_after_a_window(
+        lab: Lab, client: TunnelClient) -> None:
+    target = lab.target()
+    assert target is not None
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(target)
+    sock.setblocking(False)
+    body_bytes = 256 * 1024 * 1024
+    sock.sendall(b"POST /stall HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % body_bytes)
+    sent = 0
+    chunk = b"x" * 65536
+    stalled_for = 0
+    while sent < body_bytes and stalled_for < 100:  # about 1 s without progress
+        try:
+            sent += sock.send(chunk)
+            stalled_for = 0
+        except BlockingIOError:
+            stalled_for += 1
+            await asyncio.sleep(0.01)
+    # The window plus what the kernels' socket buffers hold, nowhere near the whole body.
+    assert sent < 3 * WINDOW_BYTES + 32 * 1024 * 1024, sent
+    lab.replica.release.set()
+    while sent < body_bytes:
+        try:
+            sent += sock.send(chunk[:body_bytes - sent])
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+    sock.setblocking(True)
+    answer = await loop.run_in_executor(None, sock.recv, 65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+async def test_a_wrong_key_is_refused_before_the_handshake(lab: Lab) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(lab.url, additional_headers={
+                "Authorization": "Bearer " + "x" * 64, NODE_HEADER: str(NODE_ID)}):
+            pass
+    assert refused.value.response.status_code == 401
+    agent = TunnelClient(lab.url, NODE_ID, "wrong", {lab.replica_port})
+    task = asyncio.ensure_future(agent.run())
+    await asyncio.sleep(0)  # let it try (and fail) once
+    await eventually(lambda: task.done() or agent.connections == 0, "a first try")
+    assert lab.server.registry.connected() == set() and lab.target() is None
+    task.cancel()
+
+
+async def test_an_unknown_node_and_a_wrong_path_are_refused(lab: Lab) -> None:
+    for url, node in ((lab.url, "8"), (lab.url.replace(TUNNEL_PATH, "/other"), str(NODE_ID))):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, additional_headers={"Authorization": f"Bearer {KEY}",
+                                                        NODE_HEADER: node}):
+                pass
+        assert refused.value.response.status_code in (401, 404)
+
+
+async def test_a_port_outside_the_replica_range_is_not_connected(lab: Lab) -> None:
+    agent = TunnelClient(lab.url, NODE_ID, KEY, {lab.replica_port + 1})  # not the replica's
+    task = asyncio.ensure_future(agent.run())
+    await eventually(lab.target, "the tunnel")
+    with pytest.raises(UpstreamError):
+        await lab.post(b"hello")
+    assert lab.replica.requests == 0
+    task.cancel()
+
+
+async def test_a_dropped_tunnel_takes_the_replica_out_at_once_and_back_when_it_returns(
+        lab: Lab, client: TunnelClient) -> None:
+    assert await lab.post(b"before") == b"before"
+    target = lab.target()
+    assert target is not None
+    # The gateway goes away (its tunnel server stops): the node's replica leaves the table.
+    await lab.server.aclose()
+    await eventually(lambda: lab.target() is None, "the replica out of the table")
+    # In flight or not, connections to its loopback port now fail as connection errors.
+    with pytest.raises(UpstreamError):
+        await lab.pool.request(target[0], target[1], b"POST", b"/echo", [], b"x")
+    # A gateway on the same port again: the agent reconnects (back-off) and serves.
+    port = int(lab.url.split(":")[2].split("/")[0])
+    lab.server = await start_server(lab.fleet, port)
+    await eventually(lab.target, "the replica back after the tunnel reconnected")
+    assert await lab.post(b"after") == b"after"
+    assert client.connections >= 2
+
+
+def test_the_back_off_grows_caps_and_is_jittered() -> None:
+    waits = [backoff_s(n, 0.999) for n in range(1, 12)]
+    assert waits == sorted(waits) and waits[-1] <= 15.0
+    assert backoff_s(3, 0.0) == pytest.approx(backoff_s(3, 0.999) / 2, rel=0.01)
