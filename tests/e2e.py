@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.live import ROOT, test_database_url
@@ -55,9 +56,14 @@ class LiveAgent:
     """A `swarm-worker` process joined to a live portal."""
 
     def __init__(self, portal_url: str, name: str, ports: str, cache_dir: Path,
-                 token: str | None) -> None:
+                 token: str | None, *args: str, address: str | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.portal_url, self.name, self.ports = portal_url, name, ports
         self.cache_dir, self.token = cache_dir, token
+        # More swarm-worker arguments; its advertised --address; a command to run it under
+        # (tests/netns.py: `ip netns exec NAME`, a machine of its own).
+        self.args = [*args, *(["--address", address] if address else [])]
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LiveAgent:
@@ -66,12 +72,12 @@ class LiveAgent:
                    str(self.cache_dir), "--drain-grace-s", "20", "--log-level", "INFO",
                    # A killed agent's replicas outlive it for this long (a restarted agent
                    # would adopt them), then drain themselves.
-                   "--replica-watchdog-s", "5"]
+                   "--replica-watchdog-s", "5", *self.args]
         env = {k: v for k, v in os.environ.items()
                if k not in ("DJANGO_SETTINGS_MODULE", "SWARM_JOIN_TOKEN")}
         if self.token:  # in the environment: a command line is readable by every user (ps)
             env["SWARM_JOIN_TOKEN"] = self.token
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen([*self.prefix, *command], cwd=ROOT, env=env)
         return self
 
     def kill(self) -> None:

@@ -46,9 +46,11 @@ class LiveGateway:
     environment; `start` returns once it printed its ready line."""
 
     def __init__(self, portal_url: str, token: str, *args: str, port: int = 0,
-                 portal_uds: Path | None = None, env: dict[str, str] | None = None) -> None:
+                 portal_uds: Path | None = None, env: dict[str, str] | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.command = [sys.executable, "-m", "serving.gateway.service", "--portal", portal_url,
-                        "--port", str(port), *args]
+                        "--port", str(port), "--host", host, *args]
+        self.host = host
         if portal_uds is not None:
             self.command += ["--portal-uds", str(portal_uds)]
         # Nothing of the portal's: the gateway reaches it only over HTTP.
@@ -73,7 +75,7 @@ class LiveGateway:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def stop(self, timeout_s: float = 30) -> int | None:
         """SIGTERM (it finishes what is in flight), SIGKILL after `timeout_s`; return its code."""
@@ -99,9 +101,10 @@ class LivePortal:
     as `make run` does."""
 
     def __init__(self, port: int, artifact_root: Path, *, gateway: bool = False,
-                 **env: str) -> None:
+                 host: str = "127.0.0.1", **env: str) -> None:
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.host = host  # where it listens (tests/netns.py: a host end of a test link)
+        self.url = f"http://{host}:{port}"
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "swarm_portal.settings",
@@ -122,7 +125,7 @@ class LivePortal:
     def start(self, timeout_s: float = 60) -> LivePortal:
         where = (["--uds", str(self.portal_uds), "--forwarded-allow-ips", "*"]
                  if self.portal_uds is not None
-                 else ["--host", "127.0.0.1", "--port", str(self.port)])
+                 else ["--host", self.host, "--port", str(self.port)])
         command = [sys.executable, "-m", "uvicorn", "swarm_portal.asgi:application", *where,
                    "--log-level", "warning"]
         self.proc = subprocess.Popen(command, cwd=ROOT, env=self.env)
