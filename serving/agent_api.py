@@ -16,12 +16,14 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from registry.downloads import SHA256_HEADER, read_chunks
 from registry.models import ModelVersion
 from registry.services import artifact_store
 from serving import replica_logs, services
+from serving.services import reachability
 from swarm_portal.errors import ServiceError
 from swarm_protocol.agent_messages import HeartbeatRequest, ProtocolError, RegisterRequest
 
@@ -71,7 +73,12 @@ def _agent_view(handler: Any) -> Any:
 @_agent_view
 def register(request: HttpRequest) -> HttpResponse:
     message = RegisterRequest.from_dict(_json_body(request))
-    return JsonResponse(services.do_register_node(message).to_dict(), status=201)
+    try:  # before the join's transaction: the probe may take PROBE_TIMEOUT_S
+        mode = reachability.reach_mode(message, timezone.now())
+    except reachability.Unusable as exc:
+        return _error(str(exc), 401)
+    response = services.do_register_node(message)
+    return JsonResponse(reachability.joined(response, mode).to_dict(), status=201)
 
 
 @_agent_view
@@ -79,7 +86,7 @@ def heartbeat(request: HttpRequest) -> HttpResponse:
     node = services.authenticate_node(request.headers.get("Authorization", ""))
     message = HeartbeatRequest.from_dict(_json_body(request))
     lines = _take_log_lines(message)
-    reply = services.do_heartbeat(node, message)
+    reply = reachability.with_tunnel(node, services.do_heartbeat(node, message))
     replica_logs.record_agent_lines(node.pk, lines, time.time())
     return JsonResponse(reply.to_dict())
 

@@ -36,6 +36,7 @@ from serving import live, secrets
 from serving.gateway.limits import MAX_CREDENTIAL_BYTES
 from serving.gateway_source import route_table, session_user_active, share_caps
 from serving.models import GatewayToken
+from serving.services import reachability
 from serving.services.keys import record_keys_used
 from swarm_portal import activation
 from swarm_portal.errors import ServiceError
@@ -164,13 +165,20 @@ def _whole(value: Any, what: str, low: int, high: int) -> int:
 
 
 def _instance(request: HttpRequest) -> str | None:
-    unknown = set(request.GET) - {"instance"}
+    unknown = set(request.GET) - {"instance", "tunnel"}
     if unknown:
         raise ServiceError(f"unknown query parameter {sorted(unknown)[0][:50]!r}")
     instance = request.GET.get("instance")
     if instance is not None and not _INSTANCE.fullmatch(instance):
         raise ServiceError("instance must be 1 to 64 characters of A-Z a-z 0-9 _ . : -")
     return instance
+
+
+def _tunnel_url(request: HttpRequest) -> str | None:
+    url = request.GET.get("tunnel")
+    if url is not None and not reachability.valid_tunnel_url(url):
+        raise ServiceError("tunnel must be a ws:// or wss:// URL of at most 200 characters")
+    return url
 
 
 def _revision() -> str:
@@ -190,6 +198,7 @@ def table(request: HttpRequest) -> HttpResponse:
     now_s = time.time()
     if instance is not None:
         _instances.note(instance, now_s)
+        reachability.note_tunnel_url(instance, _tunnel_url(request), now_s)
     # Read before the build: a change during it shows as a new revision next poll.
     revision = _revision()
     gateways = max(1, _instances.count(now_s))

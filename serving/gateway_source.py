@@ -33,6 +33,7 @@ from serving.gateway.routes import (
 )
 from serving.models import ApiKey, Deployment, NodeStatus, Replica, ReplicaState
 from serving.secrets import replica_key
+from serving.services import reachability
 from serving.services.keys import record_keys_used
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,13 @@ def _routable_replicas() -> dict[int, list[ReplicaRoute]]:
     standing_in = Q(state=ReplicaState.READY, desired=True, node__status=NodeStatus.OFFLINE)
     rows = (Replica.objects.filter(on_live_node | standing_in, port__isnull=False)
             .values_list("deployment_id", "pk", "node_id", "node__address", "port",
-                         "version__number", "state", "desired"))
+                         "version__number", "state", "desired", "node__reach_mode"))
     by_deployment: dict[int, list[ReplicaRoute]] = defaultdict(list)
-    for deployment_id, pk, node_id, address, port, number, state, desired in rows:
+    for deployment_id, pk, node_id, address, port, number, state, desired, mode in rows:
         by_deployment[deployment_id].append(ReplicaRoute(
             replica_id=pk, host=address, port=port, replica_key=replica_key(node_id),
-            version=number, draining=state == ReplicaState.DRAINING or not desired))
+            version=number, draining=state == ReplicaState.DRAINING or not desired,
+            node_id=node_id, tunnel=mode == reachability.TUNNEL))
     return by_deployment
 
 
@@ -123,7 +125,8 @@ def route_table(revision: str = "") -> RouteTable:
         revision=revision,
         deployments={d.name: _deployment_route(d, replicas.get(d.pk, []), infos)
                      for d in deployments},
-        api_keys=_api_keys())
+        api_keys=_api_keys(),
+        tunnels=reachability.tunnel_digests(reachability.tunnel_node_ids()))
 
 
 def share_caps(table: RouteTable, gateways: int) -> RouteTable:
