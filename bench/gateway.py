@@ -26,6 +26,9 @@ HTTP/2 channel, `concurrency` calls in flight) in this process. That client cost
 more CPU per request than wrk and shares the 2 cores with the gateway, so also compare
 against REST from a Python client (`--client aiohttp`): the `client CPU` column shows it.
 
+`--compare-uvicorn` adds the same gateway served by uvicorn's own HTTP protocol
+(`--http uvicorn`) beside the lean one it serves with by default (fast_http.py).
+
 `--compare-bare` adds two bare proxies as targets (uvicorn and a forward with no auth,
 balancing or metrics): one on the gateway's upstream pool, one on an aiohttp session, to
 show what the hop itself costs and why the gateway does not use aiohttp.
@@ -71,6 +74,7 @@ API_KEY = "swk_bench_gateway_key"
 GATEWAY_HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 BARE_PROXIES = ("bare-pool", "bare-aiohttp")
 GRPC = "grpc"  # the gateway's gRPC port, as a target of its own
+UVICORN_GATEWAY = "gateway-uvicorn"  # the gateway on uvicorn's HTTP protocol (--compare-uvicorn)
 INFER_PATH = "/v2/models/mlp/infer"
 CLIENTS = ("wrk", "aiohttp")
 # wrk: the request, a count of answers that are not 200, and one result line from done().
@@ -154,9 +158,11 @@ def start_proxy(name: str, table_path: Path, replica_port: int, port: int,
                 grpc_port: int = 0) -> subprocess.Popen[bytes]:
     """Start the gateway (with gRPC on `grpc_port` if set), or a bare proxy (this script
     with --serve-bare)."""
-    if name == "gateway":
+    if name in ("gateway", UVICORN_GATEWAY):
         command = [sys.executable, "-m", "serving.gateway.standalone", "--table",
-                   str(table_path), "--port", str(port), "--grpc-port", str(grpc_port)]
+                   str(table_path), "--port", str(port)]
+        command += ["--http", "uvicorn"] if name == UVICORN_GATEWAY else \
+            ["--grpc-port", str(grpc_port)]
     else:
         command = [sys.executable, __file__, "--serve-bare", name, "--port", str(port),
                    "--upstream-port", str(replica_port)]
@@ -400,10 +406,12 @@ async def run(args: argparse.Namespace) -> list[Cell]:
         targets = [Target("direct", replica.url, REPLICA_HEADERS)]
         processes: dict[str, subprocess.Popen[bytes]] = {}
         grpc_port = free_port() if args.grpc else 0
-        for name in ("gateway", *(BARE_PROXIES if args.compare_bare else ())):
+        for name in ("gateway", *((UVICORN_GATEWAY,) if args.compare_uvicorn else ()),
+                     *(BARE_PROXIES if args.compare_bare else ())):
             port = free_port()
             processes[name] = start_proxy(name, table_path, replica.port, port, grpc_port)
-            headers = GATEWAY_HEADERS if name == "gateway" else REPLICA_HEADERS
+            headers = GATEWAY_HEADERS if name in ("gateway", UVICORN_GATEWAY) \
+                else REPLICA_HEADERS
             targets.append(Target(name, f"http://127.0.0.1:{port}", headers))
         if grpc_port:
             targets.insert(2, Target(GRPC, f"127.0.0.1:{grpc_port}", {}))
@@ -470,6 +478,9 @@ def main() -> None:
                         help="wrk threads (at most one per connection)")
     parser.add_argument("--grpc", action="store_true",
                         help="also measure the gateway's OIP gRPC port (grpc.aio client)")
+    parser.add_argument("--compare-uvicorn", action="store_true",
+                        help=f"add `{UVICORN_GATEWAY}`: the same gateway on uvicorn's HTTP "
+                             "protocol instead of the lean one (serving/gateway/fast_http.py)")
     parser.add_argument("--compare-bare", action="store_true",
                         help="also measure bare proxies (our pool, aiohttp) for reference")
     parser.add_argument("--serve-bare", choices=BARE_PROXIES, help=argparse.SUPPRESS)

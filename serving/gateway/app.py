@@ -25,7 +25,7 @@ from serving.gateway.core import (
 from serving.gateway.forwarding import UpstreamRequest
 from serving.gateway.limits import header_refusal, headers_fit, shown, target_refusal
 from serving.gateway.metrics import CONTENT_TYPE
-from serving.gateway.requests import ClientGone, ModelPath, read_body
+from serving.gateway.requests import BodyTooLarge, ClientGone, ModelPath, read_body
 from serving.gateway.responses import (
     Headers,
     Receive,
@@ -55,7 +55,7 @@ class GatewayApp(GatewayCore):
         go to GatewayCore (max_body_bytes, clocks, rng, balancer_config, pool, ...)."""
         super().__init__(source, session_auth, **options)
         self._metrics_bearer = f"Bearer {metrics_token}".encode() if metrics_token else None
-        self._fixed: dict[str, Callable[[Scope], Response]] = {
+        self._fixed: dict[str, Callable[[str, Headers], Response]] = {
             "/v2": self._metadata_endpoint, "/v2/": self._metadata_endpoint,
             "/v2/health/live": self._live, "/v2/health/ready": self._health_ready,
             "/metrics": self._metrics_endpoint,
@@ -68,44 +68,63 @@ class GatewayApp(GatewayCore):
             if scope["type"] == "lifespan":
                 await _lifespan(receive, send)
             return
+        response = await self.respond(scope["method"], scope["path"],
+                                      scope.get("raw_path") or b"", scope["query_string"],
+                                      scope["headers"], None, receive)
+        if response is not None:
+            await send_response(send, response)
+
+    # any transport: the ASGI app above, the lean HTTP/1.1 server (fast_http.py)
+
+    async def respond(self, method: str, path: str, raw_path: bytes, query: bytes,
+                      headers: Headers, body: bytes | BodyTooLarge | None,
+                      receive: Receive | None) -> Response | None:
+        """Return the answer to one request; None when the client left meanwhile.
+
+        `path` is percent-decoded, `raw_path` as sent (b"": encode `path`), `headers`
+        are (lower-case name, value) pairs. `body` is the whole body as the transport read
+        it (BodyTooLarge: it passed max_body_bytes), or None to read it from `receive`
+        once the request is admitted. `receive` yields `http.disconnect` when the client
+        goes (None: the transport cancels the task itself).
+        """
         if not self._ready:
             await self.start()
-        path: str = scope["path"]
         fixed = self._fixed.get(path)
-        refused = target_refusal(path, scope["query_string"])
+        refused = target_refusal(path, query)
         if refused is not None:
-            response = refused
-        elif fixed is not None:
+            return refused
+        if fixed is not None:
             # Model endpoints count header bytes as they look for credentials.
-            headers = scope["headers"]
-            response = fixed(scope) if headers_fit(headers) else header_refusal(headers)
-        elif path.startswith("/v2/models/"):
-            await self._model_endpoint(scope, receive, send)
-            return
-        else:
-            response = error(404, f"no such endpoint: {path}")
-        await send_response(send, response)
+            return fixed(method, headers) if headers_fit(headers) else header_refusal(headers)
+        if path.startswith("/v2/models/"):
+            try:
+                return await self._model_response(method, path, raw_path, query, headers,
+                                                  body, receive)
+            except Exception:
+                logger.exception("internal error on %s %s", shown(method), shown(path))
+                return error(500, "internal error in the gateway")
+        return error(404, f"no such endpoint: {path}")
 
     # fixed endpoints
 
-    def _metadata_endpoint(self, scope: Scope) -> Response:
-        if scope["method"] not in ("GET", "HEAD"):
+    def _metadata_endpoint(self, method: str, headers: Headers) -> Response:
+        if method not in ("GET", "HEAD"):
             return _method_not_allowed("GET")
         return self._server_metadata
 
-    def _live(self, scope: Scope) -> Response:
+    def _live(self, method: str, headers: Headers) -> Response:
         return json_response(200, {"live": True})
 
-    def _health_ready(self, scope: Scope) -> Response:
+    def _health_ready(self, method: str, headers: Headers) -> Response:
         if self._ready:
             return json_response(200, {"ready": True})
         return json_response(503, {"ready": False}, [(b"retry-after", b"1")])
 
-    def _metrics_endpoint(self, scope: Scope) -> Response:
+    def _metrics_endpoint(self, method: str, headers: Headers) -> Response:
         if not self.metrics.enabled:
             return error(404, "metrics are off")
         if self._metrics_bearer is not None:
-            given = dict(scope["headers"]).get(b"authorization", b"")
+            given = dict(headers).get(b"authorization", b"")
             if not hmac.compare_digest(given, self._metrics_bearer):
                 return error(401, "the metrics need 'Authorization: Bearer <metrics token>'",
                              [(b"www-authenticate", b"Bearer")])
@@ -113,53 +132,47 @@ class GatewayApp(GatewayCore):
 
     # /v2/models/...
 
-    async def _model_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            response = await self._model_response(scope, receive)
-        except Exception:
-            logger.exception("internal error on %s %s", shown(scope["method"]),
-                             shown(scope["path"]))
-            response = error(500, "internal error in the gateway")
-        if response is not None:
-            await send_response(send, response)
-
-    async def _model_response(self, scope: Scope, receive: Receive) -> Response | None:
-        target = self._model_path(scope)
+    async def _model_response(self, method: str, path: str, raw_path: bytes, query: bytes,
+                              headers: Headers, body: bytes | BodyTooLarge | None,
+                              receive: Receive | None) -> Response | None:
+        target = self._model_path(method, path)
         if isinstance(target, Response):
             return target
-        runtime = await self.admit(target, scope["headers"])
+        runtime = await self.admit(target, headers)
         if isinstance(runtime, Response):
             return runtime
         # The body is read here, not in a helper coroutine: one frame less per request.
         started_s = self._clock()
-        forwarded, declared = _forwarded_headers(scope["headers"])
-        # Fewer ASCII digits than the limit has is surely within it: no int() per request.
-        short = len(declared) < self._max_body_digits and declared.isdigit()
-        if declared and not short and parse_count(declared, self.max_body_bytes) is None:
-            if not declared.isdigit():
-                return error(400, "Content-Length must be a non-negative integer")
-            return self._too_large(runtime)
-        try:
-            body = await read_body(receive, self.max_body_bytes)
-        except ClientGone:
-            self.metrics.cancelled(runtime.name)
-            return None
+        forwarded, declared = _forwarded_headers(headers)
         if body is None:
+            # Fewer ASCII digits than the limit has is surely within it: no int() per request.
+            short = len(declared) < self._max_body_digits and declared.isdigit()
+            if declared and not short and parse_count(declared, self.max_body_bytes) is None:
+                if not declared.isdigit():
+                    return error(400, "Content-Length must be a non-negative integer")
+                return self._too_large(runtime)
+            assert receive is not None, "no body and nothing to read it from"
+            try:
+                body = await read_body(receive, self.max_body_bytes)
+            except ClientGone:
+                self.metrics.cancelled(runtime.name)
+                return None
+            if body is None:
+                return self._too_large(runtime)
+        elif isinstance(body, BodyTooLarge):
             return self._too_large(runtime)
-        query: bytes = scope["query_string"]
-        path: bytes = scope.get("raw_path") or scope["path"].encode()
-        request = UpstreamRequest(b"POST", path + b"?" + query if query else path,
+        target_path = raw_path or path.encode()
+        request = UpstreamRequest(b"POST", target_path + b"?" + query if query else target_path,
                                   forwarded, body)
         return await self.infer(runtime, target, request, started_s, receive)
 
-    def _model_path(self, scope: Scope) -> ModelPath | Response:
+    def _model_path(self, method: str, path: str) -> ModelPath | Response:
         """Return the parsed model path, or the 404/405 answer when there is none."""
-        path: str = scope["path"]
         target = self._model_paths.get(path) or self.model_target(path)
         if target is None:
             return error(404, f"no such endpoint: {path}")
         wanted = "POST" if target.action == "infer" else "GET"
-        if scope["method"] != wanted and not (wanted == "GET" and scope["method"] == "HEAD"):
+        if method != wanted and not (wanted == "GET" and method == "HEAD"):
             return _method_not_allowed(wanted)
         return target
 

@@ -18,6 +18,15 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+class BodyTooLarge:
+    """Marks a body the transport stopped reading past the size limit (nothing kept)."""
+
+    __slots__ = ()
+
+
+BODY_TOO_LARGE = BodyTooLarge()
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPath:
     """`/v2/models/{name}[/versions/{version}][/ready|/infer]`, split."""

@@ -1,6 +1,7 @@
 """`python -m serving.gateway.standalone --table table.json --port P`: the gateway alone.
 
-Serves the gateway on uvicorn (uvloop + httptools) with a FileTableSource, for tests and
+Serves the gateway with a FileTableSource on uvicorn's server and the lean HTTP/1.1
+protocol (fast_http.py; `--http uvicorn`: uvicorn's own, to compare), for tests and
 benchmarks, and OIP gRPC on the same event loop with `--grpc-port P` (started before the
 HTTP port, so it listens by the time the ready line appears). Prints `GATEWAY READY port=N`
 once listening (N is the real port with --port 0).
@@ -15,12 +16,14 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 import uvloop
 
 from serving.balancing import BalancerConfig
 from serving.gateway.app import DEFAULT_MAX_BODY_BYTES, GatewayApp
+from serving.gateway.fast_http import protocol_class
 from serving.gateway.filesource import FileTableSource
 from serving.gateway.grpc_server import GRACE_S, start_grpc
 
@@ -47,6 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grpc-port", type=int, default=0, help="OIP gRPC port (0: off)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--no-metrics", action="store_true", help="turn /metrics off")
+    parser.add_argument("--http", choices=("lean", "uvicorn"), default="lean",
+                        help="the lean HTTP/1.1 server (fast_http.py) or uvicorn's")
     parser.add_argument("--ejection-base-s", type=float,
                         default=BalancerConfig().ejection_base_s,
                         help="first back-off of an ejected replica")
@@ -70,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, loop="none",
-                            http="httptools", lifespan="off", access_log=False,
+    http: Any = protocol_class(app) if args.http == "lean" else "httptools"
+    config = uvicorn.Config(app, host=args.host, port=args.port, loop="none", http=http,
+                            lifespan="off", access_log=False,
                             log_level="warning", server_header=False, date_header=False,
                             timeout_keep_alive=KEEP_ALIVE_S, backlog=2048,
                             proxy_headers=False)  # nothing in front of it to trust
