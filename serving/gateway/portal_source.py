@@ -70,6 +70,9 @@ class PortalClient:
         self._etag: str | None = None  # of the table load() last returned
         self._pending: tuple[str, bytes | RouteTable] | None = None  # fetched, not loaded
         self._failures: dict[str, int] = {}
+        # Where nodes behind NAT open their tunnel to this gateway (--tunnel-port): sent with
+        # each poll, so the portal can list it to them (serving/services/reachability.py).
+        self.tunnel_url: str | None = None
 
     # TableSource
 
@@ -115,8 +118,10 @@ class PortalClient:
 
     async def _get_table(self, etag: str | None) -> httpx.Response:
         headers = {"If-None-Match": etag} if etag else None
-        response = await self._request("GET", "/table", params={"instance": self.instance_id},
-                                       headers=headers)
+        params = {"instance": self.instance_id}
+        if self.tunnel_url:
+            params["tunnel"] = self.tunnel_url
+        response = await self._request("GET", "/table", params=params, headers=headers)
         if response.status_code in (401, 403):
             raise PortalRefused(f"the portal refused the gateway token ({response.status_code})")
         if response.status_code not in (200, 304):

@@ -36,6 +36,7 @@ from serving.gateway.metrics_share import SharedMetrics, SnapshotWriter
 from serving.gateway.portal_proxy import PortalProxy
 from serving.gateway.portal_source import PortalClient
 from serving.gateway.responses import Receive, Scope, Send
+from serving.gateway.tunnel import TunnelServer, add_tunnel_arguments, attach_tunnels
 
 METRICS_TOKEN_ENV = "SWARM_GATEWAY_METRICS_TOKEN"  # noqa: S105  (a variable name)
 TOKEN_ENV = "SWARM_GATEWAY_TOKEN"  # noqa: S105  (a variable name)
@@ -64,6 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reuse-port", action="store_true",
                         help="SO_REUSEPORT: several gateway processes share the port")
     parser.add_argument("--grpc-port", type=int, default=0, help="OIP gRPC port (0: off)")
+    add_tunnel_arguments(parser)  # --tunnel-port, --tunnel-url (serving/gateway/tunnel.py)
     parser.add_argument("--pass-through", action="store_true",
                         help="forward every request but /v2 and /metrics to the portal")
     parser.add_argument("--table-cache", type=Path,
@@ -174,6 +176,9 @@ class GatewayServer(uvicorn.Server):
             return
         # Load the table now, not on the first request (the refresh loop starts with it).
         await self.gateway.start()
+        for closer in self._closers:  # with --tunnel-port: nodes behind NAT connect now
+            if isinstance(closer, TunnelServer):
+                await closer.start()
         if self._metrics_writer is not None:
             self._metrics_writer.start()
         if self._grpc_port:
@@ -230,6 +235,9 @@ def build(args: argparse.Namespace, token: str
                          metrics_token=os.environ.get(METRICS_TOKEN_ENV) or None,
                          activator=client.activate)
     closers: list[Any] = [client]
+    tunnels = attach_tunnels(args, gateway.fleet, lambda url: setattr(client, "tunnel_url", url))
+    if tunnels is not None:
+        closers.insert(0, tunnels)
     app: Any = gateway
     if args.pass_through:
         proxy = PortalProxy(args.portal, uds_path=args.portal_uds)

@@ -17,6 +17,7 @@ on it fail as a connection error and the forwarder retries them on another repli
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -232,13 +233,20 @@ class TunnelRegistry:
 
 
 class TunnelServer:
-    """The WebSocket endpoint nodes connect to, tied to a gateway's fleet."""
+    """The WebSocket endpoint nodes connect to, tied to a gateway's fleet.
 
-    def __init__(self, fleet: Any, host: str, port: int) -> None:
+    `advertise(url)` is called once it listens with the URL nodes should use: the one
+    given (--tunnel-url, e.g. wss:// through a TLS proxy), else ws://host:port/tunnel.
+    """
+
+    def __init__(self, fleet: Any, host: str, port: int, url: str | None = None,
+                 advertise: Callable[[str], None] | None = None) -> None:
         self.registry = TunnelRegistry()
         self._fleet = fleet
         self._host = host
         self._port = port
+        self._url = url
+        self._advertise = advertise
         self._server: Server | None = None
         fleet.reroute = self.registry.reroute
         self.registry.on_change = lambda: fleet.apply(fleet.table)
@@ -257,6 +265,8 @@ class TunnelServer:
             process_request=self.registry.check, ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_TIMEOUT_S, max_size=MAX_MESSAGE_BYTES + 64 * 1024,
             compression=None, server_header=None)
+        if self._advertise is not None:
+            self._advertise(self._url or f"ws://{self._host}:{self.port}{TUNNEL_PATH}")
 
     async def aclose(self) -> None:
         """Stop listening and close every tunnel."""
@@ -265,3 +275,22 @@ class TunnelServer:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+
+
+def add_tunnel_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add swarm-gateway's --tunnel-port and --tunnel-url."""
+    parser.add_argument("--tunnel-port", type=int, default=None,
+                        help="accept tunnels from nodes behind NAT on this port (0: any free "
+                             "port; default: no tunnels)")
+    parser.add_argument("--tunnel-url", default=None,
+                        help="the URL nodes reach that port by (default "
+                             f"ws://HOST:PORT{TUNNEL_PATH}; wss:// behind a TLS proxy)")
+
+
+def attach_tunnels(args: argparse.Namespace, fleet: Any,
+                   advertise: Callable[[str], None]) -> TunnelServer | None:
+    """Return the tunnel server --tunnel-port asks for (None without it); `advertise`
+    gets its URL once it listens (the portal client sends it with each poll)."""
+    if args.tunnel_port is None:
+        return None
+    return TunnelServer(fleet, args.host, args.tunnel_port, args.tunnel_url, advertise)
