@@ -46,8 +46,11 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # frames are batched into messages up to th
 MAX_STREAMS = 1024  # per tunnel: more than a gateway's per-replica caps ever open
 TUNNEL_PATH = "/tunnel"
 NODE_HEADER = "X-Swarm-Node"
-PING_INTERVAL_S = 5.0
-PING_TIMEOUT_S = 10.0
+# A cut link is noticed within PING_INTERVAL_S + PING_TIMEOUT_S on both ends: requests in
+# flight on it then fail as connection errors (the gateway retries them elsewhere) well
+# before their own deadline.
+PING_INTERVAL_S = 2.0
+PING_TIMEOUT_S = 4.0
 
 
 class TunnelProtocolError(Exception):

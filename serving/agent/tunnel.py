@@ -41,9 +41,9 @@ from swarm_protocol.tunnel import (
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 15.0
+BACKOFF_MAX_S = 5.0  # and a heartbeat that gets through retries at once (nudge)
 STABLE_AFTER_S = 10.0  # a tunnel up this long resets the back-off
-OPEN_TIMEOUT_S = 10.0
+OPEN_TIMEOUT_S = 5.0  # a SYN into a cut link hangs: give up and retry soon
 
 
 def backoff_s(failures: int, jitter: float) -> float:
@@ -63,6 +63,7 @@ class TunnelClient:
         self._ports = ports
         self._jitter = jitter
         self.connected = asyncio.Event()
+        self._nudged = asyncio.Event()
         self.connections = 0  # handshakes that succeeded (for tests)
         self._connecting: set[asyncio.Task[None]] = set()
 
@@ -85,7 +86,15 @@ class TunnelClient:
             finally:
                 self.connected.clear()
             failures = 1 if loop.time() - started_s >= STABLE_AFTER_S else failures + 1
-            await asyncio.sleep(backoff_s(failures, self._jitter()))
+            self._nudged.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._nudged.wait(), backoff_s(failures, self._jitter()))
+
+    def nudge(self) -> None:
+        """Retry now if waiting to reconnect: the portal answered a heartbeat, so the
+        network is back (a node whose link returns serves again within a heartbeat)."""
+        if not self.connected.is_set():
+            self._nudged.set()
 
     async def _serve_once(self) -> None:
         async with connect(self.url, additional_headers=self._headers,
@@ -171,6 +180,8 @@ class Tunnels:
             self._identity = (node_id, tunnel_key)
             self._cancel(set(self._clients))
         self._cancel(set(self._clients) - urls)
+        for client, _ in self._clients.values():
+            client.nudge()
         for url in sorted(urls - set(self._clients)):
             client = TunnelClient(url, node_id, tunnel_key, self._ports)
             self._clients[url] = (client, asyncio.ensure_future(client.run()))
