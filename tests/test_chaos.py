@@ -140,18 +140,26 @@ def recover(launcher: Launcher, api: httpx.Client, phase: Phase, fault_at_s: flo
     return replicas
 
 
+def signal_and_recover(launcher: Launcher, api: httpx.Client, phase: Phase,
+                       find_pid: Callable[[], int | None], sig: int) -> dict[int, str]:
+    """Send `sig` to the process `find_pid()` names, then wait for another process in its
+    place (`find_pid()` a new pid) and the desired state; return the ready replicas."""
+    pid = find_pid()
+    assert pid is not None, f"nothing to signal for {phase.name}"
+    fault_at_s = time.monotonic()
+    os.kill(pid, sig)
+    return recover(launcher, api, phase, fault_at_s,
+                   also=lambda: find_pid() not in (None, pid))
+
+
 def kill_an_agent(launcher: Launcher, api: httpx.Client, load: SteadyLoad) -> None:
     phase = load.begin("kill -9 an agent")
     before = desired_state(api)
     assert before is not None
     # The node with the most replicas (the demo's two often land on the first to join).
     node = max(sorted(set(before.values())), key=list(before.values()).count)
-    agent = launcher.agent_pid(node)
-    assert agent is not None
-    fault_at_s = time.monotonic()
-    os.kill(agent, signal.SIGKILL)
-    after = recover(launcher, api, phase, fault_at_s,
-                    also=lambda: launcher.agent_pid(node) not in (None, agent))
+    after = signal_and_recover(launcher, api, phase, lambda: launcher.agent_pid(node),
+                               signal.SIGKILL)
     # Adopted, not replaced: the very replicas that served before are the ready ones.
     assert after == before
 
@@ -167,35 +175,17 @@ def stop_and_restart_redis(launcher: Launcher, api: httpx.Client, load: SteadyLo
     recover(launcher, api, phase, fault_at_s)
 
 
-def kill_celery(launcher: Launcher, api: httpx.Client, load: SteadyLoad) -> None:
-    phase = load.begin("kill -9 Celery")
-    celery = launcher.child("celery")
-    assert celery is not None
-    fault_at_s = time.monotonic()
-    os.kill(celery, signal.SIGKILL)
-    recover(launcher, api, phase, fault_at_s,
-            also=lambda: launcher.child("celery") not in (None, celery))
+# (phase name, a word in the launcher child's command line, the signal): the launcher
+# restarts each; `swarm-gateway --instance-id make-run-gateway-1` is one of the two gateways.
+CHILD_FAULTS = (("kill -9 Celery", "celery", signal.SIGKILL),
+                ("SIGTERM the portal (uvicorn)", "uvicorn", signal.SIGTERM),
+                ("SIGTERM a gateway", "make-run-gateway-1", signal.SIGTERM))
 
 
-def terminate_the_portal(launcher: Launcher, api: httpx.Client, load: SteadyLoad) -> None:
-    phase = load.begin("SIGTERM the portal (uvicorn)")
-    portal = launcher.child("uvicorn")
-    assert portal is not None
-    fault_at_s = time.monotonic()
-    os.kill(portal, signal.SIGTERM)
-    recover(launcher, api, phase, fault_at_s,
-            also=lambda: launcher.child("uvicorn") not in (None, portal))
-
-
-def terminate_a_gateway(launcher: Launcher, api: httpx.Client, load: SteadyLoad) -> None:
-    phase = load.begin("SIGTERM a gateway")
-    marker = "make-run-gateway-1"  # its --instance-id
-    gateway = launcher.child(marker)
-    assert gateway is not None
-    fault_at_s = time.monotonic()
-    os.kill(gateway, signal.SIGTERM)
-    recover(launcher, api, phase, fault_at_s,
-            also=lambda: launcher.child(marker) not in (None, gateway))
+def signal_a_child(launcher: Launcher, api: httpx.Client, load: SteadyLoad, name: str,
+                   marker: str, sig: int) -> None:
+    """Signal the launcher's child whose command line has `marker`; wait for its successor."""
+    signal_and_recover(launcher, api, load.begin(name), lambda: launcher.child(marker), sig)
 
 
 def report(phases: list[Phase]) -> str:
@@ -233,9 +223,8 @@ def test_no_client_request_fails_through_agent_redis_celery_portal_and_gateway_f
         wait_until(lambda: load.current.sent >= 30, 60, "the warm-up requests")
         kill_an_agent(launcher, api, load)
         stop_and_restart_redis(launcher, api, load, redis)
-        kill_celery(launcher, api, load)
-        terminate_the_portal(launcher, api, load)
-        terminate_a_gateway(launcher, api, load)
+        for name, marker, sig in CHILD_FAULTS:
+            signal_a_child(launcher, api, load, name, marker, sig)
         load.begin("after")
         wait_until(lambda: load.current.sent >= 10, 60, "requests after the last fault")
     finally:
