@@ -3,7 +3,11 @@ address; plain-HTTP joins only on loopback; the CA key stays encrypted in the da
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -11,9 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from serving import node_ca, services
 from serving.agent import credentials_tls
+from serving.gateway import node_tls
+from serving.gateway.upstream import ConnectFailed, UpstreamPool
 from serving.models import JoinToken, Node, NodeAuthority
 from swarm_portal.errors import ServiceError
 from swarm_protocol.agent_messages import RegisterRequest
+from tests.conftest import free_port
+from tests.live import ROOT
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -112,3 +120,84 @@ def test_a_changed_secret_key_says_what_to_do(join_secret_twice, settings):
     settings.SECRET_KEY = "another-secret-key-" + "x" * 40
     with pytest.raises(node_ca.AuthorityUnreadable, match="SECRET_KEY changed"):
         join(join_secret_twice, "10.0.0.2", credentials_tls.new_identity("b").csr_pem)
+
+
+# --- the gateway's side: TLS to the portal's CA, pinned (no namespaces needed) -----------
+
+
+def _served(directory: Path, name: str, cert_pem: bytes, key_pem: bytes
+            ) -> tuple[subprocess.Popen[str], int, Path]:
+    """Start tests/impostor.py with this certificate on 127.0.0.1; return it, port, log."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    port, log = free_port(), directory / f"{name}.log"
+    log.touch()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.impostor", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-file", str(log), "--cert-file",
+                             str(cert), "--key-file", str(key)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "LISTENING"
+    return proc, port, log
+
+
+def _issued(secret: str, address: str) -> tuple[object, credentials_tls.PendingIdentity]:
+    identity = credentials_tls.new_identity("n")
+    return join(secret, address, identity.csr_pem), identity
+
+
+async def _get(pool: UpstreamPool, port: int, tls: node_tls.UpstreamTls | None) -> int:
+    response = await pool.request("127.0.0.1", port, b"GET", b"/v2/health/ready",
+                                  [(b"authorization", b"Bearer replica-key")], tls=tls)
+    return response.status
+
+
+def test_the_gateway_accepts_only_the_pinned_certificate_of_the_ca(tmp_path, operator):
+    _token, secret = services.do_create_join_token(name="lab", user=operator,
+                                                   expires_in=None, uses=None)
+    genuine, genuine_identity = _issued(secret, "127.0.0.1")
+    other, other_identity = _issued(secret, "127.0.0.1")  # same CA, same address, not pinned
+    wrong_name, wrong_name_identity = _issued(secret, "10.9.9.9")
+    served = [
+        _served(tmp_path, "genuine", genuine.certificate_pem.encode(), genuine_identity.key_pem),
+        _served(tmp_path, "other", other.certificate_pem.encode(), other_identity.key_pem),
+        _served(tmp_path, "wrong-name", wrong_name.certificate_pem.encode(),
+                wrong_name_identity.key_pem)]
+    pin = x509.load_pem_x509_certificate(genuine.certificate_pem.encode())
+    tls = node_tls.upstream_tls(genuine.ca_certificate_pem, node_ca.fingerprint(pin),
+                                "127.0.0.1")
+    wrong_name_pin = node_ca.fingerprint(x509.load_pem_x509_certificate(
+        wrong_name.certificate_pem.encode()))
+
+    async def scenario() -> None:
+        pool = UpstreamPool()
+        try:
+            assert await _get(pool, served[0][1], tls) == 200
+            with pytest.raises(ConnectFailed, match="not the one its node holds"):
+                await _get(pool, served[1][1], tls)
+            # The right certificate, pinned, but for another address: the name check fails.
+            with pytest.raises(ConnectFailed):
+                await _get(pool, served[2][1], node_tls.upstream_tls(
+                    genuine.ca_certificate_pem, wrong_name_pin, "127.0.0.1"))
+            # Without the portal's CA nothing is trusted, pin or no pin (a fresh pool: no
+            # connection made before under this pin).
+            with pytest.raises(ConnectFailed):
+                await _get(UpstreamPool(), served[0][1], node_tls.upstream_tls(
+                    "", tls.sha256, "127.0.0.1"))
+            # An idle connection made under another pin is not reused for this one.
+            assert pool.idle_count("127.0.0.1", served[0][1]) == 1
+            stale_pin = node_tls.upstream_tls(genuine.ca_certificate_pem, "0" * 64,
+                                              "127.0.0.1")
+            with pytest.raises(ConnectFailed):
+                await _get(pool, served[0][1], stale_pin)
+        finally:
+            pool.close()
+
+    try:
+        asyncio.run(scenario())
+        requests = [len(log.read_text().splitlines()) for _proc, _port, log in served]
+        assert requests == [1, 0, 0]  # only the pinned replica ever saw the key
+    finally:
+        for proc, _port, _log in served:
+            proc.kill()
+            proc.wait(timeout=30)
