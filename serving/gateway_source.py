@@ -23,7 +23,7 @@ from django.db.models import Q
 from django.utils.module_loading import import_string
 
 from registry.models import ModelVersion
-from serving import live
+from serving import live, node_ca
 from serving.gateway.routes import (
     ApiKeyRoute,
     DeploymentRoute,
@@ -61,13 +61,14 @@ def _routable_replicas() -> dict[int, list[ReplicaRoute]]:
     standing_in = Q(state=ReplicaState.READY, desired=True, node__status=NodeStatus.OFFLINE)
     rows = (Replica.objects.filter(on_live_node | standing_in, port__isnull=False)
             .values_list("deployment_id", "pk", "node_id", "node__address", "port",
-                         "version__number", "state", "desired", "node__reach_mode"))
+                         "version__number", "state", "desired", "node__reach_mode",
+                         "node__cert_sha256"))
     by_deployment: dict[int, list[ReplicaRoute]] = defaultdict(list)
-    for deployment_id, pk, node_id, address, port, number, state, desired, mode in rows:
+    for deployment_id, pk, node_id, address, port, number, state, desired, mode, tls in rows:
         by_deployment[deployment_id].append(ReplicaRoute(
             replica_id=pk, host=address, port=port, replica_key=replica_key(node_id),
             version=number, draining=state == ReplicaState.DRAINING or not desired,
-            node_id=node_id, tunnel=mode == reachability.TUNNEL))
+            node_id=node_id, tunnel=mode == reachability.TUNNEL, tls_sha256=tls))
     return by_deployment
 
 
@@ -121,12 +122,15 @@ def route_table(revision: str = "") -> RouteTable:
     deployments = list(Deployment.objects.filter(deleting=False).select_related("version"))
     replicas = _routable_replicas()
     infos = _version_infos({d.model_id for d in deployments})
+    # Only when some replica serves TLS: a pool of loopback nodes costs no query for it.
+    tls = any(r.tls_sha256 for routes in replicas.values() for r in routes)
     return RouteTable(
         revision=revision,
         deployments={d.name: _deployment_route(d, replicas.get(d.pk, []), infos)
                      for d in deployments},
         api_keys=_api_keys(),
-        tunnels=reachability.tunnel_digests(reachability.tunnel_node_ids()))
+        tunnels=reachability.tunnel_digests(reachability.tunnel_node_ids()),
+        node_ca_pem=node_ca.ca_certificate_pem() if tls else "")
 
 
 def share_caps(table: RouteTable, gateways: int) -> RouteTable:
