@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -82,7 +83,11 @@ def save_identity(state_dir: Path, pending: PendingIdentity, certificate_pem: st
     key = serialization.load_pem_private_key(pending.key_pem, password=None)
     if certificate.public_key() != key.public_key():
         raise ValueError("the portal's certificate is not for this node's key")
-    certificate.verify_directly_issued_by(ca)
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (InvalidSignature, TypeError) as error:
+        raise ValueError(f"the portal's certificate is not signed by its CA: "
+                         f"{type(error).__name__}") from None
     files = tls_files(state_dir)
     _write_private(files.key_path, pending.key_pem)
     _write_private(files.cert_path, certificate_pem.encode())
