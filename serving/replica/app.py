@@ -25,7 +25,7 @@ from swarm_protocol.wire_numbers import parse_count
 SERVER_NAME = "swarm-replica"
 SERVER_VERSION = "0.1.0"
 PLATFORMS = {"torchscript": "pytorch_torchscript", "torch_export": "pytorch_torch_export",
-             "onnx": "onnxruntime_onnx"}
+             "onnx": "onnxruntime_onnx", "hf_causal_lm": "transformers_causal_lm"}
 RETRY_AFTER_S = b"1"
 
 Scope = dict[str, Any]
@@ -55,6 +55,11 @@ def json_response(status: int, value: Any, headers: Headers = _JSON) -> Response
 def error_response(status: int, message: str, headers: Headers = _JSON) -> Response:
     """Return an OIP error response {"error": message}."""
     return Response(status, codec.error_body(message), headers)
+
+
+# A handler that sent its own answer (a stream) returns this; nothing more is sent.
+STREAMED = Response(0, b"", [])
+SEND_SCOPE_KEY = "swarm.send"  # the ASGI send of the request, for streaming handlers
 
 
 class ClientError(Exception):
@@ -91,6 +96,7 @@ class ReplicaApp:
         self._idle: asyncio.Event | None = None
         self._bearer = b"Bearer " + config.key.encode()
         self._version = str(config.model_version)
+        self.generation = generation_backend_of(engine.runner)
         self._routes = self._build_routes()
         # What clients see: the engine's runner serves the signature after any steps.
         self.signature = engine.runner.signature
@@ -113,6 +119,9 @@ class ReplicaApp:
             routes[base] = Route("GET", self._model_metadata)
             routes[f"{base}/ready"] = Route("GET", self._model_ready)
             routes[f"{base}/infer"] = Route("POST", self._infer, counts_in_flight=True)
+            if self.generation is not None:
+                routes[f"{base}/generate"] = Route("POST", self._generate, True)
+                routes[f"{base}/generate_stream"] = Route("POST", self._generate_stream, True)
         return routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,7 +152,10 @@ class ReplicaApp:
         self._account_in_flight(time.monotonic())
         self.in_flight += 1
         try:
-            await _send(send, await self._handle(route, scope, receive, headers))
+            response = await self._handle(route, {**scope, SEND_SCOPE_KEY: send}, receive,
+                                          headers)
+            if response is not STREAMED:
+                await _send(send, response)
         finally:
             self._account_in_flight(time.monotonic())
             self.in_flight -= 1
@@ -210,7 +222,39 @@ class ReplicaApp:
         snapshot = self.engine.stats.snapshot(now_s, self.state, self.in_flight,
                                               self.engine.queue_depth)
         snapshot.update(in_flight_seconds=round(self._in_flight_s, 6), clock_s=now_s)
+        if self.generation is not None and self.generation.engine is not None:
+            snapshot["generation"] = self.generation.engine.snapshot()
         return json_response(200, snapshot)
+
+    def _identity(self) -> dict[str, str]:
+        return {"model_name": self.config.model_name, "model_version": self._version}
+
+    async def _generation(self, receive: Receive, headers: dict[bytes, bytes]) -> Any:
+        from serving.replica.generation_http import start_generation
+        from serving.replica.generation_text import GenerateInputError
+
+        assert self.generation is not None
+        body = await self._read_body(receive, headers)
+        try:
+            return start_generation(self.generation, body)
+        except GenerateInputError as exc:
+            raise ClientError(400, str(exc)) from None
+
+    async def _generate(self, scope: Scope, receive: Receive,
+                        headers: dict[bytes, bytes]) -> Response:
+        from serving.replica.generation_http import generate_whole
+
+        generation = await self._generation(receive, headers)
+        status, body = await generate_whole(generation, self._identity(), receive)
+        return json_response(status, body)
+
+    async def _generate_stream(self, scope: Scope, receive: Receive,
+                               headers: dict[bytes, bytes]) -> Response:
+        from serving.replica.generation_http import generate_stream
+
+        generation = await self._generation(receive, headers)
+        await generate_stream(generation, self._identity(), receive, scope[SEND_SCOPE_KEY])
+        return STREAMED
 
     async def _infer(self, scope: Scope, receive: Receive,
                      headers: dict[bytes, bytes]) -> Response:
@@ -265,6 +309,14 @@ class ReplicaApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def generation_backend_of(runner: Any) -> Any:
+    """Return the runner's GenerationBackend (hf_causal_lm versions), else None."""
+    from serving.replica.generation_runner import GenerationBackend
+
+    backend = getattr(runner, "backend", None)
+    return backend if isinstance(backend, GenerationBackend) else None
 
 
 async def _send(send: Send, response: Response) -> None:

@@ -50,6 +50,7 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 0  # with error: 400 (cannot fit), 503 (queue full), 500 (engine failure)
 
 
 Sink = Callable[[GenerationEvent], None]
@@ -157,7 +158,8 @@ class GenerationEngine:
             self.scheduler.add(seq.seq_id, len(seq.prompt_ids), seq.params.max_tokens,
                                self._clock())
         except (QueueFull, ValueError) as exc:
-            seq.sink(GenerationEvent("", "error", len(seq.prompt_ids), 0, str(exc)))
+            status = 503 if isinstance(exc, QueueFull) else 400
+            seq.sink(GenerationEvent("", "error", len(seq.prompt_ids), 0, str(exc), status))
             return
         self._live[seq.seq_id] = seq
 
@@ -223,7 +225,7 @@ class GenerationEngine:
                 seq.sink(GenerationEvent(rest))
         if notify:
             seq.sink(GenerationEvent("", reason, len(seq.prompt_ids), len(seq.output_ids),
-                                     error))
+                                     error, 500 if error else 0))
 
     def _fail_all(self, error: str | None) -> None:
         for seq_id in list(self._live):

@@ -23,6 +23,7 @@ from swarm_protocol.signature import Signature
 
 WARM_UP_PASSES = 2  # TorchScript's profiling executor optimises after a couple of calls
 ONNX_FORMAT = "onnx"
+HF_CAUSAL_LM_FORMAT = "hf_causal_lm"
 
 logger = logging.getLogger("serving.replica")
 
@@ -54,6 +55,10 @@ def is_batchable(signature: Signature) -> bool:
 def make_backend(artifact_path: str, artifact_format: str, device: str,
                  signature: Signature, threads: int) -> Backend:
     """Return the backend for the format (its runtime imported only here)."""
+    if artifact_format == HF_CAUSAL_LM_FORMAT:
+        from serving.replica.generation_runner import GenerationBackend
+
+        return GenerationBackend(artifact_path, device, signature, threads)
     if artifact_format == ONNX_FORMAT:
         from serving.replica.onnx_runner import OnnxBackend
 
