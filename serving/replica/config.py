@@ -15,7 +15,7 @@ from swarm_protocol.steps import Steps, StepsError, parse_steps
 
 KEY_ENV = "SWARM_REPLICA_KEY"
 MIN_KEY_CHARS = 16
-FORMATS = ("torchscript", "torch_export", "onnx")
+FORMATS = ("torchscript", "torch_export", "onnx", "hf_causal_lm")
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 
