@@ -63,6 +63,22 @@ def test_a_client_starts_from_the_saved_table_while_the_portal_is_down(tmp_path)
     asyncio.run(scenario())
 
 
+def test_concurrent_saves_of_the_table_each_land_whole(tmp_path):
+    # The poll loop and an early poll may save at once (in threads): neither may rename the
+    # other's temporary file away (make run logged FileNotFoundError once).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.gateway.portal_source import _write_private
+
+    path = tmp_path / "table.json"
+    bodies = [bytes([65 + n]) * 200_000 for n in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda body: _write_private(path, body), bodies * 4))
+    assert path.read_bytes() in bodies
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # no temporary left
+
+
 def test_a_missing_or_damaged_saved_table_is_none(tmp_path):
     client = down_portal(tmp_path)
     assert client.cached_table() is None

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -225,14 +226,16 @@ class PortalClient:
 
 def _write_private(path: Path, content: bytes) -> None:
     """Replace `path` atomically with `content`, readable by this user only (replica keys)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A unique name per call (mkstemp: 0600, O_EXCL): two loads in one process (the poll
+    # loop and an early poll) may save at once, and must not rename each other's file away.
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                        dir=path.parent)
+    temporary = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(content)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, 0o600)  # O_CREAT's mode does not apply to an existing file
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
