@@ -18,6 +18,7 @@ from typing import Any
 
 from swarm_protocol import signature_infer
 from swarm_protocol.archive import (
+    FORMAT_HF_CAUSAL_LM,
     FORMAT_ONNX,
     FORMAT_TORCH_EXPORT,
     ArchiveLimits,
@@ -119,12 +120,24 @@ def inspect(source: Source, declared_format: str | None, raw_signature: Any,
     """
     declared = parse_signature(raw_signature) if raw_signature is not None else None
     archive = inspected(source, declared_format, limits or ArchiveLimits())
-    if archive.format == FORMAT_ONNX:
+    if archive.format == FORMAT_HF_CAUSAL_LM:
+        signature, outputs, info = _inspect_hf(archive, declared)
+    elif archive.format == FORMAT_ONNX:
         signature, outputs, info = inspect_onnx_model(archive, declared)
     else:
         signature, outputs, info = inspect_torch(archive, declared, example_input)
     return {"format": archive.format, "outputs": outputs, "signature": signature.to_dict(),
             "info": {**info, "signature_inferred": declared is None}}
+
+
+def _inspect_hf(archive: InspectedArchive, declared: Signature | None
+                ) -> tuple[Signature, list[dict[str, Any]], dict[str, Any]]:
+    from registry.inspect_hf import HfRefusal, inspect_hf_model
+
+    try:
+        return inspect_hf_model(archive, declared)
+    except HfRefusal as exc:
+        raise Refusal(str(exc)) from None
 
 
 def inspect_torch(archive: InspectedArchive, declared: Signature | None,

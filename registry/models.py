@@ -21,12 +21,14 @@ class ModelFormat(models.TextChoices):
     TORCHSCRIPT = "torchscript", "TorchScript (torch.jit.save)"
     TORCH_EXPORT = "torch_export", "torch.export program (.pt2)"
     ONNX = "onnx", "ONNX model (.onnx)"
+    HF_CAUSAL_LM = "hf_causal_lm", "Hugging Face causal language model (tar or zip, safetensors)"
 
 
 # Open Inference Protocol platform names, as Triton spells them.
 PLATFORMS = {ModelFormat.TORCHSCRIPT: "pytorch_torchscript",
              ModelFormat.TORCH_EXPORT: "pytorch_torch_export",
-             ModelFormat.ONNX: "onnxruntime_onnx"}
+             ModelFormat.ONNX: "onnxruntime_onnx",
+             ModelFormat.HF_CAUSAL_LM: "transformers_causal_lm"}
 
 
 class Model(models.Model):

@@ -46,6 +46,11 @@ SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2":
                            "I64": 8, "U64": 8, "F64": 8}
 SAFETENSORS_HEADER_MAX_BYTES = 100 * 1024**2  # the safetensors library's own limit
 JSON_MAX_BYTES = 64 * 1024**2  # tokenizer.json of a large vocabulary is tens of MB
+# What an hf_causal_lm version serves on OIP infer, as Triton's LLM models name it.
+TEXT_SIGNATURE: dict[str, Any] = {
+    "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1, 1]}],
+    "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1, 1]}],
+}
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,13 @@ from serving.replica.generation_scheduler import GenerationLimits
 from serving.replica.generation_text import GenerateInputError, SamplingParams
 from serving.replica.runner import LoadError, ModelFailure
 from swarm_protocol.archive import FORMAT_HF_CAUSAL_LM, ArchiveRefused, inspect_archive
+from swarm_protocol.archive_hf import TEXT_SIGNATURE
 from swarm_protocol.signature import Signature
 
+__all__ = ["TEXT_SIGNATURE", "GenerationBackend", "limits_from_environment"]
 LIMIT_ENV = {"max_running": "SWARM_REPLICA_MAX_SEQUENCES",
              "max_cache_tokens": "SWARM_REPLICA_MAX_CACHE_TOKENS",
              "prefill_chunk_tokens": "SWARM_REPLICA_PREFILL_CHUNK_TOKENS"}
-TEXT_SIGNATURE: dict[str, Any] = {
-    "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1, 1]}],
-    "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1, 1]}],
-}
 INFER_TIMEOUT_S = 300.0
 
 
