@@ -32,7 +32,7 @@ from swarm_protocol.signature import SignatureError, parse_signature
 from swarm_protocol.steps import StepsError, parse_steps
 
 log = logging.getLogger(__name__)
-REPLICA_FORMATS = ("torchscript", "torch_export", "onnx")
+REPLICA_FORMATS = ("torchscript", "torch_export", "onnx", "hf_causal_lm")
 READY_PATH = "/v2/health/ready"
 STATS_PATH = "/stats"
 _LIVE_STATES = ("starting", "ready", "draining")
