@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,7 +114,8 @@ def summarize(label: str, wall_s: float, results: list[StreamResult]) -> dict[st
     """Print and return the figures of one mode."""
     tokens = sum(result.completion_tokens for result in results)
     ttft_ms = [(r.event_s[0] - r.sent_s) * 1000 for r in results if r.event_s]
-    gaps_ms = [(b - a) * 1000 for r in results for a, b in zip(r.event_s, r.event_s[1:])]
+    gaps_ms = [(b - a) * 1000 for r in results
+               for a, b in zip(r.event_s, r.event_s[1:], strict=False)]
     mean_itl_ms = [(r.event_s[-1] - r.event_s[0]) * 1000 / max(1, r.completion_tokens - 1)
                    for r in results if len(r.event_s) > 1]
     figures = {"tokens_per_s": tokens / wall_s, "wall_s": wall_s, "tokens": tokens,
