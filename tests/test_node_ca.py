@@ -79,12 +79,15 @@ def test_every_node_is_signed_by_one_ca(join_secret_twice):
     assert NodeAuthority.objects.count() == 1
 
 
-def test_a_network_address_without_a_csr_is_refused_and_uses_no_join(join_secret):
+def test_a_network_address_without_a_csr_is_refused_and_uses_no_join(operator):
+    _token, secret = services.do_create_join_token(name="once", user=operator,
+                                                   expires_in=None, uses=1)
     with pytest.raises(ServiceError, match="must serve TLS") as refused:
-        join(join_secret, "10.231.7.2")
+        join(secret, "10.231.7.2")
     assert refused.value.status_code == 400
     assert not Node.objects.exists()
-    assert JoinToken.objects.get().uses_left in (None, 1)
+    assert JoinToken.objects.get().uses_left == 1
+    assert join(secret, "10.231.7.2", credentials_tls.new_identity("a").csr_pem).node_id
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.3.0.1", "::1", "localhost"])

@@ -116,8 +116,8 @@ def _issue_certificate(node: Node, csr: x509.CertificateSigningRequest | None,
 def do_register_node(message: RegisterRequest, now: datetime | None = None) -> RegisterResponse:
     """Admit a node that shows a valid join token; return its id, secrets and certificate."""
     now = now or timezone.now()
-    csr = _certificate_request(message)  # before the token: a bad request uses no join
     token = _claim_join_token(message.join_token, now)
+    csr = _certificate_request(message)  # refused: the transaction gives the use back
     node = Node.objects.create(
         name=message.name[:100], address=message.address[:255], labels=message.labels,
         cost_per_hour=max(0.0, message.cost_per_hour), agent_version=message.agent_version[:50],
