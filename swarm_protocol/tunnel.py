@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -86,6 +87,15 @@ def decode(message: bytes) -> Iterable[tuple[int, int, bytes]]:
         offset += length
 
 
+def set_nodelay(transport: Any) -> None:
+    """Turn Nagle off on a TCP transport (uvloop leaves it on for some sockets): a small
+    write held for an ACK would add a delayed-ACK wait to a request."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Stream(asyncio.Protocol):
     """One multiplexed stream, and the asyncio protocol of its local TCP socket."""
 
@@ -106,6 +116,7 @@ class Stream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's quack alike
+        set_nodelay(transport)
         for data in self._early:
             transport.write(data)  # type: ignore[attr-defined]
         self._early.clear()

@@ -254,3 +254,10 @@ def test_the_back_off_grows_caps_and_is_jittered() -> None:
     waits = [backoff_s(n, 0.999) for n in range(1, 12)]
     assert waits == sorted(waits) and waits[-1] <= 15.0
     assert backoff_s(3, 0.0) == pytest.approx(backoff_s(3, 0.999) / 2, rel=0.01)
+
+
+def test_a_gateway_without_a_tunnel_server_never_routes_to_a_tunnel_replica() -> None:
+    fleet = Fleet(random.Random(1), BalancerConfig())
+    fleet.apply(table(9999))  # the node's own address: unreachable from here
+    assert fleet.deployments["m"].route.replicas == ()
+    assert fleet.table.deployments["m"].replicas  # the portal's table is kept as it came

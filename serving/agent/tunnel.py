@@ -36,6 +36,7 @@ from swarm_protocol.tunnel import (
     PING_TIMEOUT_S,
     Mux,
     TunnelProtocolError,
+    set_nodelay,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class TunnelClient:
                            ping_timeout=PING_TIMEOUT_S, max_size=MAX_MESSAGE_BYTES + 65536,
                            compression=None, user_agent_header=None) as websocket:
             self.connections += 1
+            set_nodelay(websocket.transport)
             self.connected.set()
             log.info("tunnel to %s open", self.url)
             await Mux(websocket, self._open).run()

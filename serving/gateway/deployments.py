@@ -117,6 +117,17 @@ def default_version(route: DeploymentRoute) -> int | None:
     return max(route.versions, default=None)
 
 
+def without_tunnels(table: RouteTable) -> RouteTable:
+    """Return the table without the replicas only a tunnel reaches: a gateway with no
+    tunnel server (no --tunnel-port) cannot reach them."""
+    if not any(r.tunnel for route in table.deployments.values() for r in route.replicas):
+        return table
+    return dataclasses.replace(table, deployments={
+        name: dataclasses.replace(route, replicas=tuple(r for r in route.replicas
+                                                        if not r.tunnel))
+        for name, route in table.deployments.items()})
+
+
 class DeploymentRuntime:
     """One deployment's balancer, replica addresses, wait queue and cached answers."""
 
@@ -210,7 +221,7 @@ class Fleet:
     def apply(self, table: RouteTable) -> None:
         """Adopt a new table, keeping what the balancers learnt about surviving replicas."""
         deployments: dict[str, DeploymentRuntime] = {}
-        routed = table if self.reroute is None else self.reroute(table)
+        routed = without_tunnels(table) if self.reroute is None else self.reroute(table)
         tls = replica_tls(table)
         for name, route in routed.deployments.items():
             try:

@@ -43,6 +43,7 @@ from swarm_protocol.tunnel import (
     Mux,
     Stream,
     TunnelProtocolError,
+    set_nodelay,
 )
 
 log = logging.getLogger("serving.gateway.tunnel")
@@ -188,6 +189,7 @@ class TunnelRegistry:
         if node_id is None:
             return
         self._drop(node_id, notify=False)  # a reconnect: the new tunnel replaces the old
+        set_nodelay(connection.transport)
         mux = Mux(connection)
         self._muxes[node_id] = mux
         self._connections[node_id] = connection
