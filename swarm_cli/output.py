@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-stdout = Console(soft_wrap=True)  # soft wrap: long values are not cut for narrow terminals
+PIPED_WIDTH = 4096
+
+# Soft wrap: long values are not cut for narrow terminals. Piped output (grep, awk) gets
+# whole lines, not rich's default 80 columns, which split sha256s and dates.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else PIPED_WIDTH)
 stderr = Console(stderr=True)
 
 
