@@ -257,9 +257,11 @@ def measure(targets: list[Target], args: argparse.Namespace, directory: Path,
     return cells
 
 
-def print_report(cells: list[Cell], args: argparse.Namespace, load_before: str) -> None:
+def print_report(cells: list[Cell], args: argparse.Namespace, load_before: str,
+                 gateway_processes: int) -> None:
     print(f"\nserving-path benchmark: {args.duration_s} s per cell, median of {args.rounds} "
-          f"alternating rounds, wrk 1 thread, {os.cpu_count()} CPUs")
+          f"alternating rounds, wrk 1 thread, {os.cpu_count()} CPUs, {gateway_processes} "
+          "gateway process(es)")
     print(f"load average before: {load_before}; after: {os.getloadavg()}\n")
     print("| target | concurrency | requests/s | p50 ms | p99 ms | errors | replica CPU us/req "
           "| gateway CPU us/req | nginx CPU us/req |")
@@ -303,7 +305,8 @@ def run(args: argparse.Namespace) -> None:
                         ["pgrep", "-P", str(nginx.pid)], capture_output=True,
                         text=True).stdout.split()] + [nginx.pid]}
             print(f"gateway processes: {len(pids['gateway'])}", file=sys.stderr)
-            print_report(measure(targets, args, directory, pids), args, load_before)
+            print_report(measure(targets, args, directory, pids), args, load_before,
+                         len(pids["gateway"]))
         finally:
             if nginx is not None:
                 nginx.terminate()

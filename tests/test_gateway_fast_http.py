@@ -134,6 +134,26 @@ def test_a_request_line_the_parser_refuses_gets_400_json_and_the_connection_clos
         assert responses.closed()
 
 
+@pytest.mark.parametrize("request_line", [b"GET /v2/\x01 HTTP/1.1",
+                                          b"GET /v2/health/live HTTP/9.9"])
+def test_a_request_target_or_version_the_parser_refuses_gets_400_json(gateway, request_line):
+    with connect(gateway.port) as sock:
+        sock.sendall(request_line + b"\r\nHost: gw\r\n\r\n")
+        responses = Responses(sock)
+        status, _headers, body = responses.read()
+        assert status == 400, body
+        assert "malformed HTTP request" in json.loads(body)["error"]
+        assert responses.closed()
+
+
+def test_an_asterisk_target_is_no_endpoint_of_ours(gateway):
+    with connect(gateway.port) as sock:
+        sock.sendall(b"OPTIONS * HTTP/1.1\r\nHost: gw\r\n\r\n")
+        status, _headers, body = Responses(sock).read()
+    assert status == 404
+    assert json.loads(body) == {"error": "no such endpoint: *"}
+
+
 def test_a_declared_oversize_body_gets_413_before_it_is_sent(gateway):
     with connect(gateway.port) as sock:
         sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"

@@ -207,9 +207,14 @@ class FastHTTPProtocol(asyncio.Protocol):
             # Nothing under /v2 upgrades: answered as plain HTTP, and the rest read on.
             self.data_received(data[upgrade.args[0]:])
         except httptools.HttpParserCallbackError as exc:
-            if not isinstance(exc.__context__, _HeadTooLarge):
-                raise
-            self._refuse(error(431, f"the request head is longer than {MAX_HEAD_BYTES} bytes"))
+            cause = exc.__context__
+            if isinstance(cause, _HeadTooLarge):
+                self._refuse(error(431, f"the request head is longer than {MAX_HEAD_BYTES} "
+                                        "bytes"))
+                return
+            if not isinstance(cause, httptools.HttpParserError):  # ours, not the client's
+                logger.error("parsing a request failed", exc_info=cause)
+            self._refuse(error(400, f"malformed HTTP request: {_reason(cause or exc)}"))
         except httptools.HttpParserError as exc:
             self._refuse(error(400, f"malformed HTTP request: {_reason(exc)}"))
 
@@ -422,7 +427,7 @@ class FastHTTPProtocol(asyncio.Protocol):
             self._transport.close()
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: BaseException) -> str:
     return str(exc)[:120] or type(exc).__name__
 
 
