@@ -8,6 +8,7 @@ port its TunnelRegistry gives the replica in the routing table.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import random
@@ -22,6 +23,8 @@ from websockets.exceptions import InvalidStatus
 from serving.agent.tunnel import TunnelClient, backoff_s
 from serving.balancing import BalancerConfig
 from serving.gateway.deployments import Fleet
+from serving.gateway.forwarding import Forwarder, UpstreamRequest
+from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.routes import DeploymentRoute, ReplicaRoute, RouteTable, VersionInfo
 from serving.gateway.tunnel import TunnelServer, key_digest
 from serving.gateway.upstream import UpstreamError, UpstreamPool
@@ -50,6 +53,7 @@ class EchoReplica:
         self.server: asyncio.Server | None = None
         self.release = asyncio.Event()
         self.requests = 0
+        self.stalled = 0
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -61,6 +65,7 @@ class EchoReplica:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 if head.startswith(b"POST /stall"):
+                    self.stalled += 1
                     await self.release.wait()
                 length = 0
                 for line in head.split(b"\r\n"):
@@ -261,3 +266,32 @@ def test_a_gateway_without_a_tunnel_server_never_routes_to_a_tunnel_replica() ->
     fleet.apply(table(9999))  # the node's own address: unreachable from here
     assert fleet.deployments["m"].route.replicas == ()
     assert fleet.table.deployments["m"].replicas  # the portal's table is kept as it came
+
+
+async def test_requests_in_flight_on_a_dropped_tunnel_are_retried_on_another_replica(
+        lab: Lab, client: TunnelClient) -> None:
+    other = EchoReplica()
+    other.release.set()  # answers /stall at once: only the tunnel node's replica stalls
+    other_port = await other.start()
+    both = table(lab.replica_port)
+    route = both.deployments["m"]
+    direct = ReplicaRoute(replica_id=2, host="127.0.0.1", port=other_port, replica_key="rk",
+                          version=1, node_id=8)
+    lab.fleet.apply(dataclasses.replace(both, deployments={"m": dataclasses.replace(
+        route, replicas=(*route.replicas, direct))}))
+    metrics = GatewayMetrics(True, lambda: ())
+    forwarder = Forwarder(lab.pool, metrics)
+    runtime = lab.fleet.deployments["m"]
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    requests = [asyncio.ensure_future(forwarder.forward(
+        runtime, 1, UpstreamRequest(b"POST", b"/stall", [], b"body %d" % i), deadline))
+        for i in range(16)]
+    try:
+        await eventually(lambda: lab.replica.stalled > 0, "a request stalled on the tunnel")
+        await lab.server.aclose()  # the gateway side of the tunnel goes: streams are reset
+        answers = await asyncio.gather(*requests)
+    finally:
+        other.close()
+    assert [a.status for a in answers] == [200] * 16
+    assert metrics.retries.labels("m")._value.get() >= 1
+    assert lab.replica.requests == 0  # nothing was answered by the stalled replica
