@@ -178,8 +178,9 @@ class GenerationEngine:
         import torch
 
         seq = self._live[seq_id]
-        ids = torch.tensor([seq.prompt_ids[start:end]], dtype=torch.long)
-        positions = torch.arange(start, end, dtype=torch.long).unsqueeze(0)
+        device = self.model.device
+        ids = torch.tensor([seq.prompt_ids[start:end]], dtype=torch.long, device=device)
+        positions = torch.arange(start, end, dtype=torch.long, device=device).unsqueeze(0)
         logits, seq.cache = forward_one(self.model, ids, positions, seq.cache)
         if self.scheduler.prefilled(seq_id, end):
             self._accept(seq, int(choose_tokens(logits, [seq])[0]))
@@ -187,7 +188,8 @@ class GenerationEngine:
     def _decode(self, batch: list[LiveSequence]) -> None:
         import torch
 
-        last_ids = torch.tensor([[seq.output_ids[-1]] for seq in batch], dtype=torch.long)
+        last_ids = torch.tensor([[seq.output_ids[-1]] for seq in batch], dtype=torch.long,
+                                device=self.model.device)
         caches = [seq.cache for seq in batch]
         assert all(cache is not None for cache in caches)
         logits, new_caches = forward_batch(self.model, last_ids, caches)  # type: ignore[arg-type]
@@ -253,7 +255,7 @@ def forward_one(model: Any, ids: Any, positions: Any, cache: KV | None) -> tuple
     for layer, (keys, values) in enumerate(cache or []):
         past.update(keys, values, layer)
     length = positions[0, -1].item() + 1
-    mask = torch.ones((1, length), dtype=torch.long)
+    mask = torch.ones((1, length), dtype=torch.long, device=ids.device)
     out = model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
                 **{_cache_argument(model): past})
     return out.logits[:, -1, :], _layers(_returned_cache(out))
@@ -279,7 +281,9 @@ def forward_batch(model: Any, last_ids: Any, caches: list[KV]) -> tuple[Any, lis
     mask = torch.zeros((len(caches), longest + 1), dtype=torch.long)
     for row, length in enumerate(lengths):
         mask[row, longest - length:] = 1
-    positions = torch.tensor([[length] for length in lengths], dtype=torch.long)
+    positions = torch.tensor([[length] for length in lengths], dtype=torch.long,
+                             device=last_ids.device)
+    mask = mask.to(last_ids.device)
     out = model(input_ids=last_ids, position_ids=positions, attention_mask=mask,
                 use_cache=True, **{_cache_argument(model): past})
     grown = _layers(_returned_cache(out))
