@@ -1,0 +1,194 @@
+"""Benchmark direct mode's TLS: the gateway reaching a replica over plain HTTP vs over TLS.
+
+Run by hand (not a test), from the repository root:
+
+    python bench/node_tls.py                # 5 s per cell, concurrency 1, 16 and 64
+
+Two batched replicas of the reference MLP (bench/replica.py) on loopback, one plain, one
+serving TLS with a certificate from a CA made here (as serving/node_ca.py makes them: EC
+P-256, the address as SAN), and two gateways (`serving.gateway.standalone`, file tables):
+`plain` routes to the plain replica, `tls` to the TLS one with the CA and the certificate's
+fingerprint in its table, so it verifies and pins as in production. The targets alternate for
+`--rounds` rounds and each cell reports the median round (bench/gateway.py's method and load
+generator). Connections are kept alive, so what is measured is TLS's per-request cost
+(encryption and framing in both processes), not handshakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from gateway import (  # bench/gateway.py: the same load generator, cells and table
+    CLIENTS,
+    GATEWAY_HEADERS,
+    Cell,
+    Target,
+    load_average,
+    measure,
+    wait_proxy,
+    write_table,
+)
+from replica import CONFIGS, KEY, SIGNATURE, Replica, free_port, request_body, save_reference_mlp
+from replica import HEADERS as REPLICA_HEADERS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+                 signer: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+    now = datetime.now(UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(minutes=5))
+               .not_valid_after(now + timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None),
+                              critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def make_tls_files(folder: Path) -> tuple[Path, Path, str, str]:
+    """Return (cert file, key file, CA PEM, the certificate's sha256) for HOST."""
+    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+    ca = _certificate("bench CA", ca_key, ca_name, ca_key, ca=True)
+    node = _certificate("swarm-node-1", node_key, ca_name, ca_key, ca=False)
+    cert_path, key_path = folder / "node.crt", folder / "node.key"
+    cert_path.write_bytes(node.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(node_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    sha256 = hashlib.sha256(node.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return cert_path, key_path, ca.public_bytes(serialization.Encoding.PEM).decode(), sha256
+
+
+def start_replica(name: str, artifact: Path, signature: Path, tls: list[str]) -> Replica:
+    port = free_port()
+    command = [sys.executable, "-m", "serving.replica", "--artifact", str(artifact),
+               "--format", "torchscript", "--model-name", "mlp", "--model-version", "1",
+               "--signature-file", str(signature), "--host", HOST, "--port", str(port),
+               "--device", "cpu", "--threads", "1", *CONFIGS["batched"], *tls]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               env={**os.environ, "SWARM_REPLICA_KEY": KEY})
+    return Replica(name, process, port)
+
+
+def start_gateway(table: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "serving.gateway.standalone", "--table",
+                             str(table), "--port", str(port)], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL)
+
+
+async def wait_replica(replica: Replica, ssl_context: object) -> None:
+    """Wait for /v2/health/ready (over TLS when `ssl_context`), at most 60 s."""
+    scheme = "https" if ssl_context else "http"
+    async with aiohttp.ClientSession(headers=REPLICA_HEADERS) as session:
+        for _ in range(1200):
+            if replica.process.poll() is not None:
+                raise SystemExit(f"replica {replica.name} exited")
+            try:
+                async with session.get(f"{scheme}://{HOST}:{replica.port}/v2/health/ready",
+                                       ssl=ssl_context or False) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise SystemExit(f"replica {replica.name} not ready")
+
+
+async def run(args: argparse.Namespace) -> list[Cell]:
+    import ssl
+
+    body = request_body()
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        artifact = save_reference_mlp(folder)
+        signature = folder / "signature.json"
+        signature.write_text(json.dumps(SIGNATURE))
+        cert, key, ca_pem, sha256 = make_tls_files(folder)
+        replicas = {"plain": start_replica("plain", artifact, signature, []),
+                    "tls": start_replica("tls", artifact, signature, [
+                        "--tls-cert-file", str(cert), "--tls-key-file", str(key)])}
+        tables = {name: folder / f"{name}.json" for name in replicas}
+        for name, replica in replicas.items():
+            write_table(tables[name], replica.port)
+        tls_table = json.loads(tables["tls"].read_text())
+        tls_table["node_ca_pem"] = ca_pem
+        tls_table["deployments"]["mlp"]["replicas"][0]["tls_sha256"] = sha256
+        tables["tls"].write_text(json.dumps(tls_table))
+        ports = {name: free_port() for name in replicas}
+        gateways = {name: start_gateway(tables[name], ports[name]) for name in replicas}
+        targets = [Target(name, f"http://{HOST}:{ports[name]}", GATEWAY_HEADERS)
+                   for name in replicas]
+        try:
+            await wait_replica(replicas["plain"], None)
+            await wait_replica(replicas["tls"], ssl.create_default_context(cadata=ca_pem))
+            async with aiohttp.ClientSession() as session:
+                for target in targets:
+                    await wait_proxy(session, target, gateways[target.name], body)
+            pids = {name: process.pid for name, process in gateways.items()}
+            return await measure(targets, args, body, pids, folder)
+        finally:
+            for process in [*gateways.values(), *(r.process for r in replicas.values())]:
+                process.terminate()
+                process.wait(timeout=30)
+
+
+def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
+    print(f"\nnode TLS benchmark: {args.duration_s} s per cell, median of {args.rounds} "
+          f"alternating rounds, load from {args.client}, {os.cpu_count()} CPUs, load average "
+          f"{args.load_before} before and {load_average()} after\n")
+    print("| gateway -> replica | concurrency | requests/s | p50 ms | p99 ms | errors | "
+          "gateway CPU us/req |")
+    print("|---|---|---|---|---|---|---|")
+    for cell in cells:
+        print(f"| {cell.target} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
+              f"{cell.latency_ms(0.5):.3f} | {cell.latency_ms(0.99):.3f} | {cell.errors} | "
+              f"{cell.cpu_us_per_request(cell.target):.0f} |")
+    print("\n| concurrency | TLS requests/s vs plain | TLS p50 - plain p50 |")
+    print("|---|---|---|")
+    for concurrency in args.concurrency:
+        row = {c.target: c for c in cells if c.concurrency == concurrency}
+        ratio = row["tls"].requests_per_s / row["plain"].requests_per_s
+        extra_ms = row["tls"].latency_ms(0.5) - row["plain"].latency_ms(0.5)
+        print(f"| {concurrency} | {ratio:.2f} | {extra_ms:+.3f} ms |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser.add_argument("--warm-up-s", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3, help="median of this many rounds")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--client", choices=CLIENTS, default="wrk")
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    args = parser.parse_args()
+    args.load_before = load_average()
+    print_report(asyncio.run(run(args)), args)
+
+
+if __name__ == "__main__":
+    main()
