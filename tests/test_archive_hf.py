@@ -172,3 +172,17 @@ def test_a_bad_archive_upload_is_refused_with_400_json(operator_api, model, tiny
     assert fragment in response.json()["error"]
     assert ModelVersion.objects.count() == 0
     assert store.stored_names() == set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_upload_form_takes_the_tiny_model(client, operator, model, tiny_lm):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    client.force_login(operator)
+    page = client.get(f"/models/{model.name}/upload/")
+    assert b"hf_causal_lm" in page.content  # offered as a format
+    data = {"artifact": SimpleUploadedFile("tiny-lm.tar", tiny_lm.read_bytes()),
+            "signature": "", "metadata": "", "format": "hf_causal_lm"}
+    response = client.post(f"/models/{model.name}/upload/", data, follow=True)
+    assert response.redirect_chain[-1][0] == f"/models/{model.name}/"
+    assert ModelVersion.objects.get().format == "hf_causal_lm"
