@@ -157,6 +157,60 @@ async def run(args: argparse.Namespace) -> list[Cell]:
                 process.wait(timeout=30)
 
 
+async def pool_only(args: argparse.Namespace) -> None:
+    """The upstream pool alone, in this process on uvloop: requests/s and this process's
+    CPU per request, plain vs TLS, at each concurrency (no gateway, no load generator)."""
+    import ssl
+    import time
+
+    from serving.gateway.node_tls import UpstreamTls, upstream_tls
+    from serving.gateway.upstream import UpstreamPool
+
+    body = request_body()
+    headers = [(b"authorization", f"Bearer {KEY}".encode()),
+               (b"content-type", b"application/json")]
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        artifact = save_reference_mlp(folder)
+        signature = folder / "signature.json"
+        signature.write_text(json.dumps(SIGNATURE))
+        cert, key, ca_pem, sha256 = make_tls_files(folder)
+        replicas = {"plain": start_replica("plain", artifact, signature, []),
+                    "tls": start_replica("tls", artifact, signature, [
+                        "--tls-cert-file", str(cert), "--tls-key-file", str(key)])}
+        try:
+            await wait_replica(replicas["plain"], None)
+            await wait_replica(replicas["tls"], ssl.create_default_context(cadata=ca_pem))
+            print("| concurrency | path | requests/s | client CPU us/req | connections |")
+            print("|---|---|---|---|---|")
+            for concurrency in args.concurrency:
+                for name, replica in replicas.items():
+                    tls = upstream_tls(ca_pem, sha256, HOST) if name == "tls" else None
+                    pool, done = UpstreamPool(), 0
+                    end_s = time.monotonic() + args.duration_s
+
+                    async def loop(port: int = replica.port, pool: UpstreamPool = pool,
+                                   tls: UpstreamTls | None = tls,
+                                   end_s: float = end_s) -> None:
+                        nonlocal done
+                        while time.monotonic() < end_s:
+                            response = await pool.request(HOST, port, b"POST",
+                                                          b"/v2/models/mlp/infer", headers,
+                                                          body, tls=tls)
+                            assert response.status == 200, response.status
+                            done += 1
+                    cpu_s = time.process_time()
+                    await asyncio.gather(*(loop() for _ in range(concurrency)))
+                    cpu_us = (time.process_time() - cpu_s) / done * 1e6
+                    print(f"| {concurrency} | {name} | {done / args.duration_s:,.0f} | "
+                          f"{cpu_us:.0f} | {pool.connections_opened} |")
+                    pool.close()
+        finally:
+            for replica in replicas.values():
+                replica.process.terminate()
+                replica.process.wait(timeout=30)
+
+
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
     print(f"\nnode TLS benchmark: {args.duration_s} s per cell, median of {args.rounds} "
           f"alternating rounds, load from {args.client}, {os.cpu_count()} CPUs, load average "
@@ -185,8 +239,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--client", choices=CLIENTS, default="wrk")
     parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--pool-only", action="store_true",
+                        help="measure the upstream pool alone, in this process (uvloop)")
     args = parser.parse_args()
     args.load_before = load_average()
+    if args.pool_only:
+        import uvloop
+        uvloop.run(pool_only(args))
+        print(f"\nload average {args.load_before} before, {load_average()} after")
+        return
     print_report(asyncio.run(run(args)), args)
 
 
