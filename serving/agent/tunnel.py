@@ -140,12 +140,18 @@ class Tunnels:
         self._thread: threading.Thread | None = None
         self._clients: dict[str, tuple[TunnelClient, asyncio.Task[None]]] = {}
         self._identity: tuple[int, str] | None = None
+        self._warned_no_urls = False
 
     def update(self, node_id: int, tunnel_key: str, urls: Collection[str]) -> None:
         """Keep a tunnel open to each URL (an empty list keeps the current ones: the
         portal could not say this time)."""
         if not urls or not tunnel_key:
+            if not self._warned_no_urls and not self._clients:
+                self._warned_no_urls = True
+                log.warning("tunnel mode, but the portal lists no gateway with a tunnel port "
+                            "(swarm-gateway --tunnel-port): this node cannot serve yet")
             return
+        self._warned_no_urls = False
         loop = self._start()
         loop.call_soon_threadsafe(self._apply, node_id, tunnel_key, frozenset(urls))
 

@@ -46,6 +46,7 @@ MIN_PROBE_PORT = 1024
 TUNNEL_URL_TTL_S = 10.0  # a gateway that stopped polling drops off the list this soon
 TUNNEL_URL_WRITE_EVERY_S = 1.0
 MAX_TUNNEL_URL_CHARS = 200
+MAX_TUNNEL_URLS = 64  # what HeartbeatResponse.tunnel_urls takes
 _TUNNEL_URL = re.compile(r"wss?://[A-Za-z0-9.\-\[\]:]{1,190}/[A-Za-z0-9_./-]{0,64}", re.ASCII)
 _written_s: dict[str, tuple[str, float]] = {}  # this process's last write per instance
 
@@ -166,4 +167,4 @@ def tunnel_urls() -> list[str]:
     except Exception:  # no list this time: the agent keeps the tunnels it has
         log.warning("could not read the gateways' tunnel URLs", exc_info=True)
         return []
-    return sorted({str(url) for url in urls.values()})
+    return sorted({str(url) for url in urls.values()})[:MAX_TUNNEL_URLS]
