@@ -80,7 +80,8 @@ def make_tls_files(folder: Path) -> tuple[Path, Path, str, str]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     key_path.chmod(0o600)
-    sha256 = hashlib.sha256(node.public_bytes(serialization.Encoding.DER)).hexdigest()
+    sha256 = hashlib.sha256(node_key.public_key().public_bytes(  # the pin: the key's SPKI
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
     return cert_path, key_path, ca.public_bytes(serialization.Encoding.PEM).decode(), sha256
 
 

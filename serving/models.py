@@ -77,8 +77,9 @@ class Node(models.Model):
     status_changed_at = models.DateTimeField(auto_now_add=True)
     # The TLS certificate the portal's CA issued at its join (serving/node_ca.py); empty: a
     # loopback node serving plain HTTP. Gateways pin replicas to this fingerprint.
-    cert_sha256 = models.CharField(max_length=64, blank=True,
-                                   help_text="sha256 of the node certificate (DER), hex")
+    cert_sha256 = models.CharField(
+        max_length=64, blank=True,
+        help_text="sha256 of the node certificate's public key (SPKI, DER), hex")
     cert_serial = models.CharField(max_length=40, blank=True, help_text="hex")
     cert_expires_at = models.DateTimeField(null=True, blank=True)
     # How gateways reach its replicas (serving/services/reachability.py): `direct`, or

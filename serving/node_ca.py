@@ -9,8 +9,9 @@ A node sends a certificate signing request when it joins; the portal ignores wha
 asks for except its public key, and signs a certificate valid NODE_CERT_LIFETIME for:
 subject CN "swarm-node-<id>", SANs the node's advertised address (an IP address or a DNS name)
 and the URI `urn:swarm:node:<id>`. Gateways trust only this CA and pin each replica to its
-node's current certificate (Node.cert_sha256), so a removed node's certificate, or one its
-node replaced, stops being accepted with the next routing table.
+node's current key (Node.cert_sha256: the sha256 of the certificate's public key), so a
+removed node's certificate, or one its node replaced with a new key, stops being accepted
+with the next routing table; a renewal for the same key keeps the pin.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from django.conf import settings
@@ -58,7 +60,7 @@ class IssuedCertificate:
     """A node certificate: what the node gets and what the portal keeps of it."""
 
     certificate_pem: str
-    sha256: str  # hex digest of the DER form: what gateways pin
+    sha256: str  # key_pin: the sha256 of its public key (SPKI), hex: what gateways pin
     serial_hex: str
     not_after: datetime
 
@@ -66,6 +68,16 @@ class IssuedCertificate:
 def fingerprint(certificate: x509.Certificate) -> str:
     """Return the sha256 hex digest of a certificate's DER encoding."""
     return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def key_pin(public_key: CertificatePublicKeyTypes) -> str:
+    """Return what gateways pin: the sha256 hex digest of the key's SubjectPublicKeyInfo.
+
+    The key, not the certificate: a renewed certificate for the same key keeps the pin, so
+    replicas still serving the previous one stay valid until it expires.
+    """
+    return hashlib.sha256(public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
 
 def _fernet() -> Fernet:
@@ -195,5 +207,6 @@ def issue_node_certificate(csr: x509.CertificateSigningRequest, node_id: int, ad
         .sign(ca_key, hashes.SHA256()))
     return IssuedCertificate(
         certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
-        sha256=fingerprint(certificate), serial_hex=f"{certificate.serial_number:x}",
+        sha256=key_pin(certificate.public_key()),
+        serial_hex=f"{certificate.serial_number:x}",
         not_after=not_after)

@@ -8,7 +8,6 @@ own address, so everything between them crosses a real network link. Root only (
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -30,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from knox.models import AuthToken
 
 from registry.demo import build_mlp
-from serving import services
+from serving import node_ca, services
 from serving.agent import credentials_tls
 from serving.agent.credentials import node_state_dir
 from serving.models import Node, Replica, ReplicaState
@@ -161,8 +160,7 @@ def _serves_over_tls(tmp_path: Path, portal: LivePortal, gateway: LiveGateway,
     for path in (files.key_path, files.cert_path, files.ca_path):
         assert path.stat().st_mode & 0o777 == 0o600
     shown = x509.load_pem_x509_certificate(files.cert_path.read_bytes())
-    assert hashlib.sha256(shown.public_bytes(serialization.Encoding.DER)).hexdigest() == (
-        node.cert_sha256)
+    assert node_ca.key_pin(shown.public_key()) == node.cert_sha256
 
     model = factories.make_model(operator)
     factories.add_version(model, operator, factories.torchscript_file(tmp_path))

@@ -51,7 +51,7 @@ def test_a_join_with_a_csr_gets_a_certificate_for_its_address_and_id(join_secret
     assert names.get_values_for_type(x509.UniformResourceIdentifier) == [
         f"urn:swarm:node:{reply.node_id}"]
     node = Node.objects.get(pk=reply.node_id)
-    assert node.cert_sha256 == node_ca.fingerprint(certificate)
+    assert node.cert_sha256 == node_ca.key_pin(certificate.public_key())
     assert node.cert_serial == f"{certificate.serial_number:x}"
     assert certificate.not_valid_after_utc - certificate.not_valid_before_utc <= (
         node_ca.NODE_CERT_LIFETIME + node_ca.CLOCK_SKEW)
@@ -167,10 +167,10 @@ def test_the_gateway_accepts_only_the_pinned_certificate_of_the_ca(tmp_path, ope
         _served(tmp_path, "wrong-name", wrong_name.certificate_pem.encode(),
                 wrong_name_identity.key_pem)]
     pin = x509.load_pem_x509_certificate(genuine.certificate_pem.encode())
-    tls = node_tls.upstream_tls(genuine.ca_certificate_pem, node_ca.fingerprint(pin),
+    tls = node_tls.upstream_tls(genuine.ca_certificate_pem, node_ca.key_pin(pin.public_key()),
                                 "127.0.0.1")
-    wrong_name_pin = node_ca.fingerprint(x509.load_pem_x509_certificate(
-        wrong_name.certificate_pem.encode()))
+    wrong_name_pin = node_ca.key_pin(x509.load_pem_x509_certificate(
+        wrong_name.certificate_pem.encode()).public_key())
 
     async def scenario() -> None:
         pool = UpstreamPool()

@@ -3,7 +3,8 @@
 A replica on a node that joined with a certificate (serving/node_ca.py) is reached over TLS
 with a context that trusts only the portal's node CA and checks the node's address against
 the certificate's names; then the certificate itself must be the one the routing table names
-for that node (`ReplicaRoute.tls_sha256`). So a machine that did not join cannot pass for a
+for that node (`ReplicaRoute.tls_sha256`, the sha256 of its public key: a renewed
+certificate for the same key keeps it). So a machine that did not join cannot pass for a
 replica, and a certificate the portal no longer lists (a removed node, or one that joined
 again with a new key) is refused from the next table on. A replica with no fingerprint in
 the table (a loopback node) is reached over plain HTTP.
@@ -16,6 +17,9 @@ import hashlib
 import hmac
 import ssl
 from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from serving.gateway.routes import RouteTable
 
@@ -63,10 +67,18 @@ def replica_tls(table: RouteTable) -> dict[int, UpstreamTls]:
             if (tls := upstream_tls(table.node_ca_pem, replica.tls_sha256, replica.host))}
 
 
+def key_pin_of(der: bytes | None) -> str:
+    """Return the sha256 hex of a DER certificate's SubjectPublicKeyInfo ("" for none)."""
+    if not der:
+        return ""
+    spki = x509.load_der_x509_certificate(der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
 def check_pinned(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, tls: UpstreamTls) -> None:
-    """Raise PinMismatch unless the peer's certificate is the pinned one."""
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    shown = hashlib.sha256(der).hexdigest() if der else ""
+    """Raise PinMismatch unless the peer's certificate holds the pinned key."""
+    shown = key_pin_of(ssl_object.getpeercert(binary_form=True) if ssl_object else None)
     if not hmac.compare_digest(shown, tls.sha256):
-        raise PinMismatch(f"the replica's certificate ({shown[:16] or 'none'}...) is not the "
-                          f"one its node holds ({tls.sha256[:16]}...)")
+        raise PinMismatch(f"the replica's key ({shown[:16] or 'none'}...) is not the one its "
+                          f"node holds ({tls.sha256[:16]}...)")

@@ -23,7 +23,8 @@ class ReplicaRoute:
     draining: bool = False
     node_id: int = 0
     tunnel: bool = False  # reached through the node's tunnel (serving/gateway/tunnel.py)
-    # sha256 (hex) of the node's certificate: TLS, pinned to it (serving/gateway/node_tls.py).
+    # sha256 (hex) of the node certificate's public key (SPKI): TLS, pinned to it
+    # (serving/gateway/node_tls.py).
     # "": plain HTTP (loopback nodes only).
     tls_sha256: str = ""
 

@@ -34,6 +34,7 @@ class Migration(migrations.Migration):
             model_name='node',
             name='cert_sha256',
             field=models.CharField(
-                blank=True, help_text='sha256 of the node certificate (DER), hex', max_length=64),
+                blank=True, max_length=64,
+                help_text="sha256 of the node certificate's public key (SPKI, DER), hex"),
         ),
     ]
