@@ -316,6 +316,8 @@ class HeartbeatRequest(Message):
     replicas: list[ReplicaStatus]
     cached_artifacts: list[str] = field(default_factory=list,
                                         metadata=limits(item_max_chars=128))
+    # Renewal: a CSR for the node's current key, sent while its certificate nears expiry.
+    csr_pem: str = field(default="", metadata=limits(max_chars=8192))
 
 
 @dataclass
@@ -348,3 +350,4 @@ class HeartbeatResponse(Message):
     tunnel_key: str = field(default="", metadata=limits(max_chars=128))
     tunnel_urls: list[str] = field(default_factory=list, metadata=limits(
         max_items=64, item_max_chars=200))
+    certificate_pem: str = ""  # the renewed certificate, when the request carried a CSR
