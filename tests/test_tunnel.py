@@ -7,18 +7,26 @@ port its TunnelRegistry gives the replica in the routing table.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import hashlib
+import ipaddress
 import os
 import random
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from serving.agent.tunnel import TunnelClient, backoff_s
 from serving.balancing import BalancerConfig
@@ -26,7 +34,12 @@ from serving.gateway.deployments import Fleet
 from serving.gateway.forwarding import Forwarder, UpstreamRequest
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.routes import DeploymentRoute, ReplicaRoute, RouteTable, VersionInfo
-from serving.gateway.tunnel import TunnelServer, key_digest
+from serving.gateway.tunnel import (
+    TunnelServer,
+    add_tunnel_arguments,
+    attach_tunnels,
+    key_digest,
+)
 from serving.gateway.upstream import UpstreamError, UpstreamPool
 from swarm_protocol.tunnel import NODE_HEADER, TUNNEL_PATH, WINDOW_BYTES
 
@@ -295,3 +308,62 @@ async def test_requests_in_flight_on_a_dropped_tunnel_are_retried_on_another_rep
     assert [a.status for a in answers] == [200] * 16
     assert metrics.retries.labels("m")._value.get() >= 1
     assert lab.replica.requests == 0  # nothing was answered by the stalled replica
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """Return (certificate, key) PEM files of a self-signed certificate for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway")])
+    now = datetime.now(UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5))
+                   .not_valid_after(now + timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                  critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "gateway.crt", directory / "gateway.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_the_tunnel_rides_the_gateway_s_tls(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the node's "system CAs" trust it
+    replica = EchoReplica()
+    replica_port = await replica.start()
+    fleet = Fleet(random.Random(1), BalancerConfig())
+    fleet.apply(table(replica_port))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    add_tunnel_arguments(parser)
+    urls: list[str] = []
+    server = attach_tunnels(parser.parse_args([
+        "--tunnel-port", "0", "--tunnel-tls-cert-file", str(cert),
+        "--tunnel-tls-key-file", str(key)]), fleet, urls.append)
+    assert server is not None
+    await server.start()
+    fleet.apply(fleet.table)
+    agent = TunnelClient(urls[0], NODE_ID, KEY, {replica_port})
+    task = asyncio.ensure_future(agent.run())
+    pool = UpstreamPool()
+    try:
+        assert urls[0].startswith("wss://127.0.0.1:")
+        await eventually(lambda: fleet.deployments["m"].route.replicas, "the tunnel over TLS")
+        routed = fleet.deployments["m"].route.replicas[0]
+        answer = await pool.request(routed.host, routed.port, b"POST", b"/echo", [], b"tls")
+        assert answer.body == b"tls"
+        with pytest.raises((InvalidMessage, ConnectionClosed, OSError)):  # no plain ws://
+            async with connect(urls[0].replace("wss://", "ws://"), open_timeout=10):
+                pass
+    finally:
+        task.cancel()
+        pool.close()
+        await server.aclose()
+        replica.close()

@@ -25,8 +25,10 @@ import hashlib
 import hmac
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -242,8 +244,10 @@ class TunnelServer:
     """
 
     def __init__(self, fleet: Any, host: str, port: int, url: str | None = None,
-                 advertise: Callable[[str], None] | None = None) -> None:
+                 advertise: Callable[[str], None] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.registry = TunnelRegistry()
+        self._ssl = ssl_context
         self._fleet = fleet
         self._host = host
         self._port = port
@@ -266,9 +270,10 @@ class TunnelServer:
             self.registry.serve_tunnel, self._host, self._port,
             process_request=self.registry.check, ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_TIMEOUT_S, max_size=MAX_MESSAGE_BYTES + 64 * 1024,
-            compression=None, server_header=None)
+            compression=None, server_header=None, ssl=self._ssl)
+        scheme = "wss" if self._ssl is not None else "ws"
         if self._advertise is not None:
-            self._advertise(self._url or f"ws://{self._host}:{self.port}{TUNNEL_PATH}")
+            self._advertise(self._url or f"{scheme}://{self._host}:{self.port}{TUNNEL_PATH}")
 
     async def aclose(self) -> None:
         """Stop listening and close every tunnel."""
@@ -286,13 +291,27 @@ def add_tunnel_arguments(parser: argparse.ArgumentParser) -> None:
                              "port; default: no tunnels)")
     parser.add_argument("--tunnel-url", default=None,
                         help="the URL nodes reach that port by (default "
-                             f"ws://HOST:PORT{TUNNEL_PATH}; wss:// behind a TLS proxy)")
+                             f"ws[s]://HOST:PORT{TUNNEL_PATH}; wss:// behind a TLS proxy)")
+    parser.add_argument("--tunnel-tls-cert-file", type=Path, default=None,
+                        help="serve the tunnel port over TLS with this certificate chain "
+                             "(PEM; nodes check it against their system's CAs)")
+    parser.add_argument("--tunnel-tls-key-file", type=Path, default=None,
+                        help="the private key of --tunnel-tls-cert-file (PEM)")
 
 
 def attach_tunnels(args: argparse.Namespace, fleet: Any,
                    advertise: Callable[[str], None]) -> TunnelServer | None:
     """Return the tunnel server --tunnel-port asks for (None without it); `advertise`
-    gets its URL once it listens (the portal client sends it with each poll)."""
+    gets its URL once it listens (the portal client sends it with each poll). Raises
+    ValueError or OSError (ssl.SSLError) for unusable TLS files."""
     if args.tunnel_port is None:
         return None
-    return TunnelServer(fleet, args.host, args.tunnel_port, args.tunnel_url, advertise)
+    context = None
+    if args.tunnel_tls_cert_file is not None or args.tunnel_tls_key_file is not None:
+        if args.tunnel_tls_cert_file is None or args.tunnel_tls_key_file is None:
+            raise ValueError("--tunnel-tls-cert-file and --tunnel-tls-key-file go together")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(args.tunnel_tls_cert_file, args.tunnel_tls_key_file)
+    return TunnelServer(fleet, args.host, args.tunnel_port, args.tunnel_url, advertise,
+                        context)
