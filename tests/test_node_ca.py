@@ -204,3 +204,47 @@ def test_the_gateway_accepts_only_the_pinned_certificate_of_the_ca(tmp_path, ope
         for proc, _port, _log in served:
             proc.kill()
             proc.wait(timeout=30)
+
+
+# --- renewal: the same key, in a heartbeat, in the last third of the certificate's life ---
+
+
+def _heartbeat(node_id: int, csr_pem: str, now) -> str:
+    from swarm_protocol.agent_messages import HeartbeatRequest
+    reply = services.do_heartbeat(Node.objects.get(pk=node_id),
+                                  HeartbeatRequest(devices=[], replicas=[], csr_pem=csr_pem),
+                                  now=now)
+    return reply.certificate_pem
+
+
+def _csr_for(key_pem: bytes) -> str:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+    key = serialization.load_pem_private_key(key_pem, None)
+    return x509.CertificateSigningRequestBuilder().subject_name(x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "n")])).sign(key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.PEM).decode()
+
+
+def test_a_node_renews_its_certificate_for_the_same_key_near_its_expiry(join_secret):
+    from django.utils import timezone
+    identity = credentials_tls.new_identity("gpu-a")
+    joined = join(join_secret, "10.0.0.1", identity.csr_pem)
+    node = Node.objects.get(pk=joined.node_id)
+    first = x509.load_pem_x509_certificate(joined.certificate_pem.encode())
+    csr = _csr_for(identity.key_pem)
+
+    assert _heartbeat(node.pk, csr, timezone.now()) == ""  # too early: nothing signed
+    late = node.cert_expires_at - node_ca.NODE_CERT_LIFETIME / 4
+    renewed_pem = _heartbeat(node.pk, csr, late)
+    renewed = x509.load_pem_x509_certificate(renewed_pem.encode())
+    assert renewed.serial_number != first.serial_number
+    assert renewed.not_valid_after_utc > first.not_valid_after_utc
+    assert node_ca.key_pin(renewed.public_key()) == node.cert_sha256  # the pin holds
+    after = Node.objects.get(pk=node.pk)
+    assert after.cert_sha256 == node.cert_sha256
+    assert after.cert_serial == f"{renewed.serial_number:x}"
+
+    other = credentials_tls.new_identity("thief")
+    with pytest.raises(ServiceError, match="must keep this node's key"):
+        _heartbeat(node.pk, other.csr_pem, after.cert_expires_at - node_ca.NODE_CERT_LIFETIME / 4)

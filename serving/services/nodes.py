@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography import x509
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
@@ -17,6 +15,7 @@ from django.utils import timezone
 
 from serving import live, liveness, node_ca, secrets
 from serving.models import Gpu, JoinToken, Node, NodeStatus, Replica, ReplicaState
+from serving.services import node_certs
 from serving.services.reconcile import desired_for_node, reconcile_deployments_of
 from swarm_portal import live_events, stopping
 from swarm_portal.errors import ServiceError
@@ -75,49 +74,12 @@ def _claim_join_token(secret: str, now: datetime) -> JoinToken:
     return token
 
 
-def is_loopback_address(address: str) -> bool:
-    """Return whether `address` names this host only (127.0.0.0/8, ::1, localhost)."""
-    if address.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-def _certificate_request(message: RegisterRequest) -> x509.CertificateSigningRequest | None:
-    """Return the join's parsed CSR; None for a plain-HTTP node, allowed on loopback only.
-
-    Traffic to a loopback address never leaves the machine, so TLS there would protect
-    nothing from anyone who could not read the replica key anyway (root on that host).
-    """
-    if message.csr_pem:
-        return node_ca.parse_csr(message.csr_pem)
-    if not is_loopback_address(message.address):
-        raise ServiceError("this node must serve TLS: send csr_pem (a certificate signing "
-                           "request for its key; swarm-worker does so unless --tls off, "
-                           "which only loopback addresses may use)")
-    return None
-
-
-def _issue_certificate(node: Node, csr: x509.CertificateSigningRequest | None,
-                       now: datetime) -> node_ca.IssuedCertificate | None:
-    """Sign the node's certificate and record its fingerprint, which gateways pin."""
-    if csr is None:
-        return None
-    issued = node_ca.issue_node_certificate(csr, node.pk, node.address, now)
-    node.cert_sha256, node.cert_serial = issued.sha256, issued.serial_hex
-    node.cert_expires_at = issued.not_after
-    node.save(update_fields=["cert_sha256", "cert_serial", "cert_expires_at"])
-    return issued
-
-
 @transaction.atomic
 def do_register_node(message: RegisterRequest, now: datetime | None = None) -> RegisterResponse:
     """Admit a node that shows a valid join token; return its id, secrets and certificate."""
     now = now or timezone.now()
     token = _claim_join_token(message.join_token, now)
-    csr = _certificate_request(message)  # refused: the transaction gives the use back
+    csr = node_certs.certificate_request(message)  # refused: the transaction gives the use back
     node = Node.objects.create(
         name=message.name[:100], address=message.address[:255], labels=message.labels,
         cost_per_hour=max(0.0, message.cost_per_hour), agent_version=message.agent_version[:50],
@@ -125,7 +87,7 @@ def do_register_node(message: RegisterRequest, now: datetime | None = None) -> R
     secret = secrets.new_node_secret(node.pk)
     node.secret_hash = secrets.digest(secret)
     node.save(update_fields=["secret_hash"])
-    issued = _issue_certificate(node, csr, now)
+    issued = node_certs.issue_certificate(node, csr, now)
     _sync_devices(node, [asdict(d) for d in message.devices])
     with contextlib.suppress(live.CacheUnavailable):  # unknown figures: the next heartbeat's
         live.record_heartbeat(node.pk, now.timestamp(), [asdict(d) for d in message.devices],
@@ -193,7 +155,8 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
             reconcile_deployments_of(changed, now)
         live_events.publish(ReplicasChanged(tuple(changed)))
     return HeartbeatResponse(desired=desired_for_node(node), replica_key=secrets.replica_key(
-        node.pk), heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, node_status=node.status)
+        node.pk), heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, node_status=node.status,
+        certificate_pem=node_certs.renewed_certificate(node, message.csr_pem, now))
 
 
 def _persist_node_changes(node: Node, message: HeartbeatRequest, now: datetime) -> bool:
