@@ -86,6 +86,8 @@ class GenerationEngine:
         self._id_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._stopping = False
+        self._snapshot: dict[str, Any] = {}
+        self._refresh()
 
     def start(self) -> None:
         """Start the step loop thread."""
@@ -110,15 +112,20 @@ class GenerationEngine:
         self._inbox.put(("cancel", seq_id))
 
     def snapshot(self) -> dict[str, Any]:
-        """Return the engine's counts (read from another thread: a consistent-enough view)."""
+        """Return the engine's counts as of its last plan or step (safe from any thread)."""
+        return dict(self._snapshot)
+
+    def _refresh(self) -> None:
+        """Publish the counts (engine thread): one dict swapped in, never mutated after."""
         counts = self.scheduler.counts
-        return {"running": self.scheduler.running, "waiting": self.scheduler.waiting,
-                "cache_tokens_used": self.scheduler.used_cache_tokens,
-                "cache_tokens_reserved": self.scheduler.reserved_cache_tokens,
-                "cache_tokens_limit": self.scheduler.limits.max_cache_tokens,
-                "admitted": counts.admitted, "finished": counts.finished,
-                "cancelled": counts.cancelled, "prompt_tokens": counts.prompt_tokens,
-                "generated_tokens": counts.generated_tokens, "steps": counts.steps}
+        self._snapshot = {
+            "running": self.scheduler.running, "waiting": self.scheduler.waiting,
+            "cache_tokens_used": self.scheduler.used_cache_tokens,
+            "cache_tokens_reserved": self.scheduler.reserved_cache_tokens,
+            "cache_tokens_limit": self.scheduler.limits.max_cache_tokens,
+            "admitted": counts.admitted, "finished": counts.finished,
+            "cancelled": counts.cancelled, "prompt_tokens": counts.prompt_tokens,
+            "generated_tokens": counts.generated_tokens, "steps": counts.steps}
 
     def _run(self) -> None:
         import torch
@@ -126,6 +133,7 @@ class GenerationEngine:
         with torch.inference_mode():
             while not self._stopping:
                 self._drain_inbox(block=not self._live)
+                self._refresh()
                 if self._stopping:
                     break
                 try:
@@ -168,10 +176,12 @@ class GenerationEngine:
         plan = self.scheduler.plan(self._clock())
         for seq_id in plan.freed:
             self._end(seq_id, "cancelled")
+        self._refresh()  # before any token of this step reaches a client
         if plan.prefill is not None:
             self._prefill(*plan.prefill)
         if plan.decode:
             self._decode([self._live[seq_id] for seq_id in plan.decode])
+        self._refresh()
         return plan
 
     def _prefill(self, seq_id: int, start: int, end: int) -> None:
@@ -234,6 +244,7 @@ class GenerationEngine:
             self.scheduler.cancel(seq_id)
             self._end(seq_id, "error" if error else "cancelled", error=error)
         self.scheduler.plan(self._clock())  # frees what was cancelled
+        self._refresh()
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
