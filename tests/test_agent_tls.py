@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import ssl
+import subprocess
+from datetime import UTC, datetime, timedelta
+
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -10,6 +18,17 @@ from cryptography.x509.oid import NameOID
 
 from serving.agent import cli, credentials_tls
 from serving.replica.config import ConfigError, load_config
+from tests.live import ROOT
+from tests.replica_models import (
+    AUTH,
+    KEY,
+    MLP_SIGNATURE,
+    build_tabular_mlp,
+    free_port,
+    replica_command,
+    save_torchscript,
+)
+from tests.waiting import wait_until
 
 
 @pytest.mark.parametrize("choice, address, expected", [
@@ -29,7 +48,6 @@ def test_plain_http_on_a_network_address_is_refused_before_anything_starts(tmp_p
 
 
 def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    from datetime import UTC, datetime, timedelta
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")])
     now = datetime.now(UTC)
@@ -42,7 +60,6 @@ def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def _signed(ca_key, ca, public_key) -> str:
-    from datetime import UTC, datetime, timedelta
     now = datetime.now(UTC)
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "n")]))
@@ -97,3 +114,78 @@ def test_the_replica_wants_both_tls_files_or_neither(tmp_path):
                           str(artifact)], env)
     assert (config.tls_cert_file, config.tls_key_file) == (str(artifact), str(artifact))
     assert load_config(base, env).tls_cert_file is None
+
+
+def _signed_for(ca_key, ca, public_key, serial: int, not_before, not_after) -> str:
+    return (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "n")]))
+            .issuer_name(ca.subject).public_key(public_key).serial_number(serial)
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_the_agent_asks_for_a_renewal_in_the_last_third_and_keeps_its_key(tmp_path):
+    ca_key, ca = _ca()
+    identity = credentials_tls.new_identity("gpu-1")
+    own = serialization.load_pem_private_key(identity.key_pem, None).public_key()
+    now = datetime.now(UTC)
+    files = credentials_tls.save_identity(
+        tmp_path, identity, _signed_for(ca_key, ca, own, 2, now - timedelta(days=1),
+                                        now + timedelta(days=29)), _pem(ca))
+    assert credentials_tls.renewal_csr(files, now) == ""
+    csr = x509.load_pem_x509_csr(credentials_tls.renewal_csr(files, now + timedelta(days=21))
+                                 .encode())
+    assert csr.public_key() == own  # the same key: the gateways' pin holds
+
+    renewed = _signed_for(ca_key, ca, own, 3, now, now + timedelta(days=30))
+    credentials_tls.take_renewal(files, _signed(ca_key, ca, ec.generate_private_key(
+        ec.SECP256R1()).public_key()))  # another key: logged and ignored
+    assert x509.load_pem_x509_certificate(files.cert_path.read_bytes()).serial_number == 2
+    credentials_tls.take_renewal(files, renewed)
+    assert x509.load_pem_x509_certificate(files.cert_path.read_bytes()).serial_number == 3
+    assert files.cert_path.stat().st_mode & 0o777 == 0o600
+    assert files.key_path.read_bytes() == identity.key_pem
+
+
+def _served_serial(port: int) -> int | None:
+    try:
+        pem = ssl.get_server_certificate(("127.0.0.1", port), timeout=2)
+    except OSError:
+        return None
+    return x509.load_pem_x509_certificate(pem.encode()).serial_number
+
+
+@pytest.mark.slow
+def test_a_replica_serves_its_renewed_certificate_without_a_restart(tmp_path):
+    ca_key, ca = _ca()
+    identity = credentials_tls.new_identity("gpu-1")
+    own = serialization.load_pem_private_key(identity.key_pem, None).public_key()
+    now = datetime.now(UTC)
+    files = credentials_tls.save_identity(
+        tmp_path, identity, _signed_for(ca_key, ca, own, 2, now - timedelta(days=1),
+                                        now + timedelta(days=29)), _pem(ca))
+    artifact = save_torchscript(build_tabular_mlp(seed=0), tmp_path / "mlp.pt")
+    signature = tmp_path / "signature.json"
+    signature.write_text(json.dumps(MLP_SIGNATURE))
+    port = free_port()
+    command = [*replica_command(artifact, "torchscript", signature, port),
+               "--tls-cert-file", str(files.cert_path), "--tls-key-file", str(files.key_path)]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "SWARM_REPLICA_KEY": KEY},
+                               stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _served_serial(port) == 2, 60, "the replica's TLS port")
+        context = credentials_tls.replica_client_context(files)
+        with httpx.Client(verify=context, headers=AUTH, timeout=10) as client:
+            ready = wait_until(lambda: client.get(
+                f"https://127.0.0.1:{port}/v2/health/ready").status_code == 200, 60, "ready")
+            assert ready
+        credentials_tls.take_renewal(files, _signed_for(ca_key, ca, own, 3, now,
+                                                        now + timedelta(days=30)))
+        wait_until(lambda: _served_serial(port) == 3, 60,
+                   "the renewed certificate from the next handshake on", interval_s=0.5)
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -105,8 +105,8 @@ class Agent:
         self.replicas = ReplicaManager(self._replica_settings(), self._prepare_artifact,
                                        self._executor)
         # Leftover or adopted replicas of a previous run answer with the stored certificate.
-        self.replicas.use_tls(credentials_tls.load_tls_files(self.state_dir)
-                              if config.tls else None)
+        self.tls_files = credentials_tls.load_tls_files(self.state_dir) if config.tls else None
+        self.replicas.use_tls(self.tls_files)
         self._last_heartbeat_s: float | None = None
         self._next_heartbeat_s = 0.0
         self._change_pending = False
@@ -244,6 +244,7 @@ class Agent:
         except ValueError as error:
             raise AgentExit(EXIT_FAILED, f"the portal's TLS certificate is unusable: "
                                          f"{error}") from error
+        self.tls_files = files
         self.replicas.use_tls(files)
         log.info("TLS certificate for %s stored in %s", self.config.address, files.cert_path)
 
@@ -284,10 +285,13 @@ class Agent:
         self.replicas.refresh_stats()
         self.replicas.collect_logs()
         return HeartbeatRequest(devices=self._read_devices(), replicas=self.replicas.statuses(),
-                                cached_artifacts=self.cache.cached_sha256s())
+                                cached_artifacts=self.cache.cached_sha256s(),
+                                csr_pem=credentials_tls.due_renewal_csr(self.tls_files))
 
     def _apply(self, response: HeartbeatResponse, now_s: float) -> None:
         assert self.credentials is not None
+        if response.certificate_pem:
+            credentials_tls.take_renewal(self.tls_files, response.certificate_pem)
         if response.replica_key != self.credentials.replica_key:
             log.warning("the portal sent a new replica key: replicas started from now on use it")
             self.credentials = creds.NodeCredentials(
@@ -325,6 +329,7 @@ class Agent:
                   node_id, error)
         creds.forget_credentials(self.state_dir)
         credentials_tls.forget_identity(self.state_dir)
+        self.tls_files = None
         self.credentials = None
         self._client.node_secret = None
         if not self.config.join_token:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -31,6 +33,7 @@ from serving.replica.stats import ReplicaStats
 EXIT_OK = 0
 EXIT_FAILED = 1
 KEEP_ALIVE_S = 75  # longer than a gateway pool keeps idle connections, so it closes first
+CERT_CHECK_INTERVAL_S = 10.0  # how often a TLS replica looks for a renewed certificate
 logger = logging.getLogger("serving.replica")
 
 
@@ -94,6 +97,29 @@ class Replica:
     def on_listening(self, port: int) -> None:
         """Start loading the model once the port is bound."""
         self._spawn(self._load(port))
+        if self.config.tls_cert_file is not None:
+            self._spawn(self._reload_renewed_certificate())
+
+    async def _reload_renewed_certificate(self) -> None:
+        """Serve a renewed certificate (the agent replaces the file) from the next handshake
+        on; connections already open keep theirs."""
+        cert_file, key_file = self.config.tls_cert_file, self.config.tls_key_file
+        assert cert_file is not None
+        seen = _mtime_ns(cert_file)
+        while not self._server.should_exit:
+            await asyncio.sleep(CERT_CHECK_INTERVAL_S)
+            changed = _mtime_ns(cert_file)
+            if changed == seen or changed is None:
+                continue
+            seen = changed
+            context: ssl.SSLContext | None = self._server.config.ssl
+            try:
+                assert context is not None
+                context.load_cert_chain(cert_file, key_file)
+            except (OSError, ssl.SSLError) as exc:  # a half-written file: next time
+                logger.warning("could not load the renewed certificate: %s", exc)
+                continue
+            logger.info("serving the renewed certificate from %s", cert_file)
 
     async def _load(self, port: int) -> None:
         try:
@@ -130,6 +156,13 @@ class Replica:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def run(config: ReplicaConfig) -> int:
