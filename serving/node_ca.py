@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -153,7 +153,8 @@ def parse_csr(csr_pem: str) -> x509.CertificateSigningRequest:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
         valid = csr.is_signature_valid
         public_key = csr.public_key()
-    except (ValueError, TypeError, InvalidSignature, x509.UnsupportedGeneralNameType) as error:
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm,
+            x509.UnsupportedGeneralNameType) as error:
         raise CertificateRequestError(f"csr_pem is not a valid certificate signing request: "
                                       f"{error}") from None
     if not valid:
