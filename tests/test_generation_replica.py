@@ -195,3 +195,23 @@ def test_the_infer_endpoint_generates_too(replica):
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["name"] == "text_output"
     assert metadata["platform"] == "transformers_causal_lm"
+
+
+@pytest.fixture
+def small_cache_replica(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWARM_REPLICA_MAX_CACHE_TOKENS", "64")
+    process = start_replica(tmp_path, tiny_lm, "hf_causal_lm", TEXT_SIGNATURE, name="tiny")
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("path", [GENERATE, STREAM])
+def test_a_sequence_the_cache_can_never_hold_is_refused_before_any_event(
+        small_cache_replica, path):
+    with small_cache_replica.client() as client:
+        response = client.post(path, json={"text_input": "Hello", "max_tokens": 100})
+        fits = client.post(path, json={"text_input": "Hello", "max_tokens": 10})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    assert "cache budget" in response.json()["error"]
+    assert fits.status_code == 200

@@ -253,8 +253,9 @@ class ReplicaApp:
         from serving.replica.generation_http import generate_stream
 
         generation = await self._generation(receive, headers)
-        await generate_stream(generation, self._identity(), receive, scope[SEND_SCOPE_KEY])
-        return STREAMED
+        refused = await generate_stream(generation, self._identity(), receive,
+                                        scope[SEND_SCOPE_KEY])
+        return STREAMED if refused is None else json_response(*refused)
 
     async def _infer(self, scope: Scope, receive: Receive,
                      headers: dict[bytes, bytes]) -> Response:

@@ -113,13 +113,20 @@ async def generate_whole(generation: Generation, identity: dict[str, str],
                  "finish_reason": event.finish_reason, "usage": usage(event)}
 
 
-async def generate_stream(generation: Generation, identity: dict[str, str],
-                          receive: Receive, send: Send) -> None:
-    """Send the sequence as Server-Sent Events, each delta as soon as it is decoded."""
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+async def generate_stream(generation: Generation, identity: dict[str, str], receive: Receive,
+                          send: Send) -> tuple[int, dict[str, Any]] | None:
+    """Send the sequence as Server-Sent Events, each delta as soon as it is decoded.
+
+    Return (status, error body) instead, before any byte is sent, when the engine refuses
+    the sequence (a full queue: 503; a sequence that can never fit: 400), so that a
+    gateway can retry elsewhere before the first token.
+    """
     async with _cancel_on_disconnect(generation, receive):
+        event = await generation.next_event()
+        if event.error:
+            return error_status(event), {"error": event.error}
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         while True:
-            event = await generation.next_event()
             payload: dict[str, Any] = {**identity, "text_output": event.text}
             if event.error:
                 payload = {"error": event.error}
@@ -130,10 +137,12 @@ async def generate_stream(generation: Generation, identity: dict[str, str],
                             "body": b"data: " + json.dumps(payload).encode() + b"\n\n"})
             except OSError:  # the client went away mid-write
                 generation.cancel()
-                return
+                return None
             if event.finish_reason is not None:
                 break
+            event = await generation.next_event()
     await send({"type": "http.response.body", "body": b""})
+    return None
 
 
 @contextlib.asynccontextmanager
