@@ -153,3 +153,17 @@ def test_the_engine_frees_a_cancelled_sequence_at_its_next_step(tmp_path):
     assert events[-1].finish_reason == "cancelled"
     assert (counts["running"], counts["cancelled"], counts["finished"]) == (0, 1, 0)
     assert counts["generated_tokens"] < 400
+
+
+def test_the_pure_parts_import_neither_torch_nor_django():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, serving.replica.generation_scheduler, serving.replica.generation_text;"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'django', 'torch', 'transformers', 'numpy'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
