@@ -34,6 +34,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from websockets.protocol import State
+
 log = logging.getLogger("swarm.tunnel")
 
 OPEN, DATA, CREDIT, CLOSE = 1, 2, 3, 4
@@ -59,9 +61,14 @@ class TunnelProtocolError(Exception):
 
 
 class MessageSocket(Protocol):
-    """What the mux needs of a WebSocket connection (websockets' asyncio connections)."""
+    """What the mux needs of a WebSocket connection (websockets' asyncio connections):
+    `recv`, and for sending the sans-I/O `protocol` and the `transport` under it."""
 
-    async def send(self, message: bytes) -> None: ...
+    @property
+    def protocol(self) -> Any: ...
+
+    @property
+    def transport(self) -> Any: ...
 
     async def recv(self) -> Any: ...
 
@@ -225,13 +232,12 @@ class Mux:
         self.streams: dict[int, Stream] = {}
         self._next_id = 1
         self._out: deque[bytes] = deque()
-        self._out_bytes = 0
-        self._wake = asyncio.Event()
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
         self.closed = False
 
     async def run(self) -> None:
-        """Read and write frames until the connection ends; then abort every stream."""
-        writer = asyncio.ensure_future(self._write_loop())
+        """Read frames until the connection ends; then abort every stream."""
         try:
             while True:
                 message = await self._socket.recv()
@@ -241,9 +247,7 @@ class Mux:
                     self._dispatch(kind, stream_id, payload)
         finally:
             self.closed = True
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
+            self._out.clear()
             for stream in list(self.streams.values()):
                 stream.abort()
             self.streams.clear()
@@ -271,8 +275,11 @@ class Mux:
         if self.closed:
             return
         self._out.append(frame)
-        self._out_bytes += len(frame)
-        self._wake.set()
+        if not self._flush_scheduled:
+            # Once this loop iteration is done: frames of every stream that had data in it
+            # leave as one message (fewer syscalls under load, one hop less than a task).
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def stream_ended(self, stream: Stream, notify_peer: bool) -> None:
         """Forget a stream; tell the peer when it ended on this side."""
@@ -305,16 +312,24 @@ class Mux:
         self.streams[stream_id] = Stream(self, stream_id)
         self._opener(self, stream_id, _PORT.unpack(payload)[0])
 
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._out:
-                self._wake.clear()
-                await self._wake.wait()
-            batch: list[bytes] = []
-            size = 0
-            while self._out and (not batch or size + len(self._out[0]) <= MAX_MESSAGE_BYTES):
+    def _flush(self) -> None:
+        """Send the queued frames now, as few messages as MAX_MESSAGE_BYTES allows.
+
+        Written through websockets' sans-I/O protocol and the transport under it (what its
+        own `send` does, without a coroutine per message); the credit windows bound what
+        can pile up in the transport's buffer."""
+        self._flush_scheduled = False
+        protocol, transport = self._socket.protocol, self._socket.transport
+        while self._out:
+            if protocol.state is not State.OPEN or transport.is_closing():
+                self._out.clear()  # closing: run() ends and aborts every stream
+                return
+            batch: list[bytes] = [self._out.popleft()]
+            size = len(batch[0])
+            while self._out and size + len(self._out[0]) <= MAX_MESSAGE_BYTES:
                 frame = self._out.popleft()
                 batch.append(frame)
                 size += len(frame)
-            self._out_bytes -= size
-            await self._socket.send(batch[0] if len(batch) == 1 else b"".join(batch))
+            protocol.send_binary(batch[0] if len(batch) == 1 else b"".join(batch))
+            for data in protocol.data_to_send():
+                transport.write(data)
