@@ -140,23 +140,33 @@ def _inspect_tar(archive: tarfile.TarFile, limits: ArchiveLimits) -> HfInspectio
     for count, member in enumerate(_tar_members(archive), start=1):
         if count > limits.max_entries:
             raise ArchiveRefused(f"the archive has more than {limits.max_entries} entries")
-        check_entry_name(member.name.rstrip("/") if member.isdir() else member.name)
+        name = tar_name(member.name)
+        if member.isdir() and name in ("", "."):
+            continue  # the "./" entry of `tar -C folder .`
+        check_entry_name(name.rstrip("/") if member.isdir() else name)
         if member.isdir():
             continue
         if not member.isfile():
             raise ArchiveRefused(f"the archive entry {member.name!r} is a link or a special "
                                  "file, not a regular file")
-        if member.name in files:
+        if name in files:
             raise ArchiveRefused(f"the archive holds {member.name!r} twice")
         total_bytes += member.size
         if total_bytes > limits.max_uncompressed_bytes:
             raise ArchiveRefused(f"the archive holds more than {limits.max_uncompressed_bytes}"
                                  " bytes (ARCHIVE_MAX_UNCOMPRESSED_BYTES)")
-        files[member.name] = member
+        files[name] = member
     members = _members(list(files))
     sizes = {name: files[full].size for name, full in members.items()}
     return _inspect_files(members, sizes,
                           lambda full, n: _read_tar(archive, files[full], n), "tar")
+
+
+def tar_name(name: str) -> str:
+    """Return a tar member's name without the leading "./" that `tar -C dir .` writes."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
 
 
 def _tar_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -364,10 +374,11 @@ def iter_member_bytes(source: str | IO[bytes], inspection: HfInspection,
     with _open_tar(source) as archive:
         by_name = {full: name for name, full in inspection.members.items()}
         for member in _tar_members(archive):
-            if member.name in by_name and member.isfile():
+            name = tar_name(member.name)
+            if name in by_name and member.isfile():
                 extracted = archive.extractfile(member)
                 assert extracted is not None
-                yield by_name[member.name], _chunks(extracted, chunk_bytes)
+                yield by_name[name], _chunks(extracted, chunk_bytes)
 
 
 def _chunks(handle: IO[bytes], chunk_bytes: int) -> Iterator[bytes]:

@@ -186,3 +186,22 @@ def test_the_upload_form_takes_the_tiny_model(client, operator, model, tiny_lm):
     response = client.post(f"/models/{model.name}/upload/", data, follow=True)
     assert response.redirect_chain[-1][0] == f"/models/{model.name}/"
     assert ModelVersion.objects.get().format == "hf_causal_lm"
+
+
+def test_a_tar_made_with_dot_names_passes_and_loads(tiny_lm, tmp_path):
+    # `tar -C folder -czf model.tgz .` writes "./" and "./config.json"
+    from swarm_protocol.model_loading import load_causal_lm
+
+    files = {f"./{name.split('/')[-1]}": data for name, data in members(tiny_lm).items()}
+    path = tmp_path / "dots.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        folder = tarfile.TarInfo("./")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    checked = inspect_archive(str(path))
+    model, tokenizer = load_causal_lm(checked)
+    assert model.config.vocab_size == 384 and len(tokenizer) <= 384
