@@ -66,6 +66,7 @@ class TunnelClient:
         self.connected = asyncio.Event()
         self._nudged = asyncio.Event()
         self.connections = 0  # handshakes that succeeded (for tests)
+        self.refusals = 0  # handshakes the gateway refused (401: unknown node or wrong key)
         self._connecting: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -77,6 +78,7 @@ class TunnelClient:
             try:
                 await self._serve_once()
             except InvalidStatus as exc:
+                self.refusals += 1
                 log.warning("gateway %s refused the tunnel: HTTP %d", self.url,
                             exc.response.status_code)
             except (OSError, InvalidHandshake, ConnectionClosed, TunnelProtocolError,
