@@ -304,11 +304,13 @@ def forward_batch(model: Any, last_ids: Any, caches: list[KV]) -> tuple[Any, lis
 
 
 def _left_padded(tensors: list[Any], longest: int) -> Any:
-    first = tensors[0]
-    batch = first.new_zeros((len(tensors), first.shape[1], longest, first.shape[3]))
-    for row, tensor in enumerate(tensors):
-        batch[row, :, longest - tensor.shape[2]:] = tensor[0]
-    return batch
+    """Return [rows, heads, longest, dim]: each [1, heads, n, dim] tensor left-padded."""
+    import torch
+    import torch.nn.functional as functional
+
+    return torch.cat([tensor if tensor.shape[2] == longest else
+                      functional.pad(tensor, (0, 0, longest - tensor.shape[2], 0))
+                      for tensor in tensors])
 
 
 def _cache_argument(model: Any) -> str:
