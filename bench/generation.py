@@ -2,13 +2,14 @@
 
 Run by hand (not a test), from the repository root:
 
-    python bench/generation.py                       # 16 streams x 64 tokens, both modes
+    python bench/generation.py               # 16 streams x 128 tokens, 3 rounds of both modes
 
 It builds the tiny demo causal LM (registry/demo_lm.py, cached), starts a real replica
 process (`python -m serving.replica --format hf_causal_lm`, one torch thread) once with
 SWARM_REPLICA_MAX_SEQUENCES=16 (continuous batching) and once with 1 (one sequence at a
 time: the others wait in the queue), and opens 16 concurrent `generate_stream` requests
-(greedy, ignore_eos, max_tokens each) with different prompts. It reports tokens per second
+(greedy, ignore_eos, max_tokens each) with different prompts, in alternating rounds
+(both replicas run side by side; medians are reported). It reports tokens per second
 over the whole run (completion tokens from each stream's final usage / wall time), time to
 first token (request sent -> first SSE event) p50/p99, and inter-event time p50/p99. An
 event is one text delta: usually one token, several when a character spans tokens (the
@@ -63,6 +64,7 @@ def percentile(values: list[float], q: float) -> float:
 def start_replica(archive: Path, folder: Path, port: int, max_sequences: int
                   ) -> subprocess.Popen[str]:
     """Start a replica process serving the tiny model; return it once ready."""
+    folder.mkdir(parents=True, exist_ok=True)
     signature = folder / "signature.json"
     signature.write_text(json.dumps(TEXT_SIGNATURE))
     env = {**os.environ, "SWARM_REPLICA_KEY": KEY,
@@ -131,25 +133,39 @@ def summarize(label: str, wall_s: float, results: list[StreamResult]) -> dict[st
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of both modes (medians reported)")
     parser.add_argument("--port", type=int, default=18731)
     args = parser.parse_args()
     archive = cached_tiny_lm_archive()
     print(f"load average before: {os.getloadavg()}", flush=True)
-    figures = {}
+    modes = (("continuous batching (16)", 16), ("one sequence at a time (1)", 1))
+    rounds: dict[int, list[dict[str, float]]] = {16: [], 1: []}
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as folder:
-        for label, max_sequences in (("continuous batching (16)", 16),
-                                     ("one sequence at a time (1)", 1)):
-            process = start_replica(archive, Path(folder), args.port, max_sequences)
-            try:
-                wall_s, results = asyncio.run(run_load(args.port, args.streams,
-                                                       args.max_tokens))
-                figures[max_sequences] = summarize(label, wall_s, results)
-            finally:
+        processes = {size: start_replica(archive, Path(folder) / str(size), args.port + i,
+                                         size)
+                     for i, (_, size) in enumerate(modes)}
+        try:
+            # Alternating rounds: a burst of load from other processes hits both modes.
+            for _ in range(args.rounds):
+                for i, (label, size) in enumerate(modes):
+                    wall_s, results = asyncio.run(run_load(args.port + i, args.streams,
+                                                           args.max_tokens))
+                    rounds[size].append(summarize(label, wall_s, results))
+        finally:
+            for process in processes.values():
                 process.terminate()
                 process.wait(timeout=30)
-    speedup = figures[16]["tokens_per_s"] / figures[1]["tokens_per_s"]
-    print(f"continuous batching / one at a time: {speedup:.2f}x tokens per second")
+    ratios = sorted(a["tokens_per_s"] / b["tokens_per_s"]
+                    for a, b in zip(rounds[16], rounds[1], strict=True))
+    for label, size in modes:
+        median = {key: percentile([r[key] for r in rounds[size]], 50)
+                  for key in rounds[size][0]}
+        print(f"median of {args.rounds} rounds, {label}: "
+              + "  ".join(f"{k}={v:.1f}" for k, v in median.items()))
+    print(f"continuous batching / one at a time, tokens per second, per round: "
+          f"{', '.join(f'{r:.2f}x' for r in ratios)} (median {percentile(ratios, 50):.2f}x)")
     print(f"load average after: {os.getloadavg()}")
     return 0
 
