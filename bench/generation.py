@@ -61,8 +61,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def start_replica(archive: Path, folder: Path, port: int, max_sequences: int
-                  ) -> subprocess.Popen[str]:
+def start_replica(archive: Path, folder: Path, port: int, max_sequences: int,
+                  device: str = "cpu") -> subprocess.Popen[str]:
     """Start a replica process serving the tiny model; return it once ready."""
     folder.mkdir(parents=True, exist_ok=True)
     signature = folder / "signature.json"
@@ -72,7 +72,8 @@ def start_replica(archive: Path, folder: Path, port: int, max_sequences: int
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.replica", "--artifact", str(archive),
          "--format", "hf_causal_lm", "--model-name", "tiny", "--model-version", "1",
-         "--signature-file", str(signature), "--port", str(port), "--threads", "1"],
+         "--signature-file", str(signature), "--port", str(port), "--threads", "1",
+         "--device", device],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert process.stdout is not None
     line = process.stdout.readline()  # "REPLICA READY port=N", or "" when it died
@@ -137,6 +138,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds of both modes (medians reported)")
     parser.add_argument("--port", type=int, default=18731)
+    parser.add_argument("--device", default="cpu", help="the replicas' torch device (cuda:0)")
     args = parser.parse_args()
     archive = cached_tiny_lm_archive()
     print(f"load average before: {os.getloadavg()}", flush=True)
@@ -144,7 +146,7 @@ def main() -> int:
     rounds: dict[int, list[dict[str, float]]] = {16: [], 1: []}
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as folder:
         processes = {size: start_replica(archive, Path(folder) / str(size), args.port + i,
-                                         size)
+                                         size, args.device)
                      for i, (_, size) in enumerate(modes)}
         try:
             # Alternating rounds: a burst of load from other processes hits both modes.
