@@ -68,7 +68,7 @@ def test_concurrent_saves_of_the_table_each_land_whole(tmp_path):
     # other's temporary file away (make run logged FileNotFoundError once).
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.gateway.portal_source import _write_private
+    from swarm_protocol.private_files import write_private as _write_private
 
     path = tmp_path / "table.json"
     bodies = [bytes([65 + n]) * 200_000 for n in range(8)]

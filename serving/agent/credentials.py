@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+from swarm_protocol.private_files import write_private
+
 log = logging.getLogger(__name__)
 CREDENTIALS_FILE = "credentials.json"
 LOCK_FILE = "agent.lock"
-_PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _GROUP_OR_OTHER_READ = stat.S_IRGRP | stat.S_IROTH
@@ -89,19 +90,8 @@ def load_credentials(state_dir: Path, portal_url: str) -> NodeCredentials | None
 def save_credentials(state_dir: Path, credentials: NodeCredentials) -> Path:
     """Write the credentials atomically to a file only this user can read (0600)."""
     path = state_dir / CREDENTIALS_FILE
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp_path.unlink(missing_ok=True)
-    # Created 0600 from the start: the secret is never readable by others, not even briefly.
-    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE_MODE)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(asdict(credentials), out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
+    # 0600 from the first byte: the secret is never readable by others, not even briefly.
+    write_private(path, json.dumps(asdict(credentials), indent=2).encode())
     return path
 
 

@@ -10,7 +10,6 @@ replicas' health over TLS too, trusting only the portal's CA.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,11 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from swarm_protocol.private_files import write_private
+
 log = logging.getLogger(__name__)
 KEY_FILE = "node.key"
 CERT_FILE = "node.crt"
 CA_FILE = "portal-ca.crt"
-_PRIVATE_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -62,22 +62,6 @@ def _csr(key: ec.EllipticCurvePrivateKey, node_name: str) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` atomically to `path`, 0600 from the start."""
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp_path.unlink(missing_ok=True)
-    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-
-
 def save_identity(state_dir: Path, pending: PendingIdentity, certificate_pem: str,
                   ca_certificate_pem: str) -> TlsFiles:
     """Store the key with its signed certificate and the CA; return their paths.
@@ -86,9 +70,9 @@ def save_identity(state_dir: Path, pending: PendingIdentity, certificate_pem: st
     """
     _check_certificate(pending, certificate_pem, ca_certificate_pem)
     files = tls_files(state_dir)
-    _write_private(files.key_path, pending.key_pem)
-    _write_private(files.cert_path, certificate_pem.encode())
-    _write_private(files.ca_path, ca_certificate_pem.encode())
+    write_private(files.key_path, pending.key_pem)
+    write_private(files.cert_path, certificate_pem.encode())
+    write_private(files.ca_path, ca_certificate_pem.encode())
     return files
 
 
@@ -147,7 +131,7 @@ def save_renewed_certificate(files: TlsFiles, certificate_pem: str) -> None:
     Replicas pick the new file up by themselves (serving/replica/server.py)."""
     pending = PendingIdentity(key_pem=files.key_path.read_bytes(), csr_pem="")
     _check_certificate(pending, certificate_pem, files.ca_path.read_text())
-    _write_private(files.cert_path, certificate_pem.encode())
+    write_private(files.cert_path, certificate_pem.encode())
 
 
 def tls_files(state_dir: Path) -> TlsFiles:

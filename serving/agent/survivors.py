@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_protocol.agent_messages import DesiredReplica, ProtocolError
+from swarm_protocol.private_files import write_private
 
 log = logging.getLogger(__name__)
 RECORD_FILE = "replica.json"
@@ -53,10 +54,7 @@ def key_sha256(replica_key: str) -> str:
 
 def write_record(replica_dir: Path, record: ReplicaRecord) -> None:
     """Write the record atomically: a reader sees the old file or the new one, never half."""
-    path = replica_dir / RECORD_FILE
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp_path.write_text(json.dumps(asdict(record)))
-    os.replace(temp_path, path)
+    write_private(replica_dir / RECORD_FILE, json.dumps(asdict(record)).encode())
 
 
 def read_record(replica_dir: Path) -> ReplicaRecord | None:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from serving.gateway.routes import RouteTable
+from swarm_protocol.private_files import write_private
 
 
 class FileTableSource:
@@ -32,7 +33,4 @@ class FileTableSource:
 
 def write_table(path: Path | str, table: RouteTable) -> None:
     """Write a table atomically where a FileTableSource reads it."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(table.to_dict()))
-    os.replace(temporary, path)
+    write_private(Path(path), json.dumps(table.to_dict()).encode())  # it holds replica keys

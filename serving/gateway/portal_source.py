@@ -17,13 +17,13 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from serving.gateway.routes import RouteTable
+from swarm_protocol.private_files import write_private
 
 logger = logging.getLogger("serving.gateway.portal")
 API_PREFIX = "/api/gateway"
@@ -145,7 +145,7 @@ class PortalClient:
             raise PortalError(f"the portal sent a table that does not parse: {exc}") from exc
         if self.table_cache_path is not None:
             try:
-                _write_private(self.table_cache_path, body)
+                write_private(self.table_cache_path, body)
             except OSError:
                 logger.exception("could not save the table to %s", self.table_cache_path)
         return table
@@ -222,21 +222,3 @@ class PortalClient:
     async def aclose(self) -> None:
         """Close the connections to the portal."""
         await self._client.aclose()
-
-
-def _write_private(path: Path, content: bytes) -> None:
-    """Replace `path` atomically with `content`, readable by this user only (replica keys)."""
-    # A unique name per call (mkstemp: 0600, O_EXCL): two loads in one process (the poll
-    # loop and an early poll) may save at once, and must not rename each other's file away.
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                        dir=path.parent)
-    temporary = Path(name)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
