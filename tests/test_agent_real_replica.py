@@ -1,4 +1,5 @@
-"""The replica manager running the REAL replica server (`python -m serving.replica`)."""
+"""The replica manager running the REAL replica server (`python -m serving.replica`): a
+TorchScript model, and the tiny LM (hf_causal_lm) generating and streaming."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import httpx
 import pytest
 
 from registry.demo import DEMO_SIGNATURE, save_torchscript
+from registry.demo_lm import cached_tiny_lm_archive
 from serving.agent.cache import ArtifactCache
 from serving.agent.client import PortalClient
 from serving.agent.replicas import ReplicaManager, ReplicaSettings
+from swarm_protocol.archive_hf import TEXT_SIGNATURE
 from tests.agent_fakes import FakePortal, desired_replica
 from tests.waiting import wait_until
 
@@ -92,3 +95,30 @@ def test_a_real_replica_starts_from_a_repaired_cache_serves_reports_and_drains(
     assert replica.process is not None and replica.process.returncode == 0
     assert replica.error == ""
 
+
+def test_the_agent_starts_a_generative_replica_that_streams(portal, manager, tmp_path):
+    artifact = cached_tiny_lm_archive(tmp_path / "demo").read_bytes()
+    portal.add_artifact(artifact)
+    manager.reconcile([desired_replica(31, artifact, model_name="tiny-lm",
+                                       format="hf_causal_lm", signature=TEXT_SIGNATURE)],
+                      KEY, time.monotonic())
+
+    def ready() -> bool:
+        manager.step(time.monotonic())
+        return manager.replicas[31].state in ("ready", "failed")
+
+    wait_until(ready, timeout_s=READY_TIMEOUT_S, what="the generative replica to be ready")
+    replica = manager.replicas[31]
+    assert replica.state == "ready", replica.error
+    base = f"http://127.0.0.1:{replica.port}/v2/models/tiny-lm"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    answer = httpx.post(f"{base}/generate", headers=headers, timeout=60,
+                        json={"text_input": "Hello, world.", "max_tokens": 5,
+                              "ignore_eos": True})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 5
+    with httpx.stream("POST", f"{base}/generate_stream", headers=headers, timeout=60,
+                      json={"text_input": "Hello, world.", "max_tokens": 5,
+                            "ignore_eos": True}) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert '"finish_reason": "length"' in events[-1]
