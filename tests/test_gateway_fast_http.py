@@ -25,7 +25,8 @@ import uvicorn
 import uvloop
 
 from serving.gateway.app import GatewayApp
-from serving.gateway.fast_http import protocol_class, starts_gateway_request
+from serving.gateway.fast_asgi import starts_gateway_request
+from serving.gateway.fast_http import protocol_class
 from serving.gateway.filesource import write_table
 from serving.gateway.portal_proxy import PortalProxy
 from serving.gateway.service import PassThroughApp
@@ -163,6 +164,28 @@ def test_a_declared_oversize_body_gets_413_before_it_is_sent(gateway):
         status, _headers, body = responses.read()
         assert status == 413
         assert str(MAX_BODY_BYTES) in json.loads(body)["error"]
+        assert responses.closed()
+
+
+def test_a_413_arrives_whole_while_the_client_is_still_sending_its_body(gateway):
+    body = b"x" * (MAX_BODY_BYTES * 16)
+    with connect(gateway.port) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (INFER.encode(), AUTH.encode(),
+                                                      len(body), body))
+        responses = Responses(sock)
+        status, _headers, _body = responses.read()
+        assert status == 413
+        assert responses.closed()
+
+
+def test_a_head_that_never_ends_gets_431_and_the_connection_closes(gateway):
+    with connect(gateway.port) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nX-Padding: " + b"p" * 300_000)
+        responses = Responses(sock)
+        status, _headers, body = responses.read()
+        assert status == 431
+        assert "longer than" in json.loads(body)["error"]
         assert responses.closed()
 
 

@@ -1,4 +1,5 @@
-"""Run the ASGI app for one request the lean server (fast_http.py) cannot hand to uvicorn.
+"""The lean server's (fast_http.py) side of the pass-through: which requests are the
+gateway's, and the ASGI app run for a portal request that cannot go to uvicorn.
 
 A connection is handed to uvicorn only where a read begins with a request that is not
 the gateway's; a portal request pipelined behind a gateway request in the same read has
@@ -19,6 +20,35 @@ from serving.gateway.responses import Headers, Message, Response, Scope, error
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # Framing is the lean server's: it sets Content-Length and Connection itself.
 FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+# A read that starts a request and has no space in this many bytes is not HTTP we route.
+MAX_METHOD_BYTES = 24
+
+
+def is_gateway_path(path: str) -> bool:
+    """Return whether the gateway answers `path` itself (the rest is the portal's)."""
+    return (path.startswith("/v2") and (len(path) == 3 or path[3] == "/")) \
+        or path == "/metrics"
+
+
+def starts_gateway_request(head: bytes) -> bool | None:
+    """Return whether the request starting `head` (raw bytes) is the gateway's: True,
+    False (another path), None (too few bytes yet to tell). Malformed heads are True:
+    the gateway answers them (400)."""
+    if head.startswith((b"POST /v2/models/", b"GET /v2/")):
+        return True
+    line = head.lstrip(b"\r\n")
+    space = line.find(b" ", 0, MAX_METHOD_BYTES)
+    if space < 0:
+        return None if len(line) < MAX_METHOD_BYTES else True
+    target = line[space + 1:space + 10]
+    for prefix, ends in ((b"/v2", b"/? "), (b"/metrics", b"? ")):
+        if target.startswith(prefix):
+            if len(target) == len(prefix):
+                return None
+            return target[len(prefix)] in ends
+        if prefix.startswith(target):
+            return None
+    return False
 
 
 class ParsedRequest(Protocol):

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
+from serving.gateway.fast_asgi import is_gateway_path, run_asgi, starts_gateway_request
 from serving.gateway.requests import BODY_TOO_LARGE, BodyTooLarge
 from serving.gateway.responses import Headers, Message, Response, error
 from swarm_protocol.wire_numbers import parse_count
@@ -42,8 +43,7 @@ if TYPE_CHECKING:
 # with their detail; this bound only stops a head that never ends from growing memory.
 MAX_HEAD_BYTES = 256 * 1024
 KEEP_ALIVE_S = 75.0  # an idle connection is closed after 1 to 2 times this
-# A read that starts a request and has no space in this many bytes is not HTTP we route.
-MAX_METHOD_BYTES = 24
+LINGER_S = 5.0  # after a refusal: how long what the client still sends is read and dropped
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT: Message = {"type": "http.disconnect"}
 
@@ -58,37 +58,6 @@ def _status_line(status: int) -> bytes:
 
 STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 logger = logging.getLogger("serving.gateway.fast_http")
-
-
-class _HeadTooLarge(Exception):
-    """The request line and headers passed MAX_HEAD_BYTES."""
-
-
-def is_gateway_path(path: str) -> bool:
-    """Return whether the gateway answers `path` itself (the rest is the portal's)."""
-    return (path.startswith("/v2") and (len(path) == 3 or path[3] == "/")) \
-        or path == "/metrics"
-
-
-def starts_gateway_request(head: bytes) -> bool | None:
-    """Return whether the request starting `head` (raw bytes) is the gateway's: True,
-    False (another path), None (too few bytes yet to tell). Malformed heads are True:
-    the gateway answers them (400)."""
-    if head.startswith((b"POST /v2/models/", b"GET /v2/")):
-        return True
-    line = head.lstrip(b"\r\n")
-    space = line.find(b" ", 0, MAX_METHOD_BYTES)
-    if space < 0:
-        return None if len(line) < MAX_METHOD_BYTES else True
-    target = line[space + 1:space + 10]
-    for prefix, ends in ((b"/v2", b"/? "), (b"/metrics", b"? ")):
-        if target.startswith(prefix):
-            if len(target) == len(prefix):
-                return None
-            return target[len(prefix)] in ends
-        if prefix.startswith(target):
-            return None
-    return False
 
 
 class _Request:
@@ -138,6 +107,7 @@ class FastHTTPProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._in_message = False
+        self._in_head = False
         # per connection
         self._queue: deque[_Request] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -208,20 +178,25 @@ class FastHTTPProtocol(asyncio.Protocol):
             self.data_received(data[upgrade.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, _HeadTooLarge):
-                self._refuse(error(431, f"the request head is longer than {MAX_HEAD_BYTES} "
-                                        "bytes"))
-                return
             if not isinstance(cause, httptools.HttpParserError):  # ours, not the client's
                 logger.error("parsing a request failed", exc_info=cause)
             self._refuse(error(400, f"malformed HTTP request: {_reason(cause or exc)}"))
         except httptools.HttpParserError as exc:
             self._refuse(error(400, f"malformed HTTP request: {_reason(exc)}"))
+        else:
+            if self._in_head:
+                # The parser keeps an unfinished header value whole: bound it here, where
+                # every byte read since the request began is still its head.
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._refuse(error(431, f"the request head is longer than "
+                                            f"{MAX_HEAD_BYTES} bytes"))
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._in_head = True
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -233,15 +208,9 @@ class FastHTTPProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_bytes += len(url)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        self._head_bytes += len(name) + len(value)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge
         if name == b"content-length":
             self._content_length = value
         elif name == b"expect" and value.lower() == b"100-continue":
@@ -249,6 +218,7 @@ class FastHTTPProtocol(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self._discarding:
             return  # pipelined behind a refused request: never answered
         parser = self._parser
@@ -323,13 +293,13 @@ class FastHTTPProtocol(asyncio.Protocol):
         if transport is None or self._write_paused:
             return  # resume_writing calls again
         if self._closing:
-            transport.close()
+            self._linger(transport) if self._discarding else transport.close()
         elif self._queue:
             request = self._queue.popleft()
             self._task = self._loop.create_task(self._answer(request))
         elif self._last is not None:
             self._write(self._last, keep_alive=False, head_only=False)
-            transport.close()
+            self._linger(transport)
         elif self._hand_over is not None:
             self._hand_to_uvicorn(transport, self._hand_over)
         elif self._read_paused and not self._discarding:
@@ -339,8 +309,6 @@ class FastHTTPProtocol(asyncio.Protocol):
     async def _answer(self, request: _Request) -> None:
         try:
             if request.theirs:
-                from serving.gateway.fast_asgi import run_asgi  # rare: pipelined portal path
-
                 response = await run_asgi(self._asgi_app, request, self._peer, self._receive)
             else:
                 response = await self._gateway.respond(
@@ -392,6 +360,19 @@ class FastHTTPProtocol(asyncio.Protocol):
         if not self._read_paused and self._transport is not None:
             self._read_paused = True
             self._transport.pause_reading()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close after a refusal without destroying the answer: closing with unread input
+        resets the connection, and the client may lose the answer it has not read yet.
+        So stop sending, drop what the client still sends, and close when it does, or
+        after LINGER_S (nginx's lingering close)."""
+        self._discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()  # after what is buffered has gone
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        self._loop.call_later(LINGER_S, transport.close)
 
     def _hand_to_uvicorn(self, transport: asyncio.Transport, data: bytes) -> None:
         """Give the connection, from the start of a request, to uvicorn's own protocol."""
