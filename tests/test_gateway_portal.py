@@ -170,7 +170,10 @@ def test_requests_make_no_database_query_and_a_new_replica_gets_traffic_within_a
     connection_created.connect(watch)
     try:
         assert served_versions(client, 100) == {"1": 100}
-        assert queries == [], f"{len(queries)} queries on the request path"
+        # The background report (at most once a second, never per request) may set the
+        # keys' last_used_at meanwhile: those are the only queries allowed.
+        on_path = [sql for sql in queries if "last_used_at" not in sql]
+        assert on_path == [], f"{len(on_path)} queries on the request path: {on_path}"
     finally:
         connection_created.disconnect(watch)
 
