@@ -54,6 +54,7 @@ from typing import Any
 
 import aiohttp
 import torch
+from common import add_cell_options, load_average, median_round, stop
 from replica import (  # bench/replica.py: the same model, replica and request as its benchmark
     HEADERS as REPLICA_HEADERS,
 )
@@ -64,9 +65,9 @@ from replica import (
     free_port,
     keep_in_flight,
     request_body,
-    save_reference_mlp,
     start_replica,
     wait_ready,
+    write_reference,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -373,11 +374,6 @@ def drive_wrk(target: Target, concurrency: int, args: argparse.Namespace, body: 
                 {0.5: p50_us / 1000.0, 0.99: p99_us / 1000.0}, used)
 
 
-def median_round(rounds: list[Cell]) -> Cell:
-    """Return the round with the median throughput (one noisy round does not decide)."""
-    return sorted(rounds, key=lambda cell: cell.requests_per_s)[len(rounds) // 2]
-
-
 async def measure(targets: list[Target], args: argparse.Namespace, body: bytes,
                   pids: dict[str, int], scripts: Path) -> list[Cell]:
     cells: list[Cell] = []
@@ -397,9 +393,7 @@ async def measure(targets: list[Target], args: argparse.Namespace, body: bytes,
 async def run(args: argparse.Namespace) -> list[Cell]:
     body = request_body()
     with tempfile.TemporaryDirectory() as directory:
-        artifact = save_reference_mlp(Path(directory))
-        signature_path = Path(directory) / "signature.json"
-        signature_path.write_text(json.dumps(SIGNATURE))
+        artifact, signature_path = write_reference(Path(directory))
         replica = start_replica("batched", artifact, signature_path)
         table_path = Path(directory) / "table.json"
         write_table(table_path, replica.port)
@@ -427,9 +421,7 @@ async def run(args: argparse.Namespace) -> list[Cell]:
                     **{name: process.pid for name, process in processes.items()}}
             return await measure(targets, args, body, pids, Path(directory))
         finally:
-            for process in [*processes.values(), replica.process]:
-                process.terminate()
-                process.wait(timeout=30)
+            stop([*processes.values(), replica.process])
 
 
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
@@ -460,17 +452,9 @@ def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
                   f" | {cell.latency_ms(0.5) - direct.latency_ms(0.5):+.3f} ms |")
 
 
-def load_average() -> str:
-    """Return the 1, 5 and 15 minute load averages, as `uptime` shows them."""
-    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--warm-up-s", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=3, help="median of this many rounds")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_cell_options(parser)
     parser.add_argument("--client", choices=CLIENTS,
                         default="wrk" if shutil.which("wrk") else "aiohttp",
                         help="load generator (default: wrk when installed)")

@@ -21,7 +21,6 @@ import asyncio
 import hashlib
 import ipaddress
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+from common import add_cell_options, load_average, print_ratio_table, print_run_line, stop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -38,13 +38,20 @@ from gateway import (  # bench/gateway.py: the same load generator, cells and ta
     GATEWAY_HEADERS,
     Cell,
     Target,
-    load_average,
     measure,
     wait_proxy,
     write_table,
 )
-from replica import CONFIGS, KEY, SIGNATURE, Replica, free_port, request_body, save_reference_mlp
 from replica import HEADERS as REPLICA_HEADERS
+from replica import (
+    KEY,
+    Replica,
+    free_port,
+    request_body,
+    start_replica,
+    wait_ready,
+    write_reference,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -85,54 +92,37 @@ def make_tls_files(folder: Path) -> tuple[Path, Path, str, str]:
     return cert_path, key_path, ca.public_bytes(serialization.Encoding.PEM).decode(), sha256
 
 
-def start_replica(name: str, artifact: Path, signature: Path, tls: list[str]) -> Replica:
-    port = free_port()
-    command = [sys.executable, "-m", "serving.replica", "--artifact", str(artifact),
-               "--format", "torchscript", "--model-name", "mlp", "--model-version", "1",
-               "--signature-file", str(signature), "--host", HOST, "--port", str(port),
-               "--device", "cpu", "--threads", "1", *CONFIGS["batched"], *tls]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                               env={**os.environ, "SWARM_REPLICA_KEY": KEY})
-    return Replica(name, process, port)
-
-
 def start_gateway(table: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "serving.gateway.standalone", "--table",
                              str(table), "--port", str(port)], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL)
 
 
-async def wait_replica(replica: Replica, ssl_context: object) -> None:
-    """Wait for /v2/health/ready (over TLS when `ssl_context`), at most 60 s."""
-    scheme = "https" if ssl_context else "http"
+def start_replicas(folder: Path) -> tuple[dict[str, Replica], str, str]:
+    """Start the `plain` and `tls` replicas (batched) serving the reference MLP from
+    `folder`: (replicas by name, the CA's PEM, the TLS certificate's pin)."""
+    artifact, signature = write_reference(folder)
+    cert, key, ca_pem, sha256 = make_tls_files(folder)
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    replicas = {"plain": start_replica("plain", artifact, signature, config="batched"),
+                "tls": start_replica("tls", artifact, signature, config="batched", extra=tls)}
+    return replicas, ca_pem, sha256
+
+
+async def wait_replicas(replicas: dict[str, Replica], ca_pem: str) -> None:
+    """Wait for both replicas to be ready (the `tls` one over TLS, verified by the CA)."""
+    import ssl
+
     async with aiohttp.ClientSession(headers=REPLICA_HEADERS) as session:
-        for _ in range(1200):
-            if replica.process.poll() is not None:
-                raise SystemExit(f"replica {replica.name} exited")
-            try:
-                async with session.get(f"{scheme}://{HOST}:{replica.port}/v2/health/ready",
-                                       ssl=ssl_context or False) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise SystemExit(f"replica {replica.name} not ready")
+        await wait_ready(session, replicas["plain"])
+        await wait_ready(session, replicas["tls"], ssl.create_default_context(cadata=ca_pem))
 
 
 async def run(args: argparse.Namespace) -> list[Cell]:
-    import ssl
-
     body = request_body()
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
-        artifact = save_reference_mlp(folder)
-        signature = folder / "signature.json"
-        signature.write_text(json.dumps(SIGNATURE))
-        cert, key, ca_pem, sha256 = make_tls_files(folder)
-        replicas = {"plain": start_replica("plain", artifact, signature, []),
-                    "tls": start_replica("tls", artifact, signature, [
-                        "--tls-cert-file", str(cert), "--tls-key-file", str(key)])}
+        replicas, ca_pem, sha256 = start_replicas(folder)
         tables = {name: folder / f"{name}.json" for name in replicas}
         for name, replica in replicas.items():
             write_table(tables[name], replica.port)
@@ -145,23 +135,19 @@ async def run(args: argparse.Namespace) -> list[Cell]:
         targets = [Target(name, f"http://{HOST}:{ports[name]}", GATEWAY_HEADERS)
                    for name in replicas]
         try:
-            await wait_replica(replicas["plain"], None)
-            await wait_replica(replicas["tls"], ssl.create_default_context(cadata=ca_pem))
+            await wait_replicas(replicas, ca_pem)
             async with aiohttp.ClientSession() as session:
                 for target in targets:
                     await wait_proxy(session, target, gateways[target.name], body)
             pids = {name: process.pid for name, process in gateways.items()}
             return await measure(targets, args, body, pids, folder)
         finally:
-            for process in [*gateways.values(), *(r.process for r in replicas.values())]:
-                process.terminate()
-                process.wait(timeout=30)
+            stop([*gateways.values(), *(r.process for r in replicas.values())])
 
 
 async def pool_only(args: argparse.Namespace) -> None:
     """The upstream pool alone, in this process on uvloop: requests/s and this process's
     CPU per request, plain vs TLS, at each concurrency (no gateway, no load generator)."""
-    import ssl
     import time
 
     from serving.gateway.node_tls import UpstreamTls, upstream_tls
@@ -171,17 +157,9 @@ async def pool_only(args: argparse.Namespace) -> None:
     headers = [(b"authorization", f"Bearer {KEY}".encode()),
                (b"content-type", b"application/json")]
     with tempfile.TemporaryDirectory() as directory:
-        folder = Path(directory)
-        artifact = save_reference_mlp(folder)
-        signature = folder / "signature.json"
-        signature.write_text(json.dumps(SIGNATURE))
-        cert, key, ca_pem, sha256 = make_tls_files(folder)
-        replicas = {"plain": start_replica("plain", artifact, signature, []),
-                    "tls": start_replica("tls", artifact, signature, [
-                        "--tls-cert-file", str(cert), "--tls-key-file", str(key)])}
+        replicas, ca_pem, sha256 = start_replicas(Path(directory))
         try:
-            await wait_replica(replicas["plain"], None)
-            await wait_replica(replicas["tls"], ssl.create_default_context(cadata=ca_pem))
+            await wait_replicas(replicas, ca_pem)
             print("| concurrency | path | requests/s | client CPU us/req | connections |")
             print("|---|---|---|---|---|")
             for concurrency in args.concurrency:
@@ -207,15 +185,11 @@ async def pool_only(args: argparse.Namespace) -> None:
                           f"{cpu_us:.0f} | {pool.connections_opened} |")
                     pool.close()
         finally:
-            for replica in replicas.values():
-                replica.process.terminate()
-                replica.process.wait(timeout=30)
+            stop(replica.process for replica in replicas.values())
 
 
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
-    print(f"\nnode TLS benchmark: {args.duration_s} s per cell, median of {args.rounds} "
-          f"alternating rounds, load from {args.client}, {os.cpu_count()} CPUs, load average "
-          f"{args.load_before} before and {load_average()} after\n")
+    print_run_line("node TLS", args)
     print("| gateway -> replica | concurrency | requests/s | p50 ms | p99 ms | errors | "
           "gateway CPU us/req |")
     print("|---|---|---|---|---|---|---|")
@@ -223,21 +197,12 @@ def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
         print(f"| {cell.target} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
               f"{cell.latency_ms(0.5):.3f} | {cell.latency_ms(0.99):.3f} | {cell.errors} | "
               f"{cell.cpu_us_per_request(cell.target):.0f} |")
-    print("\n| concurrency | TLS requests/s vs plain | TLS p50 - plain p50 |")
-    print("|---|---|---|")
-    for concurrency in args.concurrency:
-        row = {c.target: c for c in cells if c.concurrency == concurrency}
-        ratio = row["tls"].requests_per_s / row["plain"].requests_per_s
-        extra_ms = row["tls"].latency_ms(0.5) - row["plain"].latency_ms(0.5)
-        print(f"| {concurrency} | {ratio:.2f} | {extra_ms:+.3f} ms |")
+    print_ratio_table(cells, args.concurrency, "plain", "tls", "TLS")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--warm-up-s", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=3, help="median of this many rounds")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_cell_options(parser)
     parser.add_argument("--client", choices=CLIENTS, default="wrk")
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--pool-only", action="store_true",

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import torch
+from common import add_cell_options, median_round, stop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-replica-key-0123456789"
@@ -109,25 +110,41 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
 
+def write_reference(directory: Path, artifact_format: str = "torchscript") -> tuple[Path, Path]:
+    """Save the reference MLP and its signature in `directory`: (artifact, signature file)."""
+    artifact = save_reference_mlp(directory, artifact_format)
+    signature_path = directory / "signature.json"
+    signature_path.write_text(json.dumps(SIGNATURE))
+    return artifact, signature_path
+
+
 def start_replica(name: str, artifact: Path, signature_path: Path,
-                  artifact_format: str = "torchscript") -> Replica:
+                  artifact_format: str = "torchscript", config: str | None = None,
+                  extra: Sequence[str] = ()) -> Replica:
+    """Start a replica on a free loopback port with CONFIGS[config or name], then `extra`
+    arguments (e.g. TLS files)."""
     port = free_port()
     command = [sys.executable, "-m", "serving.replica", "--artifact", str(artifact),
                "--format", artifact_format, "--model-name", "mlp", "--model-version", "1",
                "--signature-file", str(signature_path), "--host", "127.0.0.1",
-               "--port", str(port), "--device", "cpu", "--threads", "1", *CONFIGS[name]]
+               "--port", str(port), "--device", "cpu", "--threads", "1",
+               *CONFIGS[config or name], *extra]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                                env={**os.environ, "SWARM_REPLICA_KEY": KEY})
     return Replica(name, process, port)
 
 
-async def wait_ready(session: aiohttp.ClientSession, replica: Replica) -> None:
+async def wait_ready(session: aiohttp.ClientSession, replica: Replica,
+                     ssl_context: Any = None) -> None:
+    """Wait for /v2/health/ready (over TLS when `ssl_context`), at most READY_DEADLINE_S."""
+    url = replica.url.replace("http://", "https://") if ssl_context else replica.url
     give_up_at = time.monotonic() + READY_DEADLINE_S
     while time.monotonic() < give_up_at:
         if replica.process.poll() is not None:
             raise SystemExit(f"replica {replica.name} exited with {replica.process.returncode}")
         try:
-            async with session.get(f"{replica.url}/v2/health/ready") as response:
+            async with session.get(f"{url}/v2/health/ready",
+                                   ssl=ssl_context or False) as response:
                 if response.status == 200:
                     return
         except aiohttp.ClientError:
@@ -252,18 +269,10 @@ def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
               f"{batched.latency_ms(0.5) - unbatched.latency_ms(0.5):+.3f} ms |")
 
 
-def median_round(rounds: list[Cell]) -> Cell:
-    """Return the round with the median throughput (one noisy round does not decide)."""
-    ordered = sorted(rounds, key=lambda cell: cell.requests_per_s)
-    return ordered[len(ordered) // 2]
-
-
 async def run(args: argparse.Namespace) -> list[Cell]:
     body = request_body()
     with tempfile.TemporaryDirectory() as directory:
-        artifact = save_reference_mlp(Path(directory), args.format)
-        signature_path = Path(directory) / "signature.json"
-        signature_path.write_text(json.dumps(SIGNATURE))
+        artifact, signature_path = write_reference(Path(directory), args.format)
         replicas = [start_replica(name, artifact, signature_path, args.format)
                     for name in CONFIGS]
         try:
@@ -280,17 +289,12 @@ async def run(args: argparse.Namespace) -> list[Cell]:
                           f"{cells[-1].requests_per_s:8.0f} req/s", file=sys.stderr)
             return cells
         finally:
-            for replica in replicas:
-                replica.process.terminate()
-                replica.process.wait(timeout=30)
+            stop(replica.process for replica in replicas)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--warm-up-s", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=1, help="median of this many rounds")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_cell_options(parser, rounds=1)
     parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript",
                         help="serve the reference MLP as TorchScript or as ONNX")
     args = parser.parse_args()

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from common import add_cell_options
 from gateway import Target, cpu_s, run_wrk, wrk_script
 from replica import free_port, request_body, save_reference_mlp
 
@@ -317,10 +318,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--warm-up-s", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=3, help="median of this many rounds")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_cell_options(parser)
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:

@@ -31,25 +31,18 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
+from common import add_cell_options, load_average, print_ratio_table, print_run_line, stop
 from gateway import (  # bench/gateway.py: the same load generator, cells and table
     CLIENTS,
     GATEWAY_HEADERS,
     Cell,
     Target,
-    load_average,
     measure,
     wait_proxy,
     write_table,
 )
 from replica import HEADERS as REPLICA_HEADERS
-from replica import (
-    SIGNATURE,
-    free_port,
-    request_body,
-    save_reference_mlp,
-    start_replica,
-    wait_ready,
-)
+from replica import free_port, request_body, start_replica, wait_ready, write_reference
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE_ID = 1
@@ -114,9 +107,7 @@ async def run(args: argparse.Namespace) -> list[Cell]:
     key = os.urandom(32).hex()
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
-        artifact = save_reference_mlp(folder)
-        signature_path = folder / "signature.json"
-        signature_path.write_text(json.dumps(SIGNATURE))
+        artifact, signature_path = write_reference(folder)
         replica = start_replica("batched", artifact, signature_path)
         direct_table, tunnel_table = folder / "direct.json", folder / "tunnel.json"
         write_table(direct_table, replica.port)
@@ -140,15 +131,11 @@ async def run(args: argparse.Namespace) -> list[Cell]:
                     **{name: process.pid for name, process in processes.items()}}
             return await measure(targets, args, body, pids, folder)
         finally:
-            for process in [*processes.values(), replica.process]:
-                process.terminate()
-                process.wait(timeout=30)
+            stop([*processes.values(), replica.process])
 
 
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
-    print(f"\ntunnel benchmark: {args.duration_s} s per cell, median of {args.rounds} "
-          f"alternating rounds, load from {args.client}, {os.cpu_count()} CPUs, load average "
-          f"{args.load_before} before and {load_average()} after\n")
+    print_run_line("tunnel", args)
     print("| path | concurrency | requests/s | p50 ms | p99 ms | errors | gateway CPU us/req "
           "| agent CPU us/req |")
     print("|---|---|---|---|---|---|---|---|")
@@ -157,21 +144,12 @@ def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
         print(f"| {cell.target} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
               f"{cell.latency_ms(0.5):.3f} | {cell.latency_ms(0.99):.3f} | {cell.errors} | "
               f"{cell.cpu_us_per_request(cell.target):.0f} | {agent} |")
-    print("\n| concurrency | tunnel requests/s vs direct | tunnel p50 - direct p50 |")
-    print("|---|---|---|")
-    for concurrency in args.concurrency:
-        row = {c.target: c for c in cells if c.concurrency == concurrency}
-        ratio = row["tunnel"].requests_per_s / row["direct"].requests_per_s
-        extra_ms = row["tunnel"].latency_ms(0.5) - row["direct"].latency_ms(0.5)
-        print(f"| {concurrency} | {ratio:.2f} | {extra_ms:+.3f} ms |")
+    print_ratio_table(cells, args.concurrency, "direct", "tunnel", "tunnel")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--warm-up-s", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=3, help="median of this many rounds")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_cell_options(parser)
     parser.add_argument("--client", choices=CLIENTS, default="wrk")
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--serve-gateway", nargs=3, help=argparse.SUPPRESS)
