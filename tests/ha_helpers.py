@@ -10,8 +10,6 @@ command lines as they would run from this checkout.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
 import shlex
@@ -27,11 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.certs import self_signed_files
 from tests.chaos_helpers import SteadyLoad, _post
 from tests.replica_models import free_port
 from tests.waiting import wait_until
@@ -70,27 +65,8 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 def make_certificate(directory: Path, host: str = "localhost") -> tuple[Path, Path]:
     """Write a self-signed certificate for `host` and 127.0.0.1; return (cert, key) paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "tls-cert.pem", directory / "tls-key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    return self_signed_files(directory / "tls-cert.pem", directory / "tls-key.pem", host,
+                             [host, "127.0.0.1"], ca=True, server_auth=True)
 
 
 def client_context(cert_path: Path) -> ssl.SSLContext:

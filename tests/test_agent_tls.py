@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import ssl
@@ -12,12 +11,12 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from serving.agent import cli, credentials_tls
 from serving.replica.config import ConfigError, load_config
+from tests.certs import certificate, new_key, pem
 from tests.live import ROOT
 from tests.replica_models import (
     AUTH,
@@ -48,47 +47,31 @@ def test_plain_http_on_a_network_address_is_refused_before_anything_starts(tmp_p
 
 
 def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")])
-    now = datetime.now(UTC)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                   .public_key(key.public_key()).serial_number(1)
-                   .not_valid_before(now).not_valid_after(now + timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                   .sign(key, hashes.SHA256()))
-    return key, certificate
+    key = new_key()
+    return key, certificate(key.public_key(), key, "ca", serial=1, ca=True, path_length=0)
 
 
 def _signed(ca_key, ca, public_key) -> str:
-    now = datetime.now(UTC)
-    return (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "n")]))
-            .issuer_name(ca.subject).public_key(public_key).serial_number(2)
-            .not_valid_before(now).not_valid_after(now + timedelta(days=1))
-            .sign(ca_key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _pem(certificate: x509.Certificate) -> str:
-    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+    return pem(certificate(public_key, ca_key, "n", issuer=ca.subject, serial=2))
 
 
 def test_the_agent_stores_only_a_certificate_for_its_own_key_from_its_ca(tmp_path):
     identity = credentials_tls.new_identity("gpu-1")
     assert b"PRIVATE KEY" in identity.key_pem and "CERTIFICATE REQUEST" in identity.csr_pem
     ca_key, ca = _ca()
-    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_key = new_key()
     with pytest.raises(ValueError, match="not for this node's key"):
         credentials_tls.save_identity(tmp_path, identity,
-                                      _signed(ca_key, ca, other_key.public_key()), _pem(ca))
+                                      _signed(ca_key, ca, other_key.public_key()), pem(ca))
     own_public = serialization.load_pem_private_key(identity.key_pem, None).public_key()
     _, stranger = _ca()
     with pytest.raises(ValueError):
         credentials_tls.save_identity(tmp_path, identity, _signed(ca_key, ca, own_public),
-                                      _pem(stranger))
+                                      pem(stranger))
     assert credentials_tls.load_tls_files(tmp_path) is None  # nothing stored on refusal
 
     files = credentials_tls.save_identity(tmp_path, identity,
-                                          _signed(ca_key, ca, own_public), _pem(ca))
+                                          _signed(ca_key, ca, own_public), pem(ca))
     assert credentials_tls.load_tls_files(tmp_path) == files
     assert all(p.stat().st_mode & 0o777 == 0o600
                for p in (files.key_path, files.cert_path, files.ca_path))
@@ -117,31 +100,33 @@ def test_the_replica_wants_both_tls_files_or_neither(tmp_path):
 
 
 def _signed_for(ca_key, ca, public_key, serial: int, not_before, not_after) -> str:
-    return (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "n")]))
-            .issuer_name(ca.subject).public_key(public_key).serial_number(serial)
-            .not_valid_before(not_before).not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM).decode()
+    return pem(certificate(public_key, ca_key, "n", issuer=ca.subject, serial=serial,
+                           not_before=not_before, not_after=not_after, sans=["127.0.0.1"]))
 
 
-def test_the_agent_asks_for_a_renewal_in_the_last_third_and_keeps_its_key(tmp_path):
+def _saved_identity(tmp_path):
+    """Save a new identity with a 30-day certificate (serial 2) a day into its life; return
+    (CA key, CA, the identity, its public key, its TLS files, now)."""
     ca_key, ca = _ca()
     identity = credentials_tls.new_identity("gpu-1")
     own = serialization.load_pem_private_key(identity.key_pem, None).public_key()
     now = datetime.now(UTC)
     files = credentials_tls.save_identity(
         tmp_path, identity, _signed_for(ca_key, ca, own, 2, now - timedelta(days=1),
-                                        now + timedelta(days=29)), _pem(ca))
+                                        now + timedelta(days=29)), pem(ca))
+    return ca_key, ca, identity, own, files, now
+
+
+def test_the_agent_asks_for_a_renewal_in_the_last_third_and_keeps_its_key(tmp_path):
+    ca_key, ca, identity, own, files, now = _saved_identity(tmp_path)
     assert credentials_tls.renewal_csr(files, now) == ""
     csr = x509.load_pem_x509_csr(credentials_tls.renewal_csr(files, now + timedelta(days=21))
                                  .encode())
     assert csr.public_key() == own  # the same key: the gateways' pin holds
 
     renewed = _signed_for(ca_key, ca, own, 3, now, now + timedelta(days=30))
-    credentials_tls.take_renewal(files, _signed(ca_key, ca, ec.generate_private_key(
-        ec.SECP256R1()).public_key()))  # another key: logged and ignored
+    # another key: logged and ignored
+    credentials_tls.take_renewal(files, _signed(ca_key, ca, new_key().public_key()))
     assert x509.load_pem_x509_certificate(files.cert_path.read_bytes()).serial_number == 2
     credentials_tls.take_renewal(files, renewed)
     assert x509.load_pem_x509_certificate(files.cert_path.read_bytes()).serial_number == 3
@@ -159,13 +144,7 @@ def _served_serial(port: int) -> int | None:
 
 @pytest.mark.slow
 def test_a_replica_serves_its_renewed_certificate_without_a_restart(tmp_path):
-    ca_key, ca = _ca()
-    identity = credentials_tls.new_identity("gpu-1")
-    own = serialization.load_pem_private_key(identity.key_pem, None).public_key()
-    now = datetime.now(UTC)
-    files = credentials_tls.save_identity(
-        tmp_path, identity, _signed_for(ca_key, ca, own, 2, now - timedelta(days=1),
-                                        now + timedelta(days=29)), _pem(ca))
+    ca_key, ca, _identity, own, files, now = _saved_identity(tmp_path)
     artifact = save_torchscript(build_tabular_mlp(seed=0), tmp_path / "mlp.pt")
     signature = tmp_path / "signature.json"
     signature.write_text(json.dumps(MLP_SIGNATURE))

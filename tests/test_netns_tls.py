@@ -8,14 +8,12 @@ own address, so everything between them crosses a real network link. Root only (
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import select
 import signal
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -23,9 +21,6 @@ import numpy as np
 import pytest
 import torch
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from knox.models import AuthToken
 
 from registry.demo import build_mlp
@@ -34,6 +29,7 @@ from serving.agent import credentials_tls
 from serving.agent.credentials import node_state_dir
 from serving.models import Node, Replica, ReplicaState
 from tests import factories
+from tests.certs import self_signed_files
 from tests.conftest import free_port
 from tests.e2e import LiveAgent
 from tests.live import ROOT, LiveGateway, LivePortal, create_gateway_token
@@ -56,25 +52,6 @@ def _write_pem(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     path.chmod(0o600)
     return path
-
-
-def _self_signed(directory: Path, address: str) -> tuple[Path, Path]:
-    """Return (cert, key) files of a self-signed certificate naming `address`."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "swarm-node-1")])
-    now = datetime.now(UTC)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - timedelta(minutes=5))
-                   .not_valid_after(now + timedelta(days=1))
-                   .add_extension(x509.SubjectAlternativeName(
-                       [x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
-                   .sign(key, hashes.SHA256()))
-    return (_write_pem(directory / "self.crt",
-                       certificate.public_bytes(serialization.Encoding.PEM)),
-            _write_pem(directory / "self.key", key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption())))
 
 
 def _removed_nodes_certificate(directory: Path, join_secret: str, address: str
@@ -190,7 +167,8 @@ def _serves_over_tls(tmp_path: Path, portal: LivePortal, gateway: LiveGateway,
     os.kill(_replica_pid(gpu, replica.port), signal.SIGKILL)
     wait_until(lambda: _port_free(gpu, replica.port), 30, "the replica's port to be free")
     impostors = {"plain HTTP": None,
-                 "self-signed": _self_signed(tmp_path, gpu.address),
+                 "self-signed": self_signed_files(tmp_path / "self.crt", tmp_path / "self.key",
+                                                  "swarm-node-1", [gpu.address]),
                  "a removed node's": _removed_nodes_certificate(tmp_path, join_secret,
                                                                 gpu.address)}
     for kind, cert_key in impostors.items():

@@ -11,20 +11,14 @@ import argparse
 import asyncio
 import dataclasses
 import hashlib
-import ipaddress
 import os
 import random
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
@@ -42,6 +36,7 @@ from serving.gateway.tunnel import (
 )
 from serving.gateway.upstream import UpstreamError, UpstreamPool
 from swarm_protocol.tunnel import NODE_HEADER, TUNNEL_PATH, WINDOW_BYTES
+from tests.certs import self_signed_files
 
 NODE_ID = 7
 KEY = "k" * 64
@@ -310,31 +305,10 @@ async def test_requests_in_flight_on_a_dropped_tunnel_are_retried_on_another_rep
     assert lab.replica.requests == 0  # nothing was answered by the stalled replica
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """Return (certificate, key) PEM files of a self-signed certificate for 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway")])
-    now = datetime.now(UTC)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - timedelta(minutes=5))
-                   .not_valid_after(now + timedelta(days=1))
-                   .add_extension(x509.SubjectAlternativeName(
-                       [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=None),
-                                  critical=True)
-                   .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "gateway.crt", directory / "gateway.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 async def test_the_tunnel_rides_the_gateway_s_tls(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_files(tmp_path / "gateway.crt", tmp_path / "gateway.key", "gateway",
+                                  ["127.0.0.1"], ca=True)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the node's "system CAs" trust it
     replica = EchoReplica()
     replica_port = await replica.start()
