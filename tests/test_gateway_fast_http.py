@@ -89,6 +89,18 @@ def infer_request(rows: np.ndarray, *, extra: bytes = b"") -> bytes:
             % (INFER.encode(), AUTH.encode(), len(body), extra, body))
 
 
+def raw_post(path: str, body: bytes = b"", length: int | None = None) -> bytes:
+    """A POST to `path` with the API key and `body`; `length`: the Content-Length to declare
+    (default: the body's)."""
+    return (b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), AUTH.encode(), len(body) if length is None else length, body))
+
+
+def slow_metric(gateway: StandaloneGateway, name: str) -> float:
+    """The gateway's metric `name` for the slow model, read from /metrics now."""
+    return metric_value(httpx.get(f"{gateway.url}/metrics").text, name, model=SLOW)
+
+
 class Responses:
     """Reads HTTP/1.1 responses (Content-Length framed) off one socket, in order."""
 
@@ -157,9 +169,7 @@ def test_an_asterisk_target_is_no_endpoint_of_ours(gateway):
 
 def test_a_declared_oversize_body_gets_413_before_it_is_sent(gateway):
     with connect(gateway.port) as sock:
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
-                     b"Content-Length: %d\r\n\r\n" % (INFER.encode(), AUTH.encode(),
-                                                      MAX_BODY_BYTES + 1))
+        sock.sendall(raw_post(INFER, length=MAX_BODY_BYTES + 1))
         responses = Responses(sock)
         status, _headers, body = responses.read()
         assert status == 413
@@ -170,9 +180,7 @@ def test_a_declared_oversize_body_gets_413_before_it_is_sent(gateway):
 def test_a_413_arrives_whole_while_the_client_is_still_sending_its_body(gateway):
     body = b"x" * (MAX_BODY_BYTES * 16)
     with connect(gateway.port) as sock:
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (INFER.encode(), AUTH.encode(),
-                                                      len(body), body))
+        sock.sendall(raw_post(INFER, body))
         responses = Responses(sock)
         status, _headers, _body = responses.read()
         assert status == 413
@@ -236,9 +244,7 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(gateway):
     slow = json.dumps(slow_request()).encode()
     batches = [features(n, seed=n) for n in (1, 2, 3)]
     with connect(gateway.port) as sock:
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (SLOW_INFER.encode(), AUTH.encode(),
-                                                        len(slow), slow)
+        sock.sendall(raw_post(SLOW_INFER, slow)
                      + b"GET /v2/health/live HTTP/1.1\r\nHost: gw\r\n\r\n"
                      + b"".join(infer_request(rows) for rows in batches))
         responses = Responses(sock)
@@ -270,25 +276,17 @@ def test_one_connection_is_kept_alive_across_requests(gateway):
 
 
 def test_a_client_hanging_up_mid_request_is_counted_and_harms_nothing(gateway):
-    metrics_before = httpx.get(f"{gateway.url}/metrics").text
-    cancelled_before = metric_value(metrics_before, "swarm_gateway_cancelled_total", model=SLOW)
+    cancelled_before = slow_metric(gateway, "swarm_gateway_cancelled_total")
     slow = json.dumps(slow_request()).encode()
     with connect(gateway.port) as sock:  # hangs up halfway through its body
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (INFER.encode(), AUTH.encode(), 3000,
-                                                        b"{" * 100))
+        sock.sendall(raw_post(INFER, b"{" * 100, length=3000))
     with connect(gateway.port) as sock:  # hangs up while the replica works
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (SLOW_INFER.encode(), AUTH.encode(),
-                                                        len(slow), slow))
-        wait_for(lambda: metric_value(httpx.get(f"{gateway.url}/metrics").text,
-                                      "swarm_gateway_in_flight", model=SLOW) >= 1,
+        sock.sendall(raw_post(SLOW_INFER, slow))
+        wait_for(lambda: slow_metric(gateway, "swarm_gateway_in_flight") >= 1,
                  "the slow request to reach its replica")
-    wait_for(lambda: metric_value(httpx.get(f"{gateway.url}/metrics").text,
-                                  "swarm_gateway_cancelled_total", model=SLOW)
-             > cancelled_before, "the hang-up to be counted")
-    wait_for(lambda: metric_value(httpx.get(f"{gateway.url}/metrics").text,
-                                  "swarm_gateway_in_flight", model=SLOW) == 0,
+    wait_for(lambda: slow_metric(gateway, "swarm_gateway_cancelled_total") > cancelled_before,
+             "the hang-up to be counted")
+    wait_for(lambda: slow_metric(gateway, "swarm_gateway_in_flight") == 0,
              "the lease to come back")
     with httpx.Client(base_url=gateway.url, headers=BEARER, timeout=30) as client:
         rows = features(2)
@@ -301,11 +299,8 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(table_path):
     try:
         slow = json.dumps(slow_request()).encode()
         with connect(gateway.port) as sock, connect(gateway.port) as idle:
-            sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (SLOW_INFER.encode(), AUTH.encode(),
-                                                            len(slow), slow))
-            wait_for(lambda: metric_value(httpx.get(f"{gateway.url}/metrics").text,
-                                          "swarm_gateway_in_flight", model=SLOW) >= 1,
+            sock.sendall(raw_post(SLOW_INFER, slow))
+            wait_for(lambda: slow_metric(gateway, "swarm_gateway_in_flight") >= 1,
                      "the slow request to reach its replica")
             gateway.process.send_signal(signal.SIGTERM)
             status, headers, body = Responses(sock).read()
