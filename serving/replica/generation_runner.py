@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from serving.replica.artifact_backend import ArtifactBackend
 from serving.replica.generation_engine import GenerationEngine, GenerationEvent
 from serving.replica.generation_scheduler import GenerationLimits
 from serving.replica.generation_text import GenerateInputError, SamplingParams
 from serving.replica.runner import LoadError, ModelFailure
-from swarm_protocol.archive import FORMAT_HF_CAUSAL_LM, ArchiveRefused, inspect_archive
+from swarm_protocol.archive import FORMAT_HF_CAUSAL_LM
 from swarm_protocol.archive_hf import TEXT_SIGNATURE
 from swarm_protocol.signature import Signature
 
@@ -49,26 +50,21 @@ def limits_from_environment(environ: Mapping[str, str]) -> GenerationLimits:
     return GenerationLimits(**values)
 
 
-class GenerationBackend:
+class GenerationBackend(ArtifactBackend):
     """A causal LM behind the generation engine (runner.Backend for hf_causal_lm)."""
+
+    artifact_format = FORMAT_HF_CAUSAL_LM
 
     def __init__(self, artifact_path: str, device: str, signature: Signature,
                  threads: int) -> None:
-        self.artifact_path = artifact_path
-        self.device = device
-        self.signature = signature
-        self.threads = threads
+        super().__init__(artifact_path, device, signature, threads)
         self.engine: GenerationEngine | None = None
         self.context_tokens = 0
 
     def load(self) -> None:
         """Inspect and load the archive, then start the engine; raise LoadError."""
         limits = limits_from_environment(os.environ)
-        try:
-            archive = inspect_archive(self.artifact_path, declared_format=FORMAT_HF_CAUSAL_LM)
-        except ArchiveRefused as exc:
-            raise LoadError(f"the hf_causal_lm artifact {self.artifact_path} could not be "
-                            f"loaded: the archive inspector refused it: {exc}") from None
+        archive = self.inspected()
         import torch
 
         from swarm_protocol.model_loading import load_causal_lm

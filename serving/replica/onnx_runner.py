@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from serving.replica.artifact_backend import ArtifactBackend
 from serving.replica.datatypes import NUMPY_DTYPES
 from serving.replica.runner import LoadError, ModelFailure, first_line
-from swarm_protocol.archive import FORMAT_ONNX, ArchiveRefused, inspect_archive
+from swarm_protocol.archive import FORMAT_ONNX
 from swarm_protocol.model_loading import CUDA_PROVIDER, load_onnx_session
 from swarm_protocol.signature import Signature, TensorSpec
 
@@ -28,15 +29,14 @@ _DATATYPE_OF = {dtype: datatype for datatype, dtype in NUMPY_DTYPES.items()
                 if datatype not in UNSUPPORTED}
 
 
-class OnnxBackend:
+class OnnxBackend(ArtifactBackend):
     """An onnxruntime.InferenceSession fed and read as numpy arrays."""
+
+    artifact_format = FORMAT_ONNX
 
     def __init__(self, artifact_path: str, device: str, signature: Signature,
                  threads: int) -> None:
-        self.artifact_path = artifact_path
-        self.device = device
-        self.signature = signature
-        self.threads = threads
+        super().__init__(artifact_path, device, signature, threads)
         self._session: Any = None
         self._output_names = [spec.name for spec in signature.outputs]
 
@@ -47,12 +47,7 @@ class OnnxBackend:
         if unsupported:
             raise LoadError(f"ONNX tensors {', '.join(unsupported)}: BF16 and BYTES are not "
                             "served through ONNX Runtime here")
-        try:
-            archive = inspect_archive(self.artifact_path, declared_format=FORMAT_ONNX)
-        except ArchiveRefused as exc:
-            raise LoadError(f"the onnx artifact {self.artifact_path} could not be loaded: "
-                            f"the archive inspector refused it: {exc}") from None
-        self._session = load_onnx_session(archive, self.device, self.threads)
+        self._session = load_onnx_session(self.inspected(), self.device, self.threads)
         if self.device.startswith("cuda") and CUDA_PROVIDER not in self._session.get_providers():
             logger.warning("device %s asked for, but this onnxruntime has no CUDA provider: "
                            "serving on the CPU", self.device)
