@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 
@@ -49,6 +49,19 @@ def print_run_line(title: str, args: argparse.Namespace) -> None:
     print(f"\n{title} benchmark: {args.duration_s} s per cell, median of {args.rounds} "
           f"alternating rounds, load from {args.client}, {os.cpu_count()} CPUs, load average "
           f"{args.load_before} before and {load_average()} after\n")
+
+
+def print_cell_table(cells: Iterable[Any], first_column: str, extra_columns: Sequence[str],
+                     extra: Callable[[Any], Sequence[str]]) -> None:
+    """Print one row per bench/gateway.Cell: target, concurrency, requests/s, p50 and p99
+    (ms), errors, then `extra(cell)` under `extra_columns`."""
+    print(f"| {first_column} | concurrency | requests/s | p50 ms | p99 ms | errors | "
+          + "".join(f"{column} | " for column in extra_columns).rstrip())
+    print("|---" * (6 + len(extra_columns)) + "|")
+    for cell in cells:
+        print(f"| {cell.target} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
+              f"{cell.latency_ms(0.5):.3f} | {cell.latency_ms(0.99):.3f} | {cell.errors} | "
+              + "".join(f"{value} | " for value in extra(cell)).rstrip())
 
 
 def print_ratio_table(cells: Iterable[Any], concurrencies: Iterable[int], base: str,

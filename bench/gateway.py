@@ -452,14 +452,18 @@ def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
                   f" | {cell.latency_ms(0.5) - direct.latency_ms(0.5):+.3f} ms |")
 
 
+def add_client_options(parser: argparse.ArgumentParser, default: str = "wrk") -> None:
+    """Add --client (the load generator, one of CLIENTS) and --wrk-threads."""
+    parser.add_argument("--client", choices=CLIENTS, default=default,
+                        help=f"load generator (default: {default})")
+    parser.add_argument("--wrk-threads", type=int, default=1,
+                        help="wrk threads (at most one per connection)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cell_options(parser)
-    parser.add_argument("--client", choices=CLIENTS,
-                        default="wrk" if shutil.which("wrk") else "aiohttp",
-                        help="load generator (default: wrk when installed)")
-    parser.add_argument("--wrk-threads", type=int, default=1,
-                        help="wrk threads (at most one per connection)")
+    add_client_options(parser, default="wrk" if shutil.which("wrk") else "aiohttp")
     parser.add_argument("--grpc", action="store_true",
                         help="also measure the gateway's OIP gRPC port (grpc.aio client)")
     parser.add_argument("--compare-uvicorn", action="store_true",

@@ -28,16 +28,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
-from common import add_cell_options, load_average, print_ratio_table, print_run_line, stop
+from common import (
+    add_cell_options,
+    load_average,
+    print_cell_table,
+    print_ratio_table,
+    print_run_line,
+    stop,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from gateway import (  # bench/gateway.py: the same load generator, cells and table
-    CLIENTS,
     GATEWAY_HEADERS,
     Cell,
     Target,
+    add_client_options,
     measure,
     wait_proxy,
     write_table,
@@ -190,21 +197,15 @@ async def pool_only(args: argparse.Namespace) -> None:
 
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
     print_run_line("node TLS", args)
-    print("| gateway -> replica | concurrency | requests/s | p50 ms | p99 ms | errors | "
-          "gateway CPU us/req |")
-    print("|---|---|---|---|---|---|---|")
-    for cell in cells:
-        print(f"| {cell.target} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
-              f"{cell.latency_ms(0.5):.3f} | {cell.latency_ms(0.99):.3f} | {cell.errors} | "
-              f"{cell.cpu_us_per_request(cell.target):.0f} |")
+    print_cell_table(cells, "gateway -> replica", ["gateway CPU us/req"],
+                     lambda cell: [f"{cell.cpu_us_per_request(cell.target):.0f}"])
     print_ratio_table(cells, args.concurrency, "plain", "tls", "TLS")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cell_options(parser)
-    parser.add_argument("--client", choices=CLIENTS, default="wrk")
-    parser.add_argument("--wrk-threads", type=int, default=1)
+    add_client_options(parser)
     parser.add_argument("--pool-only", action="store_true",
                         help="measure the upstream pool alone, in this process (uvloop)")
     args = parser.parse_args()

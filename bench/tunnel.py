@@ -31,12 +31,19 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import add_cell_options, load_average, print_ratio_table, print_run_line, stop
+from common import (
+    add_cell_options,
+    load_average,
+    print_cell_table,
+    print_ratio_table,
+    print_run_line,
+    stop,
+)
 from gateway import (  # bench/gateway.py: the same load generator, cells and table
-    CLIENTS,
     GATEWAY_HEADERS,
     Cell,
     Target,
+    add_client_options,
     measure,
     wait_proxy,
     write_table,
@@ -136,22 +143,16 @@ async def run(args: argparse.Namespace) -> list[Cell]:
 
 def print_report(cells: list[Cell], args: argparse.Namespace) -> None:
     print_run_line("tunnel", args)
-    print("| path | concurrency | requests/s | p50 ms | p99 ms | errors | gateway CPU us/req "
-          "| agent CPU us/req |")
-    print("|---|---|---|---|---|---|---|---|")
-    for cell in cells:
-        agent = f"{cell.cpu_us_per_request(AGENT):.0f}" if cell.target == "tunnel" else "-"
-        print(f"| {cell.target} | {cell.concurrency} | {cell.requests_per_s:,.0f} | "
-              f"{cell.latency_ms(0.5):.3f} | {cell.latency_ms(0.99):.3f} | {cell.errors} | "
-              f"{cell.cpu_us_per_request(cell.target):.0f} | {agent} |")
+    print_cell_table(cells, "path", ["gateway CPU us/req", "agent CPU us/req"], lambda cell: [
+        f"{cell.cpu_us_per_request(cell.target):.0f}",
+        f"{cell.cpu_us_per_request(AGENT):.0f}" if cell.target == "tunnel" else "-"])
     print_ratio_table(cells, args.concurrency, "direct", "tunnel", "tunnel")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cell_options(parser)
-    parser.add_argument("--client", choices=CLIENTS, default="wrk")
-    parser.add_argument("--wrk-threads", type=int, default=1)
+    add_client_options(parser)
     parser.add_argument("--serve-gateway", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--serve-agent", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
