@@ -147,3 +147,19 @@ def test_a_gateway_s_bad_tunnel_url_is_a_400(url):
     gateway = Client(headers={"Authorization": f"Bearer {gateway_token}"})
     response = gateway.get(TABLE, {"instance": "gw-1", "tunnel": url})
     assert response.status_code == 400 and "tunnel" in response.json()["error"]
+
+
+def test_a_tunnel_node_takes_replicas_only_while_a_gateway_accepts_tunnels(join_secret):
+    from collections import Counter
+
+    from serving.services.reconcile import node_views
+
+    direct = _join(Client(), join_secret, probe_port=None)["node_id"]
+    tunnel = _join(Client(), join_secret, tunnel=True, name="n2")["node_id"]
+    Node.objects.filter(pk__in=[direct, tunnel]).update(status="ready")
+    # make run's gateways have no tunnel port: a replica placed there would never be called.
+    assert {view.node_id for view in node_views(Counter())} == {direct}
+    gateway = Client(headers={"Authorization": f"Bearer {issue_gateway_token('edge-1')[1]}"})
+    assert gateway.get(TABLE, {"instance": "gw-1",
+                               "tunnel": "ws://10.0.0.5:7443/tunnel"}).status_code == 200
+    assert {view.node_id for view in node_views(Counter())} == {direct, tunnel}

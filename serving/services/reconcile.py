@@ -40,6 +40,7 @@ from serving.placement import (
     place_replicas_explained,
     removal_order,
 )
+from serving.services import reachability
 from serving.services.revisions import record_revision
 from swarm_portal import live_events
 from swarm_portal.live_events import ReplicasChanged
@@ -238,8 +239,16 @@ def _in_flight(figures: dict[int, dict[str, Any]], replica: Replica) -> int:
 
 
 def node_views(spread: Counter[int | None]) -> list[NodeView]:
-    """Return ready nodes with the room left on each device after their replicas."""
-    nodes = list(Node.objects.filter(status=NodeStatus.READY).prefetch_related("gpus"))
+    """Return ready nodes with the room left on each device after their replicas.
+
+    A node behind NAT (reach mode tunnel) counts only while some gateway accepts tunnels:
+    otherwise no gateway could send its replicas a request, so placing one there would
+    leave a "ready" replica that never gets traffic.
+    """
+    ready = Node.objects.filter(status=NodeStatus.READY)
+    if not reachability.tunnel_urls():
+        ready = ready.exclude(reach_mode=reachability.TUNNEL)
+    nodes = list(ready.prefetch_related("gpus"))
     reserved: Counter[tuple[int, int | None]] = Counter()
     for node_id, gpu_index, memory in Replica.objects.filter(
             node__in=nodes, desired=True, state__in=ACTIVE_REPLICA_STATES).values_list(
