@@ -77,7 +77,7 @@ def register(request: HttpRequest) -> HttpResponse:
         mode = reachability.reach_mode(message, timezone.now())
     except reachability.Unusable as exc:
         return _error(str(exc), 401)
-    response = services.do_register_node(message)
+    response = services.do_register_node(message, reach_mode=mode)
     return JsonResponse(reachability.joined(response, mode).to_dict(), status=201)
 
 

@@ -75,15 +75,18 @@ def _claim_join_token(secret: str, now: datetime) -> JoinToken:
 
 
 @transaction.atomic
-def do_register_node(message: RegisterRequest, now: datetime | None = None) -> RegisterResponse:
-    """Admit a node that shows a valid join token; return its id, secrets and certificate."""
+def do_register_node(message: RegisterRequest, now: datetime | None = None,
+                     reach_mode: str = "direct") -> RegisterResponse:
+    """Admit a node that shows a valid join token; return its id, secrets and certificate.
+    `reach_mode` (the probe's finding) is stored in the same insert: no reader ever sees a
+    tunnel node as direct."""
     now = now or timezone.now()
     token = _claim_join_token(message.join_token, now)
     csr = node_certs.certificate_request(message)  # refused: the transaction gives the use back
     node = Node.objects.create(
         name=message.name[:100], address=message.address[:255], labels=message.labels,
         cost_per_hour=max(0.0, message.cost_per_hour), agent_version=message.agent_version[:50],
-        secret_hash="", join_token=token, last_heartbeat_at=now)
+        secret_hash="", join_token=token, last_heartbeat_at=now, reach_mode=reach_mode)
     secret = secrets.new_node_secret(node.pk)
     node.secret_hash = secrets.digest(secret)
     node.save(update_fields=["secret_hash"])

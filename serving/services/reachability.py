@@ -113,10 +113,9 @@ def reach_mode(message: RegisterRequest, now: datetime) -> str:
 
 
 def joined(response: RegisterResponse, mode: str) -> RegisterResponse:
-    """Store a new node's mode and return its join reply saying it; a tunnel node's key
-    digest reaches the gateways' tables at once."""
+    """Return a new node's join reply saying its mode (stored at its creation); a tunnel
+    node's key digest reaches the gateways' tables at once."""
     if mode == TUNNEL:
-        Node.objects.filter(pk=response.node_id).update(reach_mode=TUNNEL)
         live.bump_routes()
     return replace(response, reach_mode=mode)
 
