@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from serving.affinity import DEFAULT_SLACK, affinity_choice
+
 
 class Policy(StrEnum):
     P2C_EWMA = "p2c_ewma"
@@ -68,6 +70,9 @@ class BalancerConfig:
     ejection_max_s: float = 300.0
     # A timeout usually means a hung or overloaded replica; Envoy counts it as a gateway error.
     timeouts_count_as_failures: bool = True
+    # Prefix affinity (serving/affinity.py): how far above the least loaded replica's
+    # outstanding count the prefix's own replica may be and still take the request.
+    affinity_slack: int = DEFAULT_SLACK
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy(self.policy))
@@ -83,6 +88,8 @@ class BalancerConfig:
         if not (math.isfinite(self.tie_fraction) and self.tie_fraction >= 0):
             raise ValueError(f"tie_fraction must be a non-negative number, got "
                              f"{self.tie_fraction!r}")
+        if self.affinity_slack < 0:
+            raise ValueError(f"affinity_slack must be at least 0, got {self.affinity_slack}")
         if self.failures_to_eject < 1:
             raise ValueError(f"failures_to_eject must be at least 1, got {self.failures_to_eject}")
         if self.ejection_max_s < self.ejection_base_s:
@@ -244,9 +251,14 @@ class Balancer:
         self._table = tuple(table)
 
     def choose(self, now_s: float, exclude: frozenset[int] = frozenset(),
-               version: int | None = None) -> Lease | Unavailable:
-        """Return a lease on the replica for one attempt, or why there is none."""
-        state = self._pick(now_s, exclude, version)
+               version: int | None = None, affinity: bytes | None = None) -> Lease | Unavailable:
+        """Return a lease on the replica for one attempt, or why there is none.
+
+        `affinity` (serving/affinity.prefix_key): requests with the same key go to the same
+        replica while its load allows; None: the deployment's policy alone decides.
+        """
+        state = (self._pick(now_s, exclude, version) if affinity is None
+                 else self._pick_affine(now_s, exclude, version, affinity))
         if state is None:
             reason, state = self._fallback(now_s, exclude, version)
             if state is None:
@@ -295,6 +307,14 @@ class Balancer:
             price_a = price_b  # latency noise: only the outstanding counts decide
         # `a` is the random draw: it wins ties, so equal replicas share the load.
         return a if (a.outstanding + 1) * price_a <= (b.outstanding + 1) * price_b else b
+
+    def _pick_affine(self, now_s: float, exclude: frozenset[int], version: int | None,
+                     affinity: bytes) -> ReplicaState | None:
+        eligible = {s.replica.replica_id: s for s in self._table
+                    if _eligible(s, now_s, exclude, version)}
+        chosen = affinity_choice(affinity, {rid: s.outstanding for rid, s in eligible.items()},
+                                 self.config.affinity_slack)
+        return None if chosen is None else eligible[chosen]
 
     def _price_s(self, state: ReplicaState, now_s: float) -> float:
         """Return a replica's latency estimate, drifted toward the deployment's with age."""
