@@ -6,6 +6,7 @@ from typing import Any
 
 from django import forms
 
+from serving.models import MAX_TOKENS_PER_MINUTE
 from serving.services.deployments import MAX_REPLICAS
 
 
@@ -69,6 +70,8 @@ class ApiKeyForm(forms.Form):
                                   help_text="comma-separated names; empty: every deployment")
     rate_limit_rps = forms.FloatField(required=False, min_value=0.001)
     burst = forms.IntegerField(required=False, min_value=0, initial=0)
+    tokens_per_minute = forms.IntegerField(required=False, min_value=1,
+                                           max_value=MAX_TOKENS_PER_MINUTE)
     expires_in_days = forms.IntegerField(required=False, min_value=1, max_value=3650)
 
     def deployment_names(self) -> list[str] | None:

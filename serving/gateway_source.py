@@ -107,7 +107,8 @@ def _api_keys() -> dict[str, ApiKeyRoute]:
         deployments=None if key.all_deployments else frozenset(
             d.name for d in key.deployments.all()),
         expires_at_s=key.expires_at.timestamp() if key.expires_at else None,
-        rate_limit_rps=key.rate_limit_rps, burst=key.burst) for key in keys}
+        rate_limit_rps=key.rate_limit_rps, burst=key.burst,
+        tokens_per_minute=key.rate_limit_tokens_per_minute) for key in keys}
 
 
 def build_route_table(revision: str = "") -> RouteTable:

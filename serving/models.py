@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -247,6 +248,9 @@ class DeploymentRevision(models.Model):
         return f"{self.deployment.name} r{self.number}"
 
 
+MAX_TOKENS_PER_MINUTE = 10**9  # an API key's token rate limit at most
+
+
 class ApiKey(models.Model):
     """A client key for /v2, scoped to deployments; stored as a sha256 digest."""
 
@@ -257,6 +261,10 @@ class ApiKey(models.Model):
     all_deployments = models.BooleanField(default=False)
     rate_limit_rps = models.FloatField(null=True, blank=True, help_text="empty: unlimited")
     burst = models.PositiveIntegerField(default=0)
+    # Tokens of generative answers per minute (the gateway counts them), per gateway process.
+    rate_limit_tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="empty: unlimited",
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_TOKENS_PER_MINUTE)])
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT,

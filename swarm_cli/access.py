@@ -13,7 +13,7 @@ from swarm_cli import output
 from swarm_cli.client import api, fail
 
 KEY_COLUMNS = ["id", "name", "prefix", "deployments", "all_deployments", "rate_limit_rps",
-               "status", "expires_at"]
+               "rate_limit_tokens_per_minute", "status", "expires_at"]
 TOKEN_COLUMNS = ["id", "name", "prefix", "uses_left", "status", "expires_at", "created_by"]
 ExpiresOption = Annotated[float | None, typer.Option(help="lifetime in hours; default: never")]
 
@@ -41,11 +41,13 @@ def create_key(
     expires_in_hours: ExpiresOption = None,
     rate_limit_rps: Annotated[float | None, typer.Option(help="requests per second")] = None,
     burst: Annotated[int | None, typer.Option(help="extra requests allowed at once")] = None,
+    tokens_per_minute: Annotated[int | None, typer.Option(
+        help="tokens of generative answers per minute; default: no limit")] = None,
 ) -> None:
     """Create an API key; its secret is printed once (store it: it cannot be shown again)."""
     body = _without_none(name=name, deployments=deployment or None,
                          expires_in_hours=expires_in_hours, rate_limit_rps=rate_limit_rps,
-                         burst=burst)
+                         burst=burst, rate_limit_tokens_per_minute=tokens_per_minute)
     key = api().post("/api/api-keys/", body)
     output.emit(key, [*KEY_COLUMNS, "key"])
     if not output.wants_json():

@@ -260,6 +260,18 @@ def test_keys_and_join_tokens_show_their_secret_once(logged_in, portal, tmp_path
     assert token_file.read_text().strip() not in made["command"]
 
 
+def test_keys_create_takes_a_limit_in_tokens_per_minute(logged_in):
+    swarm = logged_in
+    key = swarm.json("keys", "create", "chat", "--tokens-per-minute", "6000")
+    assert key["rate_limit_tokens_per_minute"] == 6000
+    assert ApiKey.objects.get(pk=key["id"]).rate_limit_tokens_per_minute == 6000
+    listed = swarm.ok("keys", "list").stdout
+    assert "rate_limit_tokens_per_minute" in listed and "6000" in listed
+    assert_one_line_error(swarm("keys", "create", "bad", "--tokens-per-minute", "0"), 2,
+                          "refused (400)", "rate_limit_tokens_per_minute")
+    assert not ApiKey.objects.filter(name="bad").exists()
+
+
 def test_nodes_list_and_drain(logged_in, gpu_node):
     swarm = logged_in
     listed = swarm.json("nodes", "list")

@@ -58,7 +58,8 @@ def key_create(request: HttpRequest) -> HttpResponse:
         key, secret = services.do_create_api_key(
             name=data["name"], user=request.user, deployments=form.deployment_names(),
             expires_in=timedelta(days=days) if days else None,
-            rate_limit_rps=data["rate_limit_rps"], burst=data["burst"] or 0)
+            rate_limit_rps=data["rate_limit_rps"], burst=data["burst"] or 0,
+            tokens_per_minute=data["tokens_per_minute"])
     except ServiceError as exc:
         messages.error(request, exc.message)
         return redirect(ACCESS)

@@ -8,6 +8,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from serving.models import (
+    MAX_TOKENS_PER_MINUTE,
     ApiKey,
     BalancingPolicy,
     Deployment,
@@ -227,8 +228,8 @@ class ApiKeySerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiKey
         fields = ["id", "name", "prefix", "deployments", "all_deployments", "rate_limit_rps",
-                  "burst", "expires_at", "revoked_at", "status", "created_by", "created_at",
-                  "last_used_at"]
+                  "burst", "rate_limit_tokens_per_minute", "expires_at", "revoked_at", "status",
+                  "created_by", "created_at", "last_used_at"]
         read_only_fields = fields
 
 
@@ -242,6 +243,9 @@ class ApiKeyCreateSerializer(StrictSerializer):
     rate_limit_rps = serializers.FloatField(min_value=0.001, max_value=MAX_RATE_RPS,
                                             required=False)
     burst = serializers.IntegerField(min_value=0, max_value=MAX_USES, default=0)
+    rate_limit_tokens_per_minute = serializers.IntegerField(
+        min_value=1, max_value=MAX_TOKENS_PER_MINUTE, required=False,
+        help_text="tokens of generative answers per minute; leave out for no limit")
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):

@@ -231,7 +231,8 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         key, secret = services.do_create_api_key(
             name=data["name"], user=request.user, deployments=data.get("deployments"),
             expires_in=timedelta(hours=hours) if hours else None,
-            rate_limit_rps=data.get("rate_limit_rps"), burst=data["burst"])
+            rate_limit_rps=data.get("rate_limit_rps"), burst=data["burst"],
+            tokens_per_minute=data.get("rate_limit_tokens_per_minute"))
         key.key = secret
         return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)
 

@@ -67,6 +67,25 @@ class ApiKeyRoute:
     expires_at_s: float | None  # unix time
     rate_limit_rps: float | None  # None: unlimited
     burst: int = 0  # bucket size; 0 means max(1, rate_limit_rps)
+    # Tokens of generative answers per minute (serving/gateway/ratelimit.py); None: unlimited.
+    tokens_per_minute: int | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ApiKeyRoute:
+        """Return a key from its JSON form; ValueError when `tokens_per_minute` is not a
+        positive integer (a portal older than the field leaves it out: unlimited)."""
+        scope = raw.get("deployments")
+        return cls(**{**raw, "deployments": None if scope is None else frozenset(scope),
+                      "tokens_per_minute": _tokens_per_minute(raw.get("tokens_per_minute"))})
+
+
+def _tokens_per_minute(value: object) -> int | None:
+    # Refused rather than read as "unlimited": the gateway then keeps its last good table.
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"tokens_per_minute must be a positive integer, not {value!r:.40}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -99,9 +118,7 @@ class RouteTable:
             })
         keys = {}
         for digest, k in raw.get("api_keys", {}).items():
-            scope = k.get("deployments")
-            keys[digest] = ApiKeyRoute(**{**k, "deployments": None if scope is None
-                                          else frozenset(scope)})
+            keys[digest] = ApiKeyRoute.from_dict(k)
         tunnels = {int(node): str(digest) for node, digest in raw.get("tunnels", {}).items()}
         return cls(revision=str(raw.get("revision", "")), deployments=deployments,
                    api_keys=keys, tunnels=tunnels, node_ca_pem=str(raw.get("node_ca_pem", "")))

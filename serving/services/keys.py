@@ -10,7 +10,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from serving import live, secrets
-from serving.models import ApiKey, Deployment
+from serving.models import MAX_TOKENS_PER_MINUTE, ApiKey, Deployment
 from swarm_portal.errors import ServiceError
 
 API_KEY_PREFIX = "swk_"
@@ -18,13 +18,20 @@ API_KEY_PREFIX = "swk_"
 
 def do_create_api_key(*, name: str, user: Any, deployments: list[str] | None,
                       expires_in: timedelta | None, rate_limit_rps: float | None,
-                      burst: int = 0) -> tuple[ApiKey, str]:
-    """Create a key scoped to the named deployments (None: all); return it and its secret."""
+                      burst: int = 0,
+                      tokens_per_minute: int | None = None) -> tuple[ApiKey, str]:
+    """Create a key scoped to the named deployments (None: all); return it and its secret.
+
+    `tokens_per_minute` (1 to MAX_TOKENS_PER_MINUTE, None: unlimited) limits the tokens of
+    generative answers; ServiceError names a value out of range or an unknown deployment.
+    """
+    _check_tokens_per_minute(tokens_per_minute)
     secret = API_KEY_PREFIX + secrets.new_join_token().removeprefix(secrets.JOIN_TOKEN_PREFIX)
     with transaction.atomic():
         key = ApiKey.objects.create(
             name=name, prefix=secret[:10], key_hash=secrets.digest(secret),
             all_deployments=deployments is None, rate_limit_rps=rate_limit_rps, burst=burst,
+            rate_limit_tokens_per_minute=tokens_per_minute,
             expires_at=timezone.now() + expires_in if expires_in else None, created_by=user)
         if deployments is not None:
             found = list(Deployment.objects.filter(name__in=deployments))
@@ -34,6 +41,12 @@ def do_create_api_key(*, name: str, user: Any, deployments: list[str] | None,
             key.deployments.set(found)
         live.bump_routes_on_commit()
     return key, secret
+
+
+def _check_tokens_per_minute(tokens_per_minute: int | None) -> None:
+    # The serializer and the form check too; this guards the other callers (commands).
+    if tokens_per_minute is not None and not 1 <= tokens_per_minute <= MAX_TOKENS_PER_MINUTE:
+        raise ServiceError(f"tokens per minute must be 1 to {MAX_TOKENS_PER_MINUTE}")
 
 
 def do_revoke_api_key(key: ApiKey) -> None:
