@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import onnxruntime
@@ -176,7 +177,9 @@ def test_the_steps_and_graph_read_pngs_of_either_polarity(trained):
 def registered(django_db_setup, django_db_blocker, tmp_path_factory) -> Registered:
     """Run the demo commands once on the test database, copy out what they made, flush."""
     directory = tmp_path_factory.mktemp("demo-digits")
-    with django_db_blocker.unblock(), override_settings(ARTIFACT_ROOT=directory / "store"):
+    # The commands build tiny-lm too: into this test's folder, not the user's cache.
+    with (django_db_blocker.unblock(), override_settings(ARTIFACT_ROOT=directory / "store"),
+          mock.patch.dict(os.environ, {"SWARM_DEMO_CACHE": str(directory / "cache")})):
         (directory / "store").mkdir()
         try:
             owner = make_user("ada", staff=True)
@@ -215,7 +218,7 @@ def test_register_demo_model_registers_demo_digits_with_steps_and_labels(registe
 
 
 def test_ensure_demo_deployment_deploys_demo_digits_on_one_replica(registered):
-    assert registered.replicas == {"demo-mlp": 2, "demo-digits": 1}
+    assert registered.replicas == {"demo-mlp": 2, "demo-digits": 1, "tiny-lm": 1}
 
 
 def test_the_playground_offers_a_file_for_the_image_input(registered):

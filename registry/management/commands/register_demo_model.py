@@ -2,7 +2,10 @@
 
 demo-mlp: a TorchScript MLP (registry/demo.py). demo-digits: a digit classifier trained
 here on scikit-learn's bundled digits and written as ONNX, with image and label steps
-(registry/demo_digits.py).
+(registry/demo_digits.py). tiny-lm: a 2-layer Llama with random weights and a tokenizer
+trained on our own corpus, packed as an hf_causal_lm tar (registry/demo_lm.py); its build
+(about 5 s) is cached under $SWARM_DEMO_CACHE or ~/.cache/swarm-portal, so a database
+made again does not build it again.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from registry import demo_digits, services
+from registry import demo_digits, demo_lm, services
 from registry.demo import DEMO_MODEL_NAME, DEMO_SIGNATURE, save_torchscript
 from registry.models import Model, ModelVersion
+from swarm_protocol.archive_hf import TEXT_SIGNATURE
 
 
 @dataclass
@@ -47,6 +51,13 @@ def _build_digits(directory: Path) -> tuple[Path, dict[str, Any]]:
     return path, trained.metadata()
 
 
+def _build_tiny_lm(directory: Path) -> tuple[Path, dict[str, Any]]:
+    # The cached archive is read in place (register copies it): no second copy to write.
+    del directory
+    return demo_lm.cached_tiny_lm_archive(), {"source": "registry.demo_lm",
+                                              "build_version": demo_lm.BUILD_VERSION}
+
+
 DEMO_MODELS = (
     DemoModel(DEMO_MODEL_NAME, "A 4-feature, 3-class MLP built by Swarm Portal.",
               DEMO_SIGNATURE, _build_mlp),
@@ -55,6 +66,10 @@ DEMO_MODELS = (
               "on scikit-learn's bundled 8x8 digits.",
               demo_digits.DIGITS_SIGNATURE, _build_digits, steps=demo_digits.DIGITS_STEPS,
               labels_file=demo_digits.DIGITS_LABELS_FILE, suffix=".onnx"),
+    DemoModel(demo_lm.DEMO_LM_NAME,
+              "A tiny chat model (random weights: its answers are gibberish) built by Swarm "
+              "Portal, to try streamed generation in the Playground.",
+              TEXT_SIGNATURE, _build_tiny_lm, suffix=".tar"),
 )
 
 

@@ -1,5 +1,5 @@
 """Deploy the demo models (following their `production` alias), each once: demo-mlp on
-two replicas, demo-digits on one."""
+two replicas, demo-digits and tiny-lm on one."""
 
 from __future__ import annotations
 
@@ -8,22 +8,25 @@ from django.core.management.base import BaseCommand, CommandError
 
 from registry.demo import DEMO_MODEL_NAME
 from registry.demo_digits import DIGITS_MODEL_NAME
+from registry.demo_lm import DEMO_LM_NAME
 from registry.models import Model
 from serving import services
 from serving.models import Deployment
 
 DIGITS_REPLICAS = 1
+TINY_LM_REPLICAS = 1
 
 
 class Command(BaseCommand):
-    help = "Create the demo-mlp and demo-digits deployments that do not exist."
+    help = "Create the demo-mlp, demo-digits and tiny-lm deployments that do not exist."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--owner", default="admin")
         parser.add_argument("--replicas", type=int, default=2, help="demo-mlp's replicas")
 
     def handle(self, *args, owner: str, replicas: int, **options) -> None:
-        for name, count in ((DEMO_MODEL_NAME, replicas), (DIGITS_MODEL_NAME, DIGITS_REPLICAS)):
+        for name, count in ((DEMO_MODEL_NAME, replicas), (DIGITS_MODEL_NAME, DIGITS_REPLICAS),
+                            (DEMO_LM_NAME, TINY_LM_REPLICAS)):
             self.ensure(name, count, owner)
 
     def ensure(self, name: str, replicas: int, owner: str) -> None:
