@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from serving.replica.codec import CodecError, OutputTensor
 from serving.replica.config import ReplicaConfig
 from serving.replica.engine import InferenceEngine
 from serving.replica.pipeline import InputRejected
+from serving.replica.prometheus_metrics import CONTENT_TYPE, ReplicaMetrics
 from serving.replica.runner import ModelFailure
 from swarm_protocol.wire_numbers import parse_count
 
@@ -97,6 +99,7 @@ class ReplicaApp:
         self._bearer = b"Bearer " + config.key.encode()
         self._version = str(config.model_version)
         self.generation = generation_backend_of(engine.runner)
+        self.metrics = self._build_metrics()
         self._routes = self._build_routes()
         # What clients see: the engine's runner serves the signature after any steps.
         self.signature = engine.runner.signature
@@ -113,7 +116,12 @@ class ReplicaApp:
             "/v2": Route("GET", self._server_metadata),
             "/v2/": Route("GET", self._server_metadata),
             "/stats": Route("GET", self._stats),
+            "/metrics": Route("GET", self._metrics_text),
         }
+        if self.generation is not None:
+            routes["/v1/models"] = Route("GET", self._openai_models)
+            routes["/v1/completions"] = Route("POST", self._openai_completions, True)
+            routes["/v1/chat/completions"] = Route("POST", self._openai_chat, True)
         name = self.config.model_name
         for base in (f"/v2/models/{name}", f"/v2/models/{name}/versions/{self._version}"):
             routes[base] = Route("GET", self._model_metadata)
@@ -123,6 +131,17 @@ class ReplicaApp:
                 routes[f"{base}/generate"] = Route("POST", self._generate, True)
                 routes[f"{base}/generate_stream"] = Route("POST", self._generate_stream, True)
         return routes
+
+    def _build_metrics(self) -> ReplicaMetrics:
+        # The replica label is host:port (what an operator sees in the fleet page); the
+        # labels are fixed now, so the series never grow.
+        replica = f"{socket.gethostname()}:{self.config.port}"
+        metrics = ReplicaMetrics(self.config.model_name, self._version, replica)
+        metrics.watch_in_flight(lambda: float(self.in_flight))
+        if self.generation is not None:  # before load(): the engine takes its observers then
+            self.generation.observers.append(
+                metrics.generation_observer(self.generation.counts))
+        return metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -225,6 +244,36 @@ class ReplicaApp:
         if self.generation is not None and self.generation.engine is not None:
             snapshot["generation"] = self.generation.engine.snapshot()
         return json_response(200, snapshot)
+
+    async def _metrics_text(self, *_: Any) -> Response:
+        return Response(200, self.metrics.render(), [(b"content-type", CONTENT_TYPE.encode())])
+
+    async def _openai_models(self, *_: Any) -> Response:
+        return json_response(200, {"object": "list", "data": [{
+            "id": self.config.model_name, "object": "model", "created": 0,
+            "owned_by": "swarm-portal"}]})
+
+    async def _openai_completions(self, scope: Scope, receive: Receive,
+                                  headers: dict[bytes, bytes]) -> Response:
+        return await self._openai(scope, receive, headers, chat=False)
+
+    async def _openai_chat(self, scope: Scope, receive: Receive,
+                           headers: dict[bytes, bytes]) -> Response:
+        return await self._openai(scope, receive, headers, chat=True)
+
+    async def _openai(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes],
+                      chat: bool) -> Response:
+        from serving.replica.openai_http import serve_openai
+        from serving.replica.openai_request import error_body
+
+        assert self.generation is not None
+        try:
+            body = await self._read_body(receive, headers)
+        except ClientError as exc:  # OpenAI's error shape on OpenAI's paths
+            return json_response(exc.status, error_body(str(exc)))
+        answer = await serve_openai(self.generation, body, chat, receive,
+                                    scope[SEND_SCOPE_KEY])
+        return STREAMED if answer is None else json_response(*answer)
 
     def _identity(self) -> dict[str, str]:
         return {"model_name": self.config.model_name, "model_version": self._version}

@@ -24,10 +24,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.replica.generation_metrics import GenerationObserver, RecentTimings
 from serving.replica.generation_sampling import choose_tokens, make_generator
 from serving.replica.generation_scheduler import (
     GenerationLimits,
@@ -66,20 +67,26 @@ class LiveSequence:
     sink: Sink
     generator: Any
     text: TextStream
+    submitted_s: float = 0.0  # the engine's clock when submit() took it
     output_ids: list[int] = field(default_factory=list)
     cache: KV | None = None
+    last_token_s: float | None = None  # when its latest token was sampled
 
 
 class GenerationEngine:
     """Runs sequences of one model in a background thread (start() before submit())."""
 
     def __init__(self, model: Any, tokenizer: Any, limits: GenerationLimits,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 observers: Sequence[GenerationObserver] = ()) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(limits)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._clock = clock
+        # Timings for /stats (the last minute's percentiles), then any exporters.
+        self.timings = RecentTimings()
+        self._observers: list[GenerationObserver] = [self.timings, *observers]
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._live: dict[int, LiveSequence] = {}
         self._next_id = 0
@@ -104,7 +111,8 @@ class GenerationEngine:
             self._next_id += 1
             seq_id = self._next_id
         self._inbox.put(("add", LiveSequence(seq_id, prompt_ids, params, sink,
-                                             make_generator(params.seed), TextStream(params.stop))))
+                                             make_generator(params.seed), TextStream(params.stop),
+                                             self._clock())))
         return seq_id
 
     def cancel(self, seq_id: int) -> None:
@@ -112,8 +120,13 @@ class GenerationEngine:
         self._inbox.put(("cancel", seq_id))
 
     def snapshot(self) -> dict[str, Any]:
-        """Return the engine's counts as of its last plan or step (safe from any thread)."""
-        return dict(self._snapshot)
+        """Return the engine's counts as of its last plan or step, and the last minute's
+        latency percentiles (generation_metrics.LATENCY_KEYS); safe from any thread."""
+        return {**self._snapshot, **self.timings.snapshot(self._clock())}
+
+    def counts(self) -> dict[str, Any]:
+        """Return the engine's counts alone (cheaper than snapshot(): no percentiles)."""
+        return self._snapshot
 
     def _refresh(self) -> None:
         """Publish the counts (engine thread): one dict swapped in, never mutated after."""
@@ -164,7 +177,7 @@ class GenerationEngine:
     def _add(self, seq: LiveSequence) -> None:
         try:
             self.scheduler.add(seq.seq_id, len(seq.prompt_ids), seq.params.max_tokens,
-                               self._clock())
+                               seq.submitted_s)
         except (QueueFull, ValueError) as exc:
             status = 503 if isinstance(exc, QueueFull) else 400
             seq.sink(GenerationEvent("", "error", len(seq.prompt_ids), 0, str(exc), status))
@@ -173,9 +186,13 @@ class GenerationEngine:
 
     def step(self) -> StepPlan:
         """Run one scheduling step (in the engine thread); return its plan."""
-        plan = self.scheduler.plan(self._clock())
+        now_s = self._clock()
+        plan = self.scheduler.plan(now_s)
         for seq_id in plan.freed:
             self._end(seq_id, "cancelled")
+        for seq_id in plan.admitted:
+            queue_s = now_s - self._live[seq_id].submitted_s
+            self._observe(functools.partial(_tell_admitted, queue_s=queue_s, now_s=now_s))
         self._refresh()  # before any token of this step reaches a client
         if plan.prefill is not None:
             self._prefill(*plan.prefill)
@@ -193,7 +210,8 @@ class GenerationEngine:
         positions = torch.arange(start, end, dtype=torch.long, device=device).unsqueeze(0)
         logits, seq.cache = forward_one(self.model, ids, positions, seq.cache)
         if self.scheduler.prefilled(seq_id, end):
-            self._accept(seq, int(choose_tokens(logits, [seq])[0]))
+            self._observe(lambda observer: observer.prefilled(len(seq.prompt_ids)))
+            self._accept(seq, int(choose_tokens(logits, [seq])[0]), self._clock())
 
     def _decode(self, batch: list[LiveSequence]) -> None:
         import torch
@@ -204,13 +222,20 @@ class GenerationEngine:
         assert all(cache is not None for cache in caches)
         logits, new_caches = forward_batch(self.model, last_ids, caches)  # type: ignore[arg-type]
         tokens = choose_tokens(logits, batch)
+        now_s = self._clock()
         for seq, cache, token in zip(batch, new_caches, tokens, strict=True):
             seq.cache = cache
             self.scheduler.decoded(seq.seq_id)
-            self._accept(seq, int(token))
+            self._accept(seq, int(token), now_s)
 
-    def _accept(self, seq: LiveSequence, token: int) -> None:
-        """Take a sampled token: stream its text, or end the sequence."""
+    def _accept(self, seq: LiveSequence, token: int, now_s: float) -> None:
+        """Take a sampled token (at `now_s`): stream its text, or end the sequence."""
+        previous_s, seq.last_token_s = seq.last_token_s, now_s
+        if previous_s is None:
+            first_after_s = now_s - seq.submitted_s
+            self._observe(lambda observer: observer.token(None, first_after_s, now_s))
+        else:
+            self._observe(lambda observer: observer.token(now_s - previous_s, None, now_s))
         if token in self.eos_ids and not seq.params.ignore_eos:
             self._end(seq.seq_id, "stop", flush=True)
             return
@@ -238,6 +263,17 @@ class GenerationEngine:
         if notify:
             seq.sink(GenerationEvent("", reason, len(seq.prompt_ids), len(seq.output_ids),
                                      error, 500 if error else 0))
+        latency_s = self._clock() - seq.submitted_s
+        self._observe(lambda observer: observer.finished(reason, latency_s))
+
+    def _observe(self, call: Callable[[GenerationObserver], None]) -> None:
+        """Tell every observer; one that fails is logged, not fatal (a figure lost is
+        better than a step failed for every running sequence)."""
+        for observer in self._observers:
+            try:
+                call(observer)
+            except Exception:
+                logger.exception("generation observer %r failed", observer)
 
     def _fail_all(self, error: str | None) -> None:
         for seq_id in list(self._live):
@@ -245,6 +281,10 @@ class GenerationEngine:
             self._end(seq_id, "error" if error else "cancelled", error=error)
         self.scheduler.plan(self._clock())  # frees what was cancelled
         self._refresh()
+
+
+def _tell_admitted(observer: GenerationObserver, queue_s: float, now_s: float) -> None:
+    observer.admitted(queue_s, now_s)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -103,14 +103,11 @@ def error_status(event: GenerationEvent) -> int:
 async def generate_whole(generation: Generation, identity: dict[str, str],
                          receive: Receive) -> tuple[int, dict[str, Any]]:
     """Return (status, body) once the sequence ends; a hang-up cancels it."""
-    parts: list[str] = []
-    async with _cancel_on_disconnect(generation, receive):
-        while (event := await generation.next_event()).finish_reason is None:
-            parts.append(event.text)
+    text, event = await collect_text(generation, receive)
     if event.error:
         return error_status(event), {"error": event.error}
-    return 200, {**identity, "text_output": "".join(parts) + event.text,
-                 "finish_reason": event.finish_reason, "usage": usage(event)}
+    return 200, {**identity, "text_output": text, "finish_reason": event.finish_reason,
+                 "usage": usage(event)}
 
 
 async def generate_stream(generation: Generation, identity: dict[str, str], receive: Receive,
@@ -121,20 +118,54 @@ async def generate_stream(generation: Generation, identity: dict[str, str], rece
     the sequence (a full queue: 503; a sequence that can never fit: 400), so that a
     gateway can retry elsewhere before the first token.
     """
+    def render(event: GenerationEvent) -> list[dict[str, Any]]:
+        if event.error:
+            return [{"error": event.error}]
+        payload: dict[str, Any] = {**identity, "text_output": event.text}
+        if event.finish_reason is not None:
+            payload.update(finish_reason=event.finish_reason, usage=usage(event))
+        return [payload]
+
+    refused = await send_events(generation, receive, send, render)
+    return None if refused is None else (error_status(refused), {"error": refused.error})
+
+
+Render = Callable[[GenerationEvent], list[dict[str, Any]]]
+
+
+async def collect_text(generation: Generation, receive: Receive
+                       ) -> tuple[str, GenerationEvent]:
+    """Return (the whole text, the final event) once the sequence ends; a client that
+    hangs up meanwhile cancels it."""
+    parts: list[str] = []
+    async with _cancel_on_disconnect(generation, receive):
+        while (event := await generation.next_event()).finish_reason is None:
+            parts.append(event.text)
+    return "".join(parts) + event.text, event
+
+
+async def send_events(generation: Generation, receive: Receive, send: Send, render: Render,
+                      trailer: bytes = b"") -> GenerationEvent | None:
+    """Send the sequence as Server-Sent Events: `data: <json>` for each payload that
+    `render` makes of an event (written together), then `trailer` after the last event.
+
+    The head is sent only with the first event, so a sequence the engine refuses (its
+    first event is an error) is returned instead, before any byte, for the caller to
+    answer with a status; None once the stream was sent or the client went away (which
+    cancels the sequence).
+    """
     async with _cancel_on_disconnect(generation, receive):
         event = await generation.next_event()
         if event.error:
-            return error_status(event), {"error": event.error}
+            return event
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         while True:
-            payload: dict[str, Any] = {**identity, "text_output": event.text}
-            if event.error:
-                payload = {"error": event.error}
-            elif event.finish_reason is not None:
-                payload.update(finish_reason=event.finish_reason, usage=usage(event))
+            chunk = b"".join(b"data: " + json.dumps(payload).encode() + b"\n\n"
+                             for payload in render(event))
+            if event.finish_reason is not None:
+                chunk += trailer
             try:
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": b"data: " + json.dumps(payload).encode() + b"\n\n"})
+                await send({"type": "http.response.body", "more_body": True, "body": chunk})
             except OSError:  # the client went away mid-write
                 generation.cancel()
                 return None

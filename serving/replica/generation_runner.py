@@ -23,6 +23,7 @@ import numpy as np
 
 from serving.replica.artifact_backend import ArtifactBackend
 from serving.replica.generation_engine import GenerationEngine, GenerationEvent
+from serving.replica.generation_metrics import GenerationObserver
 from serving.replica.generation_scheduler import GenerationLimits
 from serving.replica.generation_text import GenerateInputError, SamplingParams
 from serving.replica.runner import LoadError, ModelFailure
@@ -60,6 +61,8 @@ class GenerationBackend(ArtifactBackend):
         super().__init__(artifact_path, device, signature, threads)
         self.engine: GenerationEngine | None = None
         self.context_tokens = 0
+        # Added before load() (the app's Prometheus export); the engine calls them.
+        self.observers: list[GenerationObserver] = []
 
     def load(self) -> None:
         """Inspect and load the archive, then start the engine; raise LoadError."""
@@ -74,7 +77,7 @@ class GenerationBackend(ArtifactBackend):
         assert archive.hf is not None
         self.context_tokens = archive.hf.context_tokens or int(
             getattr(tokenizer, "model_max_length", 0) or 2048)
-        self.engine = GenerationEngine(model, tokenizer, limits)
+        self.engine = GenerationEngine(model, tokenizer, limits, observers=self.observers)
         self.engine.start()
 
     def stop(self) -> None:
@@ -82,16 +85,48 @@ class GenerationBackend(ArtifactBackend):
         if self.engine is not None:
             self.engine.stop()
 
-    def encode(self, prompt: str) -> list[int]:
-        """Return the prompt's token ids; raise GenerateInputError when it cannot run."""
+    def counts(self) -> dict[str, Any]:
+        """Return the engine's counts ({} before load)."""
+        return self.engine.counts() if self.engine is not None else {}
+
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        """Return the prompt's token ids; raise GenerateInputError when it cannot run.
+
+        A chat prompt rendered by the template already holds its special tokens (BOS):
+        encode it with add_special_tokens=False, or BOS comes twice.
+        """
         assert self.engine is not None, "load() first"
-        ids = [int(i) for i in self.engine.tokenizer(prompt).input_ids]
+        encoded = self.engine.tokenizer(prompt, add_special_tokens=add_special_tokens)
+        ids = [int(i) for i in encoded.input_ids]
         if not ids:
             raise GenerateInputError("the prompt is empty")
         if len(ids) >= self.context_tokens:
             raise GenerateInputError(f"the prompt has {len(ids)} tokens; the model's context "
                                      f"is {self.context_tokens}")
         return ids
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Return the chat prompt: the tokenizer's chat template with the generation
+        prompt, or PLAIN_CHAT's lines without one; raise GenerateInputError when the
+        template refuses the messages (many templates raise on roles out of order)."""
+        assert self.engine is not None, "load() first"
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return plain_chat(messages)
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        except TemplateError as exc:
+            raise GenerateInputError(f"the model's chat template refused the messages: "
+                                     f"{exc}") from None
+        return str(text)
+
+    def cache_tokens_limit(self) -> int:
+        """Return the engine's KV-cache budget in tokens."""
+        assert self.engine is not None, "load() first"
+        return self.engine.scheduler.limits.max_cache_tokens
 
     def max_new_tokens(self, prompt_ids: list[int]) -> int:
         """Return how many tokens may follow the prompt within the context."""
@@ -118,6 +153,13 @@ class GenerationBackend(ArtifactBackend):
                 raise ModelFailure(events[-1].error if events else "generation timed out")
             texts.append("".join(event.text for event in events).encode())
         return [np.array(texts, dtype=object).reshape(-1, 1)]
+
+
+def plain_chat(messages: list[dict[str, str]]) -> str:
+    """Return the fallback chat prompt of a model without a template: one
+    `role: content` line per message, then `assistant:` for the answer."""
+    lines = [f"{message['role']}: {message['content']}\n" for message in messages]
+    return "".join(lines) + "assistant:"
 
 
 def _collector(events: list[GenerationEvent], done: threading.Event) -> Any:
