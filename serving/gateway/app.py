@@ -25,7 +25,13 @@ from serving.gateway.core import (
 from serving.gateway.forwarding import UpstreamRequest
 from serving.gateway.limits import header_refusal, headers_fit, shown, target_refusal
 from serving.gateway.metrics import CONTENT_TYPE
-from serving.gateway.requests import BodyTooLarge, ClientGone, ModelPath, read_body
+from serving.gateway.requests import (
+    INFERENCE_ACTIONS,
+    BodyTooLarge,
+    ClientGone,
+    ModelPath,
+    read_body,
+)
 from serving.gateway.responses import (
     Headers,
     Receive,
@@ -37,6 +43,7 @@ from serving.gateway.responses import (
     send_response,
 )
 from serving.gateway.routes import SessionAuth, TableSource
+from serving.gateway.streaming import StreamingResponse, send_stream
 from swarm_protocol.wire_numbers import parse_count
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "SERVER_NAME", "UNKNOWN_MODEL_LABEL", "GatewayApp"]
@@ -71,15 +78,18 @@ class GatewayApp(GatewayCore):
         response = await self.respond(scope["method"], scope["path"],
                                       scope.get("raw_path") or b"", scope["query_string"],
                                       scope["headers"], None, receive)
-        if response is not None:
+        if isinstance(response, StreamingResponse):
+            await send_stream(send, receive, response)
+        elif response is not None:
             await send_response(send, response)
 
     # any transport: the ASGI app above, the lean HTTP/1.1 server (fast_http.py)
 
     async def respond(self, method: str, path: str, raw_path: bytes, query: bytes,
                       headers: Headers, body: bytes | BodyTooLarge | None,
-                      receive: Receive | None) -> Response | None:
-        """Return the answer to one request; None when the client left meanwhile.
+                      receive: Receive | None) -> Response | StreamingResponse | None:
+        """Return the answer to one request; None when the client left meanwhile; a
+        StreamingResponse (generate_stream) that the transport must send and `end`.
 
         `path` is percent-decoded, `raw_path` as sent (b"": encode `path`), `headers`
         are (lower-case name, value) pairs. `body` is the whole body as the transport read
@@ -134,7 +144,7 @@ class GatewayApp(GatewayCore):
 
     async def _model_response(self, method: str, path: str, raw_path: bytes, query: bytes,
                               headers: Headers, body: bytes | BodyTooLarge | None,
-                              receive: Receive | None) -> Response | None:
+                              receive: Receive | None) -> Response | StreamingResponse | None:
         target = self._model_path(method, path)
         if isinstance(target, Response):
             return target
@@ -164,14 +174,15 @@ class GatewayApp(GatewayCore):
         target_path = raw_path or path.encode()
         request = UpstreamRequest(b"POST", target_path + b"?" + query if query else target_path,
                                   forwarded, body)
-        return await self.infer(runtime, target, request, started_s, receive)
+        return await self.infer(runtime, target, request, started_s, receive,
+                                stream=target.action == "generate_stream")
 
     def _model_path(self, method: str, path: str) -> ModelPath | Response:
         """Return the parsed model path, or the 404/405 answer when there is none."""
         target = self._model_paths.get(path) or self.model_target(path)
         if target is None:
             return error(404, f"no such endpoint: {path}")
-        wanted = "POST" if target.action == "infer" else "GET"
+        wanted = "POST" if target.action in INFERENCE_ACTIONS else "GET"
         if method != wanted and not (wanted == "GET" and method == "HEAD"):
             return _method_not_allowed(wanted)
         return target

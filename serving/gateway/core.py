@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Literal, overload
 
 from serving.balancing import BalancerConfig
 from serving.gateway.auth import Authenticator, Rejected, SessionCache
@@ -36,6 +37,7 @@ from serving.gateway.responses import (
     retry_later,
 )
 from serving.gateway.routes import ApiKeyRoute, RouteTable, SessionAuth, TableSource
+from serving.gateway.streaming import StreamEnd, StreamingResponse, StreamSummary
 from serving.gateway.upstream import UpstreamPool
 from serving.traffic import version_for_request
 
@@ -50,6 +52,8 @@ UNKNOWN_MODEL_LABEL = "_unknown"
 WATCH_AFTER_S = 0.05
 _UNPARSED = ModelPath("", None, "", "")
 CLIENT_GONE = Response(499, b"", [])  # a marker: the client hung up while held
+# The status a stream that did not complete counts as (its head said 200).
+_STREAM_STATUSES = {StreamEnd.BROKEN: 502, StreamEnd.TIMEOUT: 504}
 logger = logging.getLogger("serving.gateway")
 
 
@@ -243,13 +247,30 @@ class GatewayCore:
         return json_response(503, {"name": runtime.name, "ready": False},
                              [(b"retry-after", b"1")])
 
+    @overload
     async def infer(self, runtime: DeploymentRuntime, target: ModelPath,
                     request: UpstreamRequest, started_s: float,
-                    receive: Receive | None = None) -> Response | None:
+                    receive: Receive | None = None, *,
+                    stream: Literal[False] = False) -> Response | None: ...
+
+    @overload
+    async def infer(self, runtime: DeploymentRuntime, target: ModelPath,
+                    request: UpstreamRequest, started_s: float,
+                    receive: Receive | None = None, *,
+                    stream: bool) -> Response | StreamingResponse | None: ...
+
+    async def infer(self, runtime: DeploymentRuntime, target: ModelPath,
+                    request: UpstreamRequest, started_s: float,
+                    receive: Receive | None = None, *,
+                    stream: bool = False) -> Response | StreamingResponse | None:
         """Return the answer to an admitted inference request (None: the client left).
 
         `started_s` is the clock's time the request began; `receive` is watched for the
-        client's disconnect (None: the transport cancels this task itself when it goes).
+        client's disconnect until the answer (None: the transport cancels this task itself
+        when it goes). `stream`: a replica answer that streams (generate_stream's
+        Server-Sent Events) comes back as a StreamingResponse as soon as its head is in;
+        the transport sends it on (streaming.py) and must `end` it. Its metrics (time to
+        the first chunk, duration, streams in flight) are counted here, through its hooks.
         """
         version = self._version(runtime, target)
         if version is None:
@@ -266,18 +287,40 @@ class GatewayCore:
                 return None if refused is CLIENT_GONE else refused
         loop = asyncio.get_running_loop()  # once per request: each call costs a getpid()
         deadline = loop.time() + runtime.route.request_timeout_s
-        response: Response | None
+        response: Response | StreamingResponse | None
         if receive is None:
-            response = await self._forwarder.forward(runtime, version, request, deadline)
+            response = await self._forwarder.forward(runtime, version, request, deadline,
+                                                     stream)
         else:
             response = await self._forward_watching(loop, receive, runtime, version, request,
-                                                    deadline)
+                                                    deadline, stream)
         if response is None:
             self.metrics.cancelled(runtime.name)
             return None
+        if isinstance(response, StreamingResponse):
+            self._count_stream(runtime.name, version, response, started_s)
+            return response
         self.metrics.for_version(runtime.name, version).observe(
             response.status, self._clock() - started_s)
         return response
+
+    def _count_stream(self, name: str, version: int, response: StreamingResponse,
+                      started_s: float) -> None:
+        """Count a stream in flight until it ends; its time to the first chunk (request
+        start to the first body byte handed to the client), and its duration when done."""
+        metrics, clock = self.metrics, self._clock
+        metrics.stream_started(name)
+        response.on_first_chunk.append(lambda: metrics.first_token(name, clock() - started_s))
+
+        def ended(summary: StreamSummary) -> None:
+            metrics.stream_ended(name)
+            if summary.outcome is StreamEnd.CLIENT_GONE:
+                metrics.cancelled(name)
+                return
+            status = _STREAM_STATUSES.get(summary.outcome, summary.status)
+            metrics.for_version(name, version).observe(status, clock() - started_s)
+
+        response.on_end.append(ended)
 
     async def _hold(self, receive: Receive | None,
                     runtime: DeploymentRuntime) -> Response | None:
@@ -317,11 +360,12 @@ class GatewayCore:
 
     async def _forward_watching(self, loop: asyncio.AbstractEventLoop, receive: Receive,
                                 runtime: DeploymentRuntime, version: int,
-                                request: UpstreamRequest, deadline: float) -> Response | None:
+                                request: UpstreamRequest, deadline: float, stream: bool,
+                                ) -> Response | StreamingResponse | None:
         """Forward, but give up (None) once the client has disconnected."""
         watch = self._disconnects.watch(loop, receive)
         try:
-            return await self._forwarder.forward(runtime, version, request, deadline)
+            return await self._forwarder.forward(runtime, version, request, deadline, stream)
         except asyncio.CancelledError:
             if not watch.client_gone:
                 raise

@@ -34,6 +34,7 @@ import httptools
 from serving.gateway.fast_asgi import is_gateway_path, run_asgi, starts_gateway_request
 from serving.gateway.requests import BODY_TOO_LARGE, BodyTooLarge
 from serving.gateway.responses import Headers, Message, Response, error
+from serving.gateway.streaming import StreamBroken, StreamEnd, StreamingResponse
 from swarm_protocol.wire_numbers import parse_count
 
 if TYPE_CHECKING:
@@ -119,6 +120,8 @@ class FastHTTPProtocol(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._gone: asyncio.Future[None] | None = None
+        self._streaming: StreamingResponse | None = None  # being sent now
+        self._drained: asyncio.Future[None] | None = None  # set when writing may go on
         self._served = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._served_at_check = -1
@@ -142,14 +145,24 @@ class FastHTTPProtocol(asyncio.Protocol):
         elif self._gone is None:
             self._gone = self._loop.create_future()
             self._gone.set_result(None)
+        if self._streaming is not None:
+            # The replica's connection closes now: the replica cancels the sequence.
+            self._streaming.end(StreamEnd.CLIENT_GONE)
+        self._wake_writer()
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._wake_writer()
         if self._task is None:
             self._next()
+
+    def _wake_writer(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -307,6 +320,7 @@ class FastHTTPProtocol(asyncio.Protocol):
             transport.resume_reading()
 
     async def _answer(self, request: _Request) -> None:
+        response: Response | StreamingResponse | None
         try:
             if request.theirs:
                 response = await run_asgi(self._asgi_app, request, self._peer, self._receive)
@@ -317,6 +331,11 @@ class FastHTTPProtocol(asyncio.Protocol):
         except Exception:
             logger.exception("internal error answering %s", request.path[:64])
             response = error(500, "internal error in the gateway")
+        if isinstance(response, StreamingResponse):
+            # Still this connection's task while it streams: nothing else starts meanwhile.
+            if not await self._stream(response, request.keep_alive and not self._closing):
+                self._closing = True
+            response = None
         self._task = None
         self._served += 1
         if self._transport is None:
@@ -346,6 +365,42 @@ class FastHTTPProtocol(asyncio.Protocol):
         else:
             transport.write(b"".join(head))
             transport.write(body)
+
+    async def _stream(self, response: StreamingResponse, keep_alive: bool) -> bool:
+        """Send a stream with chunked transfer-encoding: the head now, each chunk in one
+        write as it arrives, waiting while the client reads slower than the replica
+        writes (pause_writing). Return False when the connection must close: the replica
+        broke off (the terminating chunk is never sent: the client sees an error, not a
+        clean end) or the client went away (connection_lost ended the stream)."""
+        transport = self._transport
+        if transport is None:
+            response.end(StreamEnd.CLIENT_GONE)
+            return False
+        head = [STATUS_LINES[response.status]]
+        for name, value in response.headers:
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"transfer-encoding: chunked\r\n\r\n" if keep_alive
+                    else b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        transport.write(b"".join(head))
+        self._streaming = response
+        try:
+            while chunk := await response.next_chunk():
+                if self._transport is None:
+                    return False
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if self._write_paused:
+                    self._drained = self._loop.create_future()
+                    await self._drained
+            if self._transport is None:
+                return False
+            transport.write(b"0\r\n\r\n")
+            return True
+        except StreamBroken:
+            transport.close()  # after what is buffered: the stream just stops
+            return False
+        finally:
+            self._streaming = None
+            response.end(StreamEnd.CLIENT_GONE)  # changes nothing unless still open
 
     async def _receive(self) -> Message:
         """Return `http.disconnect` once the client has gone (core.py watches for it)."""

@@ -3,7 +3,9 @@
 Every lease taken here is released exactly once, with the outcome the balancer needs:
 SUCCESS for any answer but 502/503, FAILURE for those and for connection errors (then the
 next attempt goes to a replica not yet tried), TIMEOUT when the request's deadline passes
-(504, no retry: the time is spent), CANCELLED when the client goes away.
+(504, no retry: the time is spent), CANCELLED when the client goes away. A streamed
+answer (`stream=True`: generate_stream) keeps its lease until the stream ends
+(streaming.py settles it), so the balancer's outstanding count is the running sequences.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from serving.balancing import Lease, Outcome, Unavailable
 from serving.gateway.deployments import DeploymentRuntime
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.responses import Headers, Response, error, relayed, retry_later
+from serving.gateway.streaming import StreamEnd, StreamingResponse, StreamSummary
 from serving.gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from serving.gateway.upstream_stream import UpstreamStream, open_stream
 
 RETRY_AFTER_S = 1
 QUEUE_FULL = "queue_full"  # no lease: the wait queue was full or the wait timed out
 _RETRYABLE_STATUSES = frozenset({502, 503})
+_LEASE_OUTCOMES = {StreamEnd.COMPLETE: Outcome.SUCCESS, StreamEnd.BROKEN: Outcome.FAILURE,
+                   StreamEnd.TIMEOUT: Outcome.TIMEOUT, StreamEnd.CLIENT_GONE: Outcome.CANCELLED}
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 0.4 us more per request
@@ -55,8 +61,11 @@ class Forwarder:
         self.succeeded: set[int] = set()
 
     async def forward(self, runtime: DeploymentRuntime, version: int,
-                      request: UpstreamRequest, deadline: float) -> Response:
-        """Return the answer for the client; `deadline` is in event-loop time."""
+                      request: UpstreamRequest, deadline: float, stream: bool = False,
+                      ) -> Response | StreamingResponse:
+        """Return the answer for the client; `deadline` is in event-loop time (with
+        `stream`: until the replica's head; a streamed answer relays the body as it
+        comes, see streaming.py)."""
         tried: frozenset[int] = frozenset()
         last: UpstreamResponse | None = None
         for attempt in range(max(1, runtime.route.max_attempts)):
@@ -67,8 +76,8 @@ class Forwarder:
                 return self._unavailable(runtime, version, lease, last)
             if attempt:
                 self._metrics.retried(runtime.name)
-            result = await self._attempt(runtime, lease, request, deadline)
-            if isinstance(result, Response):
+            result = await self._attempt(runtime, lease, request, deadline, stream)
+            if not isinstance(result, _Retry):
                 return result
             tried = tried | {lease.replica_id}
             last = result.response
@@ -92,16 +101,25 @@ class Forwarder:
                 return lease
 
     async def _attempt(self, runtime: DeploymentRuntime, lease: Lease,
-                       request: UpstreamRequest, deadline: float) -> Response | _Retry:
+                       request: UpstreamRequest, deadline: float, stream: bool,
+                       ) -> Response | StreamingResponse | _Retry:
         target = runtime.targets.get(lease.replica_id)
         started_s = self._clock()
         if target is None:  # cannot happen: choose and this lookup share one loop step
             self._release(runtime, lease, Outcome.FAILURE, started_s)
             return _Retry(None)
+        response: UpstreamResponse | UpstreamStream
         try:
-            response = await self._pool.request(
-                target.host, target.port, request.method, request.target,
-                [*request.headers, target.authorization], request.body, deadline, target.tls)
+            if stream:
+                response = await open_stream(
+                    self._pool, target.host, target.port, request.method, request.target,
+                    [*request.headers, target.authorization], request.body, deadline,
+                    target.tls)
+            else:
+                response = await self._pool.request(
+                    target.host, target.port, request.method, request.target,
+                    [*request.headers, target.authorization], request.body, deadline,
+                    target.tls)
         except TimeoutError:
             self._release(runtime, lease, Outcome.TIMEOUT, started_s)
             return error(504, f"{runtime.name}: the replica did not answer within "
@@ -112,12 +130,31 @@ class Forwarder:
         except BaseException:
             self._release(runtime, lease, Outcome.CANCELLED, started_s)
             raise
+        if isinstance(response, UpstreamStream):
+            return self._relay(runtime, lease, response, started_s)
         if response.status in _RETRYABLE_STATUSES:
             self._release(runtime, lease, Outcome.FAILURE, started_s)
             return _Retry(response)
         self._release(runtime, lease, Outcome.SUCCESS, started_s)
         self.succeeded.add(lease.replica_id)
         return relayed(response.status, response.headers, response.body)
+
+    def _relay(self, runtime: DeploymentRuntime, lease: Lease, upstream: UpstreamStream,
+               started_s: float) -> StreamingResponse:
+        """Return the client's stream; its end releases the lease. The balancer's latency
+        sample is the time to the replica's head (its queue and prefill: what tells a
+        loaded replica from an idle one), not the stream's length, which the client sets."""
+        self.succeeded.add(lease.replica_id)
+        head_s = self._clock() - started_s
+        response = StreamingResponse(upstream.status, upstream.headers, upstream,
+                                     runtime.route.request_timeout_s, self._clock)
+
+        def settle(summary: StreamSummary) -> None:
+            if runtime.release(lease, _LEASE_OUTCOMES[summary.outcome], head_s, self._clock()):
+                self._metrics.ejected(runtime.name)
+
+        response.on_end.append(settle)
+        return response
 
     def _release(self, runtime: DeploymentRuntime, lease: Lease, outcome: Outcome,
                  started_s: float) -> None:

@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -25,6 +25,8 @@ from prometheus_client.core import (
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                      2.5, 5.0, 10.0, 30.0)
+# Time to the first token of a stream: queueing and prefill at the replica, seconds.
+FIRST_TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -192,6 +194,14 @@ class GatewayMetrics:
         self.cancellations = Counter("swarm_gateway_cancelled",
                                      "Requests whose client went away first", ["model"],
                                      registry=self.registry)
+        # Streams are seconds long and few: prometheus-client's locking costs nothing here.
+        self.first_tokens = Histogram(
+            "swarm_gateway_time_to_first_token_seconds",
+            "Time from a stream's request to its first body byte sent, at the gateway",
+            ["model"], buckets=FIRST_TOKEN_BUCKETS_S, registry=self.registry)
+        self.streams = Gauge("swarm_gateway_streams_in_flight",
+                             "Streamed answers (generate_stream) being relayed", ["model"],
+                             registry=self.registry)
         self._live = _LiveCollector(live)
         self.registry.register(self._live)
 
@@ -213,7 +223,8 @@ class GatewayMetrics:
         """Return the figures as they are now, the registry's families in its order (for a
         snapshot written off the event loop)."""
         others = [metric for collector in (self.retries, self.ejections, self.rejections,
-                                           self.cancellations, self._live)
+                                           self.cancellations, self.first_tokens,
+                                           self.streams, self._live)
                   for metric in collector.collect()]
         return FrozenMetrics([bound.copy() for bound in self._counted_versions()], others)
 
@@ -240,6 +251,21 @@ class GatewayMetrics:
         """Count a request abandoned by its client."""
         if self.enabled:
             self.cancellations.labels(model).inc()
+
+    def stream_started(self, model: str) -> None:
+        """Count a stream in flight (its head went to the client)."""
+        if self.enabled:
+            self.streams.labels(model).inc()
+
+    def stream_ended(self, model: str) -> None:
+        """Count a stream no longer in flight."""
+        if self.enabled:
+            self.streams.labels(model).dec()
+
+    def first_token(self, model: str, duration_s: float) -> None:
+        """Record a stream's time from its request's start to its first body byte."""
+        if self.enabled:
+            self.first_tokens.labels(model).observe(duration_s)
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""

@@ -9,7 +9,9 @@ from serving.gateway.responses import Receive
 from swarm_protocol.wire_numbers import parse_count
 
 MODELS_PREFIX = "/v2/models/"
-ACTIONS = frozenset({"", "ready", "infer"})
+ACTIONS = frozenset({"", "ready", "infer", "generate", "generate_stream"})
+# The actions that run the model (POST, admitted, balanced); the others are GETs.
+INFERENCE_ACTIONS = frozenset({"infer", "generate", "generate_stream"})
 UNKNOWN_VERSION = -1  # a version segment that is not a number: no table lists it
 MAX_VERSION = 2**31 - 1  # the database's version column
 
@@ -29,12 +31,13 @@ BODY_TOO_LARGE = BodyTooLarge()
 
 @dataclass(frozen=True, slots=True)
 class ModelPath:
-    """`/v2/models/{name}[/versions/{version}][/ready|/infer]`, split."""
+    """`/v2/models/{name}[/versions/{version}][/ready|/infer|/generate|/generate_stream]`,
+    split."""
 
     name: str
     version: int | None
     version_text: str
-    action: str  # "" (metadata), "ready" or "infer"
+    action: str  # "" (metadata), "ready", "infer", "generate" or "generate_stream"
 
 
 def parse_model_path(path: str) -> ModelPath | None:
