@@ -305,3 +305,17 @@ def test_openai_paths_are_absent_from_a_replica_without_generation(tmp_path):
         process.stop()
     assert missing.status_code == 404
     assert metrics.status_code == 200 and "swarm_replica_in_flight_requests" in metrics.text
+
+
+def test_refusals_before_the_handler_keep_openai_shape_under_v1(replica):
+    with openai.OpenAI(base_url=replica.url + "/v1", api_key="wrong", max_retries=0) as bad, \
+            pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with replica.client() as http:
+        unknown = http.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
+        wrong_method = http.get("/v1/chat/completions")
+        oip = http.get("/v2/models/nope")
+    assert unknown.status_code == 404 and wrong_method.status_code == 405
+    for response in (unknown, wrong_method):
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert isinstance(oip.json()["error"], str)  # OIP paths keep OIP's shape

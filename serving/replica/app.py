@@ -59,6 +59,17 @@ def error_response(status: int, message: str, headers: Headers = _JSON) -> Respo
     return Response(status, codec.error_body(message), headers)
 
 
+def error_for(path: str, status: int, message: str, headers: Headers = _JSON) -> Response:
+    """Return an error in the shape of the path's protocol: OpenAI's nested
+    {"error": {"message", "type", "param", "code"}} under /v1/, else OIP's."""
+    if not path.startswith("/v1/"):
+        return error_response(status, message, headers)
+    from serving.replica.openai_request import error_body
+
+    error_type = "server_error" if status >= 500 else "invalid_request_error"
+    return json_response(status, error_body(message, error_type), headers)
+
+
 # A handler that sent its own answer (a stream) returns this; nothing more is sent.
 STREAMED = Response(0, b"", [])
 SEND_SCOPE_KEY = "swarm.send"  # the ASGI send of the request, for streaming handlers
@@ -147,15 +158,16 @@ class ReplicaApp:
         if scope["type"] != "http":
             return
         headers = dict(scope["headers"])
-        route = self._routes.get(scope["path"])
+        path = scope["path"]
+        route = self._routes.get(path)
         if not hmac.compare_digest(headers.get(b"authorization", b""), self._bearer):
-            response = error_response(401, "missing or wrong bearer token",
-                                      [*_JSON, (b"www-authenticate", b"Bearer")])
+            response = error_for(path, 401, "missing or wrong bearer token",
+                                 [*_JSON, (b"www-authenticate", b"Bearer")])
         elif route is None:
-            response = error_response(404, self._not_found_message(scope["path"]))
+            response = error_for(path, 404, self._not_found_message(path))
         elif route.method != scope["method"]:
-            response = error_response(405, f"use {route.method} here",
-                                      [*_JSON, (b"allow", route.method.encode())])
+            response = error_for(path, 405, f"use {route.method} here",
+                                 [*_JSON, (b"allow", route.method.encode())])
         elif route.counts_in_flight:
             await self._send_counted(route, scope, receive, send, headers)
             return
@@ -166,7 +178,8 @@ class ReplicaApp:
     async def _send_counted(self, route: Route, scope: Scope, receive: Receive, send: Send,
                             headers: dict[bytes, bytes]) -> None:
         if self.state != "ready":
-            await _send(send, error_response(503, f"replica is {self.state}", _RETRY))
+            await _send(send, error_for(scope["path"], 503, f"replica is {self.state}",
+                                        _RETRY))
             return
         self._account_in_flight(time.monotonic())
         self.in_flight += 1
@@ -190,12 +203,12 @@ class ReplicaApp:
         try:
             return await route.handler(scope, receive, headers)
         except ClientError as exc:
-            return error_response(exc.status, str(exc))
+            return error_for(scope["path"], exc.status, str(exc))
         except CodecError as exc:
             return error_response(400, str(exc))
         except Exception:
             logger.exception("internal error on %s %s", scope["method"], scope["path"])
-            return error_response(500, "internal error in the replica server")
+            return error_for(scope["path"], 500, "internal error in the replica server")
 
     def _not_found_message(self, path: str) -> str:
         parts = path.split("/")
@@ -264,13 +277,9 @@ class ReplicaApp:
     async def _openai(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes],
                       chat: bool) -> Response:
         from serving.replica.openai_http import serve_openai
-        from serving.replica.openai_request import error_body
 
         assert self.generation is not None
-        try:
-            body = await self._read_body(receive, headers)
-        except ClientError as exc:  # OpenAI's error shape on OpenAI's paths
-            return json_response(exc.status, error_body(str(exc)))
+        body = await self._read_body(receive, headers)  # a ClientError: error_for's shape
         answer = await serve_openai(self.generation, body, chat, receive,
                                     scope[SEND_SCOPE_KEY])
         return STREAMED if answer is None else json_response(*answer)
