@@ -194,8 +194,9 @@ def _type_schema(hint: Any, limits: Any, schemas: dict[str, Any]) -> dict[str, A
     if hint is int:
         return _bounded({"type": "integer"}, minimum=_given(limits, "minimum", protocol.INT64_MIN),
                         maximum=_given(limits, "maximum", protocol.INT64_MAX))
-    if hint is float:
-        return {"type": "number"}
+    if hint is float:  # a float field is bounded only where its metadata says so
+        return _bounded({"type": "number"}, minimum=limits.get("minimum"),
+                        maximum=limits.get("maximum"))
     if hint is str:
         return _bounded({"type": "string"},
                         maxLength=limits.get("max_chars") or protocol.MAX_TEXT_CHARS)

@@ -51,9 +51,9 @@ MAX_LOG_LINES = 200  # per replica per heartbeat (serving/agent/logs.py sends no
 MAX_LOG_LINE_CHARS = 1024
 
 
-def limits(*, minimum: int | None = None, maximum: int | None = None,
+def limits(*, minimum: float | None = None, maximum: float | None = None,
            max_chars: int | None = None, max_items: int | None = None,
-           item_max_chars: int | None = None) -> dict[str, int | None]:
+           item_max_chars: int | None = None) -> dict[str, float | None]:
     """Return field metadata with bounds tighter than the defaults (those of a DB column)."""
     return {"minimum": minimum, "maximum": maximum, "max_chars": max_chars,
             "max_items": max_items, "item_max_chars": item_max_chars}
@@ -67,11 +67,14 @@ class _Spec:
     optional: bool = False
     nested: Any = None  # a Message class: the field is a list of these
     item: Any = None  # element type of a list of plain values
-    minimum: int = INT64_MIN
-    maximum: int = INT64_MAX
+    minimum: float = INT64_MIN  # a float field without bounds of its own: -inf .. inf
+    maximum: float = INT64_MAX
     max_chars: int = MAX_TEXT_CHARS
     max_items: int = MAX_LIST_ITEMS
     item_max_chars: int = MAX_TEXT_CHARS
+
+
+_FREE_FLOAT = _Spec(float, minimum=-math.inf, maximum=math.inf)  # inside free-form objects
 
 
 def _check_int(name: str, value: Any, spec: _Spec) -> int:
@@ -82,7 +85,7 @@ def _check_int(name: str, value: Any, spec: _Spec) -> int:
     return value
 
 
-def _check_float(name: str, value: Any) -> float:
+def _check_float(name: str, value: Any, spec: _Spec) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError(f"{name} must be a number")
     if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
@@ -90,6 +93,8 @@ def _check_float(name: str, value: Any) -> float:
     number = float(value)
     if not math.isfinite(number):  # Python's json accepts NaN and Infinity
         raise ProtocolError(f"{name} must be a finite number")
+    if not spec.minimum <= number <= spec.maximum:
+        raise ProtocolError(f"{name} must be between {spec.minimum:g} and {spec.maximum:g}")
     return number
 
 
@@ -125,7 +130,7 @@ def _check_json(name: str, value: Any, depth: int = 0) -> None:
     elif isinstance(value, str):
         _check_str(name, value, MAX_TEXT_CHARS)
     elif isinstance(value, float):
-        _check_float(name, value)
+        _check_float(name, value, _FREE_FLOAT)
     elif isinstance(value, int) and not isinstance(value, bool):
         _check_int(name, value, _Spec(int))
 
@@ -134,7 +139,7 @@ def _check_value(name: str, value: Any, kind: Any, spec: _Spec, max_chars: int) 
     if kind is int:
         return _check_int(name, value, spec)
     if kind is float:
-        return _check_float(name, value)
+        return _check_float(name, value, spec)
     if kind is str:
         return _check_str(name, value, max_chars)
     if kind is bool:
@@ -211,8 +216,24 @@ def _field_specs(cls: type) -> dict[str, _Spec]:
         elif origin is dict:
             result[spec.name] = _Spec(dict, optional, **bounds)
         else:
-            result[spec.name] = _Spec(args[0] if optional else hint, optional, **bounds)
+            kind = args[0] if optional else hint
+            if kind is float:  # finite is checked anyway; a range only where one is given
+                bounds = {"minimum": -math.inf, "maximum": math.inf, **bounds}
+            result[spec.name] = _Spec(kind, optional, **bounds)
     return result
+
+
+def field_accepts(cls: type[Message], name: str, value: Any) -> bool:
+    """Return whether `cls.from_dict` takes `value` for its field `name`.
+
+    For the sender: a figure it cannot vouch for is left out rather than sent and
+    refused (one bad figure would cost the whole message a 400).
+    """
+    try:
+        _convert(name, value, _field_specs(typing.cast(type, cls))[name])
+    except ProtocolError:
+        return False
+    return True
 
 
 def _has_default(spec: Any) -> bool:
@@ -308,6 +329,27 @@ class ReplicaStatus(Message):
     # controls escaped, lines cut; the portal keeps a bounded ring (serving/replica_logs.py).
     log_lines: list[str] = field(default_factory=list, metadata=limits(
         max_items=MAX_LOG_LINES, item_max_chars=MAX_LOG_LINE_CHARS))
+    # A generative replica's engine (serving/replica/generation_engine.py); None: not
+    # generative, or an agent or replica too old to say. Sequences at the moment of the
+    # heartbeat; the KV cache's reserved share of its budget; generated tokens per second
+    # since the previous heartbeat; percentiles over the replica's last 60 s.
+    running_sequences: int | None = field(default=None,
+                                          metadata=limits(minimum=0, maximum=INT32_MAX))
+    waiting_sequences: int | None = field(default=None,
+                                          metadata=limits(minimum=0, maximum=INT32_MAX))
+    kv_cache_usage: float | None = field(default=None, metadata=limits(minimum=0, maximum=1))
+    tokens_per_s: float | None = field(default=None, metadata=limits(minimum=0))
+    ttft_p50_ms: float | None = field(default=None, metadata=limits(minimum=0))
+    ttft_p99_ms: float | None = field(default=None, metadata=limits(minimum=0))
+    itl_p50_ms: float | None = field(default=None, metadata=limits(minimum=0))
+    itl_p99_ms: float | None = field(default=None, metadata=limits(minimum=0))
+    queue_p50_ms: float | None = field(default=None, metadata=limits(minimum=0))
+
+
+# ReplicaStatus's generation figures: the portal keeps only those a heartbeat gave.
+GENERATION_FIELDS = ("running_sequences", "waiting_sequences", "kv_cache_usage",
+                     "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+                     "queue_p50_ms")
 
 
 @dataclass

@@ -80,9 +80,8 @@ class ManagedReplica:
     drain_started_at_s: float | None = None
     signalled: bool = False  # SIGTERM sent (after the drain delay)
     stats: dict[str, Any] = field(default_factory=dict)
-    # (replica clock s, request-seconds) at the previous /stats: the mean concurrency
-    # between two polls is the difference of the second over the difference of the first.
-    busy_clock: tuple[float, float] | None = None
+    # Its cumulative counters at the previous /stats: rates are differences between polls.
+    counters: replica_stats.Counters = field(default_factory=replica_stats.Counters)
     # Adopted from a previous agent run and not yet confirmed by a heartbeat reply: the
     # first reconcile drains it unless the portal still wants exactly it, under this key.
     unconfirmed: bool = False
@@ -330,6 +329,7 @@ class ReplicaManager:
         replica.process = processes.launch_replica(spec)
         replica.launched_at_s = now_s
         replica.started_at_s = self._wall_clock()
+        replica.counters = replica_stats.Counters()  # a new process counts from zero
         log.info("replica %d: process %d on port %d", desired.replica_id, replica.process.pid,
                  port)
 
@@ -425,11 +425,7 @@ class ReplicaManager:
             log.debug("replica %d: no stats: %s", replica.replica_id, error)
             return
         if isinstance(raw, dict):
-            replica.stats = replica_stats.parse_stats(raw)
-            mean = replica_stats.mean_in_flight(replica.busy_clock, raw)
-            if mean is not None:
-                replica.stats["mean_in_flight"] = mean
-            replica.busy_clock = replica_stats.busy_clock(raw)
+            replica.stats, replica.counters = replica_stats.read_stats(raw, replica.counters)
 
     def _get(self, replica: ManagedReplica, path: str) -> httpx.Response:
         scheme = "https" if self._tls is not None else "http"
