@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from serving.gateway.fast_asgi import is_gateway_path, starts_gateway_request
 from serving.gateway.openai_wire import (
     OpenAIRequestError,
     as_openai_error,
@@ -104,3 +105,13 @@ def test_usage_tokens_reads_total_tokens_or_nothing():
     for answer in (b'{"usage": null}', b"[DONE]", b"", b'{"usage": {"total_tokens": -1}}',
                    b'{"usage": {"total_tokens": true}}', b"[1]", b"{" * 10 + b"[" * 100_000):
         assert usage_tokens(answer) is None, answer
+
+
+def test_v1_paths_are_the_gateways_not_the_portals():
+    assert starts_gateway_request(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert starts_gateway_request(b"GET /v1/models HTTP/1.1\r\n")
+    assert starts_gateway_request(b"GET /v1 HTTP/1.1\r\n") is False
+    assert starts_gateway_request(b"GET /v1x HTTP/1.1\r\n") is False
+    assert starts_gateway_request(b"GET /v1") is None
+    assert is_gateway_path("/v1/models") and is_gateway_path("/v1/completions")
+    assert not is_gateway_path("/v1") and not is_gateway_path("/v1x/models")

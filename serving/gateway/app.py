@@ -25,6 +25,8 @@ from serving.gateway.core import (
 from serving.gateway.forwarding import UpstreamRequest
 from serving.gateway.limits import header_refusal, headers_fit, shown, target_refusal
 from serving.gateway.metrics import CONTENT_TYPE
+from serving.gateway.openai import V1_PREFIX, OpenAIEndpoints
+from serving.gateway.openai_wire import openai_error
 from serving.gateway.requests import (
     INFERENCE_ACTIONS,
     BodyTooLarge,
@@ -67,6 +69,7 @@ class GatewayApp(GatewayCore):
             "/v2/health/live": self._live, "/v2/health/ready": self._health_ready,
             "/metrics": self._metrics_endpoint,
         }
+        self.openai = OpenAIEndpoints(self)  # /v1: the OpenAI-compatible endpoints
 
     # ASGI
 
@@ -113,6 +116,12 @@ class GatewayApp(GatewayCore):
             except Exception:
                 logger.exception("internal error on %s %s", shown(method), shown(path))
                 return error(500, "internal error in the gateway")
+        if path.startswith(V1_PREFIX):
+            try:
+                return await self.openai.respond(method, path, headers, body, receive)
+            except Exception:
+                logger.exception("internal error on %s %s", shown(method), shown(path))
+                return openai_error(500, "internal error in the gateway")
         return error(404, f"no such endpoint: {path}")
 
     # fixed endpoints

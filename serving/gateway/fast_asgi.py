@@ -27,7 +27,7 @@ MAX_METHOD_BYTES = 24
 def is_gateway_path(path: str) -> bool:
     """Return whether the gateway answers `path` itself (the rest is the portal's)."""
     return (path.startswith("/v2") and (len(path) == 3 or path[3] == "/")) \
-        or path == "/metrics"
+        or path == "/metrics" or path.startswith("/v1/")
 
 
 def starts_gateway_request(head: bytes) -> bool | None:
@@ -41,7 +41,7 @@ def starts_gateway_request(head: bytes) -> bool | None:
     if space < 0:
         return None if len(line) < MAX_METHOD_BYTES else True
     target = line[space + 1:space + 10]
-    for prefix, ends in ((b"/v2", b"/? "), (b"/metrics", b"? ")):
+    for prefix, ends in ((b"/v2", b"/? "), (b"/metrics", b"? "), (b"/v1", b"/")):
         if target.startswith(prefix):
             if len(target) == len(prefix):
                 return None

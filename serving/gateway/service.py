@@ -31,6 +31,7 @@ import uvicorn
 import uvloop
 
 from serving.gateway.app import DEFAULT_MAX_BODY_BYTES, GatewayApp
+from serving.gateway.fast_asgi import is_gateway_path
 from serving.gateway.fast_http import protocol_class
 from serving.gateway.metrics_share import SharedMetrics, SnapshotWriter
 from serving.gateway.portal_proxy import PortalProxy
@@ -111,7 +112,7 @@ def read_token(token_file: Path | None) -> str:
 
 
 class PassThroughApp:
-    """/v2 and /metrics to the gateway; everything else (and WebSockets) to the portal."""
+    """/v2, /v1/ and /metrics to the gateway; everything else (and WebSockets) to the portal."""
 
     def __init__(self, gateway: GatewayApp, proxy: PortalProxy) -> None:
         self.gateway = gateway
@@ -120,8 +121,7 @@ class PassThroughApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
-            if (path.startswith("/v2") and (len(path) == 3 or path[3] == "/")) \
-                    or path == "/metrics":
+            if is_gateway_path(path):
                 await self.gateway(scope, receive, send)
                 return
         await self.proxy(scope, receive, send)

@@ -117,12 +117,13 @@ class StreamingResponse:
             callback(summary)
 
     def last_event(self) -> bytes:
-        """Return the data of the last Server-Sent Event relayed so far (b"": none)."""
+        """Return the data of the last Server-Sent Event relayed so far (b"": none); an
+        OpenAI stream's terminator (`data: [DONE]`) is no event: the usage comes before."""
         tail = b"".join(self._tail).replace(b"\r\n", b"\n")
         for event in reversed(tail.split(b"\n\n")):
             lines = [line[5:].lstrip(b" ") for line in event.split(b"\n")
                      if line.startswith(b"data:")]
-            if lines:
+            if lines and lines != [b"[DONE]"]:
                 return b"\n".join(lines)
         return b""
 
