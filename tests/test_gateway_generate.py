@@ -43,7 +43,7 @@ LM_INFO = VersionInfo("hf_causal_lm", TEXT_SIGNATURE["inputs"], TEXT_SIGNATURE["
 # Long enough that the engine is still decoding when a test acts mid-stream (hundreds of
 # steps; a test that reads no further stalls the replica once the sockets' buffers are
 # full), short enough for the 512-token context with any of the prompts here.
-LONG = {"text_input": "The river runs", "max_tokens": 400, "ignore_eos": True}
+LONG = {"text_input": "The river runs", "max_tokens": 480, "ignore_eos": True}
 TRANSPORTS = ["lean", "uvicorn"]
 
 
@@ -147,7 +147,7 @@ def test_the_first_chunk_leaves_long_before_the_end(gateway, replicas):
         rest = list(events_of(lines))
     total_s = time.monotonic() - started_s
     assert "finish_reason" not in first
-    assert rest[-1]["usage"]["completion_tokens"] == 400
+    assert rest[-1]["usage"]["completion_tokens"] == LONG["max_tokens"]
     assert first_s < total_s / 4, (first_s, total_s)
     assert gateway_metric(gateway, "swarm_gateway_time_to_first_token_seconds_count",
                           model=NAME) >= 1
@@ -169,10 +169,11 @@ def test_a_client_hang_up_mid_stream_cancels_the_sequence(gateway, replicas):
     assert gateway_metric(gateway, "swarm_gateway_cancelled_total", model=NAME) >= 1
 
 
-def test_streams_hold_their_replica_so_they_spread_evenly(gateway, replicas):
-    """Each stream is opened only after the one before has its first event: were leases
-    released at the head, every stream would look like the last idle replica's."""
-    streams = 6
+def spread_of_streams(gateway: StandaloneGateway, replicas: list[ReplicaProcess],
+                      streams: int) -> tuple[list[int], list[float]]:
+    """Open `streams` long streams one by one, each once the one before has its first
+    event (so every choice sees the streams before it as running), and return the
+    sequences running on each replica and the gateway's in-flight count per replica."""
     with client(gateway.url) as http:
         opened, readers = [], []
         try:
@@ -189,9 +190,28 @@ def test_streams_hold_their_replica_so_they_spread_evenly(gateway, replicas):
         finally:
             for response in opened:
                 response.close()
-    assert running == [streams // 2, streams // 2]
-    assert in_flight == [streams // 2, streams // 2]
     wait_for(lambda: total(replicas, "running") == 0, "the hung-up streams to be cancelled")
+    return running, in_flight
+
+
+def test_streams_hold_their_replica_so_they_spread_evenly(gateway, replicas):
+    """Were leases released at the head, least-outstanding would see every replica idle
+    at every choice, and the spread would be chance."""
+    running, in_flight = spread_of_streams(gateway, replicas, 6)
+    assert running == [3, 3]
+    assert in_flight == [3, 3]
+
+
+def test_p2c_spreads_streams_by_running_sequences_too(replicas, tmp_path):
+    routes = [replica_route(replica, index + 1) for index, replica in enumerate(replicas)]
+    gateway = start_gateway(tmp_path, routes, "lean")  # the default policy: p2c_ewma
+    try:
+        running, in_flight = spread_of_streams(gateway, replicas, 6)
+    finally:
+        gateway.stop()
+    # p2c prices (outstanding + 1) x latency: close latencies leave it to the counts.
+    assert sum(running) == 6 and min(running) >= 2, running
+    assert in_flight == running
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
