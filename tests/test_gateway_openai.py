@@ -18,11 +18,13 @@ import openai
 import pytest
 
 from registry.demo_lm import cached_tiny_lm_archive
-from serving.gateway.filesource import write_table
+from serving.gateway.app import GatewayApp
+from serving.gateway.filesource import FileTableSource, write_table
 from serving.gateway.routes import VersionInfo
 from serving.replica.generation_runner import TEXT_SIGNATURE
 from tests.gateway_helpers import (
     SECRET,
+    GatewayThread,
     StandaloneGateway,
     api_key,
     deployment,
@@ -37,6 +39,7 @@ LM_INFO = VersionInfo("transformers_causal_lm", TEXT_SIGNATURE["inputs"],
 TABULAR_ONLY = "swk_test_tabular_only"  # a key for the non-generative deployment alone
 TOKEN_LIMITED = "swk_test_forty_tokens"  # 40 tokens a minute: one answer spends them
 STREAM_LIMITED = "swk_test_forty_tokens_streamed"
+GENERATE_LIMITED = ["swk_test_forty_tokens_generate", "swk_test_forty_tokens_generate_stream"]
 GREEDY: dict[str, Any] = {"max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
@@ -61,12 +64,17 @@ def table_path(replicas, tmp_path_factory) -> Path:
     v1, v2 = replicas
     tiny = deployment("tiny", [replica_route(v1, 1, 1), replica_route(v2, 2, 2)],
                       weights={1: 1.0, 2: 0.0}, info=LM_INFO)
+    # A canary split over the same two processes (the replica serves any model string).
+    canary = deployment("canary", [replica_route(v1, 11, 1), replica_route(v2, 12, 2)],
+                        weights={1: 0.5, 2: 0.5}, info=LM_INFO)
     # Not generative: listed nowhere under /v1, refused as a /v1 model (never called).
     tabular = deployment("tabular", [replica_route(free_port(), 3)])
-    write_table(path, table(tiny, tabular, keys=[
+    write_table(path, table(tiny, canary, tabular, keys=[
         api_key(TABULAR_ONLY, 2, ["tabular"]),
         api_key(TOKEN_LIMITED, 3, tokens_per_minute=40),
-        api_key(STREAM_LIMITED, 4, tokens_per_minute=40)]))
+        api_key(STREAM_LIMITED, 4, tokens_per_minute=40),
+        *(api_key(secret, 5 + n, tokens_per_minute=40)
+          for n, secret in enumerate(GENERATE_LIMITED))]))
     return path
 
 
@@ -95,7 +103,7 @@ def generation_count(replica: ReplicaProcess) -> int:
 
 
 def test_models_lists_the_generative_deployments_the_key_may_use(gateway):
-    assert [model.id for model in client(gateway).models.list()] == ["tiny"]
+    assert [model.id for model in client(gateway).models.list()] == ["canary", "tiny"]
     assert list(client(gateway, TABULAR_ONLY).models.list()) == []
     with pytest.raises(openai.AuthenticationError):
         client(gateway, "swk_not_a_key").models.list()
@@ -139,7 +147,7 @@ def test_the_asgi_transport_streams_the_same_answer(gateway, asgi_gateway):
         model="tiny", messages=messages, stream=True, **GREEDY))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
         lean.choices[0].message.content
-    assert [m.id for m in client(asgi_gateway).models.list()] == ["tiny"]
+    assert [m.id for m in client(asgi_gateway).models.list()] == ["canary", "tiny"]
 
 
 def test_name_colon_n_pins_the_version(gateway, replicas):
@@ -151,6 +159,35 @@ def test_name_colon_n_pins_the_version(gateway, replicas):
     with pytest.raises(openai.NotFoundError) as unknown:
         client(gateway).completions.create(model="tiny:3", prompt="A swarm", **GREEDY)
     assert "version" in unknown.value.message
+
+
+def test_a_canary_split_spreads_requests_over_both_versions(gateway, replicas):
+    before = [generation_count(replica) for replica in replicas]
+    api = client(gateway)
+    for _ in range(16):  # all 16 on one version: 2 * 0.5**16, about 3e-5
+        api.completions.create(model="canary", prompt="A swarm", max_tokens=1)
+    after = [generation_count(replica) for replica in replicas]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    assert sum(after) - sum(before) == 16
+
+
+def test_bogus_v1_requests_grow_no_state(table_path):
+    app = GatewayApp(FileTableSource(table_path))
+    with GatewayThread(app) as served, httpx.Client(base_url=served.url, timeout=60) as http:
+        auth = {"Authorization": f"Bearer {SECRET}"}
+        assert http.post("/v1/completions", headers=auth, json={
+            "model": "tiny", "prompt": "x", "max_tokens": 1}).status_code == 200
+        before = app.state_sizes()
+        for n in range(200):
+            bogus = {"Authorization": f"Bearer swk_bogus_{n}", "Cookie": f"sessionid=s{n}"}
+            assert http.post("/v1/completions", headers=bogus, json={
+                "model": f"made-up-{n}", "prompt": "x"}).status_code == 401
+            assert http.get("/v1/models", headers=bogus).status_code == 401
+            assert http.post("/v1/chat/completions", headers=auth, json={
+                "model": f"made-up-{n}", "messages": []}).status_code == 404
+            assert http.post("/v1/completions", headers=auth, json={
+                "model": f"tiny:{n + 3}", "prompt": "x"}).status_code == 404
+        assert app.state_sizes() == before
 
 
 def test_unknown_and_non_generative_models_are_404(gateway):
@@ -198,6 +235,23 @@ def test_a_streamed_answer_is_charged_from_its_usage_event(gateway):
     with pytest.raises(openai.RateLimitError):
         limited.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+
+
+@pytest.mark.parametrize("first", ["generate", "generate_stream"])
+def test_v2_generate_answers_are_charged_to_the_token_limit_too(gateway, first):
+    secret = GENERATE_LIMITED[first == "generate_stream"]
+    auth = {"Authorization": f"Bearer {secret}"}
+    long_prompt = {"text_input": "Hello there, swarm. " * 20, "max_tokens": 2,
+                   "ignore_eos": True}
+    spent = httpx.post(f"{gateway.url}/v2/models/tiny/{first}", json=long_prompt,
+                       headers=auth, timeout=60)
+    assert spent.status_code == 200 and "usage" in spent.text
+    for action in ("generate", "generate_stream"):
+        refused = httpx.post(f"{gateway.url}/v2/models/tiny/{action}", headers=auth,
+                             json={"text_input": "x", "max_tokens": 1}, timeout=60)
+        assert refused.status_code == 429, refused.text
+        assert isinstance(refused.json()["error"], str)  # the /v2 shape
+        assert refused.headers["retry-after"].isdigit()
 
 
 @pytest.mark.parametrize("body", [b"", b"{", b"[1]", b'{"prompt": "no model"}',

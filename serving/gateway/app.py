@@ -25,7 +25,7 @@ from serving.gateway.core import (
 from serving.gateway.forwarding import UpstreamRequest
 from serving.gateway.limits import header_refusal, headers_fit, shown, target_refusal
 from serving.gateway.metrics import CONTENT_TYPE
-from serving.gateway.openai import V1_PREFIX, OpenAIEndpoints
+from serving.gateway.openai import GENERATE_ACTIONS, V1_PREFIX, OpenAIEndpoints
 from serving.gateway.openai_wire import openai_error
 from serving.gateway.requests import (
     INFERENCE_ACTIONS,
@@ -160,6 +160,9 @@ class GatewayApp(GatewayCore):
         runtime = await self.admit(target, headers)
         if isinstance(runtime, Response):
             return runtime
+        generates = target.action in GENERATE_ACTIONS  # charged to the key's token limit
+        if generates and (spent := self.openai.tokens_refusal(headers, runtime.name, True)):
+            return spent
         # The body is read here, not in a helper coroutine: one frame less per request.
         started_s = self._clock()
         forwarded, declared = _forwarded_headers(headers)
@@ -183,8 +186,9 @@ class GatewayApp(GatewayCore):
         target_path = raw_path or path.encode()
         request = UpstreamRequest(b"POST", target_path + b"?" + query if query else target_path,
                                   forwarded, body)
-        return await self.infer(runtime, target, request, started_s, receive,
-                                stream=target.action == "generate_stream")
+        response = await self.infer(runtime, target, request, started_s, receive,
+                                    stream=target.action == "generate_stream")
+        return self.openai.charge(headers, response) if generates else response
 
     def _model_path(self, method: str, path: str) -> ModelPath | Response:
         """Return the parsed model path, or the 404/405 answer when there is none."""

@@ -34,7 +34,7 @@ from serving.gateway.openai_wire import (
 )
 from serving.gateway.ratelimit import retry_after_s
 from serving.gateway.requests import BodyTooLarge, ClientGone, read_body
-from serving.gateway.responses import Headers, Receive, Response
+from serving.gateway.responses import Headers, Receive, Response, retry_later
 from serving.gateway.routes import ApiKeyRoute
 from serving.gateway.streaming import StreamingResponse, StreamSummary
 from swarm_protocol.wire_numbers import parse_count
@@ -47,6 +47,8 @@ MODELS_PATH = "/v1/models"
 CHAT_PATH = "/v1/chat/completions"
 # The replica serves the same paths (serving/replica/openai_http.py).
 GENERATION_PATHS = {"/v1/completions": b"/v1/completions", CHAT_PATH: b"/v1/chat/completions"}
+# The /v2 actions whose answers are charged in tokens too (generate's `usage`).
+GENERATE_ACTIONS = frozenset({"generate", "generate_stream"})
 _CHALLENGE: Headers = [(b"www-authenticate", b"Bearer")]
 
 
@@ -127,7 +129,7 @@ class OpenAIEndpoints:
             return openai_error(404, f"the model {target.name!r} does not generate text",
                                 param="model")
         key = self._key(headers)
-        spent = self._tokens_refusal(key, runtime.name)
+        spent = self._tokens_refusal(key, runtime.name, oip=False)
         if spent is not None:
             return spent
         forwarded: Headers = [(b"content-type", b"application/json")]
@@ -162,7 +164,8 @@ class OpenAIEndpoints:
 
     def _key(self, headers: Headers) -> ApiKeyRoute | None:
         """Return the admitted caller's API key (None: a portal session)."""
-        authorization = dict(headers).get(b"authorization")
+        authorization = next((value for name, value in headers if name == b"authorization"),
+                             None)
         if authorization is None:
             return None
         try:
@@ -170,17 +173,33 @@ class OpenAIEndpoints:
         except Rejected:  # cannot happen once admitted; a session is charged nothing
             return None
 
-    def _tokens_refusal(self, key: ApiKeyRoute | None, deployment: str) -> Response | None:
+    # /v2 generate and generate_stream: the same limit and charge (app.py calls these)
+
+    def tokens_refusal(self, headers: Headers, deployment: str, oip: bool) -> Response | None:
+        """Return the 429 for an admitted caller whose token bucket is spent, else None;
+        `oip`: in the /v2 error shape."""
+        return self._tokens_refusal(self._key(headers), deployment, oip)
+
+    def charge(self, headers: Headers, response: Response | StreamingResponse | None,
+               ) -> Response | StreamingResponse | None:
+        """Charge an admitted caller for an answer's tokens (see `_charged`)."""
+        return None if response is None else self._charged(response, self._key(headers))
+
+    def _tokens_refusal(self, key: ApiKeyRoute | None, deployment: str,
+                        oip: bool) -> Response | None:
         """Return the 429 for a key whose token bucket is spent, else None."""
-        if key is None:
+        if key is None or key.tokens_per_minute is None:
             return None
         wait_s = self._core._limiter.tokens_wait_s(key, self._core.now_s())
         if wait_s <= 0:
             return None
         self._core.metrics.rejected(deployment, 429)
-        return openai_error(429, "token rate limit exceeded for this API key",
-                            error_type="tokens",
-                            headers=[(b"retry-after", str(retry_after_s(wait_s)).encode())])
+        message = "token rate limit exceeded for this API key"
+        retry_s = retry_after_s(wait_s)
+        if oip:
+            return retry_later(429, message, retry_s)
+        return openai_error(429, message, error_type="tokens",
+                            headers=[(b"retry-after", str(retry_s).encode())])
 
     def _charged(self, response: Response | StreamingResponse,
                  key: ApiKeyRoute | None) -> Response | StreamingResponse:
