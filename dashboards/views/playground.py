@@ -1,4 +1,9 @@
-"""Playground: call a deployment's /v2 endpoint from the browser with the portal session."""
+"""Playground: call a deployment from the browser with the portal session.
+
+A tensor model gets a JSON request form for `/v2/models/NAME/infer`; a generative one
+(hf_causal_lm) a chat that streams its answer (static/js/playground_chat.js). The page
+learns which from `kinds`: {deployment name: "tensor" | "chat"}.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ from django.shortcuts import render
 
 from dashboards.views.common import viewer_page
 from serving.models import Deployment
+
+# Formats whose versions generate text: the page offers them a chat, not a tensor form.
+CHAT_FORMATS = frozenset({"hf_causal_lm"})
 
 
 def example_request(signature: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +40,8 @@ def playground(request: HttpRequest) -> HttpResponse:
     deployments = Deployment.objects.filter(deleting=False).select_related("version")
     examples = {d.name: json.dumps(example_request(d.version.served_signature), indent=2)
                 for d in deployments}
+    kinds = {d.name: "chat" if d.version.format in CHAT_FORMATS else "tensor"
+             for d in deployments}
     return render(request, "dashboards/playground.html",
-                  {"deployments": deployments, "examples": examples,
+                  {"deployments": deployments, "examples": examples, "kinds": kinds,
                    "selected": request.GET.get("deployment", "")})

@@ -1,4 +1,5 @@
 // Playground: POST the request to /v2/models/NAME/infer with the session; show reply and time.
+// (A generative deployment gets the chat of playground_chat.js instead of this form.)
 (function () {
   "use strict";
   var form = document.getElementById("playground-form");
@@ -14,6 +15,7 @@
 
   form.addEventListener("submit", function (event) {
     event.preventDefault();
+    if (document.getElementById("pg-tensor").hidden) return;  // a chat model: playground_chat.js
     var started = performance.now();
     var status = document.getElementById("pg-status");
     // A file chosen for a BYTES input (playground_image.js) makes a binary-extension body.
