@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scaling.providers.local import JOIN_TOKEN_ENV, LocalProcessProvider
+from scaling.providers.local import JOIN_TOKEN_ENV, LOCAL_WORKER_ENV, LocalProcessProvider
 from swarm_portal import broker, stopping
 from swarm_portal.console import ErrorEcho, configure_launcher_logging, log_dir
 from swarm_portal.env import env_int
@@ -116,7 +116,7 @@ def _fixed_worker_spec(env: dict[str, str], name: str, ports: str, token: str) -
                env["LOCAL_FLEET_PORTAL_URL"], "--name", name, "--port-range", ports,
                "--cache-dir", str(cache_dir)]
     # The token in the environment, never on the command line (`ps` shows that to all).
-    worker_env = {**env, JOIN_TOKEN_ENV: token} if token else env
+    worker_env = {**env, **LOCAL_WORKER_ENV, **({JOIN_TOKEN_ENV: token} if token else {})}
     return ChildSpec(name, command, ROOT, worker_env, stop_timeout_s=WORKER_STOP_S)
 
 

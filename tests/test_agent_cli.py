@@ -169,3 +169,22 @@ def test_importing_the_agent_loads_neither_django_nor_torch() -> None:
 
     assert json.loads(result.stdout) == []
 
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://portal.example", False), ("http://127.0.0.1:8000", False),
+    ("http://localhost:8000", False), ("http://[::1]:8000", False),
+    ("http://10.1.2.3:8000", True), ("http://portal.lan", True)])
+def test_a_plain_http_portal_is_accepted_on_loopback_or_when_allowed(url: str,
+                                                                     allowed: bool) -> None:
+    cli.check_portal_scheme(url, allowed)
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3:8000", "http://portal.lan/"])
+def test_a_plain_http_portal_on_a_network_address_is_refused_before_anything_runs(
+        url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cli.ALLOW_HTTP_PORTAL_ENV, raising=False)
+    assert cli.run(["--portal", url, "--device-backend", "cpu"]) == cli.EXIT_USAGE
+    assert "in clear" in capsys.readouterr().err
+    monkeypatch.setenv(cli.ALLOW_HTTP_PORTAL_ENV, "1")  # the lab's opt-in, kept on parse
+    assert cli.build_parser().parse_args(["--portal", url]).allow_http_portal

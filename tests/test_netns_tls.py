@@ -113,8 +113,9 @@ def test_a_worker_in_its_own_namespace_serves_over_tls_and_impostors_get_nothing
                             HEARTBEAT_INTERVAL_S="1", ALLOWED_HOSTS=gpu.host_address).start()
         gateway = LiveGateway(portal.url, create_gateway_token(portal.env, "netns"),
                               host=gpu.host_address)
+        # The test's portal is plain HTTP on the link (a lab network: the flag says so).
         agent = LiveAgent(portal.url, "gpu1", "9400-9409", tmp_path / "agent", join_secret,
-                          address=gpu.address, prefix=gpu.command([]))
+                          "--allow-http-portal", address=gpu.address, prefix=gpu.command([]))
         try:
             gateway.start()
             agent.start()

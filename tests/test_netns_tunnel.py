@@ -58,7 +58,7 @@ class Pool:
         self.agents = [
             LiveAgent(self.portal.url, host.name.rsplit("-", 1)[1], "9400-9409",
                       tmp_path / f"agent-{index}", join_secret, "--bind-host", "127.0.0.1",
-                      address=host.address, prefix=host.command([]))
+                      "--allow-http-portal", address=host.address, prefix=host.command([]))
             for index, host in enumerate(self.hosts)]
 
     def start(self) -> Pool:

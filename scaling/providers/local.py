@@ -41,6 +41,9 @@ KILL_WAIT_S = 5.0
 # The agent reads a join token from here: in the environment, not on the command line,
 # where `ps` shows it to every user of the machine.
 JOIN_TOKEN_ENV = "SWARM_JOIN_TOKEN"  # noqa: S105 - a variable name
+# The workers started here run on the portal's own machine, so an http:// portal URL (even
+# on a LAN address, SWARM_HOST) never crosses a network: swarm-worker's check allows it.
+LOCAL_WORKER_ENV = {"SWARM_WORKER_ALLOW_HTTP_PORTAL": "1"}
 # The portal's secrets stay with the portal: a worker needs none of them.
 PORTAL_ONLY_ENV = ("DJANGO_SETTINGS_MODULE", "SECRET_KEY", "DATABASE_URL", "REDIS_URL",
                    "METRICS_TOKEN", "SWARM_ADMIN_PASSWORD")
@@ -232,8 +235,8 @@ def create_join_token(name: str) -> str:
 
 def _worker_env() -> dict[str, str]:
     # A token of ours in this process's environment is not the worker's to reuse.
-    return {key: value for key, value in os.environ.items()
-            if key not in PORTAL_ONLY_ENV and key != JOIN_TOKEN_ENV}
+    return {**{key: value for key, value in os.environ.items()
+               if key not in PORTAL_ONLY_ENV and key != JOIN_TOKEN_ENV}, **LOCAL_WORKER_ENV}
 
 
 def _read_record(path: Path) -> WorkerRecord | None:

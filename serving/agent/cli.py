@@ -24,6 +24,7 @@ MAX_PORT = 65535
 EXIT_USAGE = 2
 JOIN_TOKEN_ENV = "SWARM_JOIN_TOKEN"  # noqa: S105 - a variable name
 TUNNEL_ENV = "SWARM_WORKER_TUNNEL"
+ALLOW_HTTP_PORTAL_ENV = "SWARM_WORKER_ALLOW_HTTP_PORTAL"
 TOKEN_ON_COMMAND_LINE = (
     "--token puts the join token on the command line, where any user of this machine can "
     f"read it (ps): give it in the {JOIN_TOKEN_ENV} environment variable or in a file only "
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replicas serve TLS with a certificate the portal signs at join "
                         "(auto, the default: on unless --address is a loopback address; off "
                         "is allowed for loopback addresses only)")
+    parser.add_argument("--allow-http-portal", action="store_true",
+                        default=os.environ.get(ALLOW_HTTP_PORTAL_ENV, "") == "1",
+                        help="accept an http:// portal URL on a network address (the join "
+                        "token and node secret then cross the network in clear: for a lab "
+                        f"network you trust; or set {ALLOW_HTTP_PORTAL_ENV}=1)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
@@ -169,6 +175,17 @@ def tls_enabled(choice: str, address: str) -> bool:
     return choice == "on" or (choice == "auto" and not is_loopback(address))
 
 
+def check_portal_scheme(url: str, allow_http: bool) -> None:
+    """Raise ValueError for a plain http:// portal on a network address unless allowed:
+    the join token, then the node secret in every heartbeat, would cross it in clear."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" or allow_http or is_loopback(parts.hostname or ""):
+        return
+    raise ValueError(f"--portal {url} is plain HTTP on a network address: the join token and "
+                     "the node secret would cross the network in clear. Use the portal's "
+                     "https:// URL, or --allow-http-portal on a network you trust")
+
+
 def join_token(args: argparse.Namespace) -> str | None:
     """Return the join token from --token-file or SWARM_JOIN_TOKEN (None: neither given).
 
@@ -203,6 +220,7 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         tls_enabled(args.tls, args.address)
+        check_portal_scheme(args.portal, args.allow_http_portal)
         token = join_token(args)
     except (TokenFileError, ValueError) as error:
         print(f"swarm-worker: error: {error}", file=sys.stderr)
