@@ -4,7 +4,8 @@ KServe's transport -> dataplane split: `GatewayCore` holds the routing table, ke
 limits, balancers, hold at zero and metrics, and answers plain values. `admit` (table,
 credentials, model and version, metadata and readiness answers, rate limit) and `infer`
 (version draw, hold at zero, balanced forwarding with retries, metrics) take a parsed
-target, header pairs and an UpstreamRequest and return a Response; the ASGI app
+target, header pairs and an UpstreamRequest and return a Response (or, for a stream, a
+StreamingResponse the transport sends as it arrives: streaming.py); the ASGI app
 (app.py) and the gRPC servicer (grpc_server.py) only translate their wire formats to
 these and back, so both transports get the same behaviour from the same code.
 """

@@ -14,10 +14,12 @@ Requests on one connection run one at a time, answered in order (pipelined ones 
 with reading paused). Bodies are read whole, up to `GatewayApp.max_body_bytes` (413
 after that, then the connection closes); a malformed request gets a 400 JSON answer and
 the connection closes; a head past MAX_HEAD_BYTES gets 431. `Expect: 100-continue` is
-answered at once. A client that goes away cancels its request the way the ASGI app's
-`http.disconnect` does. uvicorn's server runs this protocol (service.py sets it as the
-http protocol class), so its graceful stop applies: `shutdown` closes idle connections
-and lets in-flight requests finish first.
+answered at once. A streamed answer (generate_stream, streaming.py) goes out chunked, one
+write per chunk as it arrives, waiting while the client's socket is full. A client that
+goes away cancels its request the way the ASGI app's `http.disconnect` does. uvicorn's
+server runs this protocol (service.py sets it as the http protocol class), so its
+graceful stop applies: `shutdown` closes idle connections and lets in-flight requests
+finish first.
 """
 
 from __future__ import annotations
