@@ -11,8 +11,12 @@ leases held for the whole stream so streams spread over replicas by running sequ
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +24,14 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from registry.demo_lm import cached_tiny_lm_archive
 from serving.gateway.filesource import write_table
-from serving.gateway.routes import VersionInfo
+from serving.gateway.node_tls import key_pin_of
+from serving.gateway.routes import ReplicaRoute, VersionInfo
 from serving.replica.generation_runner import TEXT_SIGNATURE
+from tests.certs import certificate, new_key, pem
 from tests.gateway_helpers import (
     BEARER,
     StandaloneGateway,
@@ -34,7 +41,15 @@ from tests.gateway_helpers import (
     table,
     wait_for,
 )
-from tests.replica_models import ReplicaProcess, free_port, start_replica
+from tests.replica_models import (
+    KEY,
+    REPO_ROOT,
+    ReplicaProcess,
+    free_port,
+    replica_command,
+    start_replica,
+)
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 NAME = "tiny"
@@ -252,3 +267,58 @@ def test_a_replica_dying_mid_stream_is_an_error_for_the_client(tiny_lm, tmp_path
     finally:
         gateway.stop()
         doomed.stop()
+
+
+def test_a_stream_from_a_tls_replica_relays_and_its_connection_serves_again(tiny_lm,
+                                                                            tmp_path):
+    """Direct mode is TLS: the stream's exchange takes over a TLS transport and gives it
+    back to the pool, where the next requests (stream and plain) reuse it."""
+    ca_key = new_key()
+    ca = certificate(ca_key.public_key(), ca_key, "node CA", ca=True)
+    node_key = new_key()
+    node_cert = certificate(node_key.public_key(), ca_key, "node", issuer=ca.subject,
+                            sans=["127.0.0.1"], server_auth=True)
+    cert_path, key_path = tmp_path / "node.pem", tmp_path / "node.key"
+    cert_path.write_text(pem(node_cert))
+    key_path.write_bytes(node_key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    signature = tmp_path / "signature.json"
+    signature.write_text(json.dumps(TEXT_SIGNATURE))
+    port = free_port()
+    command = [*replica_command(tiny_lm, "hf_causal_lm", signature, port, name=NAME),
+               "--tls-cert-file", str(cert_path), "--tls-key-file", str(key_path)]
+    replica = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               env={**os.environ, "SWARM_REPLICA_KEY": KEY})
+    gateway = None
+    try:
+        trust = ssl.create_default_context(cadata=pem(ca))
+        with httpx.Client(verify=trust, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=5) as direct:
+            wait_until(lambda: _ready(direct, port), 60, "the TLS replica to be ready")
+        pin = key_pin_of(node_cert.public_bytes(serialization.Encoding.DER))
+        route = ReplicaRoute(1, "127.0.0.1", port, KEY, 1, tls_sha256=pin)
+        path = tmp_path / "table.json"
+        write_table(path, dataclasses.replace(lm_table(route), node_ca_pem=pem(ca)))
+        gateway = StandaloneGateway(path)
+        body = {"text_input": "Hello, world.", "max_tokens": 10, "ignore_eos": True}
+        with client(gateway.url) as http:
+            whole = http.post(GENERATE, json=body).json()
+            for _ in range(2):
+                with http.stream("POST", STREAM, json=body) as response:
+                    assert response.status_code == 200
+                    events = list(events_of(response.iter_lines()))
+                assert "".join(e["text_output"] for e in events) == whole["text_output"]
+            assert http.post(GENERATE, json=body).json() == whole
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        replica.terminate()
+        replica.wait(timeout=30)
+
+
+def _ready(direct: httpx.Client, port: int) -> bool:
+    try:
+        return direct.get(f"https://127.0.0.1:{port}/v2/health/ready").status_code == 200
+    except httpx.TransportError:
+        return False
