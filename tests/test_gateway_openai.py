@@ -23,8 +23,10 @@ from serving.gateway.filesource import FileTableSource, write_table
 from serving.gateway.routes import VersionInfo
 from serving.replica.generation_runner import TEXT_SIGNATURE
 from tests.gateway_helpers import (
+    BEARER,
     SECRET,
     GatewayThread,
+    MemoryTableSource,
     StandaloneGateway,
     api_key,
     deployment,
@@ -92,7 +94,7 @@ def asgi_gateway(table_path) -> Iterator[StandaloneGateway]:
     process.stop()
 
 
-def client(gateway: StandaloneGateway, key: str = SECRET) -> openai.OpenAI:
+def client(gateway: StandaloneGateway | GatewayThread, key: str = SECRET) -> openai.OpenAI:
     # No retries: a 429 or 5xx must reach the test, not be retried away.
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
@@ -188,6 +190,36 @@ def test_bogus_v1_requests_grow_no_state(table_path):
             assert http.post("/v1/completions", headers=auth, json={
                 "model": f"tiny:{n + 3}", "prompt": "x"}).status_code == 404
         assert app.state_sizes() == before
+
+
+def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica(replicas):
+    # Both processes as one version of "tiny" (the /v2 path names the replicas' model).
+    sticky = deployment("tiny", [replica_route(replicas[0], 1, 1),
+                                 replica_route(replicas[1], 2, 1)],
+                        info=LM_INFO, prefix_affinity_chars=64)
+    app = GatewayApp(MemoryTableSource(table(sticky)))
+    system = "You are the swarm's assistant. Answer every question in one short line."
+
+    def deltas(send: Any) -> list[int]:
+        before = [generation_count(replica) for replica in replicas]
+        send()
+        return [generation_count(r) - b for r, b in zip(replicas, before, strict=True)]
+
+    with GatewayThread(app) as served:
+        api = client(served)
+        chats = deltas(lambda: [api.chat.completions.create(model="tiny", max_tokens=1, messages=[
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Question {n}?"}]) for n in range(6)])
+        assert sorted(chats) == [0, 6]
+        generates = deltas(lambda: [httpx.post(
+            f"{served.url}/v2/models/tiny/generate", headers=BEARER, timeout=60,
+            json={"text_input": f"{system} Question {n}?", "max_tokens": 1}
+        ).raise_for_status() for n in range(6)])
+        assert sorted(generates) == [0, 6]
+        # Different prefixes spread: all 16 on one replica has odds of 2 * 0.5**16.
+        spread = deltas(lambda: [api.completions.create(
+            model="tiny", prompt=f"{n} " * 40, max_tokens=1) for n in range(16)])
+        assert min(spread) > 0 and sum(spread) == 16
 
 
 def test_unknown_and_non_generative_models_are_404(gateway):

@@ -186,6 +186,8 @@ class GatewayApp(GatewayCore):
         target_path = raw_path or path.encode()
         request = UpstreamRequest(b"POST", target_path + b"?" + query if query else target_path,
                                   forwarded, body)
+        if generates:
+            request.affinity = self.openai.generate_affinity(runtime.route, body)
         response = await self.infer(runtime, target, request, started_s, receive,
                                     stream=target.action == "generate_stream")
         return self.openai.charge(headers, response) if generates else response

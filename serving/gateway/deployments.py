@@ -159,10 +159,11 @@ class DeploymentRuntime:
         self._metadata: dict[int | None, bytes] = {}
         self.waiting.wake_all()
 
-    def choose(self, now_s: float, exclude: frozenset[int],
-               version: int | None) -> Lease | Unavailable:
-        """Return a lease on a replica for one attempt, or why there is none."""
-        lease = self.balancer.choose(now_s, exclude, version)
+    def choose(self, now_s: float, exclude: frozenset[int], version: int | None,
+               affinity: bytes | None = None) -> Lease | Unavailable:
+        """Return a lease on a replica for one attempt, or why there is none (`affinity`:
+        a prompt's prefix key, see serving/affinity.py)."""
+        lease = self.balancer.choose(now_s, exclude, version, affinity)
         if isinstance(lease, Lease):
             self.leased += 1
         return lease

@@ -38,6 +38,7 @@ class UpstreamRequest:
     target: bytes
     headers: Headers
     body: bytes
+    affinity: bytes | None = None  # the prompt's prefix key (serving/affinity.py), if on
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 0.4 us more per request
@@ -69,9 +70,11 @@ class Forwarder:
         tried: frozenset[int] = frozenset()
         last: UpstreamResponse | None = None
         for attempt in range(max(1, runtime.route.max_attempts)):
-            lease: Lease | Unavailable | str = runtime.choose(self._clock(), tried, version)
+            lease: Lease | Unavailable | str = runtime.choose(self._clock(), tried, version,
+                                                              request.affinity)
             if lease is Unavailable.AT_CAPACITY:
-                lease = await self._wait_for_lease(runtime, version, tried, deadline)
+                lease = await self._wait_for_lease(runtime, version, tried, deadline,
+                                                   request.affinity)
             if not isinstance(lease, Lease):
                 return self._unavailable(runtime, version, lease, last)
             if attempt:
@@ -87,7 +90,7 @@ class Forwarder:
 
     async def _wait_for_lease(self, runtime: DeploymentRuntime, version: int,
                               tried: frozenset[int], deadline: float,
-                              ) -> Lease | Unavailable | str:
+                              affinity: bytes | None) -> Lease | Unavailable | str:
         """Queue until a replica has room; QUEUE_FULL when full or after the queue timeout."""
         route = runtime.route
         loop = asyncio.get_running_loop()
@@ -96,7 +99,7 @@ class Forwarder:
             timeout_s = queue_deadline - loop.time()
             if not await runtime.waiting.wait(version, route.queue_limit, timeout_s):
                 return QUEUE_FULL
-            lease = runtime.choose(self._clock(), tried, version)
+            lease = runtime.choose(self._clock(), tried, version, affinity)
             if lease is not Unavailable.AT_CAPACITY:
                 return lease
 

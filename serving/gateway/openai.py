@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from serving.affinity import prefix_key
 from serving.gateway.auth import Rejected, credentials, key_digest, session_key
 from serving.gateway.forwarding import UpstreamRequest
 from serving.gateway.limits import shown
@@ -26,6 +27,7 @@ from serving.gateway.openai_wire import (
     STREAM_BYTES_PER_TOKEN,
     OpenAIRequestError,
     as_openai_error,
+    generate_prompt,
     generative,
     model_list,
     openai_error,
@@ -35,7 +37,7 @@ from serving.gateway.openai_wire import (
 from serving.gateway.ratelimit import retry_after_s
 from serving.gateway.requests import BodyTooLarge, ClientGone, read_body
 from serving.gateway.responses import Headers, Receive, Response, retry_later
-from serving.gateway.routes import ApiKeyRoute
+from serving.gateway.routes import ApiKeyRoute, DeploymentRoute
 from serving.gateway.streaming import StreamingResponse, StreamSummary
 from swarm_protocol.wire_numbers import parse_count
 
@@ -133,7 +135,8 @@ class OpenAIEndpoints:
         if spent is not None:
             return spent
         forwarded: Headers = [(b"content-type", b"application/json")]
-        upstream = UpstreamRequest(b"POST", upstream_path, forwarded, read)
+        upstream = UpstreamRequest(b"POST", upstream_path, forwarded, read,
+                                   _affinity(runtime.route, request.prompt))
         response = await core.infer(runtime, target, upstream, started_s, receive,
                                     stream=request.stream)
         if response is None:
@@ -180,6 +183,13 @@ class OpenAIEndpoints:
         `oip`: in the /v2 error shape."""
         return self._tokens_refusal(self._key(headers), deployment, oip)
 
+    def generate_affinity(self, route: DeploymentRoute, body: bytes) -> bytes | None:
+        """Return the prefix key of a generate body's prompt when the deployment asks for
+        prefix affinity (the body is parsed only then), else None."""
+        if route.prefix_affinity_chars <= 0:
+            return None
+        return _affinity(route, generate_prompt(body))
+
     def charge(self, headers: Headers, response: Response | StreamingResponse | None,
                ) -> Response | StreamingResponse | None:
         """Charge an admitted caller for an answer's tokens (see `_charged`)."""
@@ -222,6 +232,12 @@ class OpenAIEndpoints:
 
         response.on_end.append(charge)
         return response
+
+
+def _affinity(route: DeploymentRoute, prompt: str) -> bytes | None:
+    """Return the prompt's prefix key when the deployment asks for prefix affinity."""
+    chars = route.prefix_affinity_chars
+    return prefix_key(prompt, chars) if chars > 0 and prompt else None
 
 
 def _anonymous(headers: Headers) -> Response | None:

@@ -110,6 +110,16 @@ def prompt_text(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
+def generate_prompt(body: bytes) -> str:
+    """Return a /v2 generate body's `text_input` ("" when it has none or is not JSON)."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return ""
+    prompt = request.get("text_input") if isinstance(request, dict) else None
+    return prompt_text(prompt)
+
+
 def chat_text(messages: Any) -> str:
     """Return the chat's messages as one text, in order (roles and string contents)."""
     if not isinstance(messages, list):

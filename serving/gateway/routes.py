@@ -55,6 +55,9 @@ class DeploymentRoute:
     max_attempts: int = 3
     # > 0: at zero replicas, hold requests this long while the auto-scaler starts one.
     hold_timeout_s: float = 0.0
+    # > 0: generate requests whose prompts share their first this many characters go to
+    # one replica while its load allows (serving/affinity.py); 0: off.
+    prefix_affinity_chars: int = 0
 
 
 @dataclass(frozen=True)
