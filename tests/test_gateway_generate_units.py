@@ -79,9 +79,10 @@ def replica(tmp_path_factory) -> Iterator[ReplicaProcess]:
 
 async def stream_through_core(replica: ReplicaProcess, body: dict[str, object],
                               chunks_wanted: int | None = None,
-                              ) -> tuple[GatewayApp, list[bytes], StreamSummary]:
+                              ) -> tuple[GatewayApp, list[bytes], StreamSummary, int]:
     """Run one generate_stream through GatewayCore.infer(stream=True), reading
-    `chunks_wanted` chunks (None: all) before ending it as a client that hangs up."""
+    `chunks_wanted` chunks (None: all) before ending it as a client that hangs up;
+    return the app, the chunks, the summary and the idle pooled connections after."""
     app = GatewayApp(MemoryTableSource(lm_table(replica_route(replica, 1))))
     await app.start()
     target = parse_model_path(f"/v2/models/{NAME}/generate_stream")
@@ -99,17 +100,21 @@ async def stream_through_core(replica: ReplicaProcess, body: dict[str, object],
         while (chunks_wanted is None or len(chunks) < chunks_wanted) \
                 and (chunk := await response.next_chunk()):
             chunks.append(chunk)
+        response.end(StreamEnd.CLIENT_GONE)
+        await asyncio.sleep(0)  # a closed connection's transport lets go on the next step
+        idle = app.pool.idle_count("127.0.0.1", replica.port)
     finally:
         response.end(StreamEnd.CLIENT_GONE)
         await app.aclose()
     assert len(summaries) == 1  # once, however many times end is called
-    return app, chunks, summaries[0]
+    return app, chunks, summaries[0], idle
 
 
 def test_the_core_stream_ends_with_the_usage_in_its_last_event(replica):
     body = {"text_input": "Hello, world.", "max_tokens": 9, "ignore_eos": True}
-    app, chunks, summary = asyncio.run(stream_through_core(replica, body))
+    app, chunks, summary, idle = asyncio.run(stream_through_core(replica, body))
     assert summary.outcome is StreamEnd.COMPLETE
+    assert idle == 1  # the connection went back to the pool
     assert summary.body_bytes == sum(map(len, chunks))
     last = json.loads(summary.last_event)
     assert last["finish_reason"] == "length"
@@ -118,8 +123,10 @@ def test_the_core_stream_ends_with_the_usage_in_its_last_event(replica):
 
 
 def test_the_core_stream_ended_early_releases_its_lease_as_cancelled(replica):
-    app, chunks, summary = asyncio.run(stream_through_core(replica, LONG, chunks_wanted=1))
+    app, chunks, summary, idle = asyncio.run(stream_through_core(replica, LONG,
+                                                                 chunks_wanted=1))
     assert summary.outcome is StreamEnd.CLIENT_GONE
+    assert idle == 0  # closed, never pooled: the replica sees the hang-up
     assert len(chunks) == 1 and summary.first_chunk_s is not None
     assert json.loads(summary.last_event)["text_output"]  # a delta, not the end
     assert app.in_flight() == {NAME: 0}
