@@ -173,6 +173,28 @@ def test_a_canary_split_spreads_requests_over_both_versions(gateway, replicas):
     assert sum(after) - sum(before) == 16
 
 
+class Sessions:
+    """The portal's session check, answered here: only the session "good" is logged in."""
+
+    async def allows(self, session_key: str, deployment: str) -> bool:
+        return session_key == "good"
+
+
+def test_a_portal_session_uses_v1_without_a_key(table_path):
+    # The playground calls /v1 from the browser with its session cookie, no API key.
+    with GatewayThread(GatewayApp(FileTableSource(table_path), Sessions())) as served, \
+            httpx.Client(base_url=served.url, timeout=60) as http:
+        good, stale = {"Cookie": "csrftoken=x; sessionid=good"}, {"Cookie": "sessionid=stale"}
+        assert [m["id"] for m in http.get("/v1/models", headers=good).json()["data"]] == \
+            ["canary", "tiny"]
+        chat = http.post("/v1/chat/completions", headers=good, json={
+            "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] <= 2
+        assert http.get("/v1/models", headers=stale).status_code == 401
+        assert http.post("/v1/completions", headers=stale, json={
+            "model": "tiny", "prompt": "x"}).status_code == 401
+
+
 def test_bogus_v1_requests_grow_no_state(table_path):
     app = GatewayApp(FileTableSource(table_path))
     with GatewayThread(app) as served, httpx.Client(base_url=served.url, timeout=60) as http:

@@ -11,6 +11,7 @@ from serving.gateway.openai_wire import (
     OpenAIRequestError,
     as_openai_error,
     chat_text,
+    generate_prompt,
     generative,
     model_list,
     model_target,
@@ -78,6 +79,13 @@ def test_a_request_needs_a_json_object_with_a_string_model():
         assert refused.value.response.status == 400
         assert json.loads(refused.value.response.body)["error"]["type"] == \
             "invalid_request_error"
+
+
+def test_generate_prompt_reads_text_input_or_nothing():
+    assert generate_prompt(b'{"text_input": "hello"}') == "hello"
+    assert generate_prompt(b'{"text_input": ["one"]}') == "one"
+    for body in (b"", b"[1]", b'{"text_input": 3}', b"\xff", b"[" * 100_000):
+        assert generate_prompt(body) == "", body
 
 
 def test_prompt_text_tolerates_any_shape():
