@@ -6,6 +6,7 @@ from typing import Any
 
 from django import forms
 
+from scaling.models import ScalingMetric
 from serving.models import MAX_TOKENS_PER_MINUTE
 from serving.services.deployments import MAX_REPLICAS
 
@@ -53,6 +54,18 @@ class PolicyForm(forms.Form):
     max_step_down = forms.IntegerField(min_value=1, required=False)
     scale_to_zero = forms.BooleanField(required=False)
     idle_before_zero_s = forms.FloatField(min_value=0)
+    # Optional: a form from before they existed changes neither (see changes()).
+    metric = forms.ChoiceField(choices=ScalingMetric.choices, required=False,
+                               help_text="what a replica's demand counts")
+    target_sequences_per_replica = forms.FloatField(
+        min_value=0.001, required=False,
+        help_text="with running + waiting sequences: the target per replica")
+
+    def changes(self) -> dict[str, Any]:
+        """Return the settings to save (after is_valid()): the metric's, where given."""
+        return {name: value for name, value in self.cleaned_data.items()
+                if value not in (None, "") or name not in ("metric",
+                                                           "target_sequences_per_replica")}
 
     @classmethod
     def for_policy(cls, policy: Any) -> PolicyForm:
@@ -60,7 +73,8 @@ class PolicyForm(forms.Form):
             return cls(initial={"enabled": True, "min_replicas": 1, "max_replicas": 4,
                                 "target_in_flight_per_replica": 8.0, "stable_window_s": 60.0,
                                 "panic_window_s": 6.0, "scale_down_delay_s": 30.0,
-                                "idle_before_zero_s": 300.0})
+                                "idle_before_zero_s": 300.0, "metric": ScalingMetric.IN_FLIGHT,
+                                "target_sequences_per_replica": 12.0})
         return cls(initial={name: getattr(policy, name) for name in cls.base_fields})
 
 

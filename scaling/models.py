@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from django.db import models
 
+from scaling.policy_config import METRIC_IN_FLIGHT, METRIC_SEQUENCES
 from serving.models import Deployment
+
+
+class ScalingMetric(models.TextChoices):
+    """What a policy counts as a replica's demand (scaling/policy_config.py)."""
+
+    IN_FLIGHT = METRIC_IN_FLIGHT, "requests in flight"
+    SEQUENCES = METRIC_SEQUENCES, "running + waiting sequences (generative models)"
 
 
 class ScalingPolicy(models.Model):
@@ -31,6 +39,10 @@ class ScalingPolicy(models.Model):
                                                 help_text="empty: no limit")
     scale_to_zero = models.BooleanField(default=False)
     idle_before_zero_s = models.FloatField(default=300.0)
+    metric = models.CharField(max_length=16, choices=ScalingMetric.choices,
+                              default=ScalingMetric.IN_FLIGHT)
+    target_sequences_per_replica = models.FloatField(
+        default=12.0, help_text="with metric 'sequences': running + waiting per replica")
     # Kept by the scheduler, not edited by people.
     state = models.JSONField(default=dict, blank=True)
     last_tick = models.BigIntegerField(default=0, help_text="the last tick that claimed it")

@@ -7,7 +7,9 @@ a scheduler restart loses nothing; the Celery tick, the tests and the simulator 
 call the same function.
 
 Demand is concurrent requests: in flight plus queued on every replica, plus requests
-the gateway holds while a deployment is at zero. Two windows average it: the stable
+the gateway holds while a deployment is at zero; or, under the "sequences" metric, a
+generative replica's running plus waiting sequences (config.metric, the unit its reasons
+name). Two windows average it: the stable
 window decides normally; the short panic window catches bursts (scale up at once,
 never down while in panic), as Knative's autoscaler does.
 """
@@ -19,87 +21,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from scaling.policy_config import (
+    METRIC_IN_FLIGHT,
+    METRIC_SEQUENCES,
+    METRICS,
+    ScalingPolicyConfig,
+)
+from scaling.policy_config import is_int as _is_int
+from scaling.policy_config import is_number as _is_number
+
+__all__ = ["METRICS", "METRIC_IN_FLIGHT", "METRIC_SEQUENCES", "Decision", "ReplicaSample",
+           "ScalingInputs", "ScalingPolicyConfig", "ScalingState", "decide"]
+
 # Bounds the ring if ticks come much faster than expected; at a 2 s tick and a
 # 60 s window the ring holds 30 samples.
 MAX_SAMPLES = 1024
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ScalingPolicyConfig:
-    """The operator's scaling settings for one deployment."""
-
-    min_replicas: int
-    max_replicas: int
-    target_in_flight_per_replica: float
-    stable_window_s: float = 60.0
-    panic_window_s: float = 6.0
-    panic_threshold: float = 2.0
-    scale_down_delay_s: float = 30.0
-    max_step_up: int | None = None
-    max_step_down: int | None = None
-    scale_to_zero: bool = False
-    idle_before_zero_s: float = 300.0
-    # Scale down only to a count that serves the stable demand with this share to
-    # spare, so demand wandering around a boundary does not flap (Kubernetes' HPA
-    # keeps a 10% band the same way).
-    scale_down_tolerance: float = 0.1
-
-    def __post_init__(self) -> None:
-        problems = _config_problems(self)
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def active_floor(self) -> int:
-        """Return the fewest replicas while the deployment is not idle at zero."""
-        return max(1, self.min_replicas)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _config_problems(config: ScalingPolicyConfig) -> list[str]:
-    problems = [f"{name}: must be an integer, got {getattr(config, name)!r}"
-                for name in ("min_replicas", "max_replicas")
-                if not _is_int(getattr(config, name))]
-    problems += [f"{name}: must be a finite number, got {getattr(config, name)!r}"
-                 for name in ("target_in_flight_per_replica", "stable_window_s",
-                              "panic_window_s", "panic_threshold", "scale_down_delay_s",
-                              "idle_before_zero_s", "scale_down_tolerance")
-                 if not _is_number(getattr(config, name))]
-    problems += [f"{name}: must be None or an integer >= 1, got {getattr(config, name)!r}"
-                 for name in ("max_step_up", "max_step_down")
-                 if getattr(config, name) is not None
-                 and not (_is_int(getattr(config, name)) and getattr(config, name) >= 1)]
-    if not isinstance(config.scale_to_zero, bool):
-        problems.append(f"scale_to_zero: must be a bool, got {config.scale_to_zero!r}")
-    return problems or _range_problems(config)
-
-
-def _range_problems(config: ScalingPolicyConfig) -> list[str]:
-    checks = [
-        (config.min_replicas >= 0, "min_replicas: must be >= 0"),
-        (config.min_replicas >= 1 or config.scale_to_zero,
-         "min_replicas: may be 0 only when scale_to_zero is set"),
-        (config.max_replicas >= max(1, config.min_replicas),
-         "max_replicas: must be >= max(1, min_replicas)"),
-        (config.target_in_flight_per_replica > 0, "target_in_flight_per_replica: must be > 0"),
-        (config.stable_window_s > 0, "stable_window_s: must be > 0"),
-        (0 < config.panic_window_s <= config.stable_window_s,
-         "panic_window_s: must be > 0 and <= stable_window_s"),
-        (config.panic_threshold >= 1, "panic_threshold: must be >= 1"),
-        (config.scale_down_delay_s >= 0, "scale_down_delay_s: must be >= 0"),
-        (config.idle_before_zero_s >= 0, "idle_before_zero_s: must be >= 0"),
-        (0 <= config.scale_down_tolerance < 1, "scale_down_tolerance: must be >= 0 and < 1"),
-    ]
-    return [message for ok, message in checks if not ok]
 
 
 @dataclass(frozen=True)
@@ -108,6 +45,15 @@ class ReplicaSample:
 
     in_flight: float
     queue_depth: float = 0.0
+    # A generative replica's running + waiting sequences; None: it does not say (not
+    # generative, or an older agent), and its requests in flight stand in for them.
+    sequences: float | None = None
+
+    def demand(self, metric: str) -> float:
+        """Return this replica's demand in the metric's unit."""
+        if metric == METRIC_SEQUENCES and self.sequences is not None:
+            return self.sequences
+        return self.in_flight + self.queue_depth
 
 
 @dataclass(frozen=True)
@@ -122,7 +68,12 @@ class ScalingInputs:
     @property
     def demand(self) -> float:
         """Return concurrent requests: in flight and queued on replicas, plus held ones."""
-        return float(sum(s.in_flight + s.queue_depth for s in self.samples) + self.held_requests)
+        return self.demand_for(METRIC_IN_FLIGHT)
+
+    def demand_for(self, metric: str) -> float:
+        """Return the replicas' demand in the metric's unit, plus the held requests (one
+        held request becomes one sequence)."""
+        return float(sum(s.demand(metric) for s in self.samples) + self.held_requests)
 
 
 @dataclass(frozen=True)
@@ -210,9 +161,9 @@ def decide(config: ScalingPolicyConfig, inputs: ScalingInputs,
            state: ScalingState) -> Decision:
     """Return the desired replica count for this tick, its reason and the next state."""
     _check_inputs(inputs)
-    now_s, demand = float(inputs.now_s), inputs.demand
+    now_s, demand = float(inputs.now_s), inputs.demand_for(config.metric)
     samples = _record(state.samples, now_s, demand, config.stable_window_s)
-    view = _view(config, inputs, samples)
+    view = _view(config, inputs, demand, samples)
     state = _replace(
         state, samples=samples,
         # A fresh state starts both clocks now, so a new scheduler never scales down
@@ -256,14 +207,14 @@ def _average_since(samples: tuple[tuple[float, float], ...], since_s: float) -> 
     return sum(recent) / len(recent)
 
 
-def _view(config: ScalingPolicyConfig, inputs: ScalingInputs,
+def _view(config: ScalingPolicyConfig, inputs: ScalingInputs, demand: float,
           samples: tuple[tuple[float, float], ...]) -> _View:
     now_s = float(inputs.now_s)
     stable = _average_since(samples, now_s - config.stable_window_s)
     panic = _average_since(samples, now_s - config.panic_window_s)
-    target = config.target_in_flight_per_replica
+    target = config.target_per_replica
     spare_target = target * (1 - config.scale_down_tolerance)
-    return _View(now_s, inputs.current_replicas, inputs.demand, stable, panic,
+    return _View(now_s, inputs.current_replicas, demand, stable, panic,
                  _replicas_for(stable, target), _replicas_for(panic, target),
                  _replicas_for(stable, spare_target))
 
@@ -276,7 +227,7 @@ def _replicas_for(demand: float, target: float) -> int:
 def _capacity(config: ScalingPolicyConfig, current: int) -> float:
     # At zero replicas count one, as Knative does: a single held request at a cold
     # start is not a burst; a crowd of them is.
-    return max(current, 1) * config.target_in_flight_per_replica
+    return max(current, 1) * config.target_per_replica
 
 
 def _update_panic(config: ScalingPolicyConfig, view: _View,
@@ -321,8 +272,9 @@ def _raw_desired(config: ScalingPolicyConfig, view: _View,
         return _cold_start_desired(config, view)
     if state.in_panic:
         return _panic_desired(config, view)
-    stable = (f"demand {view.stable_demand:.1f} over {config.stable_window_s:g} s needs "
-              f"{view.stable_desired} at {config.target_in_flight_per_replica:g} per replica")
+    stable = (f"demand {view.stable_demand:.1f}{config.unit} over {config.stable_window_s:g} s"
+              f" needs {view.stable_desired} at {config.target_per_replica:g}{config.unit} "
+              "per replica")
     if view.stable_desired >= view.current:
         return view.stable_desired, stable
     spare = f"{view.down_desired} with {config.scale_down_tolerance:.0%} to spare"
@@ -338,18 +290,18 @@ def _raw_desired(config: ScalingPolicyConfig, view: _View,
 
 def _cold_start_desired(config: ScalingPolicyConfig, view: _View) -> tuple[int, str]:
     # The windows still hold the idle past; the requests waiting now are what counts.
-    now_desired = _replicas_for(view.demand, config.target_in_flight_per_replica)
+    now_desired = _replicas_for(view.demand, config.target_per_replica)
     desired = max(now_desired, view.panic_desired, view.stable_desired)
     return desired, (f"{view.demand:g} held requests at zero need {now_desired} at "
-                     f"{config.target_in_flight_per_replica:g} per replica")
+                     f"{config.target_per_replica:g}{config.unit} per replica")
 
 
 def _panic_desired(config: ScalingPolicyConfig, view: _View) -> tuple[int, str]:
     capacity = _capacity(config, view.current)
     desired = max(view.current, view.panic_desired, view.stable_desired)
     relation = ">=" if view.panic_demand >= config.panic_threshold * capacity else "<"
-    text = (f"demand {view.panic_demand:.1f} over {config.panic_window_s:g} s "
-            f"{relation} {config.panic_threshold:g}x capacity {capacity:g}")
+    text = (f"demand {view.panic_demand:.1f}{config.unit} over {config.panic_window_s:g} s "
+            f"{relation} {config.panic_threshold:g}x capacity {capacity:g}{config.unit}")
     if view.panic_desired < view.current:
         text += f", needs {view.panic_desired} but no scale-down in panic"
     return desired, text

@@ -39,7 +39,8 @@ from swarm_portal.live_events import DeploymentScaled
 log = logging.getLogger(__name__)
 POLICY_FIELDS = ("enabled", "min_replicas", "max_replicas", "target_in_flight_per_replica",
                  "stable_window_s", "panic_window_s", "panic_threshold", "scale_down_delay_s",
-                 "max_step_up", "max_step_down", "scale_to_zero", "idle_before_zero_s")
+                 "max_step_up", "max_step_down", "scale_to_zero", "idle_before_zero_s",
+                 "metric", "target_sequences_per_replica")
 HELD_TTL_S = 5  # a gateway re-reports held requests every second while it holds them
 
 
@@ -57,6 +58,8 @@ def do_set_policy(deployment: Deployment, **fields: Any) -> ScalingPolicy:
     with transaction.atomic():
         policy = (ScalingPolicy.objects.select_for_update().filter(deployment=deployment)
                   .first() or ScalingPolicy(deployment=deployment))
+        if fields.get("metric", policy.metric) != policy.metric:
+            policy.state = {}  # its windows hold demand in the other metric's unit
         for name, value in fields.items():
             setattr(policy, name, value)
         try:
@@ -122,13 +125,18 @@ class _Figures:
 
 
 def _sample(status: dict[str, Any]) -> ReplicaSample:
-    """Return a replica's demand: its mean concurrency since the last heartbeat if known.
+    """Return a replica's demand: its mean concurrency since the last heartbeat if known,
+    and its running + waiting sequences if it is generative (ReplicaStatus checked them).
 
     The replica's in_flight already includes the requests queued for a batch, so the
     queue depth is not added again.
     """
     mean = status.get("mean_in_flight")
-    return ReplicaSample(in_flight=float(status.get("in_flight", 0) if mean is None else mean))
+    running, waiting = status.get("running_sequences"), status.get("waiting_sequences")
+    sequences = None if running is None and waiting is None else \
+        float((running or 0) + (waiting or 0))
+    return ReplicaSample(in_flight=float(status.get("in_flight", 0) if mean is None else mean),
+                         sequences=sequences)
 
 
 def tick(now_s: float | None = None) -> list[ScalingEvent]:
@@ -197,7 +205,7 @@ def _decide_and_apply(policy_id: int, now_s: float, samples: list[ReplicaSample]
         policy.save(update_fields=["state"])
         if decision.desired_replicas == deployment.replicas:
             return None
-        event = _record_change(deployment, decision, len(samples), held)
+        event = _record_change(deployment, decision, len(samples), held, policy.metric)
     reconcile_deployment(deployment.pk)  # places or drains replicas, bumps routes if so
     return event
 
@@ -212,7 +220,7 @@ def _decide(policy: ScalingPolicy, inputs: ScalingInputs) -> Decision:
 
 
 def _record_change(deployment: Deployment, decision: Decision, replicas_reporting: int,
-                   held: int) -> ScalingEvent:
+                   held: int, metric: str) -> ScalingEvent:
     from_replicas = deployment.replicas
     Deployment.objects.filter(pk=deployment.pk).update(replicas=decision.desired_replicas)
     deployment.replicas = decision.desired_replicas
@@ -222,7 +230,8 @@ def _record_change(deployment: Deployment, decision: Decision, replicas_reportin
     event = ScalingEvent.objects.create(
         deployment=deployment, from_replicas=from_replicas,
         to_replicas=decision.desired_replicas, reason=decision.reason, panic=decision.panic,
-        inputs={"stable_demand": round(decision.stable_demand, 3),
+        inputs={"metric": metric,
+                "stable_demand": round(decision.stable_demand, 3),
                 "panic_demand": round(decision.panic_demand, 3),
                 "replicas_reporting": replicas_reporting, "held_requests": held})
     log.info("%s: %s", deployment.name, decision.reason)

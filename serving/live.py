@@ -72,6 +72,16 @@ def nodes_figures(node_ids: list[int]) -> dict[int, dict[str, Any]]:
     return {int(key.split(":")[1]): value for key, value in found.items()}
 
 
+def replica_entries(node_of_replica: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """Return {replica id: its entry in its node's last heartbeat} for {replica id: node
+    id}, in one cache round trip. A node's figures count only for its own replicas (one
+    that moved keeps no figures of its old node)."""
+    figures = nodes_figures(sorted(set(node_of_replica.values())))
+    return {status["replica_id"]: status
+            for node_id, figure in figures.items() for status in figure.get("replicas", [])
+            if node_of_replica.get(status.get("replica_id")) == node_id}
+
+
 def last_heartbeat_s(node_id: int) -> float | None:
     figures = node_figures(node_id)
     return figures["at_s"] if figures else None

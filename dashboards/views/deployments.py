@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 
-from dashboards import diffs, events, health, queries
+from dashboards import diffs, events, generation, health, queries
 from dashboards.forms import DeployForm, PolicyForm, RollbackForm, ScaleForm, TrafficForm
 from dashboards.templatetags.dashboards import plural
 from dashboards.views.common import form_errors, operator_action, run_action, viewer_page
-from registry.models import Model
+from registry.models import Model, ModelFormat
 from scaling import services as scaling
-from serving import services
+from serving import live, services
 from serving.models import Deployment
 from serving.services.reconcile import target_counts
 from swarm_portal.errors import ServiceError
@@ -61,8 +62,30 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         "scale_form": ScaleForm(initial={"replicas": deployment.replicas}),
         "policy_form": PolicyForm.for_policy(policy),
         "traffic_text": ", ".join(f"{v}={w:g}" for v, w in deployment.traffic.items()),
+        "generation": _generation_panel(deployment, replicas),
     }
     return render(request, "dashboards/deployment_detail.html", context)
+
+
+def _generation_panel(deployment: Deployment,
+                      replicas: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Return the Generation panel's figures (None: the deployment is not generative).
+
+    From the heartbeat cache, no query; while the cache is down every figure is unknown.
+    """
+    if deployment.version.format != ModelFormat.HF_CAUSAL_LM:
+        return None
+    try:
+        entries = live.replica_entries({r["id"]: r["node_id"] for r in replicas
+                                        if r["node_id"] is not None})
+    except live.CacheUnavailable:
+        entries = {}
+    figures = [generation.replica_figures(entries.get(r["id"])) for r in replicas]
+    return {"total": generation.deployment_figures(figures).as_text(),
+            "rows": [{"id": r["id"], "node": r["node"], "figures": f.as_text()}
+                     for r, f in zip(replicas, figures, strict=True)],
+            # What the page's script sums with the heartbeats that follow.
+            "seed": {r["id"]: asdict(f) for r, f in zip(replicas, figures, strict=True)}}
 
 
 def _with_changes(revisions: list[Any]) -> list[Any]:
@@ -141,7 +164,7 @@ def deployment_policy(request: HttpRequest, name: str) -> HttpResponse:
             return "Scaling policy removed." if removed else "There was no scaling policy."
         form = PolicyForm(request.POST)
         _valid(form)
-        scaling.do_set_policy(deployment, **form.cleaned_data)
+        scaling.do_set_policy(deployment, **form.changes())
         return f"Scaling policy of {deployment.name} saved."
     return run_action(request, set_policy, DETAIL, name=name)
 

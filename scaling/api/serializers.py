@@ -16,7 +16,8 @@ class ScalingPolicySerializer(StrictModelSerializer):
         fields = ["deployment", "enabled", "min_replicas", "max_replicas",
                   "target_in_flight_per_replica", "stable_window_s", "panic_window_s",
                   "panic_threshold", "scale_down_delay_s", "max_step_up", "max_step_down",
-                  "scale_to_zero", "idle_before_zero_s", "updated_at"]
+                  "scale_to_zero", "idle_before_zero_s", "metric",
+                  "target_sequences_per_replica", "updated_at"]
         read_only_fields = ["deployment", "updated_at"]
         extra_kwargs = {
             "min_replicas": {"max_value": 256},
@@ -29,6 +30,9 @@ class ScalingPolicySerializer(StrictModelSerializer):
             "max_step_up": {"min_value": 1, "max_value": 256},
             "max_step_down": {"min_value": 1, "max_value": 256},
             "idle_before_zero_s": {"min_value": 0, "max_value": 7 * 86_400},
+            "metric": {"help_text": "what a replica's demand counts: requests in flight, "
+                                    "or (generative models) running + waiting sequences"},
+            "target_sequences_per_replica": {"min_value": 0.001, "max_value": 100_000},
         }
 
 

@@ -21,6 +21,7 @@ from swarm_portal import live_events, stopping
 from swarm_portal.errors import ServiceError
 from swarm_portal.live_events import NodeFigures, NodeStatusChanged, ReplicasChanged
 from swarm_protocol.agent_messages import (
+    GENERATION_FIELDS,
     HeartbeatRequest,
     HeartbeatResponse,
     RegisterRequest,
@@ -132,13 +133,12 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
     """Take a node's figures; persist only changes; answer with the replicas it should run."""
     now = now or timezone.now()
     devices = [asdict(d) for d in message.devices]
+    replicas = [_live_figures(r) for r in message.replicas]
     try:
-        live.record_heartbeat(node.pk, now.timestamp(), devices,
-                              [asdict(r) for r in message.replicas])
+        live.record_heartbeat(node.pk, now.timestamp(), devices, replicas)
     except live.CacheUnavailable as exc:
         raise CacheDown("the portal's cache is unavailable; retry the heartbeat") from exc
-    live_events.publish(NodeFigures(node.pk, now.timestamp(), devices,
-                                    [asdict(r) for r in message.replicas]))
+    live_events.publish(NodeFigures(node.pk, now.timestamp(), devices, replicas))
     with transaction.atomic():
         node = Node.objects.select_for_update().filter(pk=node.pk).first()
         if node is None:  # removed while this heartbeat was on its way
@@ -160,6 +160,17 @@ def do_heartbeat(node: Node, message: HeartbeatRequest,
     return HeartbeatResponse(desired=desired_for_node(node), replica_key=secrets.replica_key(
         node.pk), heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S, node_status=node.status,
         certificate_pem=node_certs.renewed_certificate(node, message.csr_pem, now))
+
+
+def _live_figures(status: ReplicaStatus) -> dict[str, Any]:
+    """Return a replica's figures for the cache and the pages: generation figures only
+    where given (most replicas are not generative; nine nulls each would ride along in
+    every heartbeat's cache entry and live message)."""
+    figures = asdict(status)
+    for name in GENERATION_FIELDS:
+        if figures[name] is None:
+            del figures[name]
+    return figures
 
 
 def _persist_node_changes(node: Node, message: HeartbeatRequest, now: datetime) -> bool:

@@ -101,7 +101,9 @@
   if (trafficInput) { trafficInput.addEventListener("input", previewSplit); previewSplit(); }
 
   L.connect("/ws/deployments/", function (message) {
+    var generation = window.SwarmGeneration;  // only on a generative deployment's page
     if (message.type === "node.figures") {
+      if (generation) generation.update(message);
       rates.update(message);
       var f = rates.combine(replicaIds());
       showFigures(f);
@@ -114,6 +116,7 @@
       }
     } else if (message.type === "replicas.changed" && message.deployment_id === deploymentId) {
       showReplicas(message);
+      if (generation) generation.replicasChanged(message);
     } else if (message.type === "scaling.event" && message.deployment_id === deploymentId) {
       addScalingEvent(message);
     }
