@@ -23,7 +23,8 @@ from swarm_protocol.wire_numbers import parse_count
 GENERATIVE_PLATFORMS = frozenset({"transformers_causal_lm"})
 OWNED_BY = "swarm-portal"
 # A stream cut short (the client left) has no usage event; it is charged its size over
-# this, about the bytes of one chunk event of one token (measured on our replica).
+# this. Measured on our replica: 178-185 bytes of stream per generated token (chat and
+# completions, 40 tokens), so a cut stream is charged a little more than it cost, not less.
 STREAM_BYTES_PER_TOKEN = 150
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error",
