@@ -4,7 +4,7 @@ cancels the sequence at the replica.
 The whole path of issue 14's demo: register_demo_model's tiny-lm version (built here,
 validated in the child), deployed on a real agent, called from the page through the gateway
 with the portal session (POST /v1/chat/completions, streamed; generate_stream where that is
-missing), the body read with a ReadableStream reader.
+missing: the one stand-in here is that 404), the body read with a ReadableStream reader.
 """
 
 from __future__ import annotations
@@ -117,5 +117,16 @@ def test_the_playground_streams_a_chat_answer_and_stop_cancels_it(
         error = page.text_content("#pg-chat-error")
         assert page.is_visible("#pg-chat-error") and error[:1] == "4", error
         assert page.input_value("#pg-chat-prompt") == "Too long."
+
+        # Where /v1 is missing (an older gateway answers 404), the page streams from the
+        # replica's generate_stream through the same gateway instead.
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=404, content_type="application/json", body='{"error": "not found"}'))
+        page.click("#pg-chat-clear")
+        del posted[:]
+        ask(page, "Hello again.", max_tokens=16)
+        page.wait_for_function(STATE_IS, arg="done", timeout=60_000)
+        assert posted == ["v1/chat/completions", f"v2/models/{DEMO_LM_NAME}/generate_stream"]
+        assert page.evaluate(LAST_ANSWER) and "16 tokens" in page.text_content("#pg-chat-state")
     finally:
         agent.terminate(timeout_s=40)
