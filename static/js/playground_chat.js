@@ -180,6 +180,8 @@
         finished("stopped");
         return;
       }
+      // A bad event or an error event mid-stream: hang up, so the replica frees the slot.
+      if (controller) controller.abort();
       if (!reply) {  // nothing came: take the turn back so it can be sent again
         messages.pop();
         list.removeChild(answer.parentNode);
@@ -195,7 +197,8 @@
   stopButton.addEventListener("click", function () { if (controller) controller.abort(); });
   document.getElementById("pg-chat-clear").addEventListener("click", showMode);
   prompt.addEventListener("keydown", function (event) {
-    if (event.key === "Enter" && !event.shiftKey) send(event);  // Shift+Enter: a new line
+    // Shift+Enter: a new line; Enter while an input method composes a character: not a send.
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) send(event);
   });
   select.addEventListener("change", showMode);
   showMode();
