@@ -14,7 +14,7 @@ import pytest
 from django.core.management import call_command
 from django.test import Client, override_settings
 
-from registry.demo_lm import DEMO_LM_NAME
+from registry.demo_lm import BUILD_VERSION, DEMO_LM_NAME
 from registry.models import Model, ModelVersion
 from serving.models import Deployment
 from swarm_protocol.archive_hf import TEXT_SIGNATURE
@@ -84,7 +84,8 @@ def test_tiny_lm_is_registered_as_a_text_generation_model(runs):
     assert runs.tiny_lm_format == "hf_causal_lm"
     assert runs.tiny_lm_signature == TEXT_SIGNATURE
     assert runs.tiny_lm_metadata["source"] == "registry.demo_lm"
-    assert runs.cached_archives == ["tiny-lm-v1.tar"]  # built once, in the cache folder
+    # Built once, into the cache folder the environment names.
+    assert runs.cached_archives == [f"{DEMO_LM_NAME}-v{BUILD_VERSION}.tar"]
 
 
 def test_the_demo_commands_are_idempotent(runs):
