@@ -220,7 +220,11 @@ def test_streams_hold_their_replica_so_they_spread_evenly(gateway, replicas):
 def test_p2c_spreads_streams_by_running_sequences_too(replicas, tmp_path):
     routes = [replica_route(replica, index + 1) for index, replica in enumerate(replicas)]
     gateway = start_gateway(tmp_path, routes, "lean")  # the default policy: p2c_ewma
+    short = {"text_input": "Hello", "max_tokens": 2}
     try:
+        with client(gateway.url) as http:  # latency samples on both: estimates settle
+            for _ in range(10):
+                assert http.post(STREAM, json=short).status_code == 200
         running, in_flight = spread_of_streams(gateway, replicas, 6)
     finally:
         gateway.stop()
