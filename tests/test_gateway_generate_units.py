@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import uvicorn
+import uvloop
 
 from registry.demo_lm import cached_tiny_lm_archive
 from serving.gateway.app import GatewayApp
+from serving.gateway.fast_http import protocol_class
 from serving.gateway.forwarding import UpstreamRequest
 from serving.gateway.requests import parse_model_path
 from serving.gateway.responses import Response
 from serving.gateway.streaming import StreamEnd, StreamingResponse, StreamSummary
 from serving.gateway.upstream_stream import streams
 from serving.replica.generation_runner import TEXT_SIGNATURE
-from tests.gateway_helpers import BEARER, MemoryTableSource, replica_route
+from tests.gateway_helpers import BEARER, MemoryTableSource, replica_route, wait_for
 from tests.replica_models import ReplicaProcess, start_replica
-from tests.test_gateway_generate import LONG, NAME, lm_table
+from tests.test_gateway_generate import GENERATE, LONG, NAME, STREAM, lm_table
 from tests.test_gateway_metrics_share import gateway_metrics, samples, share, value, write_snapshot
 
 SSE = (b"content-type", b"text/event-stream; charset=utf-8")
@@ -130,3 +136,78 @@ def test_the_core_stream_ended_early_releases_its_lease_as_cancelled(replica):
     assert len(chunks) == 1 and summary.first_chunk_s is not None
     assert json.loads(summary.last_event)["text_output"]  # a delta, not the end
     assert app.in_flight() == {NAME: 0}
+
+
+# flow control on the lean server
+
+@pytest.fixture
+def lean_server(replica) -> Iterator[uvicorn.Server]:
+    """The lean HTTP/1.1 server (fast_http.py) in front of the replica, in a thread."""
+    gateway = GatewayApp(MemoryTableSource(lm_table(replica_route(replica, 1))))
+    config = uvicorn.Config(gateway, host="127.0.0.1", port=0, loop="none", lifespan="off",
+                            http=protocol_class(gateway), log_level="warning")
+    server = uvicorn.Server(config)
+
+    def run() -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(server.serve())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, "the gateway to listen", 30)
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def dechunk(data: bytes) -> bytes:
+    """Return the body of a chunked transfer-encoding that ends with its last chunk."""
+    parts = []
+    while True:
+        size_line, data = data.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            return b"".join(parts)
+        parts.append(data[:size])
+        data = data[size + 2:]
+
+
+def test_a_client_reading_slowly_pauses_the_stream_and_loses_nothing(replica, lean_server):
+    with replica.client(timeout=60) as direct:
+        whole = direct.post(GENERATE, json=LONG).json()["text_output"]
+    port = lean_server.servers[0].sockets[0].getsockname()[1]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect(("127.0.0.1", port))
+        protocol: Any = wait_for(lambda: next(iter(lean_server.server_state.connections), None),
+                                 "the gateway to take the connection")
+        # Small buffers on the gateway's side, so a few KB unread fill them (set on the
+        # gateway's loop: transports are not thread-safe).
+        shrunk = threading.Event()
+
+        def shrink() -> None:
+            protocol._transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            protocol._transport.set_write_buffer_limits(high=1024)
+            shrunk.set()
+
+        protocol._loop.call_soon_threadsafe(shrink)
+        assert shrunk.wait(10)
+        body = json.dumps(LONG).encode()
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (STREAM.encode(), BEARER["Authorization"].encode(), len(body), body))
+        wait_for(lambda: protocol._write_paused, "the gateway to stop writing to a full socket")
+        received = b""
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"the stream ended early: {received[-200:]!r}"
+            received += chunk
+    head, _, chunked = received.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head
+    events = [json.loads(line[6:]) for line in dechunk(chunked).split(b"\n")
+              if line.startswith(b"data: ")]
+    assert "".join(event["text_output"] for event in events) == whole
+    assert events[-1]["finish_reason"] == "length"
