@@ -161,6 +161,7 @@ def test_a_client_that_hangs_up_frees_its_slot(replica):
     (b'{"text_input": "hi", "top_p": 0}', "top_p"),
     (b'{"text_input": "hi", "stop": [""]}', "stop"),
     (b'{"text_input": "hi", "parameters": []}', "parameters"),
+    (b'{"text_input": "\\ud800 hi"}', "lone surrogate"),  # the tokenizer would raise
 ])
 @pytest.mark.parametrize("path", [GENERATE, STREAM])
 def test_malformed_generate_requests_get_400_json(replica, path, body, message):

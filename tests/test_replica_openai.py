@@ -215,6 +215,10 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
     ("/v1/completions", {"model": MODEL, "prompt": "Hi", "best_of": 3}, "best_of"),
     ("/v1/completions", {"model": MODEL, "prompt": "Hi", "messages": []}, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "Hello " * 600}, "prompt"),
+    # A lone surrogate: JSON allows it, the tokenizer raises on it (was a 500).
+    ("/v1/completions", b'{"model": "m", "prompt": "\\ud800"}', "prompt"),
+    ("/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
 ])
 def test_bad_requests_get_400_in_openai_error_shape(replica, path, body, param):
     with replica.client() as http:

@@ -96,6 +96,12 @@ class GenerationBackend(ArtifactBackend):
         encode it with add_special_tokens=False, or BOS comes twice.
         """
         assert self.engine is not None, "load() first"
+        if not prompt.isascii():
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:  # JSON's "\ud800": the tokenizer raises TypeError
+                raise GenerateInputError("the prompt is not valid Unicode (a lone "
+                                         "surrogate)") from None
         encoded = self.engine.tokenizer(prompt, add_special_tokens=add_special_tokens)
         ids = [int(i) for i in encoded.input_ids]
         if not ids:
