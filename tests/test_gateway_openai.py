@@ -142,6 +142,35 @@ def test_chat_completion_whole_and_streamed_agree(gateway):
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
 
 
+def _ascii_pair_after_start(text: str) -> str:
+    """Return the first two ASCII letters in a row past the text's first character."""
+    for start in range(1, len(text) - 1):
+        pair = text[start:start + 2]
+        if pair.isascii() and pair.isalpha():
+            return pair
+    raise AssertionError(f"no ASCII pair in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_cuts_the_answer_through_the_gateway(gateway, stream):
+    api = client(gateway)
+    greedy = {**GREEDY, "max_tokens": 24}
+    whole = api.completions.create(model="tiny", prompt="The river runs", **greedy)
+    text = whole.choices[0].text
+    stop = _ascii_pair_after_start(text)
+    if stream:
+        chunks = list(api.completions.create(model="tiny", prompt="The river runs",
+                                             stop=[stop], stream=True, **greedy))
+        cut = "".join(c.choices[0].text for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        answer = api.completions.create(model="tiny", prompt="The river runs", stop=stop,
+                                        **greedy)
+        cut, finish = answer.choices[0].text, answer.choices[0].finish_reason
+    assert cut == text[:text.find(stop)]  # cut before the stop string, which is not sent
+    assert finish == "stop"
+
+
 def test_the_asgi_transport_streams_the_same_answer(gateway, asgi_gateway):
     messages: Any = [{"role": "user", "content": "What is a swarm?"}]
     lean = client(gateway).chat.completions.create(model="tiny", messages=messages, **GREEDY)
