@@ -11,7 +11,8 @@ TIMES = "\u00d7"  # a multiplication sign
 LABELS = {"replicas": "replicas", "version": "version", "traffic": "canary split",
           "alias_name": "alias", "memory_bytes": "memory", "max_batch_size": "max batch",
           "max_queue_delay_ms": "queue delay ms", "max_in_flight_per_replica":
-          "max in flight", "request_timeout_s": "timeout s"}
+          "max in flight", "request_timeout_s": "timeout s",
+          "prefix_affinity_chars": "prefix affinity chars"}
 
 
 def split_text(traffic: dict[str, float] | None) -> str:

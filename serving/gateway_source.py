@@ -97,6 +97,7 @@ def _deployment_route(deployment: Deployment, replicas: list[ReplicaRoute],
         replicas=tuple(sorted(replicas, key=lambda r: r.replica_id)),
         policy=deployment.policy, max_in_flight_per_replica=deployment.max_in_flight_per_replica,
         queue_limit=deployment.queue_limit, request_timeout_s=deployment.request_timeout_s,
+        prefix_affinity_chars=deployment.prefix_affinity_chars,
         hold_timeout_s=settings.GATEWAY_HOLD_TIMEOUT_S if deployment.hold_at_zero else 0.0)
 
 

@@ -169,6 +169,10 @@ class Deployment(models.Model):
     max_in_flight_per_replica = models.PositiveIntegerField(default=64)
     queue_limit = models.PositiveIntegerField(default=256)
     request_timeout_s = models.FloatField(default=30.0)
+    # Generative deployments: requests whose prompts share their first N characters go to
+    # one replica unless it is overloaded (serving/affinity.py); 0: off. Worth it only with
+    # an engine that caches prefixes (vLLM's): ours keeps no cache between requests.
+    prefix_affinity_chars = models.PositiveIntegerField(default=0)
     deleting = models.BooleanField(default=False, help_text="replicas drain, then it goes")
     # Set by the auto-scaler's policy (scaling app): at zero replicas the gateway holds
     # requests while a replica starts, instead of answering 503 at once.

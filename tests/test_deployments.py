@@ -146,3 +146,22 @@ def test_the_route_table_is_built_in_a_bounded_number_of_queries(
     assert len(table.deployments) == 3 and len(table.api_keys) == 3
     assert all(len(d.replicas) == 2 for d in table.deployments.values())
     assert Replica.objects.filter(state=ReplicaState.READY).count() == 6
+
+
+def test_prefix_affinity_is_a_deployment_setting_that_reaches_the_table(
+        versions, operator_api, model):
+    created = operator_api.post("/api/deployments/", {
+        "name": "lm", "model": model.name, "version": 1, "replicas": 0,
+        "prefix_affinity_chars": 64}, format="json")
+    assert created.status_code == 201, created.content
+    assert created.json()["prefix_affinity_chars"] == 64
+    assert build_route_table().deployments["lm"].prefix_affinity_chars == 64
+    for bad in (-1, 100_001, "many", None):
+        refused = operator_api.patch("/api/deployments/lm/", {"prefix_affinity_chars": bad},
+                                     format="json")
+        assert refused.status_code == 400, (bad, refused.content)
+    off = operator_api.patch("/api/deployments/lm/", {"prefix_affinity_chars": 0},
+                             format="json")
+    assert off.status_code == 200, off.content
+    assert build_route_table().deployments["lm"].prefix_affinity_chars == 0
+    assert Deployment.objects.get(name="lm").revisions.count() == 2  # a change, recorded

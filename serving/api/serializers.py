@@ -163,7 +163,8 @@ class DeploymentSerializer(serializers.ModelSerializer):
         fields = ["name", "model", "version", "alias_name", "traffic", "replicas",
                   "ready_replicas", "max_batch_size", "max_queue_delay_ms", "device",
                   "memory_bytes", "threads", "policy", "max_in_flight_per_replica",
-                  "queue_limit", "request_timeout_s", "deleting", "created_at"]
+                  "queue_limit", "request_timeout_s", "prefix_affinity_chars", "deleting",
+                  "created_at"]
         read_only_fields = fields
 
 
@@ -184,6 +185,10 @@ class DeploymentCreateSerializer(StrictSerializer):
                                                          default=64)
     queue_limit = serializers.IntegerField(min_value=0, max_value=100_000, default=256)
     request_timeout_s = serializers.FloatField(min_value=0.01, max_value=3600.0, default=30.0)
+    prefix_affinity_chars = serializers.IntegerField(
+        min_value=0, max_value=100_000, default=0,
+        help_text="generative deployments: prompts sharing their first N characters go to one "
+                  "replica unless it is overloaded (for engines that cache prefixes); 0: off")
 
 
 class DeploymentUpdateSerializer(StrictSerializer):
@@ -204,6 +209,8 @@ class DeploymentUpdateSerializer(StrictSerializer):
     queue_limit = serializers.IntegerField(min_value=0, max_value=100_000, required=False)
     request_timeout_s = serializers.FloatField(min_value=0.01, max_value=3600.0,
                                                required=False)
+    prefix_affinity_chars = serializers.IntegerField(min_value=0, max_value=100_000,
+                                                     required=False)
 
 
 class RevisionSerializer(serializers.ModelSerializer):

@@ -12,7 +12,7 @@ from serving.models import Deployment, DeploymentRevision
 # The fields a revision captures, and that a rollback restores.
 SPEC_FIELDS = ("alias_name", "replicas", "traffic", "max_batch_size", "max_queue_delay_ms",
                "device", "memory_bytes", "threads", "policy", "max_in_flight_per_replica",
-               "queue_limit", "request_timeout_s")
+               "queue_limit", "request_timeout_s", "prefix_affinity_chars")
 
 
 def spec_of(deployment: Deployment) -> dict[str, Any]:
