@@ -186,10 +186,14 @@ class GatewayCore:
                 self._model_paths[path] = target
         return target
 
-    async def _authorize(self, headers: Headers, deployment: str,
-                         known: bool) -> ApiKeyRoute | None:
-        """Authorize against the table; a key it lacks gets one early poll first (a key
-        created a moment ago works at once, not at the next poll)."""
+    async def authorize(self, headers: Headers, deployment: str,
+                        known: bool) -> ApiKeyRoute | None:
+        """Return the caller's key (None: a portal session) for `deployment` (`known`:
+        it is in the table). A key the table lacks gets one early poll first (a key
+        created a moment ago works at once, not at the next poll).
+
+        Raises Rejected (401/403/431) when the credentials in `headers` do not allow it.
+        """
         try:
             return await self._auth.authorize(self.fleet.table.api_keys, headers, deployment,
                                               known)
@@ -207,7 +211,7 @@ class GatewayCore:
             return retry_later(503, "the gateway has no routing table yet", 1)
         runtime = self.fleet.deployments.get(target.name)
         try:
-            key = await self._authorize(headers, target.name, runtime is not None)
+            key = await self.authorize(headers, target.name, runtime is not None)
         except Rejected as rejected:
             self.metrics.rejected(target.name if runtime is not None else UNKNOWN_MODEL_LABEL,
                                   rejected.response.status)
@@ -241,6 +245,15 @@ class GatewayCore:
             return None
         self.metrics.rejected(deployment, 429)
         return retry_later(429, "rate limit exceeded for this API key", retry_after_s(wait_s))
+
+    def token_wait_s(self, key: ApiKeyRoute) -> float:
+        """Return how long `key` must wait before its token bucket admits again (<= 0:
+        now; keys without a tokens-per-minute limit never wait)."""
+        return self._limiter.tokens_wait_s(key, self._clock())
+
+    def charge_tokens(self, key: ApiKeyRoute, tokens: int) -> None:
+        """Debit `tokens` (generated and prompt tokens of one answer) from `key`'s bucket."""
+        self._limiter.debit_tokens(key, tokens, self._clock())
 
     def _model_ready(self, runtime: DeploymentRuntime, target: ModelPath) -> Response:
         if runtime.is_ready(target.version):

@@ -94,7 +94,7 @@ class OpenAIEndpoints:
         # sees those; a session is asked (and cached) per deployment of the table only.
         for name in names or [""]:
             try:
-                await core._authorize(headers, name, bool(name))
+                await core.authorize(headers, name, bool(name))
             except Rejected as rejected:
                 if rejected.response.status == 403:
                     continue  # a valid key that may not use this one
@@ -200,7 +200,7 @@ class OpenAIEndpoints:
         """Return the 429 for a key whose token bucket is spent, else None."""
         if key is None or key.tokens_per_minute is None:
             return None
-        wait_s = self._core._limiter.tokens_wait_s(key, self._core.now_s())
+        wait_s = self._core.token_wait_s(key)
         if wait_s <= 0:
             return None
         self._core.metrics.rejected(deployment, 429)
@@ -217,18 +217,18 @@ class OpenAIEndpoints:
         a stream (from its last event, the usage one, which the stream keeps)."""
         if key is None or key.tokens_per_minute is None or response.status != 200:
             return response
-        limiter, now_s = self._core._limiter, self._core.now_s
+        core = self._core
         if isinstance(response, Response):
             tokens = usage_tokens(response.body)
             if tokens is not None:
-                limiter.debit_tokens(key, tokens, now_s())
+                core.charge_tokens(key, tokens)
             return response
 
         def charge(summary: StreamSummary) -> None:
             tokens = usage_tokens(summary.last_event)
             # A stream cut short has no usage event: its size is the best count there is.
-            limiter.debit_tokens(key, summary.body_bytes // STREAM_BYTES_PER_TOKEN
-                                 if tokens is None else tokens, now_s())
+            core.charge_tokens(key, summary.body_bytes // STREAM_BYTES_PER_TOKEN
+                               if tokens is None else tokens)
 
         response.on_end.append(charge)
         return response

@@ -55,7 +55,7 @@ class UpstreamResponse:
     body: bytes
 
 
-class _Connection(asyncio.Protocol):
+class PooledConnection(asyncio.Protocol):
     """One keep-alive connection; at most one request in flight (no pipelining)."""
 
     def __init__(self) -> None:
@@ -69,6 +69,16 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since_s = 0.0
         self.pinned = ""  # sha256 of the replica's certificate; "": plain HTTP
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """Return the connection's transport (None before it is made)."""
+        return self._transport
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """Return the loop the connection was made on (None before it is made)."""
+        return self._loop
 
     # asyncio.Protocol
 
@@ -166,7 +176,7 @@ class UpstreamPool:
         self.idle_timeout_s = idle_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._clock = clock
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, int], list[PooledConnection]] = {}
         self._host_headers: dict[tuple[str, int], bytes] = {}
         self.connections_opened = 0  # for tests and the benchmark: reuse shows as few opens
 
@@ -186,11 +196,8 @@ class UpstreamPool:
         cancellation the connection is closed, since its state is unknown.
         """
         key = (host, port)
-        head = self._head(key, method, target, headers, len(body))
-        connection = self._take_idle(key)
-        if connection is not None and connection.pinned != (tls.sha256 if tls else ""):
-            connection.close()  # made for another certificate (or none): never reused
-            connection = None
+        head = self.request_head(key, method, target, headers, len(body))
+        connection = self.take_idle(key, tls)
         if connection is not None:
             try:
                 response = await self._exchange(connection, head, body, deadline)
@@ -200,11 +207,11 @@ class UpstreamPool:
                 # The replica closed the idle connection as we reused it (the keep-alive
                 # race): nothing of ours was answered, so once more on a fresh connection.
             else:
-                self._give_back(key, connection)
+                self.give_back(key, connection)
                 return response
-        connection = await self._connect(key, deadline, tls)
+        connection = await self.connect(key, deadline, tls)
         response = await self._exchange(connection, head, body, deadline)
-        self._give_back(key, connection)
+        self.give_back(key, connection)
         return response
 
     def close(self) -> None:
@@ -214,8 +221,9 @@ class UpstreamPool:
                 connection.close()
         self._idle.clear()
 
-    def _head(self, key: tuple[str, int], method: bytes, target: bytes,
-              headers: Sequence[tuple[bytes, bytes]], length_bytes: int) -> bytes:
+    def request_head(self, key: tuple[str, int], method: bytes, target: bytes,
+                     headers: Sequence[tuple[bytes, bytes]], length_bytes: int) -> bytes:
+        """Return a request's head for host:port `key` (a Host header, the body's length)."""
         host = self._host_headers.get(key)
         if host is None:
             host = self._host_headers[key] = f"{key[0]}:{key[1]}".encode()
@@ -223,7 +231,7 @@ class UpstreamPool:
         return b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
             method, target, host, length_bytes, lines)
 
-    async def _exchange(self, connection: _Connection, head: bytes, body: bytes,
+    async def _exchange(self, connection: PooledConnection, head: bytes, body: bytes,
                         deadline: float | None) -> UpstreamResponse:
         try:
             return await connection.exchange(head, body, deadline)
@@ -231,7 +239,16 @@ class UpstreamPool:
             connection.close()  # broken, or cancelled mid-response: never reuse it
             raise
 
-    def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
+    def take_idle(self, key: tuple[str, int],
+                  tls: UpstreamTls | None = None) -> PooledConnection | None:
+        """Return an idle connection to host:port `key` made for `tls` (None: none)."""
+        connection = self._newest_idle(key)
+        if connection is not None and connection.pinned != (tls.sha256 if tls else ""):
+            connection.close()  # made for another certificate (or none): never reused
+            return None
+        return connection
+
+    def _newest_idle(self, key: tuple[str, int]) -> PooledConnection | None:
         connections = self._idle.get(key)
         if not connections:
             return None
@@ -250,7 +267,8 @@ class UpstreamPool:
             return connection
         return None
 
-    def _give_back(self, key: tuple[str, int], connection: _Connection) -> None:
+    def give_back(self, key: tuple[str, int], connection: PooledConnection) -> None:
+        """Keep a connection whose exchange ended cleanly for the next request."""
         if connection.closed:
             return
         connections = self._idle.setdefault(key, [])
@@ -264,8 +282,12 @@ class UpstreamPool:
                                or connections[0].idle_since_s < oldest_allowed_s):
             connections.pop(0).close()
 
-    async def _connect(self, key: tuple[str, int], deadline: float | None,
-                       tls: UpstreamTls | None = None) -> _Connection:
+    async def connect(self, key: tuple[str, int], deadline: float | None,
+                      tls: UpstreamTls | None = None) -> PooledConnection:
+        """Open a connection to host:port `key` (TLS pinned to `tls` when given).
+
+        Raises ConnectFailed, or UpstreamTimeout once `deadline` (event-loop time) passes.
+        """
         loop = asyncio.get_running_loop()
         limit_s = self.connect_timeout_s
         if deadline is not None:
@@ -273,7 +295,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(limit_s):
                 _, connection = await loop.create_connection(
-                    _Connection, key[0], key[1], ssl=tls.context if tls else None,
+                    PooledConnection, key[0], key[1], ssl=tls.context if tls else None,
                     server_hostname=tls.server_name if tls else None)
                 if tls is not None:
                     connection.pinned = tls.sha256
@@ -291,7 +313,7 @@ class UpstreamPool:
         return connection
 
 
-def _check_pin(connection: _Connection, tls: UpstreamTls) -> None:
+def _check_pin(connection: PooledConnection, tls: UpstreamTls) -> None:
     transport = connection._transport
     try:
         check_pinned(transport.get_extra_info("ssl_object") if transport else None, tls)

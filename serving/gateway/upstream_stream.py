@@ -29,10 +29,10 @@ from serving.gateway.node_tls import UpstreamTls
 from serving.gateway.upstream import (
     ConnectionBroken,
     Headers,
+    PooledConnection,
     UpstreamPool,
     UpstreamResponse,
     UpstreamTimeout,
-    _Connection,
 )
 
 PAUSE_AT_BYTES = 256 * 1024  # queued, not yet taken by the client: stop reading the replica
@@ -63,18 +63,15 @@ async def open_stream(pool: UpstreamPool, host: str, port: int, method: bytes, t
     closed before answering on a fresh one, as it does.
     """
     key = (host, port)
-    head = pool._head(key, method, target, headers, len(body))
-    connection = pool._take_idle(key)
-    if connection is not None and connection.pinned != (tls.sha256 if tls else ""):
-        connection.close()
-        connection = None
+    head = pool.request_head(key, method, target, headers, len(body))
+    connection = pool.take_idle(key, tls)
     if connection is not None:
         try:
             return await StreamExchange(connection, pool, key).start(head, body, deadline)
         except ConnectionBroken as exc:
             if exc.response_started:
                 raise
-    connection = await pool._connect(key, deadline, tls)
+    connection = await pool.connect(key, deadline, tls)
     return await StreamExchange(connection, pool, key).start(head, body, deadline)
 
 
@@ -107,13 +104,13 @@ class UpstreamStream:
 class StreamExchange(asyncio.Protocol):
     """The protocol of a connection for one streamed exchange (see the module docstring)."""
 
-    def __init__(self, connection: _Connection, pool: UpstreamPool,
+    def __init__(self, connection: PooledConnection, pool: UpstreamPool,
                  key: tuple[str, int]) -> None:
         self._connection = connection
         self._pool = pool
         self._key = key
-        self._transport = cast(asyncio.Transport, connection._transport)
-        self._loop = cast(asyncio.AbstractEventLoop, connection._loop)
+        self._transport = cast(asyncio.Transport, connection.transport)
+        self._loop = cast(asyncio.AbstractEventLoop, connection.loop)
         self._parser = httptools.HttpResponseParser(self)
         self._headers: Headers = []
         self._whole: list[bytes] | None = None  # the body of an answer read whole
@@ -241,7 +238,7 @@ class StreamExchange(asyncio.Protocol):
         if keep_alive and not self._reading_paused:
             # The body is all here (queued if need be): the connection can serve again.
             self._transport.set_protocol(self._connection)
-            self._pool._give_back(self._key, self._connection)
+            self._pool.give_back(self._key, self._connection)
         else:
             self._close()
         if self._whole is not None:
