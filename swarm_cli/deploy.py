@@ -44,7 +44,7 @@ def create(
     max_batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     memory_bytes: Annotated[int | None, typer.Option(min=1)] = None,
 ) -> None:
-    """Deploy MODEL under NAME (its latest version unless --version or --alias)."""
+    """Deploy MODEL under NAME: one version (--version N) or an alias it follows (--alias A)."""
     body: dict[str, object] = {"name": name, "model": model, "replicas": replicas,
                                "device": device}
     optional = {"version": version, "alias": alias or None, "max_batch_size": max_batch_size,
