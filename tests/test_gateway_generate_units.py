@@ -207,7 +207,7 @@ def test_a_client_reading_slowly_pauses_the_stream_and_loses_nothing(replica, le
         sock.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: %s\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                      % (STREAM.encode(), BEARER["Authorization"].encode(), len(body), body))
-        wait_for(lambda: protocol._write_paused, "the gateway to stop writing to a full socket")
+        wait_for(lambda: protocol._out.paused, "the gateway to stop writing to a full socket")
         received = b""
         while not received.endswith(b"\r\n0\r\n\r\n"):
             chunk = sock.recv(65536)
@@ -216,6 +216,33 @@ def test_a_client_reading_slowly_pauses_the_stream_and_loses_nothing(replica, le
     head, _, chunked = received.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head
     events = [json.loads(line[6:]) for line in dechunk(chunked).split(b"\n")
+              if line.startswith(b"data: ")]
+    assert "".join(event["text_output"] for event in events) == whole
+    assert events[-1]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
+def test_an_http_1_0_client_gets_the_stream_unframed_and_the_connection_closes(
+        replica, lean_server, connection):
+    """HTTP/1.0 has no chunked framing (RFC 9112 section 7): the events arrive as they
+    are, and the close ends the body, even where the client asked to keep it alive."""
+    short = {"text_input": "Hello, world.", "max_tokens": 12, "ignore_eos": True}
+    with replica.client(timeout=60) as direct:
+        whole = direct.post(GENERATE, json=short).json()["text_output"]
+    port = lean_server.servers[0].sockets[0].getsockname()[1]
+    body = json.dumps(short).encode()
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST %s HTTP/1.0\r\nHost: gw\r\nAuthorization: %s\r\n%s"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (STREAM.encode(), BEARER["Authorization"].encode(), connection,
+                        len(body), body))
+        while chunk := sock.recv(65536):  # b"": the gateway closed (a timeout raises)
+            received += chunk
+    head, _, events_text = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head
+    events = [json.loads(line[6:]) for line in events_text.split(b"\n")
               if line.startswith(b"data: ")]
     assert "".join(event["text_output"] for event in events) == whole
     assert events[-1]["finish_reason"] == "length"

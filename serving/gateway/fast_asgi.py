@@ -11,6 +11,7 @@ and the usual HTTP clients never pipeline.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -111,3 +112,20 @@ async def run_asgi(app: Callable[[Scope, Any, Any], Awaitable[None]], request: P
         return None
     return Response(answer["status"], b"".join(answer["body"]),
                     [h for h in answer["headers"] if h[0] not in FRAMING])
+
+
+def hand_to_uvicorn(transport: asyncio.Transport, data: bytes, config: Any,
+                    server_state: Any, app_state: dict[str, Any],
+                    loop: asyncio.AbstractEventLoop, *, resume_reading: bool) -> None:
+    """Give a connection, at the start of a request (`data`: its bytes read so far), to
+    uvicorn's own protocol, built as uvicorn builds it; `resume_reading`: reading was
+    paused while the request waited its turn."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    protocol = HttpToolsProtocol(config=config, server_state=server_state,
+                                 app_state=app_state, _loop=loop)
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if resume_reading:
+        transport.resume_reading()
+    protocol.data_received(data)

@@ -14,18 +14,17 @@ Requests on one connection run one at a time, answered in order (pipelined ones 
 with reading paused). Bodies are read whole, up to `GatewayApp.max_body_bytes` (413
 after that, then the connection closes); a malformed request gets a 400 JSON answer and
 the connection closes; a head past MAX_HEAD_BYTES gets 431. `Expect: 100-continue` is
-answered at once. A streamed answer (generate_stream, streaming.py) goes out chunked, one
-write per chunk as it arrives, waiting while the client's socket is full. A client that
-goes away cancels its request the way the ASGI app's `http.disconnect` does. uvicorn's
-server runs this protocol (service.py sets it as the http protocol class), so its
-graceful stop applies: `shutdown` closes idle connections and lets in-flight requests
-finish first.
+answered at once. Answers are written by fast_http_out.py: a streamed one (generate_stream,
+streaming.py) goes out as it arrives, chunked (unframed to an HTTP/1.0 client, then the
+connection closes). A client that goes away cancels its request the way the ASGI app's
+`http.disconnect` does. uvicorn's server runs this protocol (service.py sets it as the
+http protocol class), so its graceful stop applies: `shutdown` closes idle connections and
+lets in-flight requests finish first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
 import urllib.parse
 from collections import deque
@@ -33,10 +32,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from serving.gateway.fast_asgi import is_gateway_path, run_asgi, starts_gateway_request
+from serving.gateway.fast_asgi import (
+    hand_to_uvicorn,
+    is_gateway_path,
+    run_asgi,
+    starts_gateway_request,
+)
+from serving.gateway.fast_http_out import StreamWriter, write_response
 from serving.gateway.requests import BODY_TOO_LARGE, BodyTooLarge
 from serving.gateway.responses import Headers, Message, Response, error
-from serving.gateway.streaming import StreamBroken, StreamEnd, StreamingResponse
+from serving.gateway.streaming import StreamingResponse
 from swarm_protocol.wire_numbers import parse_count
 
 if TYPE_CHECKING:
@@ -49,28 +54,17 @@ KEEP_ALIVE_S = 75.0  # an idle connection is closed after 1 to 2 times this
 LINGER_S = 5.0  # after a refusal: how long what the client still sends is read and dropped
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT: Message = {"type": "http.disconnect"}
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        phrase = b""
-    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
-
-
-STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 logger = logging.getLogger("serving.gateway.fast_http")
 
 
 class _Request:
     """One parsed request, waiting for its turn or being answered."""
 
-    __slots__ = ("body", "head_only", "headers", "keep_alive", "method", "path", "query",
-                 "raw_path", "theirs")
+    __slots__ = ("body", "head_only", "headers", "http_1_0", "keep_alive", "method", "path",
+                 "query", "raw_path", "theirs")
 
     def __init__(self, method: str, path: str, raw_path: bytes, query: bytes,
-                 headers: Headers, keep_alive: bool, theirs: bool) -> None:
+                 headers: Headers, keep_alive: bool, theirs: bool, http_1_0: bool) -> None:
         self.method = method
         self.path = path
         self.raw_path = raw_path
@@ -79,6 +73,7 @@ class _Request:
         self.keep_alive = keep_alive
         self.head_only = method == "HEAD"
         self.theirs = theirs  # not the gateway's: the ASGI app answers it
+        self.http_1_0 = http_1_0  # cannot read chunked framing
         self.body: bytes | BodyTooLarge = b""
 
 
@@ -120,10 +115,8 @@ class FastHTTPProtocol(asyncio.Protocol):
         self._discarding = False  # reads are ignored: the connection closes after the queue
         self._closing = False  # close after the current answer (SIGTERM, Connection: close)
         self._read_paused = False
-        self._write_paused = False
         self._gone: asyncio.Future[None] | None = None
-        self._streaming: StreamingResponse | None = None  # being sent now
-        self._drained: asyncio.Future[None] | None = None  # set when writing may go on
+        self._out = StreamWriter(self._loop)  # flow control and the stream being sent
         self._served = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._served_at_check = -1
@@ -147,24 +140,15 @@ class FastHTTPProtocol(asyncio.Protocol):
         elif self._gone is None:
             self._gone = self._loop.create_future()
             self._gone.set_result(None)
-        if self._streaming is not None:
-            # The replica's connection closes now: the replica cancels the sequence.
-            self._streaming.end(StreamEnd.CLIENT_GONE)
-        self._wake_writer()
+        self._out.lost()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._out.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self._wake_writer()
+        self._out.resume()
         if self._task is None:
             self._next()
-
-    def _wake_writer(self) -> None:
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -245,7 +229,8 @@ class FastHTTPProtocol(asyncio.Protocol):
         request = self._request = _Request(
             parser.get_method().decode("ascii"), path, raw_path, url.query or b"",
             self._headers, parser.should_keep_alive(),
-            self._asgi_app is not None and not is_gateway_path(path))
+            self._asgi_app is not None and not is_gateway_path(path),
+            parser.get_http_version() == "1.0")
         if self._declared_too_large():
             self._over_limit(request)
         elif self._expect_continue and self._task is None and self._transport is not None:
@@ -305,7 +290,7 @@ class FastHTTPProtocol(asyncio.Protocol):
     def _next(self) -> None:
         """Start the next request, or do what waits for the queue to empty."""
         transport = self._transport
-        if transport is None or self._write_paused:
+        if transport is None or self._out.paused:
             return  # resume_writing calls again
         if self._closing:
             self._linger(transport) if self._discarding else transport.close()
@@ -313,7 +298,7 @@ class FastHTTPProtocol(asyncio.Protocol):
             request = self._queue.popleft()
             self._task = self._loop.create_task(self._answer(request))
         elif self._last is not None:
-            self._write(self._last, keep_alive=False, head_only=False)
+            write_response(transport, self._last, keep_alive=False, head_only=False)
             self._linger(transport)
         elif self._hand_over is not None:
             self._hand_to_uvicorn(transport, self._hand_over)
@@ -335,7 +320,9 @@ class FastHTTPProtocol(asyncio.Protocol):
             response = error(500, "internal error in the gateway")
         if isinstance(response, StreamingResponse):
             # Still this connection's task while it streams: nothing else starts meanwhile.
-            if not await self._stream(response, request.keep_alive and not self._closing):
+            if not await self._out.send(self._transport_now, response,
+                                        request.keep_alive and not self._closing,
+                                        chunked=not request.http_1_0):
                 self._closing = True
             response = None
         self._task = None
@@ -343,66 +330,14 @@ class FastHTTPProtocol(asyncio.Protocol):
         if self._transport is None:
             return
         if response is not None:
-            self._write(response, request.keep_alive and not self._closing, request.head_only)
+            write_response(self._transport, response, request.keep_alive and not self._closing,
+                           request.head_only)
         if not request.keep_alive:
             self._closing = True
         self._next()
 
-    def _write(self, response: Response, keep_alive: bool, head_only: bool) -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        body = response.body
-        head = [STATUS_LINES[response.status]]
-        for name, value in response.headers:
-            head += (name, b": ", value, b"\r\n")
-        head.append(b"content-length: %d\r\n" % len(body)
-                    if keep_alive else b"content-length: %d\r\nconnection: close\r\n" % len(body))
-        head.append(b"\r\n")
-        if head_only or not body:
-            transport.write(b"".join(head))
-        elif len(body) <= 65536:
-            head.append(body)
-            transport.write(b"".join(head))  # one syscall; the copy is cheap at this size
-        else:
-            transport.write(b"".join(head))
-            transport.write(body)
-
-    async def _stream(self, response: StreamingResponse, keep_alive: bool) -> bool:
-        """Send a stream with chunked transfer-encoding: the head now, each chunk in one
-        write as it arrives, waiting while the client reads slower than the replica
-        writes (pause_writing). Return False when the connection must close: the replica
-        broke off (the terminating chunk is never sent: the client sees an error, not a
-        clean end) or the client went away (connection_lost ended the stream)."""
-        transport = self._transport
-        if transport is None:
-            response.end(StreamEnd.CLIENT_GONE)
-            return False
-        head = [STATUS_LINES[response.status]]
-        for name, value in response.headers:
-            head += (name, b": ", value, b"\r\n")
-        head.append(b"transfer-encoding: chunked\r\n\r\n" if keep_alive
-                    else b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
-        transport.write(b"".join(head))
-        self._streaming = response
-        try:
-            while chunk := await response.next_chunk():
-                if self._transport is None:
-                    return False
-                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                if self._write_paused:
-                    self._drained = self._loop.create_future()
-                    await self._drained
-            if self._transport is None:
-                return False
-            transport.write(b"0\r\n\r\n")
-            return True
-        except StreamBroken:
-            transport.close()  # after what is buffered: the stream just stops
-            return False
-        finally:
-            self._streaming = None
-            response.end(StreamEnd.CLIENT_GONE)  # changes nothing unless still open
+    def _transport_now(self) -> asyncio.Transport | None:
+        return self._transport
 
     async def _receive(self) -> Message:
         """Return `http.disconnect` once the client has gone (core.py watches for it)."""
@@ -433,20 +368,13 @@ class FastHTTPProtocol(asyncio.Protocol):
 
     def _hand_to_uvicorn(self, transport: asyncio.Transport, data: bytes) -> None:
         """Give the connection, from the start of a request, to uvicorn's own protocol."""
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
         self._hand_over = None
         self._server_state.connections.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        protocol = HttpToolsProtocol(config=self._config, server_state=self._server_state,
-                                     app_state=self._app_state, _loop=self._loop)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
         self._transport = None
-        if self._read_paused:
-            transport.resume_reading()
-        protocol.data_received(data)
+        hand_to_uvicorn(transport, data, self._config, self._server_state, self._app_state,
+                        self._loop, resume_reading=self._read_paused)
 
     def _close_if_idle(self) -> None:
         transport = self._transport
