@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from serving import services
-from serving.gateway.portal_proxy import forwarded_headers
+from serving.gateway.portal_proxy import PortalProxy, forwarded_headers
 from serving.gateway.service import parse_args, read_token
 from serving.models import Node
 from swarm_portal.launcher import listen
@@ -61,6 +61,24 @@ def test_hop_by_hop_headers_are_dropped_and_the_client_address_is_forwarded():
     assert forwarded_headers(scope) == [
         (b"host", b"portal.example"), (b"cookie", b"sessionid=a"), (b"x-csrftoken", b"t"),
         (b"x-forwarded-for", b"10.0.0.9, 127.0.0.5"), (b"x-forwarded-proto", b"http")]
+
+
+async def test_the_pass_through_keeps_no_cookie_from_the_portal():
+    # One client serves every user: a login's Set-Cookie kept by it would go out with every
+    # later request that has no Cookie header (anonymous requests served as that user).
+    proxy = PortalProxy("http://127.0.0.1:1")
+    try:
+        login = httpx.Response(302, headers=[("set-cookie", "sessionid=s; Path=/; HttpOnly"),
+                                             ("set-cookie", "csrftoken=c; Path=/")],
+                               request=httpx.Request("POST", "http://127.0.0.1:1/login/"))
+        proxy._client.cookies.extract_cookies(login)
+        stranger = proxy._client.build_request("GET", "http://127.0.0.1:1/overview/")
+        assert "cookie" not in stranger.headers
+        own = proxy._client.build_request("GET", "http://127.0.0.1:1/overview/",
+                                          headers={"cookie": "sessionid=mine"})
+        assert own.headers["cookie"] == "sessionid=mine"
+    finally:
+        await proxy.aclose()
 
 
 def test_a_token_on_the_command_line_is_refused(capsys):
@@ -164,6 +182,9 @@ def test_one_url_serves_inference_pages_login_and_a_session(stack, operator):
         assert logged_in.status_code == 302, logged_in.text[:500]
         assert "sessionid" in browser.cookies
         assert browser.get("/overview/").status_code == 200
+        # A stranger after that login is still a stranger (every gateway process).
+        for _ in range(6):
+            assert httpx.get(f"{url}/overview/", timeout=30).status_code == 302
         # The playground's call: /v2 with the portal session, checked by the portal.
         assert browser.post(INFER, json=ROW).status_code == 200
         refused = browser.post("/logout/", headers={"X-CSRFToken": "wrong"})

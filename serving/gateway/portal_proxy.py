@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,10 +63,12 @@ class PortalProxy:
         self._connect_timeout_s = connect_timeout_s
         transport = httpx.AsyncHTTPTransport(uds=uds_path, retries=0)
         timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
-        # Cookies pass through untouched: the client keeps none of its own.
+        # Cookies pass through untouched: the client keeps none of its own. One client
+        # serves every user, so a kept Set-Cookie (a login's sessionid) would be sent with
+        # every later request that has no Cookie header: strangers served as that user.
         self._client = httpx.AsyncClient(transport=transport, timeout=timeout,
                                          trust_env=False, follow_redirects=False,
-                                         cookies=_NoCookies())
+                                         cookies=cookieless_jar())
 
     async def aclose(self) -> None:
         """Close the pooled connections to the portal."""
@@ -138,11 +141,14 @@ class ClientDisconnected(Exception):
     """The client went away while its request body was being forwarded."""
 
 
-class _NoCookies(httpx.Cookies):
-    """A cookie jar that keeps nothing: each client's own Cookie header is forwarded."""
+def cookieless_jar() -> CookieJar:
+    """Return a cookie jar that keeps nothing: each client's own Cookie header is forwarded.
 
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
+    A jar with a policy that allows no domain, not an httpx.Cookies subclass: httpx copies
+    a Cookies given to a client into a plain jar (the subclass's methods are lost), but
+    keeps a CookieJar as it is, policy included.
+    """
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 def _target(scope: Scope) -> str:
