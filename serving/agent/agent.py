@@ -1,4 +1,8 @@
-"""The agent loop: join, then heartbeat and reconcile replicas until told to stop."""
+"""The agent loop: join, then heartbeat and reconcile replicas until told to stop.
+
+The command line's settings and the exit codes are in agent_config.py, registering with
+the portal in joining.py; both are importable from here too.
+"""
 
 from __future__ import annotations
 
@@ -8,78 +12,39 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import TypeVar
 
 from serving.agent import credentials as creds
-from serving.agent import credentials_tls
+from serving.agent import credentials_tls, joining
+from serving.agent.agent_config import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PORTAL_LOST,
+    EXIT_REVOKED,
+    JOIN_HINT,
+    AgentConfig,
+    AgentExit,
+)
 from serving.agent.cache import ArtifactCache
-from serving.agent.client import CredentialsRevoked, PortalClient, PortalError, PortalUnreachable
+from serving.agent.client import CredentialsRevoked, PortalClient, PortalError
 from serving.agent.devices import DeviceBackend, attribute_processes
-from serving.agent.processes import DEFAULT_WATCHDOG_S, REPLICA_MODULE
 from serving.agent.replicas import ReplicaManager, ReplicaSettings
-from serving.agent.tunnel import ReachabilityProbe, Tunnels
+from serving.agent.tunnel import Tunnels
 from swarm_protocol.agent_messages import (
     DesiredReplica,
     DeviceInfo,
     HeartbeatRequest,
     HeartbeatResponse,
-    RegisterRequest,
-    RegisterResponse,
 )
 
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PORTAL_LOST", "EXIT_REVOKED", "JOIN_HINT", "Agent",
+           "AgentConfig", "AgentExit"]
 log = logging.getLogger(__name__)
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_REVOKED = 3
-EXIT_PORTAL_LOST = 4
 POLL_INTERVAL_S = 0.2  # how often replica states are checked between heartbeats
 MIN_HEARTBEAT_GAP_S = 0.2  # a state change is reported early, but not faster than this
-REGISTER_RETRY_MAX_S = 30.0
 HEARTBEAT_BACKOFF_MAX_S = 10.0  # a portal that comes back is not met by every node at once
 ARTIFACT_WORKERS = 2
 _FAILURE_LOG_EVERY = 30
-JOIN_HINT = "give the join token in SWARM_JOIN_TOKEN or --token-file PATH"
-R = TypeVar("R")
-
-
-class AgentExit(Exception):
-    """The agent must stop with this exit code."""
-
-    def __init__(self, exit_code: int, message: str = "") -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """What the agent was told on its command line."""
-
-    portal_url: str
-    cache_dir: Path
-    name: str
-    join_token: str | None = None
-    address: str = "127.0.0.1"
-    bind_host: str = "127.0.0.1"
-    port_range: range = range(9100, 9200)
-    cost_per_hour: float = 0.0
-    labels: dict[str, str] = field(default_factory=dict)
-    heartbeat_interval_s: float | None = None  # None: follow the portal (1 s until it says)
-    drain_grace_s: float = 30.0
-    drain_delay_s: float = 2.0
-    ready_timeout_s: float = 300.0
-    http_timeout_s: float = 10.0
-    replica_module: str = REPLICA_MODULE  # the replica server to run (`python -m` name)
-    replica_watchdog_s: float = DEFAULT_WATCHDOG_S  # replicas drain after this long alone
-    tunnel: bool = False  # serve through gateway tunnels, whatever the portal's probe says
-    # 0: never. Otherwise drain and exit once no heartbeat got through for this long: for
-    # workers a portal starts for itself (the local provider), which must not outlive it.
-    portal_lost_exit_s: float = 0.0
-    # Replicas serve TLS with a certificate the portal signs at join (direct mode). The CLI
-    # turns it on for every address but loopback ones (swarm-worker --tls).
-    tls: bool = False
 
 
 class Agent:
@@ -209,65 +174,13 @@ class Agent:
         log.info("stop requested: draining %d replicas", self.replicas.live_count())
 
     def _register(self) -> creds.NodeCredentials:
-        token = self.config.join_token
-        if not token:
-            raise AgentExit(EXIT_FAILED, f"no stored credentials for {self.config.portal_url} "
-                                         f"in {self.state_dir}: {JOIN_HINT}")
-        identity = credentials_tls.new_identity(self.config.name) if self.config.tls else None
-        request = RegisterRequest(
-            join_token=token, name=self.config.name, address=self.config.address,
-            cost_per_hour=self.config.cost_per_hour, devices=self._read_devices(),
-            labels=dict(self.config.labels), agent_version=_agent_version(),
-            csr_pem=identity.csr_pem if identity else "")
-        response = self._register_reachable(request)
-        if identity is not None:
-            self._store_identity(identity, response)
-        stored = creds.NodeCredentials(
-            portal_url=self.config.portal_url, node_id=response.node_id,
-            node_secret=response.node_secret, replica_key=response.replica_key)
-        path = creds.save_credentials(self.state_dir, stored)
-        log.info("joined %s as node %d; credentials stored in %s", self.config.portal_url,
-                 stored.node_id, path)
-        self._use(stored, response.heartbeat_interval_s)
-        return stored
-
-    def _store_identity(self, identity: credentials_tls.PendingIdentity,
-                        response: RegisterResponse) -> None:
-        """Keep the key with the certificate the portal signed; replicas serve TLS with it."""
-        if not response.certificate_pem or not response.ca_certificate_pem:
-            raise AgentExit(EXIT_FAILED, "the portal sent no TLS certificate for this node "
-                                         "(an older portal?): refusing to serve in clear")
-        try:
-            files = credentials_tls.save_identity(self.state_dir, identity,
-                                                  response.certificate_pem,
-                                                  response.ca_certificate_pem)
-        except ValueError as error:
-            raise AgentExit(EXIT_FAILED, f"the portal's TLS certificate is unusable: "
-                                         f"{error}") from error
-        self.tls_files = files
-        self.replicas.use_tls(files)
-        log.info("TLS certificate for %s stored in %s", self.config.address, files.cert_path)
-
-    def _register_reachable(self, request: RegisterRequest) -> RegisterResponse:
-        """Register while answering the portal's reachability probe (serving/agent/tunnel.py)."""
-        with ReachabilityProbe(self.config.bind_host, self.config.port_range,
-                               self.config.tunnel) as probe:
-            return self._call_with_retry(lambda: self._client.register(probe.fields(request)))
-
-    def _call_with_retry(self, call: Callable[[], R]) -> R:
-        """Return call(), retrying with backoff while the portal is unreachable."""
-        delay_s = 1.0
-        while True:
-            try:
-                return call()
-            except PortalUnreachable as error:
-                log.warning("portal unreachable (%s): retrying in %gs", error, delay_s)
-            except PortalError as error:
-                raise AgentExit(EXIT_FAILED, f"the portal refused to register this node: "
-                                             f"{error}") from error
-            if self.stop_requested.wait(delay_s):
-                raise AgentExit(EXIT_OK)
-            delay_s = min(delay_s * 2, REGISTER_RETRY_MAX_S)
+        joined = joining.register(self.config, self._client, self.state_dir,
+                                  self._read_devices(), self.stop_requested)
+        if joined.tls_files is not None:
+            self.tls_files = joined.tls_files
+            self.replicas.use_tls(joined.tls_files)
+        self._use(joined.credentials, joined.heartbeat_interval_s)
+        return joined.credentials
 
     def _use(self, stored: creds.NodeCredentials, interval_s: float | None = None) -> None:
         self.credentials = stored
@@ -390,12 +303,3 @@ class Agent:
             log.warning("could not deregister (the portal will mark this node offline): %s",
                         error)
 
-
-def _agent_version() -> str:
-    # A GPU server installs swarm-worker; a portal checkout runs the agent from swarm-portal.
-    for distribution in ("swarm-worker", "swarm-portal"):
-        try:
-            return metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"

@@ -14,91 +14,37 @@ import logging
 import shutil
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from serving.agent import processes, replica_stats, survivors
 from serving.agent.credentials_tls import TlsFiles, replica_client_context
 from serving.agent.logs import LogTail
+from serving.agent.replica_types import (
+    ALIVE_FILE,
+    LIVE_STATES,
+    READY_PATH,
+    REPLICA_FORMATS,
+    STATS_PATH,
+    ManagedReplica,
+    ReplicaSettings,
+    alive,
+    fail,
+    with_stderr,
+    written_at_s,
+)
 from swarm_protocol.agent_messages import DesiredReplica, ReplicaStatus
 from swarm_protocol.signature import SignatureError, parse_signature
 from swarm_protocol.steps import StepsError, parse_steps
 
 log = logging.getLogger(__name__)
-REPLICA_FORMATS = ("torchscript", "torch_export", "onnx", "hf_causal_lm")
-READY_PATH = "/v2/health/ready"
-STATS_PATH = "/stats"
-_LIVE_STATES = ("starting", "ready", "draining")
-_WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - names, compared against
-ALIVE_FILE = "agent.alive"
-
-
-@dataclass(frozen=True)
-class ReplicaSettings:
-    """How this node runs replicas."""
-
-    replicas_dir: Path
-    port_range: range
-    bind_host: str = "127.0.0.1"
-    ready_timeout_s: float = 300.0
-    drain_grace_s: float = 30.0
-    # A ready replica is reported "draining" this long before it gets SIGTERM and starts
-    # refusing requests, so every gateway has reloaded its table and sends it nothing new
-    # (the preStop pause of Kubernetes, for the same race). Counts within drain_grace_s.
-    drain_delay_s: float = 2.0
-    http_timeout_s: float = 1.0
-    replica_module: str = processes.REPLICA_MODULE
-    python: str = sys.executable
-    # A replica drains itself when no agent has touched its alive file for this long.
-    watchdog_s: float = processes.DEFAULT_WATCHDOG_S
-
-    @property
-    def connect_host(self) -> str:
-        """Return the host the agent itself uses to reach its replicas."""
-        return "127.0.0.1" if self.bind_host in _WILDCARD_HOSTS else self.bind_host
-
-
-@dataclass
-class ManagedReplica:
-    """One replica as the agent tracks it."""
-
-    desired: DesiredReplica
-    replica_key: str
-    artifact: Future[Path] | None = None
-    state: str = "starting"
-    error: str = ""
-    port: int | None = None
-    process: processes.ReplicaProcess | None = None
-    launched_at_s: float | None = None
-    drain_started_at_s: float | None = None
-    signalled: bool = False  # SIGTERM sent (after the drain delay)
-    stats: dict[str, Any] = field(default_factory=dict)
-    # Its cumulative counters at the previous /stats: rates are differences between polls.
-    counters: replica_stats.Counters = field(default_factory=replica_stats.Counters)
-    # Adopted from a previous agent run and not yet confirmed by a heartbeat reply: the
-    # first reconcile drains it unless the portal still wants exactly it, under this key.
-    unconfirmed: bool = False
-    logs: LogTail | None = None  # from its launch (or adoption) on
-    started_at_s: float | None = None  # wall clock, epoch s: the portal shows uptime
-    restarts: int = 0  # launches under this id after the first
-
-    @property
-    def replica_id(self) -> int:
-        return self.desired.replica_id
-
-    def status(self) -> ReplicaStatus:
-        """Return what the next heartbeat says about this replica."""
-        lines = list(self.logs.pending) if self.logs is not None else []
-        return ReplicaStatus(replica_id=self.replica_id, state=self.state, port=self.port,
-                             error=self.error, started_at_s=self.started_at_s,
-                             restarts=self.restarts, log_lines=lines, **self.stats)
+# The records and settings live in replica_types.py; importers take them here too.
+__all__ = ["ALIVE_FILE", "REPLICA_FORMATS", "ManagedReplica", "ReplicaManager",
+           "ReplicaSettings"]
 
 
 class ReplicaManager:
@@ -205,13 +151,13 @@ class ReplicaManager:
     def refresh_stats(self) -> None:
         """Read /stats from every replica that serves or drains."""
         for replica in self.replicas.values():
-            if replica.state in ("ready", "draining") and _alive(replica.process):
+            if replica.state in ("ready", "draining") and alive(replica.process):
                 self._read_stats(replica)
 
     def pids(self) -> dict[int, int]:
         """Return {process id: replica id} of every replica with a live process."""
         return {replica.process.pid: replica.replica_id for replica in self.replicas.values()
-                if replica.process is not None and _alive(replica.process)}
+                if replica.process is not None and alive(replica.process)}
 
     def statuses(self) -> list[ReplicaStatus]:
         """Return one ReplicaStatus per tracked replica, by id."""
@@ -243,7 +189,7 @@ class ReplicaManager:
 
     def live_count(self) -> int:
         """Return how many replicas still start, serve or drain."""
-        return sum(1 for replica in self.replicas.values() if replica.state in _LIVE_STATES)
+        return sum(1 for replica in self.replicas.values() if replica.state in LIVE_STATES)
 
     def close(self) -> None:
         """Release the HTTP client and stop vouching for the replicas (see drain_all)."""
@@ -258,7 +204,7 @@ class ReplicaManager:
         return ManagedReplica(desired=record.desired_replica(), replica_key=replica_key,
                               port=record.port, process=survivor.process, launched_at_s=now_s,
                               unconfirmed=True, logs=LogTail(replica_dir),
-                              started_at_s=_written_at_s(replica_dir))
+                              started_at_s=written_at_s(replica_dir))
 
     def _confirm_adopted(self, replica: ManagedReplica, wanted: DesiredReplica | None,
                          replica_key: str, now_s: float) -> None:
@@ -299,12 +245,12 @@ class ReplicaManager:
             return
         error = artifact.exception()
         if error is not None:
-            _fail(replica, f"artifact not usable: {error}")
+            fail(replica, f"artifact not usable: {error}")
             return
         try:
             self._launch(replica, artifact.result(), now_s)
         except (OSError, RuntimeError, ValueError) as launch_error:
-            _fail(replica, f"could not start: {launch_error}")
+            fail(replica, f"could not start: {launch_error}")
 
     def _launch(self, replica: ManagedReplica, artifact_path: Path, now_s: float) -> None:
         desired = replica.desired
@@ -353,7 +299,7 @@ class ReplicaManager:
         if now_s - replica.launched_at_s >= self.settings.ready_timeout_s:
             self._kill(replica)
             reason = f"not ready within {self.settings.ready_timeout_s:g}s"
-            _fail(replica, _with_stderr(reason, self._replica_dir(replica)))
+            fail(replica, with_stderr(reason, self._replica_dir(replica)))
 
     def _check_exited(self, replica: ManagedReplica, what: str) -> bool:
         process = replica.process
@@ -363,7 +309,7 @@ class ReplicaManager:
         exit_text = "exit code unknown" if isinstance(process, survivors.AdoptedProcess) \
             else f"exit code {process.returncode}"
         reason = f"replica process {what} ({exit_text})"
-        _fail(replica, _with_stderr(reason, self._replica_dir(replica)))
+        fail(replica, with_stderr(reason, self._replica_dir(replica)))
         return True
 
     def _check_draining(self, replica: ManagedReplica, now_s: float) -> None:
@@ -434,26 +380,3 @@ class ReplicaManager:
 
     def _replica_dir(self, replica: ManagedReplica) -> Path:
         return self.settings.replicas_dir / str(replica.replica_id)
-
-
-def _alive(process: processes.ReplicaProcess | None) -> bool:
-    return process is not None and process.poll() is None
-
-
-def _fail(replica: ManagedReplica, reason: str) -> None:
-    replica.state = "failed"
-    replica.error = reason
-    replica.stats = {}
-
-
-def _written_at_s(replica_dir: Path) -> float | None:
-    """Return when the launch record was written (epoch s): an adopted replica's start."""
-    try:
-        return (replica_dir / survivors.RECORD_FILE).stat().st_mtime
-    except OSError:
-        return None
-
-
-def _with_stderr(reason: str, replica_dir: Path) -> str:
-    line = processes.last_stderr_line(replica_dir)
-    return f"{reason}: {line}" if line else reason
