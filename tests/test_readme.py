@@ -69,7 +69,7 @@ def instance(tmp_path: Path) -> Iterator[Launcher]:
     try:
         wait_until(lambda: _answers(f"{launcher.url}/healthz"), 120, "make run's portal", 0.5)
         key = launcher.manage("create_api_key", "--name", "readme-test-wait").splitlines()[-1]
-        for demo in ("demo-mlp", "demo-digits"):
+        for demo in ("demo-mlp", "demo-digits", "tiny-lm"):
             wait_until(lambda demo=demo: _answers(f"{launcher.url}/v2/models/{demo}/ready", key),
                        180, f"{demo} to be ready", 0.5)
         _assert_quiet_console(launcher.var_dir.parent / "launcher.log")
