@@ -251,12 +251,17 @@ def expected_scores(rows: np.ndarray) -> np.ndarray:
 
 
 class GatewayThread:
-    """A GatewayApp served by uvicorn on a real socket, in a thread with its own loop."""
+    """A GatewayApp served by uvicorn on a real socket, in a thread with its own loop.
 
-    def __init__(self, app: GatewayApp) -> None:
+    `http`: uvicorn's protocol (or the lean one: fast_http.protocol_class); `asgi_app`: what
+    uvicorn serves, when not `app` itself (the pass-through app).
+    """
+
+    def __init__(self, app: GatewayApp, http: Any = "httptools", asgi_app: Any = None) -> None:
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="none", http="httptools",
-                                lifespan="off", access_log=False, log_level="warning")
+        config = uvicorn.Config(asgi_app or app, host="127.0.0.1", port=0, loop="none",
+                                http=http, lifespan="off", access_log=False,
+                                log_level="warning")
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
         self.port = 0
@@ -267,7 +272,7 @@ class GatewayThread:
 
     def __enter__(self) -> GatewayThread:
         self._thread.start()
-        wait_for(lambda: self.server.started, "the gateway to listen", 10)
+        wait_for(lambda: self.server.started, "the gateway to listen", 30)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
 

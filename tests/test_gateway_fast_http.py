@@ -9,7 +9,6 @@ small HTTP server standing in for the portal behind it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import socket
@@ -21,8 +20,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-import uvloop
 
 from serving.gateway.app import GatewayApp
 from serving.gateway.fast_asgi import starts_gateway_request
@@ -36,6 +33,7 @@ from tests.gateway_helpers import (
     SLOW,
     SLOW_INFO,
     Fleet,
+    GatewayThread,
     MemoryTableSource,
     StandaloneGateway,
     deployment,
@@ -340,22 +338,10 @@ def pass_through(fleet) -> Iterator[int]:
         MLP, [replica_route(fleet.mlp_v1[0], 1)]))))
     proxy = PortalProxy(f"http://127.0.0.1:{portal.server_address[1]}")
     app = PassThroughApp(gateway, proxy)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="none", lifespan="off",
-                            http=protocol_class(gateway, app), log_level="warning")
-    server = uvicorn.Server(config)
-
-    def run() -> None:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(server.serve())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
     try:
-        wait_for(lambda: server.started, "the gateway to listen", 10)
-        yield server.servers[0].sockets[0].getsockname()[1]
+        with GatewayThread(gateway, http=protocol_class(gateway, app), asgi_app=app) as thread:
+            yield thread.port
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         portal.shutdown()
         portal.server_close()
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import uvicorn
-import uvloop
 
 from registry.demo_lm import cached_tiny_lm_archive
 from serving.gateway import upstream_stream
@@ -26,7 +25,13 @@ from serving.gateway.responses import Response
 from serving.gateway.streaming import StreamEnd, StreamingResponse, StreamSummary
 from serving.gateway.upstream_stream import streams
 from serving.replica.generation_runner import TEXT_SIGNATURE
-from tests.gateway_helpers import BEARER, MemoryTableSource, replica_route, wait_for
+from tests.gateway_helpers import (
+    BEARER,
+    GatewayThread,
+    MemoryTableSource,
+    replica_route,
+    wait_for,
+)
 from tests.replica_models import ReplicaProcess, start_replica
 from tests.test_gateway_generate import GENERATE, LONG, NAME, STREAM, lm_table
 from tests.test_gateway_metrics_share import gateway_metrics, samples, share, value, write_snapshot
@@ -145,22 +150,8 @@ def test_the_core_stream_ended_early_releases_its_lease_as_cancelled(replica):
 def lean_server(replica) -> Iterator[uvicorn.Server]:
     """The lean HTTP/1.1 server (fast_http.py) in front of the replica, in a thread."""
     gateway = GatewayApp(MemoryTableSource(lm_table(replica_route(replica, 1))))
-    config = uvicorn.Config(gateway, host="127.0.0.1", port=0, loop="none", lifespan="off",
-                            http=protocol_class(gateway), log_level="warning")
-    server = uvicorn.Server(config)
-
-    def run() -> None:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(server.serve())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, "the gateway to listen", 30)
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with GatewayThread(gateway, http=protocol_class(gateway)) as thread:
+        yield thread.server
 
 
 def dechunk(data: bytes) -> bytes:
