@@ -306,7 +306,7 @@ class UpstreamPool:
             raise ConnectFailed(f"connect to {key[0]}:{key[1]} timed out") from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {exc}") from exc
-        sock = connection._transport.get_extra_info("socket") if connection._transport else None
+        sock = connection.transport.get_extra_info("socket") if connection.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connections_opened += 1
@@ -314,7 +314,7 @@ class UpstreamPool:
 
 
 def _check_pin(connection: PooledConnection, tls: UpstreamTls) -> None:
-    transport = connection._transport
+    transport = connection.transport
     try:
         check_pinned(transport.get_extra_info("ssl_object") if transport else None, tls)
     except OSError:
