@@ -21,10 +21,11 @@ import struct
 import tarfile
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from swarm_protocol import archive_hf_tar
 from swarm_protocol.archive_export import ArchiveRefused
 
 if TYPE_CHECKING:
@@ -97,17 +98,11 @@ def looks_like_hf(source: str | IO[bytes]) -> bool:
             with zipfile.ZipFile(source) as archive:
                 return any(_tail(name) == "config.json" for name in archive.namelist())
         _rewind(source)
-        return _is_tar(source)
+        return archive_hf_tar.is_tar(source)
     except (OSError, zipfile.BadZipFile, ValueError):
         return False
     finally:
         _rewind(source)
-
-
-def _is_tar(source: str | IO[bytes]) -> bool:
-    if isinstance(source, str):
-        return tarfile.is_tarfile(source)
-    return tarfile.is_tarfile(source)
 
 
 def inspect_hf(source: str | IO[bytes], limits: ArchiveLimits) -> HfInspection:
@@ -117,9 +112,8 @@ def inspect_hf(source: str | IO[bytes], limits: ArchiveLimits) -> HfInspection:
         _rewind(source)
         with _open_zip(source) as archive:
             return _inspect_zip(archive, limits)
-    _rewind(source)
-    with _open_tar(source) as archive:
-        return _inspect_tar(archive, limits)
+    with archive_hf_tar.forward_tar(source, limits) as tar_members:
+        return _inspect_tar(tar_members)
 
 
 def _inspect_zip(archive: zipfile.ZipFile, limits: ArchiveLimits) -> HfInspection:
@@ -132,14 +126,18 @@ def _inspect_zip(archive: zipfile.ZipFile, limits: ArchiveLimits) -> HfInspectio
     return _inspect_files(members, sizes, lambda full, n: _read_zip(archive, full, n), "zip")
 
 
-def _inspect_tar(archive: tarfile.TarFile, limits: ArchiveLimits) -> HfInspection:
+def _inspect_tar(tar_members: Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]
+                 ) -> HfInspection:
+    """Check every member in one forward pass, reading the heads that are parsed later.
+
+    Only a file whose name passes check_member_name is read, each name once (a second
+    folder is refused after the loop), so at most a few configs and headers are held.
+    """
     from swarm_protocol.archive import check_entry_name
 
-    files: dict[str, tarfile.TarInfo] = {}
-    total_bytes = 0
-    for count, member in enumerate(_tar_members(archive), start=1):
-        if count > limits.max_entries:
-            raise ArchiveRefused(f"the archive has more than {limits.max_entries} entries")
+    sizes: dict[str, int] = {}
+    heads: dict[str, bytes] = {}
+    for archive, member in tar_members:
         name = tar_name(member.name)
         if member.isdir() and name in ("", "."):
             continue  # the "./" entry of `tar -C folder .`
@@ -149,17 +147,35 @@ def _inspect_tar(archive: tarfile.TarFile, limits: ArchiveLimits) -> HfInspectio
         if not member.isfile():
             raise ArchiveRefused(f"the archive entry {member.name!r} is a link or a special "
                                  "file, not a regular file")
-        if name in files:
+        if name in sizes:
             raise ArchiveRefused(f"the archive holds {member.name!r} twice")
-        total_bytes += member.size
-        if total_bytes > limits.max_uncompressed_bytes:
-            raise ArchiveRefused(f"the archive holds more than {limits.max_uncompressed_bytes}"
-                                 " bytes (ARCHIVE_MAX_UNCOMPRESSED_BYTES)")
-        files[name] = member
-    members = _members(list(files))
-    sizes = {name: files[full].size for name, full in members.items()}
-    return _inspect_files(members, sizes,
-                          lambda full, n: _read_tar(archive, files[full], n), "tar")
+        sizes[name] = member.size
+        tail = _tail(name)
+        check_member_name(tail)
+        if not any(_tail(seen) == tail for seen in heads):
+            heads[name] = _read_head(archive, member, tail)
+    members = _members(list(sizes))
+    return _inspect_files(members, {name: sizes[full] for name, full in members.items()},
+                          lambda full, n: heads[full][:n], "tar")
+
+
+def _read_head(archive: tarfile.TarFile, member: tarfile.TarInfo, tail: str) -> bytes:
+    """Return what _inspect_files parses of a member: a JSON file, a safetensors header."""
+    if tail in JSON_FILES:
+        return _read_tar(archive, member, lambda handle: handle.read(
+            min(member.size, JSON_MAX_BYTES)))
+    if not is_weights_file(tail):
+        return b""
+    return _read_tar(archive, member, _safetensors_head)
+
+
+def _safetensors_head(handle: IO[bytes]) -> bytes:
+    # The 8-byte length and no more than the header: the weights are never read here.
+    head = handle.read(8)
+    if len(head) < 8:
+        return head
+    (header_bytes,) = struct.unpack("<Q", head)
+    return head + handle.read(min(header_bytes, SAFETENSORS_HEADER_MAX_BYTES))
 
 
 def tar_name(name: str) -> str:
@@ -167,15 +183,6 @@ def tar_name(name: str) -> str:
     while name.startswith("./"):
         name = name[2:]
     return name
-
-
-def _tar_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    # One header at a time, so the limits apply before the next member's data is skipped.
-    try:
-        while (member := archive.next()) is not None:
-            yield member
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ArchiveRefused(f"the archive is corrupt: {exc}") from None
 
 
 def _members(names: list[str]) -> dict[str, str]:
@@ -337,26 +344,19 @@ def _open_zip(source: str | IO[bytes]) -> zipfile.ZipFile:
         raise ArchiveRefused(f"the archive is corrupt: {exc}") from None
 
 
-def _open_tar(source: str | IO[bytes]) -> tarfile.TarFile:
-    try:
-        if isinstance(source, str):
-            return tarfile.open(source, "r:*")
-        return tarfile.open(fileobj=source, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ArchiveRefused(f"the file is neither a tar nor a zip archive: {exc}") from None
-
-
 def _read_zip(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytes:
     with archive.open(name) as handle:
         return handle.read(max_bytes)
 
 
-def _read_tar(archive: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: int) -> bytes:
+def _read_tar(archive: tarfile.TarFile, member: tarfile.TarInfo,
+              read: Callable[[IO[bytes]], bytes]) -> bytes:
+    # One handle per member: the stream only goes forward, so it is never opened twice.
     handle = archive.extractfile(member)
     if handle is None:
         raise ArchiveRefused(f"the archive entry {member.name!r} is not a regular file")
     try:
-        return handle.read(max_bytes)
+        return read(handle)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ArchiveRefused(f"the archive is corrupt: {exc}") from None
 
@@ -366,17 +366,22 @@ def iter_member_bytes(source: str | IO[bytes], inspection: HfInspection,
     """Yield (file name, its chunks) for each checked member, reading no other entry."""
     _rewind(source)
     if inspection.container == "zip":
-        with _open_zip(source) as archive:
+        with _open_zip(source) as zip_file:
             for name, full in inspection.members.items():
-                with archive.open(full) as handle:
+                with zip_file.open(full) as handle:
                     yield name, _chunks(handle, chunk_bytes)
         return
-    with _open_tar(source) as archive:
+    from swarm_protocol.archive import ArchiveLimits
+
+    # The sizes were checked when it was inspected: now nothing may declare more.
+    limits = ArchiveLimits(max_uncompressed_bytes=sum(inspection.sizes.values()),
+                           max_ratio=float("inf"))
+    with archive_hf_tar.forward_tar(source, limits) as tar_members:
         by_name = {full: name for name, full in inspection.members.items()}
-        for member in _tar_members(archive):
+        for tar, member in tar_members:
             name = tar_name(member.name)
             if name in by_name and member.isfile():
-                extracted = archive.extractfile(member)
+                extracted = tar.extractfile(member)
                 assert extracted is not None
                 yield by_name[name], _chunks(extracted, chunk_bytes)
 

@@ -8,10 +8,12 @@ remote code, a link, a corrupt safetensors header, a missing tokenizer.
 from __future__ import annotations
 
 import ast
+import gzip
 import io
 import json
 import struct
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 
 from registry.demo_lm import cached_tiny_lm_archive
 from registry.models import ModelVersion
-from swarm_protocol.archive import ArchiveRefused, inspect_archive
+from swarm_protocol.archive import ArchiveLimits, ArchiveRefused, inspect_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,3 +207,67 @@ def test_a_tar_made_with_dot_names_passes_and_loads(tiny_lm, tmp_path):
     checked = inspect_archive(str(path))
     model, tokenizer = load_causal_lm(checked)
     assert model.config.vocab_size == 384 and len(tokenizer) <= 384
+
+
+# Compressed tar bombs: refused from the headers, in one forward pass, without inflating.
+
+def gzip_bomb(path: Path, header: bytes, zeros_bytes: int) -> Path:
+    """Write a gzip of `header` then `zeros_bytes` zeros, cheaply: gzip members repeated."""
+    chunk_bytes = 64 * 1024**2
+    zeros = gzip.compress(bytes(chunk_bytes), compresslevel=9)
+    with path.open("wb") as handle:
+        handle.write(gzip.compress(header))
+        for _ in range(zeros_bytes // chunk_bytes):
+            handle.write(zeros)  # a gzip stream may be several members, read as one
+    return path
+
+
+def tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def test_a_compressed_tar_bomb_is_refused_by_the_ratio_limit_in_little_cpu(tmp_path):
+    bomb = gzip_bomb(tmp_path / "bomb.tar.gz",
+                     tar_header("tiny-lm/model.safetensors", 3 * 1024**3), 3 * 1024**3)
+    assert bomb.stat().st_size < 8 * 1024**2  # a few MB that declare 3 GiB
+    limits = ArchiveLimits(max_uncompressed_bytes=8 * 1024**3)  # the portal's default
+    started_s = time.process_time()
+    with pytest.raises(ArchiveRefused, match="ARCHIVE_MAX_RATIO") as refused:
+        inspect_archive(str(bomb), limits, declared_format="hf_causal_lm")
+    assert time.process_time() - started_s < 1.0
+    assert "200 times" in str(refused.value)
+
+
+def test_members_whose_declared_sizes_add_up_past_the_limit_are_refused_early(tmp_path):
+    header = b"".join(tar_header(f"m/{n}", 1024**2) + bytes(1024**2) for n in
+                      ("config.json", "tokenizer.json", "model.safetensors"))
+    path = tmp_path / "sum.tar"
+    path.write_bytes(header)  # plain tar: only the total limit applies
+    with pytest.raises(ArchiveRefused, match=r"more than 2500000 bytes \(ARCHIVE_MAX_UNCOMP"):
+        inspect_archive(str(path), ArchiveLimits(max_uncompressed_bytes=2_500_000),
+                        declared_format="hf_causal_lm")
+
+
+def test_a_tar_inflating_more_than_it_declares_is_refused_in_little_cpu(tmp_path):
+    # A pax header is read whole by tarfile and counted in no member's size.
+    bomb = gzip_bomb(tmp_path / "pax.tar.gz",
+                     tar_header("././@PaxHeader", 512 * 1024**2, tarfile.XHDTYPE),
+                     512 * 1024**2)
+    started_s = time.process_time()
+    with pytest.raises(ArchiveRefused, match="inflates to more than its members declare"):
+        inspect_archive(str(bomb), declared_format="hf_causal_lm")
+    assert time.process_time() - started_s < 1.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_uploaded_tar_bomb_is_a_400_naming_the_limit(operator_api, model, tmp_path, store):
+    bomb = gzip_bomb(tmp_path / "bomb.tar.gz",
+                     tar_header("tiny-lm/model.safetensors", 3 * 1024**3), 3 * 1024**3)
+    started_s = time.monotonic()
+    response = upload(operator_api, model.name, bomb.read_bytes())
+    assert response.status_code == 400, response.content
+    assert "ARCHIVE_MAX_RATIO" in response.json()["error"]
+    assert time.monotonic() - started_s < 5.0  # it was 12 s, inflating 3 GiB twice
+    assert ModelVersion.objects.count() == 0 and store.stored_names() == set()
