@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from serving.gateway.app import GatewayApp
 from serving.gateway.auth import Authenticator, Rejected, SessionCache, session_key
 from serving.gateway.deployments import DeploymentRuntime, Fleet, WaitQueue
 from serving.gateway.filesource import FileTableSource, write_table
+from serving.gateway.portal_source import PortalClient
 from serving.gateway.refresh import TableRefresher
 from serving.gateway.requests import (
     UNKNOWN_VERSION,
@@ -33,7 +35,7 @@ from tests.gateway_helpers import (
     eventually,
     table,
 )
-from tests.replica_models import REPO_ROOT
+from tests.replica_models import REPO_ROOT, free_port
 
 
 def replica(replica_id: int, version: int = 1, draining: bool = False) -> ReplicaRoute:
@@ -342,3 +344,72 @@ async def test_a_bad_route_keeps_the_previous_one_and_errors_are_json():
     await app.aclose()
     assert (response.status_code, response.json()) == (
         500, {"error": "internal error in the gateway"})
+
+
+# The first table load while the portal starts: one warning line, no traceback.
+
+async def portal_that(behaviour: str, requests: list[int]) -> tuple[str, asyncio.Server | None]:
+    """Return (URL, server) of a portal that answers 503, never answers, or is down."""
+    if behaviour == "is down":
+        return f"http://127.0.0.1:{free_port()}", None
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        requests.append(1)
+        if behaviour == "answers 503":
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 8\r\n"
+                         b"Connection: close\r\n\r\nstarting")
+            await writer.drain()
+        else:
+            await asyncio.sleep(30)  # until the client times out and the test closes us
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", server
+
+
+@pytest.mark.parametrize(("behaviour", "reason"), [
+    ("answers 503", "the portal answered 503"), ("is down", "ConnectError"),
+    ("never answers", "ReadTimeout")])
+async def test_a_portal_still_starting_is_one_warning_line_without_a_traceback(
+        caplog, tmp_path, behaviour, reason):
+    requests: list[int] = []
+    url, server = await portal_that(behaviour, requests)
+    client = PortalClient(url, "swg_token", timeout_s=0.2)
+    app = GatewayApp(client, poll_interval_s=0.02)
+    caplog.set_level(logging.DEBUG, logger="serving.gateway")
+    try:
+        await app.start()
+        assert not app.ready
+        if server is not None:
+            await eventually(lambda: len(requests) >= 4, "the refresh loop to retry")
+        else:
+            await asyncio.sleep(0.2)  # a closed port gives nothing to wait on: ten polls
+    finally:
+        await app.aclose()
+        await client.aclose()
+        if server is not None:
+            server.close()
+    logged = [r for r in caplog.records if r.name.startswith("serving.gateway")
+              and r.levelno >= logging.WARNING]
+    assert [r.levelname for r in logged] == ["WARNING"], [r.getMessage() for r in logged]
+    message = logged[0].getMessage()
+    assert message.startswith("routing table not loaded yet: ") and reason in message
+    assert message.endswith("; retrying") and logged[0].exc_info is None
+
+
+class BrokenSource(MemoryTableSource):
+    """A source with a bug: not a transient failure."""
+
+    async def load(self) -> RouteTable:
+        raise KeyError("replicas")
+
+
+async def test_a_bug_in_the_source_keeps_its_traceback(caplog):
+    app = GatewayApp(BrokenSource(table(deployment("m", [replica(1)]))), poll_interval_s=5)
+    caplog.set_level(logging.WARNING, logger="serving.gateway")
+    await app.start()
+    await app.aclose()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert errors[0].getMessage() == "routing table not loaded yet; retrying"

@@ -26,7 +26,7 @@ from serving.gateway.forwarding import Forwarder, UpstreamRequest
 from serving.gateway.hold import Activator, ColdStarts
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.ratelimit import RateLimiter, retry_after_s
-from serving.gateway.refresh import TableRefresher
+from serving.gateway.refresh import TableRefresher, log_source_failure
 from serving.gateway.requests import DisconnectWatcher, ModelPath, parse_model_path
 from serving.gateway.responses import (
     JSON_HEADERS,
@@ -151,13 +151,17 @@ class GatewayCore:
         await asyncio.shield(self._start_task)
 
     async def _load_first(self) -> None:
+        failures = 0
         try:
             await self.refresher.load()
-        except Exception:
-            # Requests get 503 meanwhile; only the refresh loop asks the source again.
-            logger.exception("could not load the routing table; retrying in the background")
+        except Exception as exc:
+            # Requests get 503 meanwhile; only the refresh loop asks the source again. A
+            # portal still starting is expected (one line); anything else is a bug.
+            failures = 1
+            log_source_failure("routing table not loaded yet", "retrying", exc)
         finally:
-            self._poll_task = asyncio.get_running_loop().create_task(self.refresher.run())
+            self._poll_task = asyncio.get_running_loop().create_task(
+                self.refresher.run(failures))
 
     def _take_successes(self) -> set[int]:
         taken, self._forwarder.succeeded = self._forwarder.succeeded, set()

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from serving.gateway.refresh import SourceUnavailable
 from serving.gateway.routes import RouteTable
 from swarm_protocol.private_files import write_private
 
@@ -30,11 +31,18 @@ API_PREFIX = "/api/gateway"
 _INSTANCE = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)
 # A keep-alive connection the portal closed just as we reused it: safe to send once more.
 _STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# A portal that is starting, restarting or overloaded (anything else is a bug or setup).
+_UNAVAILABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 LOG_EVERY_FAILURES = 60  # log the first failure of a streak, then one in this many
 
 
 class PortalError(RuntimeError):
     """The portal did not answer, or answered something else than the contract says."""
+
+
+class PortalUnavailable(PortalError, SourceUnavailable):
+    """The portal cannot answer for now: a timeout, a refused or reset connection, a 5xx
+    (it is starting or restarting). Retried, and logged without a traceback."""
 
 
 class PortalRefused(PortalError):
@@ -125,6 +133,9 @@ class PortalClient:
         response = await self._request("GET", "/table", params=params, headers=headers)
         if response.status_code in (401, 403):
             raise PortalRefused(f"the portal refused the gateway token ({response.status_code})")
+        if response.status_code >= 500:
+            raise PortalUnavailable(f"the portal answered {response.status_code} for the "
+                                    f"table: {response.text[:200]}")
         if response.status_code not in (200, 304):
             raise PortalError(f"the portal answered {response.status_code} for the table: "
                               f"{response.text[:200]}")
@@ -216,8 +227,8 @@ class PortalClient:
             except _STALE_CONNECTION:
                 return await self._client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise PortalError(f"{method} {API_PREFIX}{path}: {type(exc).__name__}: "
-                              f"{exc}") from exc
+            kind = PortalUnavailable if isinstance(exc, _UNAVAILABLE) else PortalError
+            raise kind(f"{method} {API_PREFIX}{path}: {type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
         """Close the connections to the portal."""

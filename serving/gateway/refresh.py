@@ -23,6 +23,27 @@ from serving.gateway.routes import RouteTable, TableSource
 logger = logging.getLogger("serving.gateway")
 
 
+class SourceUnavailable(Exception):
+    """The table source cannot answer for now (starting, overloaded, unreachable).
+
+    Expected and retried, so logged as one line without a traceback; any other exception
+    from a source is a bug and keeps its traceback.
+    """
+
+
+# What a source may raise while the portal or database starts or restarts.
+TRANSIENT_ERRORS = (SourceUnavailable, TimeoutError, ConnectionError)
+
+
+def log_source_failure(what: str, then: str, exc: BaseException) -> None:
+    """Log "<what>: <reason>; <then>" as one WARNING line when `exc` is transient, else
+    "<what>; <then>" at ERROR with the traceback."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        logger.warning("%s: %s; %s", what, str(exc) or type(exc).__name__, then)
+    else:
+        logger.error("%s; %s", what, then, exc_info=exc)
+
+
 class TableRefresher:
     """Loads tables from a source and hands each new one to `apply`."""
 
@@ -108,19 +129,22 @@ class TableRefresher:
             await report(successes)
         return True
 
-    async def run(self) -> None:
-        """Poll until cancelled; errors are logged and retried at the next poll."""
-        failures = 0
+    async def run(self, failures: int = 0) -> None:
+        """Poll until cancelled; errors are logged and retried at the next poll.
+
+        `failures`: how many in a row the caller already logged (1 after a failed first
+        load), so a source that is still starting is not reported twice.
+        """
         while True:
             await asyncio.sleep(self.poll_interval_s)
             try:
                 await self.step()
                 await self.report()
-            except Exception:
+            except Exception as exc:
                 failures += 1
                 if failures % 100 == 1:  # the first of a streak, then every 20 s or so
-                    logger.exception("could not refresh the routing table (%d times); "
-                                     "keeping the old one", failures)
+                    log_source_failure(f"could not refresh the routing table ({failures} "
+                                       "times)", "keeping the old one", exc)
             else:
                 failures = 0
 
