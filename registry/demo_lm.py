@@ -123,3 +123,32 @@ def cached_tiny_lm_archive(cache_dir: Path | None = None) -> Path:
         build_tiny_lm_archive(partial)
         os.replace(partial, archive_path)
     return archive_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the tiny model's archive to the path given: `python -m registry.demo_lm out.tar`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m registry.demo_lm",
+        description="Build the tiny demo language model (random weights, 512 tokens of "
+                    "context) and write it as an hf_causal_lm tar archive, ready to upload.")
+    parser.add_argument("archive", type=Path, help="where to write the .tar (e.g. tiny-lm.tar)")
+    args = parser.parse_args(argv)
+    if not args.archive.parent.is_dir():
+        parser.error(f"the folder {args.archive.parent} does not exist")
+    if args.archive.is_dir():
+        parser.error(f"{args.archive} is a folder: name the .tar file to write")
+    # Built beside the target and renamed: an interrupted build leaves no half archive.
+    partial = args.archive.with_name(f".{args.archive.name}.{os.getpid()}")
+    try:
+        build_tiny_lm_archive(partial)
+        os.replace(partial, args.archive)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {args.archive} ({args.archive.stat().st_size} bytes, format hf_causal_lm)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

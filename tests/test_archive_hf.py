@@ -12,6 +12,8 @@ import gzip
 import io
 import json
 import struct
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -271,3 +273,21 @@ def test_an_uploaded_tar_bomb_is_a_400_naming_the_limit(operator_api, model, tmp
     assert "ARCHIVE_MAX_RATIO" in response.json()["error"]
     assert time.monotonic() - started_s < 5.0  # it was 12 s, inflating 3 GiB twice
     assert ModelVersion.objects.count() == 0 and store.stored_names() == set()
+
+
+def test_the_demo_lm_module_writes_the_archive_to_upload(tiny_lm, tmp_path):
+    out = tmp_path / "my-lm.tar"
+    result = subprocess.run([sys.executable, "-m", "registry.demo_lm", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == tiny_lm.read_bytes()  # the same deterministic build
+    assert inspect_archive(str(out)).format == "hf_causal_lm"
+    assert f"wrote {out}" in result.stdout
+    assert not list(tmp_path.glob(".my-lm.tar.*"))  # no partial file left
+
+
+@pytest.mark.parametrize("argv", [[], ["/no/such/folder/out.tar"]])
+def test_the_demo_lm_module_prints_its_usage_on_bad_arguments(argv):
+    result = subprocess.run([sys.executable, "-m", "registry.demo_lm", *argv], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "usage: python -m registry.demo_lm" in result.stderr
