@@ -9,6 +9,7 @@ import pytest
 
 from dashboards import figures, history
 from serving.models import Replica
+from tests.cache_tools import clear_own_cache
 
 pytestmark = pytest.mark.django_db
 GPU = [{"index": 0, "utilization_pct": 40.0, "memory_used_bytes": 1}]
@@ -18,9 +19,8 @@ GPU = [{"index": 0, "utilization_pct": 40.0, "memory_used_bytes": 1}]
 def fresh_history(settings):
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
                                    "LOCATION": "chart-ranges"}}
-    from django.core.cache import cache
 
-    cache.clear()
+    clear_own_cache()
     history._recorded_at_s.clear()
     yield
     history._recorded_at_s.clear()

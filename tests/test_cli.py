@@ -20,7 +20,6 @@ from unittest.mock import ANY
 import httpx
 import numpy as np
 import pytest
-from django.core.cache import cache
 
 from registry.models import Alias, Model, ModelVersion
 from scaling.models import ScalingEvent
@@ -29,6 +28,7 @@ from serving.models import ApiKey, Deployment, JoinToken, Node
 from swarm_portal.api_login import MAX_FAILED_LOGINS
 from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
 from tests import factories
+from tests.cache_tools import clear_own_cache
 from tests.conftest import free_port
 from tests.dashboards_helpers import gpu
 from tests.gateway_helpers import (
@@ -134,14 +134,14 @@ def swarm(tmp_path) -> Swarm:
 
 @pytest.fixture
 def logged_in(swarm, portal, operator) -> Swarm:
-    cache.clear()  # failed-login counters of an earlier test
+    clear_own_cache()  # failed-login counters of an earlier test
     swarm.ok("login", portal.url, "--username", operator.username, "--password-stdin",
              stdin=f"pw-{operator.username}\n")
     return swarm
 
 
 def test_login_keeps_the_token_in_a_file_only_its_owner_can_read(swarm, portal, operator):
-    cache.clear()
+    clear_own_cache()
     run = swarm("login", portal.url, "--username", "olga", SWARM_PASSWORD="pw-olga")
     assert run.code == 0, run.stderr
     assert stat.S_IMODE(swarm.config_file.stat().st_mode) == 0o600
@@ -370,7 +370,7 @@ def test_json_goes_anywhere_on_the_line(logged_in, model):
 
 
 def test_failed_logins_are_rate_limited(swarm, portal, operator):
-    cache.clear()
+    clear_own_cache()
     for _attempt in range(MAX_FAILED_LOGINS - 1):  # straight to the API: quicker
         wrong = {"username": "olga", "password": "wrong"}
         assert httpx.post(f"{portal.url}/api/auth/login/", json=wrong).status_code == 400
@@ -380,7 +380,7 @@ def test_failed_logins_are_rate_limited(swarm, portal, operator):
                    stdin="pw-olga\n")  # the right password, too late
     assert_one_line_error(locked, 2, "refused (429)", "too many failed logins")
     assert not swarm.config_file.exists()
-    cache.clear()
+    clear_own_cache()
     swarm.ok("login", portal.url, "--username", "olga", "--password-stdin", stdin="pw-olga\n")
 
 

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import typer
-from django.core.cache import cache
 from knox.models import AuthToken
 from rest_framework.test import APIClient
 
@@ -20,6 +19,7 @@ from swarm_cli.events import new_events
 from swarm_cli.infer import bytes_request
 from swarm_cli.main import _hoist_json
 from swarm_portal.api_login import MAX_FAILED_LOGINS
+from tests.cache_tools import clear_own_cache
 from tests.live import ROOT
 
 
@@ -78,7 +78,7 @@ def test_the_config_file_is_0600_even_over_a_looser_one(tmp_path, monkeypatch):
 
 @pytest.fixture
 def login(db):
-    cache.clear()
+    clear_own_cache()
     client = APIClient()
     return lambda password: client.post("/api/auth/login/", {"username": "olga",
                                                              "password": password},

@@ -30,6 +30,7 @@ from serving.gateway_api import MAX_SUCCESSES, issue_gateway_token, revoke_gatew
 from serving.gateway_source import share_caps
 from serving.models import Deployment, GatewayToken, Node, Replica, ReplicaState
 from serving.secrets import digest
+from tests.cache_tools import clear_own_cache
 from tests.gateway_helpers import GatewayThread, deployment, replica_route, table
 from tests.gateway_link_helpers import (
     gateway_rows,
@@ -50,7 +51,7 @@ ROW = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4],
 @pytest.fixture(autouse=True)
 def empty_cache():
     """Gateways counted by an earlier test must not split this one's caps."""
-    cache.clear()
+    clear_own_cache()
 
 
 @pytest.fixture

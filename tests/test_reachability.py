@@ -11,7 +11,6 @@ import socket
 import threading
 
 import pytest
-from django.core.cache import cache
 from django.test import Client
 
 from serving.agent.tunnel import ReachabilityProbe
@@ -20,6 +19,7 @@ from serving.gateway_api import issue_gateway_token
 from serving.models import Node
 from serving.services import reachability
 from swarm_protocol.agent_messages import RegisterRequest
+from tests.cache_tools import clear_own_cache
 from tests.replica_models import free_port
 
 pytestmark = pytest.mark.django_db
@@ -30,7 +30,7 @@ TABLE = "/api/gateway/table"
 
 @pytest.fixture(autouse=True)
 def empty_cache():
-    cache.clear()
+    clear_own_cache()
 
 
 def _join(client: Client, join_secret: str, **fields: object) -> dict:

@@ -23,6 +23,7 @@ from serving.agent.logs import LogTail, clean_line
 from serving.models import Node, Replica, ReplicaState
 from swarm_protocol.agent_messages import HeartbeatRequest, ReplicaStatus
 from tests import factories
+from tests.cache_tools import clear_own_cache
 from tests.conftest import free_port
 from tests.dashboards_helpers import gpu, register_node
 from tests.e2e import LiveAgent
@@ -269,7 +270,7 @@ def heartbeat(secret: str, statuses: list[ReplicaStatus]) -> Any:
 
 @pytest.fixture
 def placed(served_deployment, gpu_node) -> tuple[Replica, str]:
-    cache.clear()
+    clear_own_cache()
     replica = served_deployment.replica_set.get()
     assert replica.node_id == gpu_node.pk
     return replica, gpu_node.secret
