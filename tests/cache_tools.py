@@ -10,16 +10,17 @@ under this process's prefix (tests/settings.py gives each worker its own).
 from __future__ import annotations
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache
 
 
 def clear_own_cache() -> None:
     """Delete every cache key of this run (its KEY_PREFIX); other runs' keys stay."""
-    if not isinstance(cache, RedisCache):
-        cache.clear()  # the file cache lives in this run's own folder
+    backend = caches["default"]  # `cache` is a proxy: isinstance needs the backend itself
+    if not isinstance(backend, RedisCache):
+        backend.clear()  # the file cache lives in this run's own folder
         return
-    client = cache._cache.get_client(write=True)
+    client = backend._cache.get_client(write=True)
     prefix = settings.CACHES["default"]["KEY_PREFIX"]
     batch: list[bytes] = []
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
