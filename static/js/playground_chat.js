@@ -2,7 +2,10 @@
 // stream in token by token. POST /v1/chat/completions with stream: true (the model's chat
 // template applies); where that endpoint is missing (a 404 or 405 from an older gateway), the
 // replica's /v2/models/NAME/generate_stream with the transcript as text. Stop aborts the
-// fetch: the connection closes and the replica frees the sequence's slot.
+// fetch: the connection closes and the replica frees the sequence's slot. When the model
+// refuses the prompt as too long for its context (tiny-lm has 512 tokens: two or three turns),
+// the oldest turns are left out, one at a time, and the turn is sent again; their rows are
+// dimmed and the state says how many were left out. A system message is always kept.
 (function () {
   "use strict";
   var chat = document.getElementById("pg-chat");
@@ -17,6 +20,8 @@
   var sendButton = document.getElementById("pg-chat-send");
   var stopButton = document.getElementById("pg-chat-stop");
   var messages = [];  // the transcript sent with each turn: {role, content}
+  var rows = [];  // rows[i]: the list row of messages[i] (dimmed when it is left out)
+  var leftOut = 0;  // turns left out of the transcript since the last Clear
   var controller = null;  // the AbortController of the answer being streamed
   var useChatEndpoint = true;  // false once /v1/chat/completions answered 404 or 405
 
@@ -26,6 +31,8 @@
     if (controller) controller.abort();
     finished("");
     messages = [];
+    rows = [];
+    leftOut = 0;
     list.textContent = "";
     showError("");
     state.textContent = "";
@@ -96,6 +103,52 @@
     });
   }
 
+  function remember(message, row) {
+    messages.push(message);
+    rows.push(row);
+  }
+
+  // Leave the oldest turn (a user message and the answers after it) out of the transcript;
+  // return whether there was one to leave out besides the turn being sent.
+  function leaveOutOldestTurn() {
+    var first = 0;
+    while (first < messages.length && messages[first].role === "system") first += 1;
+    var end = first + 1;
+    while (end < messages.length && messages[end].role !== "user") end += 1;
+    if (end >= messages.length) return false;  // only the turn being sent is left
+    rows.splice(first, end - first).forEach(function (row) { row.classList.add("chat-left-out"); });
+    messages.splice(first, end - first);
+    leftOut += 1;
+    return true;
+  }
+
+  // Whether a refusal says the prompt leaves no room in the model's context: "max_tokens must
+  // be an integer from 1 to N" (N: what the context has left), or a prompt over the context.
+  function tooLongForContext(response, description) {
+    return response.status === 400 &&
+      /max_tokens must be|context|prompt plus max_tokens/.test(description);
+  }
+
+  // Return a Promise of the streaming response, leaving out old turns while the model says
+  // the transcript is too long; reject with the refusal's description otherwise.
+  function openWithinContext(model, sampling, signal) {
+    return open(model, sampling, signal).then(function (response) {
+      if (response.ok) return response;
+      return describeFailure(response).then(function (description) {
+        if (tooLongForContext(response, description) && leaveOutOldestTurn()) {
+          return openWithinContext(model, sampling, signal);
+        }
+        throw new Error(description);
+      });
+    });
+  }
+
+  function leftOutNote() {
+    if (!leftOut) return "";
+    return " (" + leftOut + (leftOut === 1 ? " earlier turn" : " earlier turns") +
+      " left out: the model's context is full)";
+  }
+
   // Return "STATUS: message" from an error response's JSON {"error": ...}, else its text.
   function describeFailure(response) {
     return response.text().then(function (text) {
@@ -141,8 +194,8 @@
       sampling = options();
     } catch (error) { showError(error.message); return; }
     showError("");
-    messages.push({ role: "user", content: text });
-    addRow("user", text);
+    var before = { messages: messages.slice(), rows: rows.slice(), leftOut: leftOut };
+    remember({ role: "user", content: text }, addRow("user", text).parentNode);
     prompt.value = "";
     var answer = addRow("assistant", "");
     var reply = "";
@@ -152,8 +205,7 @@
     sendButton.disabled = true;
     stopButton.disabled = false;
     state.textContent = "waiting for the first token...";
-    open(select.value, sampling, controller.signal).then(function (response) {
-      if (!response.ok) return describeFailure(response).then(function (m) { throw new Error(m); });
+    openWithinContext(select.value, sampling, controller.signal).then(function (response) {
       state.textContent = "streaming...";
       return window.SwarmSse.read(response, function (data) {
         if (data === "[DONE]") return true;
@@ -169,21 +221,25 @@
       });
     }).then(function () {
       if (!list.contains(answer)) return;  // the chat was cleared meanwhile
-      messages.push({ role: "assistant", content: reply });
+      remember({ role: "assistant", content: reply }, answer.parentNode);
       var tokens = usage && usage.completion_tokens;
-      finished("done: " + (finish || "end of stream") + (tokens ? ", " + tokens + " tokens" : ""));
+      finished("done: " + (finish || "end of stream") + (tokens ? ", " + tokens + " tokens" : "") +
+               leftOutNote());
     }).catch(function (error) {
       if (!list.contains(answer)) return;  // the chat was cleared meanwhile
       if (error && error.name === "AbortError") {
-        if (reply) messages.push({ role: "assistant", content: reply });
+        if (reply) remember({ role: "assistant", content: reply }, answer.parentNode);
         answer.parentNode.classList.add("chat-stopped");
         finished("stopped");
         return;
       }
       // A bad event or an error event mid-stream: hang up, so the replica frees the slot.
       if (controller) controller.abort();
-      if (!reply) {  // nothing came: take the turn back so it can be sent again
-        messages.pop();
+      if (!reply) {  // nothing came: take the turn back (and the turns left out for it)
+        messages = before.messages;
+        rows = before.rows;
+        leftOut = before.leftOut;
+        rows.forEach(function (row) { row.classList.remove("chat-left-out"); });
         list.removeChild(answer.parentNode);
         list.removeChild(list.lastChild);
         prompt.value = text;

@@ -117,6 +117,21 @@ def test_the_playground_streams_a_chat_answer_and_stop_cancels_it(
         error = page.text_content("#pg-chat-error")
         assert page.is_visible("#pg-chat-error") and error[:1] == "4", error
         assert page.input_value("#pg-chat-prompt") == "Too long."
+        # Leaving the earlier turn out did not help: it is back in the transcript.
+        assert page.locator("#pg-chat-messages .chat-left-out").count() == 0
+
+        # A transcript that outgrows tiny-lm's 512 tokens: the oldest turn is left out and the
+        # turn sent again, with a note (every send failed until Clear).
+        page.click("#pg-chat-clear")
+        ask(page, "Hello.", max_tokens=400)
+        page.wait_for_function(STATE_IS, arg="done", timeout=120_000)
+        del posted[:]
+        ask(page, "And then?", max_tokens=400)
+        page.wait_for_function(STATE_IS, arg="done", timeout=120_000)
+        assert "1 earlier turn left out" in page.text_content("#pg-chat-state")
+        assert posted == ["v1/chat/completions"] * 2  # refused, then sent without turn one
+        assert page.locator("#pg-chat-messages .chat-left-out").count() == 2
+        assert page.is_hidden("#pg-chat-error")
 
         # Where /v1 is missing (an older gateway answers 404), the page streams from the
         # replica's generate_stream through the same gateway instead.
