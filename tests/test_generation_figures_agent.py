@@ -27,7 +27,7 @@ from tests.agent_fakes import FakePortal, desired_replica
 from tests.waiting import wait_until
 
 KEY = "a-replica-key-of-32-characters!!"
-PORTS = range(19640, 19660)
+PORTS = range(19660, 19680)  # no other test uses these
 READY_TIMEOUT_S = 120.0
 ENGINE = {"running": 3, "waiting": 2, "cache_tokens_used": 100, "cache_tokens_reserved": 512,
           "cache_tokens_limit": 2048, "admitted": 9, "finished": 4, "cancelled": 0,
