@@ -132,7 +132,7 @@ def _members(archive: tarfile.TarFile, reader: BoundedReader, declared: tuple[in
             count += 1
             if count > max_entries:
                 raise ArchiveRefused(f"the archive has more than {max_entries} entries")
-            declared_bytes += member.size if member.isfile() else 0
+            declared_bytes += member.size  # tarfile skips the data of unknown types too
             if declared_bytes > limit_bytes:
                 raise ArchiveRefused(message)
             # This member's data, and the next header, may now be inflated: no more.
