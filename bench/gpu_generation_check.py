@@ -16,6 +16,7 @@ logits rare but possible; a mismatch prints the first differing prompt.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import tempfile
@@ -55,7 +56,10 @@ async def answers(port: int, together: bool) -> tuple[list[str], float]:
 def main() -> int:
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"cuda {torch.cuda.is_available()}", flush=True)
-    device = sys.argv[1] if len(sys.argv) > 1 else "cuda:0"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("device", nargs="?", default="cuda:0",
+                        help="the first replica's torch device (cuda:0; cpu to try it here)")
+    device = parser.parse_args().device
     archive = cached_tiny_lm_archive()
     with tempfile.TemporaryDirectory(prefix="gpu-generation-") as folder:
         gpu = start_replica(archive, Path(folder) / "gpu", 18751, 16, device)

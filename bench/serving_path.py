@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 from common import add_cell_options
-from gateway import Target, cpu_s, run_wrk, wrk_script
+from gateway_load import Target, cpu_s, run_wrk, wrk_script
 from replica import free_port, request_body, save_reference_mlp
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
