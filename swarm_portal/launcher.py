@@ -178,9 +178,21 @@ def _child_specs(env: dict[str, str], public: socket.socket,
     return specs
 
 
+def default_gateway_processes(cpus: int | None) -> int:
+    """Return make run's gateway count: one core fewer than the machine has, 1 to 2.
+
+    make run's replicas run on the same machine: on 2 cores two gateways took the
+    replica's CPU (0.84 of direct's throughput at concurrency 64, against 1.01 with one,
+    docs/benchmarks.md). One gateway still loses no connection when it restarts: they wait
+    in the launcher's backlog.
+    """
+    return max(1, min(2, (cpus or 1) - 1))
+
+
 def gateway_names(env: dict[str, str]) -> list[str]:
     """Return the supervised gateways' names: gateway-1 .. gateway-N."""
-    count = env_int("SWARM_GATEWAY_PROCESSES", 2, minimum=1)
+    count = env_int("SWARM_GATEWAY_PROCESSES", default_gateway_processes(os.cpu_count()),
+                    minimum=1)
     return [f"{GATEWAY}-{index}" for index in range(1, count + 1)]
 
 

@@ -87,7 +87,8 @@ class Launcher:
                     "LOCAL_FLEET_MIN_NODES": "2", "LOCAL_FLEET_MAX_NODES": "3",
                     "LOCAL_FLEET_BASE_PORT": str(base_port),
                     "SWARM_ADMIN_PASSWORD": "chaos-test-pw",
-                    "SWARM_GRPC_PORT": "0"}  # off: a fixed port would clash across tests
+                    "SWARM_GRPC_PORT": "0",  # off: a fixed port would clash across tests
+                    "SWARM_GATEWAY_PROCESSES": "2"}  # one is SIGTERMed, the other serves
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Launcher:

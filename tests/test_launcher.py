@@ -75,6 +75,13 @@ def test_a_child_that_keeps_dying_comes_back_later_each_time_until_it_runs_a_whi
     assert child.restart_at_s - clock.now_s == 0.5
 
 
+@pytest.mark.parametrize(("cpus", "gateways"), [(None, 1), (1, 1), (2, 1), (3, 2), (64, 2)])
+def test_make_run_leaves_a_core_to_the_replicas(cpus, gateways):
+    from swarm_portal.launcher import default_gateway_processes
+
+    assert default_gateway_processes(cpus) == gateways
+
+
 def test_what_a_dead_child_started_is_killed_with_it(tmp_path):
     """A Celery pool process whose parent was killed must not stay connected."""
     pid_file = tmp_path / "grandchild.pid"
@@ -128,7 +135,8 @@ def launcher_env(var_dir: Path, port: int) -> dict[str, str]:
     return {**env, "SWARM_VAR_DIR": str(var_dir), "SWARM_PORT": str(port),
             "LOCAL_FLEET_BASE_PORT": str(base_port), "LOCAL_FLEET_MIN_NODES": "1",
             "LOCAL_FLEET_MAX_NODES": "1", "SWARM_ADMIN_PASSWORD": "launcher-test-pw",
-            "SWARM_GRPC_PORT": str(free_port())}
+            "SWARM_GRPC_PORT": str(free_port()),
+            "SWARM_GATEWAY_PROCESSES": "2"}  # a gateway is killed, the other serves
 
 
 def child_running(launcher: subprocess.Popen[bytes], marker: str) -> int | None:
