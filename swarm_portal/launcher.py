@@ -183,8 +183,9 @@ def default_gateway_processes(cpus: int | None) -> int:
 
     make run's replicas run on the same machine: on 2 cores two gateways took the
     replica's CPU (at concurrency 64, 7,226 requests/s and 81 us of gateway CPU each with
-    two; 8,345 and 9,713 requests/s, 59 and 50 us, with one: docs/benchmarks.md). One gateway still loses no connection when it restarts: they wait
-    in the launcher's backlog.
+    two; 8,345 and 9,713 requests/s, 59 and 50 us, with one: docs/benchmarks.md). One
+    gateway still loses no connection when it restarts: they wait in the launcher's
+    backlog.
     """
     return max(1, min(2, (cpus or 1) - 1))
 
