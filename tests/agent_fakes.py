@@ -1,7 +1,8 @@
 """Fakes for the worker agent's tests: NVML, a portal, and a replica server process.
 
 `python -m tests.agent_fakes --artifact PATH --port N ...` runs the fake replica server;
-what it does is read from its artifact file: `ready`, `crash`, `never-ready`, `slow-drain`.
+what it does is read from its artifact file: `ready`, `crash`, `never-ready`, `slow-drain`,
+`port-taken-once`.
 """
 
 from __future__ import annotations
@@ -312,6 +313,10 @@ def fake_replica_main(argv: list[str]) -> int:
     mode = Path(args.artifact).read_text().strip()
     key = os.environ.get("SWARM_REPLICA_KEY", "")
     Path("launch.json").write_text(json.dumps({"argv": argv, "key": key}))
+    if mode == "port-taken-once" and not Path("clashed").exists():
+        Path("clashed").write_text("once")  # the next launch (this folder) serves
+        print("OSError: [Errno 98] Address already in use", file=sys.stderr)
+        return 1
     if mode == "crash":
         print("Traceback (most recent call last):", file=sys.stderr)
         print("RuntimeError: fake replica cannot load its model", file=sys.stderr)

@@ -107,6 +107,21 @@ def test_a_crashing_replica_is_failed_with_its_last_stderr_line(manager: Replica
     assert error.endswith("RuntimeError: fake replica cannot load its model")
 
 
+def test_a_replica_whose_port_was_taken_under_it_starts_again_on_another_port(
+        manager: ReplicaManager) -> None:
+    # The probe found the port free, but another program bound it before the replica did
+    # (seen in CI): the agent starts it again on the next free port instead of failing it.
+    manager.reconcile([fake(3, "port-taken-once")], KEY, time.monotonic())
+    step_until_state(manager, 3, "starting")
+    wait_until(lambda: (step(manager), manager.replicas[3].port_clashes == 1)[1],
+               what="the relaunch after the port clash")
+    step_until_state(manager, 3, "ready")
+    [status] = manager.statuses()
+    assert status.state == "ready" and status.error == ""
+    assert (manager.settings.replicas_dir / "3" / "clashed").exists()  # it did clash first
+    assert status.port in PORTS
+
+
 def test_a_replica_not_ready_in_time_is_killed_and_failed(manager: ReplicaManager) -> None:
     manager.reconcile([fake(3, "never-ready")], KEY, time.monotonic())
     wait_until(lambda: step(manager) or manager.replicas[3].process is not None, what="launch")

@@ -21,6 +21,7 @@ STATS_PATH = "/stats"
 LIVE_STATES = ("starting", "ready", "draining")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - names, compared against
 ALIVE_FILE = "agent.alive"
+MAX_PORT_CLASHES = 3  # relaunches on another port when a port was taken under us
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class ManagedReplica:
     logs: LogTail | None = None  # from its launch (or adoption) on
     started_at_s: float | None = None  # wall clock, epoch s: the portal shows uptime
     restarts: int = 0  # launches under this id after the first
+    # Launches again on another port because a process took its port between our probe
+    # and its bind (the probe cannot reserve it); bounded by MAX_PORT_CLASHES.
+    port_clashes: int = 0
 
     @property
     def replica_id(self) -> int:

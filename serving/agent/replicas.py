@@ -27,6 +27,7 @@ from serving.agent.logs import LogTail
 from serving.agent.replica_types import (
     ALIVE_FILE,
     LIVE_STATES,
+    MAX_PORT_CLASHES,
     READY_PATH,
     REPLICA_FORMATS,
     STATS_PATH,
@@ -290,6 +291,8 @@ class ReplicaManager:
             watchdog_s=self.settings.watchdog_s, tls=self._tls)
 
     def _check_starting(self, replica: ManagedReplica, now_s: float) -> None:
+        if self._relaunched_after_port_clash(replica, now_s):
+            return
         if self._check_exited(replica, "exited before it was ready"):
             return
         if self._answers(replica, READY_PATH):
@@ -300,6 +303,27 @@ class ReplicaManager:
             self._kill(replica)
             reason = f"not ready within {self.settings.ready_timeout_s:g}s"
             fail(replica, with_stderr(reason, self._replica_dir(replica)))
+
+    def _relaunched_after_port_clash(self, replica: ManagedReplica, now_s: float) -> bool:
+        """Start a replica again on the next free port when its process exited because its
+        port was taken after pick_port found it free (another program bound it meanwhile:
+        a probe cannot reserve a port); at most MAX_PORT_CLASHES times."""
+        process, artifact = replica.process, replica.artifact
+        if (process is None or process.poll() is None or artifact is None
+                or isinstance(process, survivors.AdoptedProcess)
+                or replica.port_clashes >= MAX_PORT_CLASHES):
+            return False
+        line = processes.last_stderr_line(self._replica_dir(replica)) or ""
+        if "Address already in use" not in line:
+            return False
+        replica.port_clashes += 1
+        log.warning("replica %d: port %s was taken before it could listen: starting it on "
+                    "another port", replica.replica_id, replica.port)
+        try:
+            self._launch(replica, artifact.result(), now_s)
+        except (OSError, RuntimeError, ValueError) as launch_error:
+            fail(replica, f"could not start: {launch_error}")
+        return True
 
     def _check_exited(self, replica: ManagedReplica, what: str) -> bool:
         process = replica.process
