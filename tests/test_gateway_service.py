@@ -260,7 +260,9 @@ def test_two_gateway_processes_share_one_port_with_reuse_port(stack):
             assert client.post(INFER, json=ROW).status_code == 200
             clients.append(client)
         accepted = [established_on(gateway.proc.pid, port) for gateway in gateways]
-        assert sum(accepted) == 16 and min(accepted) > 0, accepted
+        # At least our 16 (a readiness probe's connection may not be closed yet: CI saw 17),
+        # and each process took some: the kernel spreads connections over both sockets.
+        assert sum(accepted) >= 16 and min(accepted) > 0, accepted
     finally:
         for client in clients:
             client.close()
