@@ -89,6 +89,8 @@ async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int
     body = {"text_input": prompt, "max_tokens": max_tokens, "ignore_eos": True}
     result = StreamResult(time.monotonic())
     async with client.stream("POST", "/v2/models/tiny/generate_stream", json=body) as reply:
+        if reply.status_code != 200:
+            raise SystemExit(f"{reply.status_code}: {(await reply.aread())[:200]!r}")
         async for line in reply.aiter_lines():
             if not line.startswith("data: "):
                 continue

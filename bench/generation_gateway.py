@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -40,13 +39,19 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from generation import KEY, PROMPTS, StreamResult, percentile, start_replica  # noqa: E402
+from generation import (  # noqa: E402
+    KEY,
+    PROMPTS,
+    StreamResult,
+    one_stream,
+    percentile,
+    start_replica,
+)
 
 from registry.demo_lm import cached_tiny_lm_archive  # noqa: E402
 from swarm_protocol.archive_hf import TEXT_SIGNATURE  # noqa: E402
 
 API_KEY = "swk_bench-generation-gateway-0123456789"
-STREAM_PATH = "/v2/models/tiny/generate_stream"
 READY_DEADLINE_S = 60.0
 
 
@@ -75,23 +80,6 @@ def start_gateway(table: Path, port: int) -> subprocess.Popen[bytes]:
         process.kill()
         raise SystemExit(f"the gateway did not start (exit {process.wait()})")
     return process
-
-
-async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> StreamResult:
-    """Run one generate_stream request (greedy, ignore_eos); return its timings."""
-    body = {"text_input": prompt, "max_tokens": max_tokens, "ignore_eos": True}
-    result = StreamResult(time.monotonic())
-    async with client.stream("POST", STREAM_PATH, json=body) as reply:
-        if reply.status_code != 200:
-            raise SystemExit(f"{reply.status_code}: {(await reply.aread())[:200]!r}")
-        async for line in reply.aiter_lines():
-            if line.startswith("data: "):
-                event = json.loads(line.removeprefix("data: "))
-                if event.get("text_output"):
-                    result.event_s.append(time.monotonic())
-                if "usage" in event:
-                    result.completion_tokens = event["usage"]["completion_tokens"]
-    return result
 
 
 def client_for(url: str, bearer: str, streams: int) -> httpx.AsyncClient:
