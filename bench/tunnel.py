@@ -84,7 +84,7 @@ def serve_gateway(table: str, port: int, tunnel_port: int) -> None:
 
     async def serve() -> None:
         if tunnel_port:
-            tunnels = TunnelServer(app.fleet, "127.0.0.1", tunnel_port)  # before the table
+            tunnels = TunnelServer(app.fleet, app.pool, "127.0.0.1", tunnel_port)  # table next
             await app.start()  # the table first: it holds the node's key digest
             await tunnels.start()
         await uvicorn.Server(config).serve()

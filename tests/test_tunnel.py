@@ -1,8 +1,8 @@
 """The tunnel on loopback: the gateway's tunnel server, the agent's client, a replica-like
 HTTP server behind it, and the gateway's own upstream pool in front, over real sockets.
 
-The node's "replica" listens on 127.0.0.1 only; the gateway reaches it through the loopback
-port its TunnelRegistry gives the replica in the routing table.
+The node's "replica" listens on 127.0.0.1 only; the gateway's pool reaches it in process,
+through the host name its TunnelRegistry gives the replica in the routing table.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import os
 import random
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,14 @@ from serving.balancing import BalancerConfig
 from serving.gateway.deployments import Fleet
 from serving.gateway.forwarding import Forwarder, UpstreamRequest
 from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.pipe import PipeEnd
 from serving.gateway.routes import DeploymentRoute, ReplicaRoute, RouteTable, VersionInfo
 from serving.gateway.tunnel import (
     TunnelServer,
     add_tunnel_arguments,
     attach_tunnels,
     key_digest,
+    tunnel_host,
 )
 from serving.gateway.upstream import UpstreamError, UpstreamPool
 from swarm_protocol.tunnel import NODE_HEADER, TUNNEL_PATH, WINDOW_BYTES
@@ -126,8 +127,8 @@ def table(replica_port: int) -> RouteTable:
                       tunnels={NODE_ID: key_digest(KEY)})
 
 
-async def start_server(fleet: Fleet, port: int = 0) -> TunnelServer:
-    server = TunnelServer(fleet, "127.0.0.1", port)
+async def start_server(fleet: Fleet, pool: UpstreamPool, port: int = 0) -> TunnelServer:
+    server = TunnelServer(fleet, pool, "127.0.0.1", port)
     await server.start()
     fleet.apply(fleet.table)
     return server
@@ -139,8 +140,8 @@ async def lab() -> AsyncIterator[Lab]:
     replica_port = await replica.start()
     fleet = Fleet(random.Random(1), BalancerConfig())
     fleet.apply(table(replica_port))
-    server = await start_server(fleet)
     pool = UpstreamPool()
+    server = await start_server(fleet, pool)
     yield Lab(fleet, server, replica, replica_port,
               f"ws://127.0.0.1:{server.port}{TUNNEL_PATH}", pool)
     pool.close()
@@ -169,7 +170,9 @@ async def test_concurrent_requests_each_get_their_own_binary_answer(
     bodies = [os.urandom(1000 + i) + bytes([i]) * 7 for i in range(64)]
     answers = await asyncio.gather(*(lab.post(body) for body in bodies))
     assert answers == bodies
-    assert lab.target() is not None and lab.target()[0] == "127.0.0.1"  # type: ignore[index]
+    # Reached in process: the pool's connections are pipes into the tunnel, not sockets.
+    assert lab.target() == (tunnel_host(NODE_ID), lab.replica_port)
+    assert tunnel_host(NODE_ID) in lab.pool.local_hosts
 
 
 async def test_a_big_binary_body_crosses_whole(lab: Lab, client: TunnelClient) -> None:
@@ -178,37 +181,51 @@ async def test_a_big_binary_body_crosses_whole(lab: Lab, client: TunnelClient) -
     assert hashlib.sha256(answer).digest() == hashlib.sha256(body).digest()
 
 
+class Sink(asyncio.Protocol):
+    """A raw connection through the pool's in-process dial: keeps what comes back."""
+
+    def __init__(self) -> None:
+        self.transport: PipeEnd | None = None
+        self.received = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, PipeEnd)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+
 async def test_a_replica_that_reads_nothing_stops_the_sender_after_a_window(
         lab: Lab, client: TunnelClient) -> None:
     target = lab.target()
     assert target is not None
-    loop = asyncio.get_running_loop()
-    sock = socket.create_connection(target)
-    sock.setblocking(False)
-    body_bytes = 256 * 1024 * 1024
-    sock.sendall(b"POST /stall HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % body_bytes)
-    sent = 0
-    chunk = b"x" * 65536
-    stalled_for = 0
-    while sent < body_bytes and stalled_for < 100:  # about 1 s without progress
-        try:
-            sent += sock.send(chunk)
-            stalled_for = 0
-        except BlockingIOError:
-            stalled_for += 1
-            await asyncio.sleep(0.01)
-    # The window plus what the kernels' socket buffers hold, nowhere near the whole body.
-    assert sent < 3 * WINDOW_BYTES + 32 * 1024 * 1024, sent
+    sink = Sink()
+    lab.pool.local_hosts[target[0]](target[1], sink)
+    assert sink.transport is not None and sink.transport.peer is not None
+    stream_end = sink.transport.peer  # the tunnel stream's side of the pipe
+    body_bytes = 64 * 1024 * 1024
+    sink.transport.write(b"POST /stall HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % body_bytes)
+    chunk = b"x" * (1024 * 1024)
+    for _ in range(body_bytes // len(chunk)):
+        sink.transport.write(chunk)
+
+    def waiting_bytes() -> int:  # held in the gateway: not yet sent through the tunnel
+        stream = stream_end.get_protocol()
+        return sum(map(len, stream_end._held)) + sum(map(len, stream._pending))  # type: ignore
+
+    last, unchanged = -1, 0
+    while unchanged < 100:  # about 1 s without progress
+        await asyncio.sleep(0.01)
+        unchanged, last = (unchanged + 1, last) if waiting_bytes() == last \
+            else (0, waiting_bytes())
+    assert not stream_end.is_reading()  # the stream stopped taking the pool's bytes
+    # The window plus what the agent's socket buffers hold, nowhere near the whole body.
+    assert body_bytes - last < 3 * WINDOW_BYTES + 32 * 1024 * 1024, body_bytes - last
     lab.replica.release.set()
-    while sent < body_bytes:
-        try:
-            sent += sock.send(chunk[:body_bytes - sent])
-        except BlockingIOError:
-            await asyncio.sleep(0.001)
-    sock.setblocking(True)
-    answer = await loop.run_in_executor(None, sock.recv, 65536)
-    sock.close()
-    assert answer.startswith(b"HTTP/1.1 200 OK")
+    await eventually(lambda: sink.received.startswith(b"HTTP/1.1 200 OK")
+                     and sink.received.endswith(chunk[:1024]), "the whole echo")
+    sink.transport.close()
 
 
 async def test_a_wrong_key_is_refused_before_the_handshake(lab: Lab) -> None:
@@ -257,7 +274,7 @@ async def test_a_dropped_tunnel_takes_the_replica_out_at_once_and_back_when_it_r
         await lab.pool.request(target[0], target[1], b"POST", b"/echo", [], b"x")
     # A gateway on the same port again: the agent reconnects (back-off) and serves.
     port = int(lab.url.split(":")[2].split("/")[0])
-    lab.server = await start_server(lab.fleet, port)
+    lab.server = await start_server(lab.fleet, lab.pool, port)
     await eventually(lab.target, "the replica back after the tunnel reconnected")
     assert await lab.post(b"after") == b"after"
     assert client.connections >= 2
@@ -318,15 +335,15 @@ async def test_the_tunnel_rides_the_gateway_s_tls(tmp_path: Path,
     parser.add_argument("--host", default="127.0.0.1")
     add_tunnel_arguments(parser)
     urls: list[str] = []
+    pool = UpstreamPool()
     server = attach_tunnels(parser.parse_args([
         "--tunnel-port", "0", "--tunnel-tls-cert-file", str(cert),
-        "--tunnel-tls-key-file", str(key)]), fleet, urls.append)
+        "--tunnel-tls-key-file", str(key)]), fleet, pool, urls.append)
     assert server is not None
     await server.start()
     fleet.apply(fleet.table)
     agent = TunnelClient(urls[0], NODE_ID, KEY, {replica_port})
     task = asyncio.ensure_future(agent.run())
-    pool = UpstreamPool()
     try:
         assert urls[0].startswith("wss://127.0.0.1:")
         await eventually(lambda: fleet.deployments["m"].route.replicas, "the tunnel over TLS")

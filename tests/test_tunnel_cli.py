@@ -12,6 +12,7 @@ from serving.agent import cli
 from serving.balancing import BalancerConfig
 from serving.gateway.deployments import Fleet
 from serving.gateway.tunnel import add_tunnel_arguments, attach_tunnels
+from serving.gateway.upstream import UpstreamPool
 
 
 def _config(argv: list[str]) -> object:
@@ -42,7 +43,8 @@ def test_a_gateway_accepts_tunnels_only_when_asked() -> None:
     add_tunnel_arguments(parser)
 
     assert attach_tunnels(parser.parse_args([]), Fleet(random.Random(1), BalancerConfig()),
-                          print) is None
+                          UpstreamPool(), print) is None
     fleet = Fleet(random.Random(1), BalancerConfig())
-    server = attach_tunnels(parser.parse_args(["--tunnel-port", "0"]), fleet, print)
+    server = attach_tunnels(parser.parse_args(["--tunnel-port", "0"]), fleet, UpstreamPool(),
+                            print)
     assert server is not None and fleet.reroute == server.registry.reroute

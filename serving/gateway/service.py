@@ -235,7 +235,8 @@ def build(args: argparse.Namespace, token: str
                          metrics_token=os.environ.get(METRICS_TOKEN_ENV) or None,
                          activator=client.activate)
     closers: list[Any] = [client]
-    tunnels = attach_tunnels(args, gateway.fleet, lambda url: setattr(client, "tunnel_url", url))
+    tunnels = attach_tunnels(args, gateway.fleet, gateway.pool,
+                             lambda url: setattr(client, "tunnel_url", url))
     if tunnels is not None:
         closers.insert(0, tunnels)
     app: Any = gateway

@@ -3,11 +3,12 @@
 A node behind NAT (the portal found it unreachable at join, or it asked with
 `swarm-worker --tunnel`) connects here with one WebSocket, authenticated by its node id
 and its tunnel key; the routing table carries only the key's sha256 per node
-(`RouteTable.tunnels`). For each of that node's replicas the gateway listens on a port of
-its own loopback, and its routing table points at that port: each TCP connection the
-upstream pool opens there becomes a stream of the tunnel (swarm_protocol/tunnel.py), which
-the agent pipes to the replica on its own loopback. So the pool, the balancer, the
-retries and the replica key work as they do for direct replicas, with no change to them.
+(`RouteTable.tunnels`). The routing table gives that node's replicas the host
+`tunnel.node-<id>`, which the upstream pool reaches in process (`UpstreamPool.local_hosts`):
+each connection the pool opens there is an in-memory pipe (serving/gateway/pipe.py) into a
+new stream of the tunnel (swarm_protocol/tunnel.py), which the agent pipes to the replica
+on its own loopback. So the pool, the balancer, the retries, the replica key and the
+node's TLS work as they do for direct replicas.
 
 A node without a connected tunnel has no replicas in this gateway's table: the registry
 re-applies the table the moment a tunnel connects or drops, without waiting for the
@@ -24,7 +25,6 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import socket
 import ssl
 from collections.abc import Callable
 from http import HTTPStatus
@@ -35,7 +35,9 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from serving.gateway.routes import DeploymentRoute, ReplicaRoute, RouteTable
+from serving.gateway.pipe import connect_pipe
+from serving.gateway.routes import DeploymentRoute, RouteTable
+from serving.gateway.upstream import UpstreamPool
 from swarm_protocol.tunnel import (
     MAX_MESSAGE_BYTES,
     NODE_HEADER,
@@ -43,13 +45,11 @@ from swarm_protocol.tunnel import (
     PING_TIMEOUT_S,
     TUNNEL_PATH,
     Mux,
-    Stream,
     TunnelProtocolError,
     set_nodelay,
 )
 
 log = logging.getLogger("serving.gateway.tunnel")
-LOOPBACK = "127.0.0.1"
 MAX_NODE_ID_DIGITS = 19
 MAX_KEY_CHARS = 128
 
@@ -67,39 +67,10 @@ def parse_node_id(text: str | None) -> int | None:
     return int(text)
 
 
-class _Refused(asyncio.Protocol):
-    """Accepted on a tunnel port while the node has no tunnel: closed at once."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
-
-
-class _Listener:
-    """A loopback port standing for one replica of a tunnel node."""
-
-    def __init__(self, registry: TunnelRegistry, node_id: int, port: int) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((LOOPBACK, 0))
-        self.sock.listen(1024)  # connections wait here until the server below accepts
-        self.port: int = self.sock.getsockname()[1]
-        self._server: asyncio.Server | None = None
-        self._closed = False
-        factory = lambda: registry.accept(node_id, port)  # noqa: E731
-        self._task = asyncio.get_running_loop().create_task(self._serve(factory))
-
-    async def _serve(self, factory: Callable[[], asyncio.Protocol]) -> None:
-        server = await asyncio.get_running_loop().create_server(factory, sock=self.sock)
-        if self._closed:
-            server.close()
-        self._server = server
-
-    def close(self) -> None:
-        self._closed = True
-        if self._server is not None:
-            self._server.close()
-        elif self._task.done():
-            self.sock.close()
-        # else: _serve closes the server it is about to make
+def tunnel_host(node_id: int) -> str:
+    """Return the host name the routing table gives a tunnel node's replicas in this
+    gateway: the upstream pool reaches it in process (`UpstreamPool.local_hosts`)."""
+    return f"tunnel.node-{node_id}"
 
 
 class TunnelRegistry:
@@ -109,11 +80,11 @@ class TunnelRegistry:
     `on_change` is called (on the loop) when a tunnel connects or drops.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
         self._digests: dict[int, str] = {}
         self._muxes: dict[int, Mux] = {}
         self._connections: dict[int, ServerConnection] = {}
-        self._listeners: dict[tuple[int, int], _Listener] = {}
         self.on_change: Callable[[], None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -124,49 +95,33 @@ class TunnelRegistry:
     # the table
 
     def reroute(self, table: RouteTable) -> RouteTable:
-        """Return `table` with tunnel replicas pointed at loopback ports, and those of nodes
-        without a tunnel left out; learn the nodes' key digests from it."""
+        """Return `table` with tunnel replicas on their node's in-process host, and those
+        of nodes without a tunnel left out; learn the nodes' key digests from it."""
         self._digests = dict(table.tunnels)
         for node_id in [n for n, c in self._connections.items()
                         if n not in self._digests]:
             self._drop(node_id, notify=False)  # removed from the pool: its tunnel goes too
-        used: set[tuple[int, int]] = set()
-        deployments = {}
-        for name, route in table.deployments.items():
-            deployments[name] = self._reroute_deployment(route, used)
-        for key in [k for k in self._listeners if k not in used]:
-            self._listeners.pop(key).close()
+        deployments = {name: self._reroute_deployment(route)
+                       for name, route in table.deployments.items()}
         return dataclasses.replace(table, deployments=deployments)
 
-    def _reroute_deployment(self, route: DeploymentRoute,
-                            used: set[tuple[int, int]]) -> DeploymentRoute:
+    def _reroute_deployment(self, route: DeploymentRoute) -> DeploymentRoute:
         if not any(r.tunnel for r in route.replicas):
             return route
-        replicas: list[ReplicaRoute] = []
-        for replica in route.replicas:
-            if not replica.tunnel:
-                replicas.append(replica)
-            elif replica.node_id in self._muxes:
-                key = (replica.node_id, replica.port)
-                used.add(key)
-                listener = self._listeners.get(key)
-                if listener is None:
-                    listener = self._listeners[key] = _Listener(self, *key)
-                replicas.append(dataclasses.replace(replica, host=LOOPBACK,
-                                                    port=listener.port))
-        return dataclasses.replace(route, replicas=tuple(replicas))
+        replicas = tuple(
+            dataclasses.replace(r, host=tunnel_host(r.node_id)) if r.tunnel else r
+            for r in route.replicas if not r.tunnel or r.node_id in self._muxes)
+        return dataclasses.replace(route, replicas=replicas)
 
-    def accept(self, node_id: int, port: int) -> asyncio.Protocol:
-        """Return the protocol of a connection to a replica's loopback port: a new stream
-        on the node's tunnel, or one closed at once when it has none."""
+    def dial(self, node_id: int, port: int, protocol: asyncio.BaseProtocol) -> None:
+        """Join `protocol` to a new stream on the node's tunnel, to `port` on the node's
+        loopback (the pool's LocalDial); ConnectionError when the node has no tunnel."""
         mux = self._muxes.get(node_id)
         if mux is None:
-            return _Refused()
-        try:
-            stream: Stream = mux.new_stream(port)
-        except ConnectionError:
-            return _Refused()
-        return stream
+            raise ConnectionError(f"node {node_id} has no tunnel to this gateway")
+        stream = mux.new_stream(port)  # ConnectionError: closed, or too many streams
+        connect_pipe(asyncio.get_running_loop(), stream, protocol,
+                     right_extra={"peername": (tunnel_host(node_id), port)})
 
     # the WebSocket server
 
@@ -195,6 +150,8 @@ class TunnelRegistry:
         mux = Mux(connection)
         self._muxes[node_id] = mux
         self._connections[node_id] = connection
+        self._pool.local_hosts[tunnel_host(node_id)] = \
+            lambda port, protocol: self.dial(node_id, port, protocol)
         log.info("tunnel of node %d connected from %s", node_id, connection.remote_address)
         self._changed()
         try:
@@ -207,12 +164,14 @@ class TunnelRegistry:
             if self._muxes.get(node_id) is mux:
                 del self._muxes[node_id]
                 del self._connections[node_id]
+                self._pool.local_hosts.pop(tunnel_host(node_id), None)
                 log.info("tunnel of node %d closed", node_id)
                 self._changed()
 
     def _drop(self, node_id: int, notify: bool = True) -> None:
         connection = self._connections.pop(node_id, None)
         mux = self._muxes.pop(node_id, None)
+        self._pool.local_hosts.pop(tunnel_host(node_id), None)
         if connection is not None:
             task = asyncio.get_running_loop().create_task(connection.close())
             self._closing.add(task)  # kept until done: the loop holds tasks only weakly
@@ -228,10 +187,7 @@ class TunnelRegistry:
             self.on_change()
 
     def close(self) -> None:
-        """Close every listener and tunnel."""
-        for listener in self._listeners.values():
-            listener.close()
-        self._listeners.clear()
+        """Close every tunnel."""
         for node_id in list(self._connections):
             self._drop(node_id)
 
@@ -243,10 +199,10 @@ class TunnelServer:
     given (--tunnel-url, e.g. wss:// through a TLS proxy), else ws://host:port/tunnel.
     """
 
-    def __init__(self, fleet: Any, host: str, port: int, url: str | None = None,
-                 advertise: Callable[[str], None] | None = None,
+    def __init__(self, fleet: Any, pool: UpstreamPool, host: str, port: int,
+                 url: str | None = None, advertise: Callable[[str], None] | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        self.registry = TunnelRegistry()
+        self.registry = TunnelRegistry(pool)
         self._ssl = ssl_context
         self._fleet = fleet
         self._host = host
@@ -299,7 +255,7 @@ def add_tunnel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the private key of --tunnel-tls-cert-file (PEM)")
 
 
-def attach_tunnels(args: argparse.Namespace, fleet: Any,
+def attach_tunnels(args: argparse.Namespace, fleet: Any, pool: UpstreamPool,
                    advertise: Callable[[str], None]) -> TunnelServer | None:
     """Return the tunnel server --tunnel-port asks for (None without it); `advertise`
     gets its URL once it listens (the portal client sends it with each poll). Raises
@@ -313,5 +269,5 @@ def attach_tunnels(args: argparse.Namespace, fleet: Any,
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(args.tunnel_tls_cert_file, args.tunnel_tls_key_file)
-    return TunnelServer(fleet, args.host, args.tunnel_port, args.tunnel_url, advertise,
+    return TunnelServer(fleet, pool, args.host, args.tunnel_port, args.tunnel_url, advertise,
                         context)
