@@ -35,6 +35,22 @@ DEMO_SIGNATURE = {
 }
 
 
+def worker_ports(ports: range) -> range:
+    """Return this pytest-xdist worker's share of `ports` (all of it outside xdist).
+
+    Tests of one file run on both workers at once, each with fake replicas that answer the
+    same key: with one range, a test's health probe could reach the other worker's replica
+    on a port its own (still starting) replica was about to take, and call it ready.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        return ports
+    share = len(ports) // count
+    start = ports.start + int(worker[2:]) * share
+    return range(start, start + share)
+
+
 def replica_key_of(node_id: int) -> str:
     """Return the fake portal's replica key for a node (16+ characters, as replicas want)."""
     return f"fake-replica-key-for-node-{node_id}"

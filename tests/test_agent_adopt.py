@@ -31,11 +31,12 @@ from tests.agent_fakes import (
     FakePortal,
     desired_replica,
     replica_key_of,
+    worker_ports,
 )
 from tests.waiting import wait_until
 
 KEY = "replica-key-of-node-1"
-PORTS = range(19700, 19800)  # wide: a port in TIME_WAIT counts as taken
+PORTS = worker_ports(range(19700, 19800))  # wide: a port in TIME_WAIT counts as taken
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Everything a replica may find in its environment (serving/agent/processes.py says why).
 ALLOWED_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",

@@ -29,10 +29,11 @@ from tests.agent_fakes import (
     JOIN_TOKEN,
     FakePortal,
     desired_replica,
+    worker_ports,
 )
 from tests.waiting import wait_until
 
-PORTS = range(19400, 19440)
+PORTS = worker_ports(range(19400, 19440))
 
 
 @pytest.fixture

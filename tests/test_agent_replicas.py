@@ -21,11 +21,12 @@ from tests.agent_fakes import (
     FAKE_REPLICA_MODULE,
     FakePortal,
     desired_replica,
+    worker_ports,
 )
 from tests.waiting import wait_until
 
 KEY = "replica-key-1"
-PORTS = range(19300, 19340)
+PORTS = worker_ports(range(19300, 19340))
 
 
 @pytest.fixture
