@@ -269,7 +269,7 @@ async def test_a_dropped_tunnel_takes_the_replica_out_at_once_and_back_when_it_r
     # The gateway goes away (its tunnel server stops): the node's replica leaves the table.
     await lab.server.aclose()
     await eventually(lambda: lab.target() is None, "the replica out of the table")
-    # In flight or not, connections to its loopback port now fail as connection errors.
+    # In flight or not, connections to its tunnel host now fail as connection errors.
     with pytest.raises(UpstreamError):
         await lab.pool.request(target[0], target[1], b"POST", b"/echo", [], b"x")
     # A gateway on the same port again: the agent reconnects (back-off) and serves.

@@ -214,7 +214,7 @@ class Fleet:
         self.table = RouteTable(revision="")
         self.deployments: dict[str, DeploymentRuntime] = {}
         # Set by the tunnel server (serving/gateway/tunnel.py): the table as this gateway
-        # reaches it, with tunnel replicas on loopback ports or left out.
+        # reaches it, with tunnel replicas on in-process hosts or left out.
         self.reroute: Callable[[RouteTable], RouteTable] | None = None
         # Removed deployments stay here: their in-flight leases still end in their balancer.
         self._every_runtime: dict[str, DeploymentRuntime] = {}

@@ -74,7 +74,7 @@ def tunnel_host(node_id: int) -> str:
 
 
 class TunnelRegistry:
-    """The tunnels connected to this gateway, and the loopback ports of their replicas.
+    """The tunnels connected to this gateway, and the in-process hosts of their nodes.
 
     `reroute(table)` is the Fleet's hook: it returns the table the balancers should see.
     `on_change` is called (on the loop) when a tunnel connects or drops.
