@@ -11,10 +11,10 @@ tunnel node's and runs a tunnel server (serving/gateway/tunnel.py), to which a t
 plays the node's agent (serving/agent/tunnel.TunnelClient, its key from the environment)
 and pipes each stream to the replica. So the tunnel path has one more process and two more
 loopback hops (gateway -> WebSocket -> agent -> replica; the gateway's pool reaches the
-tunnel in process) where production has the network between gateway and agent instead. The targets alternate for
-`--rounds` rounds and each cell reports the median round (bench/gateway.py's method and load
-generator: wrk when installed). Goal (issue 12): at most +0.3 ms p50 at concurrency 1 and at
-least 0.8 of direct throughput at 16 and 64.
+tunnel in process) where production has the network between gateway and agent instead.
+The targets alternate for `--rounds` rounds and each cell reports the median round
+(bench/gateway.py's method and load generator: wrk when installed). Goal (issue 12): at
+most +0.3 ms p50 at concurrency 1 and at least 0.8 of direct throughput at 16 and 64.
 """
 
 from __future__ import annotations
