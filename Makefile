@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 
-.PHONY: run test lint install clean token api-key
+.PHONY: run test lint install clean token api-key worker-wheel
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ token: $(STAMP)
 # An API key for inference under /v2, valid for every deployment (printed once).
 api-key: $(STAMP)
 	@$(BIN)/python -m swarm_portal.launcher manage create_api_key --name make-api-key
+
+# The GPU server's install (README, "Add a GPU server"): swarm-worker's wheel in dist/, to copy
+# there. setuptools' build/ is cleared first: it would ship modules deleted since. The egg-info
+# lands in worker/.., where its packages are (package-dir "..").
+WORKER_BUILD_FILES := worker/build worker/../swarm_worker.egg-info
+worker-wheel: $(STAMP)
+	@rm -rf $(WORKER_BUILD_FILES) dist/swarm_worker-*.whl
+	$(BIN)/python -m pip wheel --quiet --no-deps -w dist ./worker
+	@rm -rf $(WORKER_BUILD_FILES)
+	@ls dist/swarm_worker-*.whl
 
 # Two workers; the real-process (slow) tests run one at a time on one of them
 # (tests/parallel.py). PYTEST_WORKERS=0 runs everything in this process.

@@ -99,7 +99,8 @@ def _workdir(tmp_path: Path, var_dir: Path) -> Path:
     """A scratch folder where the README's relative commands work as in a checkout."""
     work = tmp_path / "reader"
     (work / "bin").mkdir(parents=True)
-    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+    # worker/ for `make worker-wheel`: its packages are found through the link, in ROOT.
+    for name in ("Makefile", "pyproject.toml", "constraints.txt", "worker"):
         (work / name).symlink_to(ROOT / name)
     (work / ".venv").symlink_to(sys.prefix)
     (work / "var").symlink_to(var_dir)  # make run's folder, as in a checkout

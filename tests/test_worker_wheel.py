@@ -1,10 +1,12 @@
 """The worker installs on its own: swarm-worker's wheel in a clean venv, without the portal.
 
-The slow test builds worker/'s wheel from a copy of just the worker's packages, installs it
-with its dependencies in a fresh virtual environment (no system site-packages), and checks
-that no web-portal package came along, that both commands start, and that a replica from
-that environment serves a real model. The fast ones compile the worker's modules with every
-other Python the machine has (the worker supports 3.10 to 3.13; the portal runs 3.11).
+The slow tests build worker/'s wheel with `make worker-wheel`, as the README's GPU server
+install does, in a copy of just the worker's packages. One checks what the target leaves and
+ships; the other installs the wheel with its dependencies in a fresh virtual environment (no
+system site-packages), and checks that no web-portal package came along, that both commands
+start, and that a replica from that environment serves a real model. The fast ones compile
+the worker's modules with every other Python the machine has (the worker supports 3.10 to
+3.13; the portal runs 3.11).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -70,20 +73,62 @@ def test_the_worker_sources_are_what_the_wheel_packages() -> None:
     assert len(worker_sources()) > 30
 
 
-def build_wheel(directory: Path) -> Path:
-    """Build swarm-worker's wheel from a copy holding only the worker's packages."""
+def copy_worker_sources(directory: Path) -> Path:
+    """Return a checkout holding only the worker's packages, worker/ and the Makefile."""
     source = directory / "source"
     for tree in WORKER_TREES:
         shutil.copytree(REPO_ROOT / tree, source / tree,
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO_ROOT / "worker", source / "worker",
                     ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    wheels = directory / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), str(source / "worker")],
-                   check=True, timeout=120)
-    [wheel] = wheels.glob("swarm_worker-*.whl")
+    # Linked, not copied: make compares the venv's install stamp with their times.
+    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+        (source / name).symlink_to(REPO_ROOT / name)
+    return source
+
+
+def make_worker_wheel(source: Path) -> Path:
+    """Run `make worker-wheel` in `source`, as the README does; return the wheel it built."""
+    env = {**os.environ, "VENV": sys.prefix}
+    # An out-of-date venv would be reinstalled first, its editable install pointed at `source`.
+    up_to_date = subprocess.run(["make", "-q", "install"], cwd=source, env=env).returncode == 0
+    assert up_to_date, f"{sys.prefix} is not up to date with pyproject.toml: run make install"
+    result = subprocess.run(["make", "-s", "worker-wheel"], cwd=source, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = (source / "dist").glob("swarm_worker-*.whl")
     return wheel
+
+
+def build_wheel(directory: Path) -> Path:
+    """Build swarm-worker's wheel with make, from a copy holding only the worker's packages."""
+    return make_worker_wheel(copy_worker_sources(directory))
+
+
+def files_under(directory: Path) -> set[Path]:
+    """Return every file under `directory`."""
+    return {path for path in directory.rglob("*") if not path.is_dir()}
+
+
+@pytest.mark.slow
+def test_make_worker_wheel_ships_the_current_sources_and_leaves_only_the_wheel(
+        tmp_path: Path) -> None:
+    source = copy_worker_sources(tmp_path)
+    # What an earlier plain `pip wheel ./worker` leaves: setuptools would ship it again.
+    stale = source / "worker" / "build" / "lib" / "serving" / "agent" / "deleted_since.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("GONE = True\n")
+    before = files_under(source) - {stale}
+
+    wheel = make_worker_wheel(source)
+
+    assert files_under(source) == before | {wheel}
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert {"swarm_protocol/__init__.py", "serving/agent/cli.py",
+            "serving/replica/__main__.py"} <= set(names)
+    assert not [name for name in names if "deleted_since" in name]
+    assert not [name for name in names if name.startswith(("swarm_portal", "registry"))]
 
 
 def install_in_clean_venv(directory: Path, wheel: Path) -> Path:
