@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from serving.balancing import BalancerConfig
 from serving.gateway.deployments import Fleet
 from serving.gateway.tunnel import add_tunnel_arguments, attach_tunnels
 from serving.gateway.upstream import UpstreamPool
+from tests.certs import self_signed_files
 
 
 def _config(argv: list[str]) -> object:
@@ -48,3 +50,48 @@ def test_a_gateway_accepts_tunnels_only_when_asked() -> None:
     server = attach_tunnels(parser.parse_args(["--tunnel-port", "0"]), fleet, UpstreamPool(),
                             print)
     assert server is not None and fleet.reroute == server.registry.reroute
+
+
+def _gateway_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    add_tunnel_arguments(parser)
+    return parser.parse_args(["--tunnel-port", "0", *argv])
+
+
+def _plain_ws_warnings(caplog: pytest.LogCaptureFixture, argv: list[str]) -> list[str]:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="serving.gateway.tunnel"):
+        server = attach_tunnels(_gateway_args(argv), Fleet(random.Random(1), BalancerConfig()),
+                                UpstreamPool(), print)
+    assert server is not None  # warned or not, it serves: TLS may end in a proxy in front
+    return [r.getMessage() for r in caplog.records
+            if r.name == "serving.gateway.tunnel" and r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "gateway.example"])  # noqa: S104
+def test_a_plain_ws_tunnel_port_on_the_network_warns_the_key_crosses_in_clear(
+        caplog: pytest.LogCaptureFixture, host: str) -> None:
+    warnings = _plain_ws_warnings(caplog, ["--host", host])
+    assert len(warnings) == 1
+    assert "plain ws://" in warnings[0] and "tunnel key" in warnings[0] \
+        and "in clear" in warnings[0] and host in warnings[0]
+    # A ws:// URL in front changes nothing: the key still crosses in clear.
+    assert len(_plain_ws_warnings(
+        caplog, ["--host", host, "--tunnel-url", f"ws://{host}:8443/tunnel"])) == 1
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost"])
+def test_a_plain_ws_tunnel_port_on_loopback_does_not_warn(
+        caplog: pytest.LogCaptureFixture, host: str) -> None:
+    assert _plain_ws_warnings(caplog, ["--host", host]) == []
+
+
+def test_a_tunnel_port_behind_tls_does_not_warn(caplog: pytest.LogCaptureFixture,
+                                               tmp_path: Path) -> None:
+    assert _plain_ws_warnings(caplog, ["--host", "0.0.0.0",  # noqa: S104
+                                       "--tunnel-url", "wss://gw.example/tunnel"]) == []
+    cert, key = self_signed_files(tmp_path / "gateway.crt", tmp_path / "gateway.key",
+                                  "gateway", ["10.1.2.3"], ca=True)
+    assert _plain_ws_warnings(caplog, ["--host", "10.1.2.3", "--tunnel-tls-cert-file",
+                                       str(cert), "--tunnel-tls-key-file", str(key)]) == []

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -255,11 +256,22 @@ def add_tunnel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the private key of --tunnel-tls-cert-file (PEM)")
 
 
+def _is_loopback_host(host: str) -> bool:
+    """Return whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a DNS name or "" (every interface): reached from elsewhere
+
+
 def attach_tunnels(args: argparse.Namespace, fleet: Any, pool: UpstreamPool,
                    advertise: Callable[[str], None]) -> TunnelServer | None:
     """Return the tunnel server --tunnel-port asks for (None without it); `advertise`
     gets its URL once it listens (the portal client sends it with each poll). Raises
-    ValueError or OSError (ssl.SSLError) for unusable TLS files."""
+    ValueError or OSError (ssl.SSLError) for unusable TLS files; warns (but serves) for
+    plain ws:// on a network address."""
     if args.tunnel_port is None:
         return None
     context = None
@@ -269,5 +281,13 @@ def attach_tunnels(args: argparse.Namespace, fleet: Any, pool: UpstreamPool,
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(args.tunnel_tls_cert_file, args.tunnel_tls_key_file)
+    # A warning, not a refusal: production may terminate TLS in a proxy in front.
+    if context is None and not (args.tunnel_url or "").lower().startswith("wss://") \
+            and not _is_loopback_host(args.host):
+        log.warning("the tunnel port (%s:%d) serves plain ws://: each node's tunnel key "
+                    "crosses the network in clear, and whoever reads it can pose as that "
+                    "node's tunnel; use --tunnel-tls-cert-file/--tunnel-tls-key-file, or "
+                    "a TLS proxy in front and --tunnel-url wss://...",
+                    args.host, args.tunnel_port)
     return TunnelServer(fleet, pool, args.host, args.tunnel_port, args.tunnel_url, advertise,
                         context)
