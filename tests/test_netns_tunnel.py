@@ -6,12 +6,14 @@ portal, the gateway) can open a connection to them: the portal's probe at join f
 advertised address unreachable, the node is told `tunnel`, and its agent opens a WebSocket to
 the gateway's tunnel port over the link. (b) one such worker joins and serves; (c) under
 steady load over two of them, one link is cut: no client request fails, and once the link is
-back the node serves again within a few heartbeats. Root only (CI is); all torn down.
+back the node's replica answers requests again within the design's bound (BACK_WITHIN_S).
+Root only (CI is); all torn down.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -25,7 +27,11 @@ from knox.models import AuthToken
 
 from registry.demo import build_mlp
 from serving import services
+from serving.agent.cli import tls_enabled
+from serving.agent.tunnel import BACKOFF_MAX_S, OPEN_TIMEOUT_S
 from serving.models import Node, Replica, ReplicaState
+from serving.secrets import replica_key
+from swarm_protocol.tunnel import PING_INTERVAL_S, PING_TIMEOUT_S
 from tests import factories
 from tests.conftest import free_port
 from tests.e2e import LiveAgent
@@ -37,10 +43,33 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 ROWS = [[0.5, -1.0, 2.0, 0.25]]
 BODY = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": ROWS}]}
 LOAD_THREADS = 4
-# How soon a node whose link came back must serve again: its heartbeats back off up to 10 s
-# while the link is down and the tunnel's reconnect waits up to 5 s; on a loaded CI machine
-# both may be late.
-BACK_WITHIN_S = 30.0
+HEARTBEAT_INTERVAL_S = 1.0  # the test portal's
+# How soon a node whose link came back must serve again (issue 12: "within the heartbeat
+# window"), from the design's figures: when the link returns the agent may still hold the
+# dead tunnel, which its pings give up within PING_INTERVAL_S + PING_TIMEOUT_S = 2 + 4 s,
+# or be opening one into the cut link, given up after OPEN_TIMEOUT_S = 5 s; it then waits
+# at most BACKOFF_MAX_S = 5 s (less once a heartbeat gets through: that nudges it), and the
+# gateway routes to it the moment it connects. One heartbeat interval (1 s) on top: the
+# node's first heartbeat brings it back to `ready` if the portal declared it offline
+# meanwhile. So 6 + 5 + 1 = 12 s; plus a margin of 8 s for a loaded 2-core CI machine
+# (TLS handshakes on the new tunnel and to the replica, the probe of the replica's count
+# started in the namespace): 20 s.
+DESIGN_BACK_WITHIN_S = (max(PING_INTERVAL_S + PING_TIMEOUT_S, OPEN_TIMEOUT_S) + BACKOFF_MAX_S
+                        + HEARTBEAT_INTERVAL_S)
+BACK_WITHIN_S = DESIGN_BACK_WITHIN_S + 8.0
+SERVED_AGAIN = 10  # requests the restored node's replica itself must answer
+# Run inside a worker's namespace: the replica's own count of completed requests (its
+# /stats; it listens on the namespace's loopback only). No certificate check: counting
+# is the point here, test_netns_tls checks the certificates.
+_COMPLETED_PROBE = """
+import json, ssl, sys, urllib.request
+scheme, port = sys.argv[1:]
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+request = urllib.request.Request(f"{scheme}://127.0.0.1:{port}/stats",
+                                 headers={"Authorization": "Bearer " + sys.stdin.read()})
+print(json.load(urllib.request.urlopen(request, timeout=10, context=context))["completed"])
+"""
 
 
 class Pool:
@@ -53,7 +82,8 @@ class Pool:
         # address on a link that is down is unreachable from every namespace).
         host_side = lab.add_host("edge", default_route=False).host_address
         self.portal = LivePortal(free_port(), artifact_root, host=host_side,
-                                 HEARTBEAT_INTERVAL_S="1", ALLOWED_HOSTS=host_side)
+                                 HEARTBEAT_INTERVAL_S=str(HEARTBEAT_INTERVAL_S),
+                                 ALLOWED_HOSTS=host_side)
         self.gateway = LiveGateway(self.portal.url, "", "--tunnel-port", "0", host=host_side)
         self.agents = [
             LiveAgent(self.portal.url, host.name.rsplit("-", 1)[1], "9400-9409",
@@ -86,6 +116,15 @@ class Pool:
         text = httpx.get(f"{self.gateway.url}/metrics", timeout=10).text
         return {int(found) for found in re.findall(
             r'swarm_gateway_replica_in_flight\{[^}]*replica="(\d+)"', text)}
+
+    def completed_at(self, replica: Replica) -> int:
+        """Return how many requests the replica itself has answered (its own /stats)."""
+        host = next(h for h in self.hosts if h.address == replica.node.address)
+        # The agents' addresses are not loopback ones: their replicas serve TLS.
+        scheme = "https" if tls_enabled("auto", host.address) else "http"
+        probe = host.run([sys.executable, "-c", _COMPLETED_PROBE, scheme, str(replica.port)],
+                         input=replica_key(replica.node_id), timeout_s=30)
+        return int(probe.stdout)
 
 
 def _deploy(tmp_path: Path, portal: LivePortal, operator, replicas: int) -> str:
@@ -168,7 +207,8 @@ def test_c_cutting_a_tunnel_node_s_link_under_load_fails_no_request_and_it_comes
             api_key = _deploy(tmp_path, pool.portal, operator, replicas=2)
             replicas = wait_until(lambda: _ready_replicas(2), 120, "two ready replicas")
             assert {r.node.name for r in replicas} == {"gpu1", "gpu2"}
-            cut_replica = next(r.id for r in replicas if r.node.name == "gpu1")
+            cut = next(r for r in replicas if r.node.name == "gpu1")
+            cut_replica = cut.id
             wait_until(lambda: pool.routed_replicas() >= {r.id for r in replicas}, 60,
                        "both tunnels up and both replicas routed")
             threads = [threading.Thread(target=_load, args=(pool, api_key, stop, outcomes))
@@ -182,10 +222,17 @@ def test_c_cutting_a_tunnel_node_s_link_under_load_fails_no_request_and_it_comes
             served = sum(outcomes.values())
             wait_until(lambda: sum(outcomes.values()) >= served + 20, 60,
                        "load served by the other node alone")
+            completed_before = pool.completed_at(cut)
             pool.hosts[0].restore()
             restored_s = time.monotonic()
             wait_until(lambda: cut_replica in pool.routed_replicas(), BACK_WITHIN_S,
-                       "the node back in the gateway's table")
+                       "the node back in the gateway's table", interval_s=0.1)
+            routed_after_s = time.monotonic() - restored_s
+            # Routed is not serving: the node's replica itself must answer requests again.
+            wait_until(lambda: pool.completed_at(cut) >= completed_before + SERVED_AGAIN,
+                       BACK_WITHIN_S - routed_after_s,
+                       f"the restored node's replica to answer {SERVED_AGAIN} requests",
+                       interval_s=0.1)
             back_after_s = time.monotonic() - restored_s
             served = sum(outcomes.values())
             wait_until(lambda: sum(outcomes.values()) >= served + 20, 60, "load after")
@@ -195,5 +242,7 @@ def test_c_cutting_a_tunnel_node_s_link_under_load_fails_no_request_and_it_comes
                 thread.join(timeout=90)
             pool.stop()
         assert set(outcomes) == {"200"}, outcomes
-        print(f"served {outcomes['200']} requests, none failed; the node served again "
-              f"{back_after_s:.1f} s after its link came back")
+        print(f"served {outcomes['200']} requests, none failed; after its link came back the "
+              f"node was routed again in {routed_after_s:.1f} s and its replica had answered "
+              f"{SERVED_AGAIN} requests in {back_after_s:.1f} s (bound {BACK_WITHIN_S:g} s, "
+              f"design {DESIGN_BACK_WITHIN_S:g} s)")
