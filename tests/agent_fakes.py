@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarm_protocol import agent_messages as protocol
 from swarm_protocol.agent_messages import DesiredReplica
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 FAKE_REPLICA_MODULE = "tests.agent_fakes"
 JOIN_TOKEN = "join-me"
@@ -153,6 +156,31 @@ class FakeNvml:
 # --- Portal ---------------------------------------------------------------------------------
 
 
+class FakeNodeCa:
+    """The portal's node CA, for agents with TLS on: signs each joining node's CSR for its
+    address, as the real one (serving/node_ca.py) does at registration."""
+
+    def __init__(self) -> None:
+        # Imported here: the fake replica server (this module's __main__) never needs them.
+        from tests.certs import certificate, new_key, pem
+
+        self._key: ec.EllipticCurvePrivateKey = new_key()
+        self._certificate = certificate(self._key.public_key(), self._key, "fake node CA",
+                                        ca=True, path_length=0)
+        self.certificate_pem = pem(self._certificate)
+
+    def sign(self, csr_pem: str, address: str) -> str:
+        """Return the PEM certificate for the CSR's key, named for `address`."""
+        from cryptography import x509
+
+        from tests.certs import certificate, pem
+
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        assert csr.is_signature_valid, "the CSR is not signed by its own key"
+        return pem(certificate(csr.public_key(), self._key, "node",
+                               issuer=self._certificate.subject, sans=[address]))
+
+
 @dataclass
 class FakePortalState:
     join_token: str = JOIN_TOKEN
@@ -166,6 +194,7 @@ class FakePortalState:
     heartbeats: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     deregistered: list[int] = field(default_factory=list)
     downloads: list[str] = field(default_factory=list)
+    node_ca: FakeNodeCa | None = None  # set: registrations with a CSR get a certificate
 
 
 class FakePortal:
@@ -175,6 +204,8 @@ class FakePortal:
         self.state = FakePortalState()
         self.lock = threading.Lock()
         self.on_deregister: Callable[[int], None] | None = None
+        # Called with each registration's body (its join token accepted) before it is answered.
+        self.on_register: Callable[[dict[str, Any]], None] | None = None
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _portal_handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         daemon=True)
@@ -246,14 +277,20 @@ def _portal_handler(portal: FakePortal) -> type[BaseHTTPRequestHandler]:
             state = portal.state
             if request.join_token != state.join_token:
                 return self._json(HTTPStatus.UNAUTHORIZED, {"error": "invalid join token"})
+            if portal.on_register is not None:
+                portal.on_register(body)
             with portal.lock:
                 state.registrations.append(body)
                 node_id = len(state.registrations)
                 secret = f"swn_{node_id}_{os.urandom(8).hex()}"
                 state.secrets[secret] = node_id
+            tls = {}
+            if state.node_ca is not None and request.csr_pem:
+                tls = {"certificate_pem": state.node_ca.sign(request.csr_pem, request.address),
+                       "ca_certificate_pem": state.node_ca.certificate_pem}
             return self._json(HTTPStatus.CREATED, protocol.RegisterResponse(
                 node_id=node_id, node_secret=secret, replica_key=replica_key_of(node_id),
-                heartbeat_interval_s=state.heartbeat_interval_s).to_dict())
+                heartbeat_interval_s=state.heartbeat_interval_s, **tls).to_dict())
 
         def _heartbeat(self, body: dict[str, Any]) -> None:
             node_id = self._node_id()

@@ -7,6 +7,7 @@ import os
 import ssl
 import subprocess
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,8 +15,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from serving import node_ca
 from serving.agent import cli, credentials_tls
+from serving.agent import credentials as creds
+from serving.agent.agent import Agent
 from serving.replica.config import ConfigError, load_config
+from tests.agent_fakes import FakeNodeCa, FakePortal
 from tests.certs import certificate, new_key, pem
 from tests.live import ROOT
 from tests.replica_models import (
@@ -27,6 +32,7 @@ from tests.replica_models import (
     replica_command,
     save_torchscript,
 )
+from tests.test_agent_loop import Running, heartbeat_count, make_agent
 from tests.waiting import wait_until
 
 
@@ -168,3 +174,51 @@ def test_a_replica_serves_its_renewed_certificate_without_a_restart(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _pin_of_csr(csr_pem: str) -> str:
+    return node_ca.key_pin(x509.load_pem_x509_csr(csr_pem.encode()).public_key())
+
+
+def _pin_of_certificate(path: Path) -> str:
+    return node_ca.key_pin(x509.load_pem_x509_certificate(path.read_bytes()).public_key())
+
+
+def test_a_removed_node_drops_its_key_and_joins_again_with_a_new_key_and_certificate(
+        tmp_path: Path) -> None:
+    with FakePortal() as portal:
+        portal.state.node_ca = FakeNodeCa()
+        agent = make_agent(portal, tmp_path, tls=True)
+        running = Running(agent)
+        try:
+            _rejoins_with_a_new_identity(portal, agent)
+        finally:
+            running.stop()
+
+
+def _rejoins_with_a_new_identity(portal: FakePortal, agent: Agent) -> None:
+    wait_until(lambda: heartbeat_count(portal, 1), what="node 1's first heartbeat")
+    files = credentials_tls.tls_files(agent.state_dir)
+    first_key = files.key_path.read_bytes()
+    first_pin = _pin_of_certificate(files.cert_path)
+    assert first_pin == _pin_of_csr(portal.state.registrations[0]["csr_pem"])
+    identity = (files.key_path, files.cert_path, files.ca_path,
+                agent.state_dir / creds.CREDENTIALS_FILE)
+    kept_at_rejoin: list[list[str]] = []  # what is still on disk when it asks to join again
+    portal.on_register = lambda _body: kept_at_rejoin.append(
+        [path.name for path in identity if path.exists()])
+
+    portal.revoke(1)  # what the portal answers a removed node: 401 to its secret
+
+    wait_until(lambda: heartbeat_count(portal, 2), what="node 2's first heartbeat")
+    assert kept_at_rejoin == [[]]  # key, certificates and secret gone before rejoining
+    assert agent.tls_files == credentials_tls.load_tls_files(agent.state_dir) == files
+    second_key = files.key_path.read_bytes()
+    second_pin = _pin_of_certificate(files.cert_path)
+    assert second_key != first_key
+    assert second_pin != first_pin  # a gateway pinning the removed node refuses the new one
+    assert second_pin == _pin_of_csr(portal.state.registrations[1]["csr_pem"])
+    assert files.ca_path.read_text() == portal.state.node_ca.certificate_pem
+    leftovers = [path for path in agent.state_dir.rglob("*")
+                 if path.is_file() and first_key in path.read_bytes()]
+    assert leftovers == []  # the old private key is kept nowhere
