@@ -54,6 +54,10 @@ NODE_HEADER = "X-Swarm-Node"
 # before their own deadline.
 PING_INTERVAL_S = 2.0
 PING_TIMEOUT_S = 4.0
+# After a ping timeout, how long to wait for the peer's closing handshake: a silent link
+# never brings one, and websockets' 10 s default would keep a dead tunnel (and its node's
+# replicas) up for 14-16 s instead of the ping window.
+CLOSE_TIMEOUT_S = 1.0
 
 
 class TunnelProtocolError(Exception):

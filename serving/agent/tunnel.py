@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from swarm_protocol.agent_messages import RegisterRequest
 from swarm_protocol.tunnel import (
+    CLOSE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
     NODE_HEADER,
     PING_INTERVAL_S,
@@ -102,7 +103,8 @@ class TunnelClient:
     async def _serve_once(self) -> None:
         async with connect(self.url, additional_headers=self._headers,
                            open_timeout=OPEN_TIMEOUT_S, ping_interval=PING_INTERVAL_S,
-                           ping_timeout=PING_TIMEOUT_S, max_size=MAX_MESSAGE_BYTES + 65536,
+                           ping_timeout=PING_TIMEOUT_S, close_timeout=CLOSE_TIMEOUT_S,
+                           max_size=MAX_MESSAGE_BYTES + 65536,
                            compression=None, user_agent_header=None) as websocket:
             self.connections += 1
             set_nodelay(websocket.transport)

@@ -40,6 +40,7 @@ from serving.gateway.pipe import connect_pipe
 from serving.gateway.routes import DeploymentRoute, RouteTable
 from serving.gateway.upstream import UpstreamPool
 from swarm_protocol.tunnel import (
+    CLOSE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
     NODE_HEADER,
     PING_INTERVAL_S,
@@ -226,7 +227,8 @@ class TunnelServer:
         self._server = await serve(
             self.registry.serve_tunnel, self._host, self._port,
             process_request=self.registry.check, ping_interval=PING_INTERVAL_S,
-            ping_timeout=PING_TIMEOUT_S, max_size=MAX_MESSAGE_BYTES + 64 * 1024,
+            ping_timeout=PING_TIMEOUT_S, close_timeout=CLOSE_TIMEOUT_S,
+            max_size=MAX_MESSAGE_BYTES + 64 * 1024,
             compression=None, server_header=None, ssl=self._ssl)
         scheme = "wss" if self._ssl is not None else "ws"
         if self._advertise is not None:
