@@ -11,10 +11,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 from django.core.cache import cache
 from django.db import transaction
+
+from serving import liveness
 
 log = logging.getLogger(__name__)
 FIGURES_TTL_S = 300
@@ -166,6 +169,13 @@ def routes_revision() -> str:
 # seconds) plus one list of the instances known, rewritten only when one joins or every
 # GATEWAY_RELIST_S, so concurrent polls from different gateways rarely write the same key.
 GATEWAYS_KEY = "gateways:known"
+# The unbroken series of polls any portal process took from any gateway ({started_s,
+# last_s}): the web tier's sign of life, which the offline sweep reads
+# (serving/liveness.py: a paused portal takes no node offline). Gateways poll every 0.2 s
+# and each process writes an instance's poll about once a second: a longer gap than
+# WEB_TIER_GAP_S means the web tier was away.
+WEB_TIER_KEY = "gateways:polls-taken"
+WEB_TIER_GAP_S = 5.0
 GATEWAY_LIVE_WINDOW_S = 3.0
 GATEWAY_WRITE_EVERY_S = 1.0
 GATEWAY_RELIST_S = 30.0
@@ -193,6 +203,9 @@ class GatewayInstances:
             return False
         with _guarded("recording a gateway poll"):
             cache.set(_gateway_key(instance), now_s, GATEWAY_RELIST_S)
+            series = liveness.SweepClock.from_dict(cache.get(WEB_TIER_KEY))
+            series = liveness.advance_series(series, now_s, WEB_TIER_GAP_S)
+            cache.set(WEB_TIER_KEY, asdict(series), None)
             known: dict[str, float] = cache.get(GATEWAYS_KEY) or {}
             listed_s = known.get(instance)
             if listed_s is None or now_s - listed_s >= GATEWAY_RELIST_S:
@@ -208,6 +221,13 @@ class GatewayInstances:
             known: dict[str, float] = cache.get(GATEWAYS_KEY) or {}
             polled = cache.get_many([_gateway_key(instance) for instance in known])
         return sum(1 for at_s in polled.values() if now_s - float(at_s) <= GATEWAY_LIVE_WINDOW_S)
+
+
+def web_tier_series() -> liveness.SweepClock | None:
+    """Return the unbroken series of gateway polls the web tier took (wall clock, s;
+    None: none recorded)."""
+    with _guarded("reading the web tier's gateway polls"):
+        return liveness.SweepClock.from_dict(cache.get(WEB_TIER_KEY))
 
 
 def _relisted(known: dict[str, float], instance: str, now_s: float) -> dict[str, float]:

@@ -59,6 +59,47 @@ def test_when_no_node_was_heard_the_portal_was_stalled_and_nobody_missed_anythin
     assert verdict(nodes, now_s=100.2 + LIMITS.portal_stall_s + LIMITS.missed_s + 1) == [1, 2]
 
 
+def test_silence_counts_only_while_the_web_tier_took_gateway_polls():
+    nodes = [NodeEvidence(1, last_heartbeat_s=100.0), NodeEvidence(2, last_heartbeat_s=100.2)]
+    past_stall_s = 100.2 + LIMITS.portal_stall_s + LIMITS.missed_s + 1
+    clock = SweepClock(0.0, past_stall_s)
+    # The web tier took its last gateway poll when the heartbeats stopped: it was paused
+    # (SIGSTOP, a frozen VM), not the nodes; silence counts only up to that poll.
+    paused = SweepClock(started_s=50.0, last_s=100.3)
+    assert liveness.offline_nodes(nodes, clock, past_stall_s, LIMITS, paused) == []
+    # Gateways kept polling while no node was heard: the nodes are gone.
+    polling = SweepClock(started_s=50.0, last_s=past_stall_s - 0.5)
+    assert liveness.offline_nodes(nodes, clock, past_stall_s, LIMITS, polling) == [1, 2]
+    # Polls that stopped later than the heartbeats count up to the last one.
+    stopped = SweepClock(started_s=50.0, last_s=100.1 + LIMITS.missed_s)
+    assert liveness.offline_nodes(nodes, clock, past_stall_s, LIMITS, stopped) == [1]
+    # A web tier silent for longer than web_tier_forget_s is gone, not paused.
+    long_gone_s = 100.3 + LIMITS.web_tier_forget_s + 1
+    assert liveness.offline_nodes(nodes, SweepClock(0.0, long_gone_s), long_gone_s, LIMITS,
+                                  paused) == [1, 2]
+    # The web tier just came back from a pause: every node has its full grace again.
+    resumed = SweepClock(started_s=past_stall_s - 1.0, last_s=past_stall_s)
+    assert liveness.offline_nodes(nodes, clock, past_stall_s, LIMITS, resumed) == []
+
+
+def test_a_node_late_after_the_web_tier_resumed_is_not_missing():
+    """The web tier was paused 20 s (under the stall limit); it took one node's heartbeat
+    as it resumed, and the sweep ran before the other's."""
+    nodes = [NodeEvidence(1, last_heartbeat_s=100.0), NodeEvidence(2, last_heartbeat_s=120.1)]
+    clock = SweepClock(0.0, 120.2)
+    assert liveness.offline_nodes(nodes, clock, 120.2, LIMITS) == [1]  # without the figure
+    resumed = SweepClock(started_s=120.0, last_s=120.1)
+    assert liveness.offline_nodes(nodes, clock, 120.2, LIMITS, resumed) == []
+
+
+def test_a_series_of_events_breaks_at_a_gap():
+    series = liveness.advance_series(None, 10.0, gap_s=5.0)
+    series = liveness.advance_series(series, 14.0, gap_s=5.0)
+    assert series == SweepClock(started_s=10.0, last_s=14.0)
+    assert liveness.advance_series(series, 19.5, gap_s=5.0) == SweepClock(19.5, 19.5)
+    assert liveness.advance_series(series, 3.0, gap_s=5.0) == SweepClock(3.0, 3.0)
+
+
 def test_a_node_with_ready_replicas_gets_a_longer_grace():
     other = NodeEvidence(2, last_heartbeat_s=110.0)
     serving = NodeEvidence(1, last_heartbeat_s=100.0, ready_replicas=6)
@@ -106,9 +147,10 @@ def test_the_verdict_is_pure():
 
 @pytest.fixture
 def fresh_sweep_clock() -> Iterator[None]:
-    cache.delete(live.SWEEP_CLOCK_KEY)
+    keys = [live.SWEEP_CLOCK_KEY, live.WEB_TIER_KEY]  # no gateway polled in these tests
+    cache.delete_many(keys)
     yield
-    cache.delete(live.SWEEP_CLOCK_KEY)
+    cache.delete_many(keys)
 
 
 def beat(node: Node, at: datetime, ready: list[Replica] = ()) -> list[int]:
@@ -161,6 +203,27 @@ def test_a_stalled_portal_takes_no_replica_out_of_service(two_nodes_six_ready):
     assert sweep_every_second(nodes["t0"], 20) == []
     assert Node.objects.filter(status=NodeStatus.OFFLINE).count() == 0
     assert routed_replica_ids() == {r.pk for r in nodes["ready"]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_portal_paused_past_the_stall_limit_takes_no_node_offline(two_nodes_six_ready):
+    """Neither heartbeats nor gateway polls reached the web tier for a minute (SIGSTOP):
+    the sweep, still running in Celery, must not blame the nodes. Once the web tier takes
+    gateway polls again, silence counts from then: a node that stays silent goes."""
+    nodes, t0 = two_nodes_six_ready, two_nodes_six_ready["t0"]
+    gateways = live.GatewayInstances()
+    gateways.note("gw-1", t0.timestamp())
+    assert sweep_every_second(t0, 60) == []
+    assert Node.objects.filter(status=NodeStatus.OFFLINE).count() == 0
+    back = t0 + timedelta(seconds=61)
+    for step in range(int(LIMITS.ready_grace_s) + 2):  # the web tier takes polls again
+        at = back + timedelta(seconds=step)
+        gateways.note(f"gw-{step}", at.timestamp())
+        beat(nodes["b"], at)  # b heartbeats again; a stays silent
+        gone = services.sweep_nodes(now=at)
+        if step <= LIMITS.ready_grace_s:
+            assert gone == [], step  # a has its full grace from the web tier's return
+    assert gone == [nodes["a"].pk]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -248,10 +248,11 @@ def sweep_nodes(now: datetime | None = None) -> list[int]:
     limits = liveness_limits()
     try:
         evidence, clock = _sweep_evidence(now.timestamp(), limits)
+        web_tier = live.web_tier_series()
     except live.CacheUnavailable as exc:
         log.warning("offline sweep skipped: %s", exc)
         return []
-    verdicts = liveness.offline_nodes(evidence, clock, now.timestamp(), limits)
+    verdicts = liveness.offline_nodes(evidence, clock, now.timestamp(), limits, web_tier)
     return [pk for pk in verdicts if _mark_offline(pk, now)]
 
 
