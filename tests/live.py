@@ -7,6 +7,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,15 @@ class LivePortal:
         self.proc: subprocess.Popen[bytes] | None = None
         self.gateway: LiveGateway | None = None
         self._socket_dir = Path(tempfile.mkdtemp(prefix="live-portal-")) if gateway else None
+        # The gateway's port, held from now on and handed to it (--fd): a port probed free
+        # is not reserved, and the portal and a token come first (seconds in which any
+        # process's outgoing connection may take it: CI saw "Address already in use").
+        self._listener: socket.socket | None = None
+        if gateway:
+            self._listener = socket.socket()
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host, port))
+            self._listener.listen(1024)
 
     @property
     def portal_uds(self) -> Path | None:
@@ -133,10 +143,12 @@ class LivePortal:
         if self.portal_uds is not None:
             token = create_gateway_token(self.env, f"live-{self.port}")
             assert self._socket_dir is not None
+            assert self._listener is not None
+            fd = self._listener.fileno()
             self.gateway = LiveGateway(
                 self.url, token, "--pass-through", "--table-cache",
-                str(self._socket_dir / "table.json"), port=self.port,
-                portal_uds=self.portal_uds).start()
+                str(self._socket_dir / "table.json"), "--fd", str(fd), port=self.port,
+                portal_uds=self.portal_uds).start(pass_fds=(fd,))
             wait_until(lambda: self._healthy(self.url), timeout_s, "the gateway in front")
         return self
 
@@ -177,3 +189,5 @@ class LivePortal:
                 self.proc.wait()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self._listener is not None:
+            self._listener.close()
