@@ -107,6 +107,19 @@ async def test_paused_reading_holds_bytes_until_resumed_in_order() -> None:
     assert right.received == b"one two three"
 
 
+async def test_a_close_waits_behind_the_bytes_a_paused_reader_holds() -> None:
+    left, right = Recorder(), Recorder()
+    left_end, right_end = connect_pipe(asyncio.get_running_loop(), left, right)
+    right_end.pause_reading()
+    left_end.write(b"held")
+    left_end.close()
+    await settle()
+    assert right.received == b"" and not right.eof  # nothing read yet, not even the end
+    right_end.resume_reading()
+    await settle()
+    assert right.received == b"held" and right.eof and right.lost == [None]
+
+
 async def test_a_buffered_protocol_is_fed_in_its_buffers_pieces() -> None:
     buffered = Buffered()
     feed(buffered, b"0123456789")

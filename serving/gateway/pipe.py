@@ -49,6 +49,7 @@ class PipeEnd(asyncio.Transport):
         self._lost = False
         self._reading_paused = False
         self._held: list[bytes] = []  # arrived while reading was paused
+        self._eof_held = False  # the peer closed after what is held: EOF once it is read
 
     # asyncio.BaseTransport
 
@@ -122,6 +123,9 @@ class PipeEnd(asyncio.Transport):
         while self._held and not self._reading_paused and not self._closing \
                 and self._protocol is not None:
             feed(self._protocol, self._held.pop(0))
+        if self._eof_held and not self._held:
+            self._eof_held = False
+            self._eof()
 
     def _end(self, exc: Exception | None) -> None:
         if self._closing:
@@ -139,7 +143,9 @@ class PipeEnd(asyncio.Transport):
     def _eof(self) -> None:
         if self._closing or self._protocol is None:
             return
-        self._deliver_held()
+        if self._held:  # reading is paused: the end of the stream waits behind its bytes
+            self._eof_held = True
+            return
         keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
         if not keep_open:
             self._end(None)
