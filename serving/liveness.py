@@ -70,10 +70,13 @@ def advance_clock(previous: SweepClock | None, now_s: float,
 
 def advance_series(previous: SweepClock | None, now_s: float, gap_s: float) -> SweepClock:
     """Return an unbroken series of events after one at `now_s`: a new series begins after
-    a gap of more than `gap_s` (or a clock that went back)."""
-    if previous is None or now_s < previous.last_s or now_s - previous.last_s > gap_s:
+    a gap of more than `gap_s` either way (a clock that went back that far)."""
+    if previous is None or abs(now_s - previous.last_s) > gap_s:
         return SweepClock(started_s=now_s, last_s=now_s)
-    return SweepClock(started_s=previous.started_s, last_s=now_s)
+    # A step back within the gap is a write that landed late (several processes or hosts
+    # write the series): it continues it.
+    return SweepClock(started_s=min(previous.started_s, now_s),
+                      last_s=max(previous.last_s, now_s))
 
 
 def silence_s(node: NodeEvidence, clock: SweepClock, progress_s: float, now_s: float) -> float:

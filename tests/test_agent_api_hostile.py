@@ -124,6 +124,9 @@ def test_registration_refuses_what_the_node_row_cannot_hold(join_secret):
                           ({"labels": {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]
                                                   ]]]]]]]]]]]]]]]]}}, "nested too deeply"),
                           ({"cost_per_hour": float("inf")}, "cost_per_hour"),
+                          # gateways' in-process names for tunnel nodes (never an address)
+                          ({"address": "node-5.tunnel.invalid"}, "address"),
+                          ({"address": "X.INVALID."}, "address"),
                           ({"join_token": "\ud800"}, "join_token")):
         response = call("/api/agent/register", {**body, **bad})
         assert fragment in assert_json_refusal(response, 400)

@@ -13,11 +13,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from serving.gateway.node_tls import PinMismatch, key_pin_of, upstream_tls
-from serving.gateway.pipe import PipeEnd, connect_pipe, feed
+from serving.gateway.pipe import HIGH_WATER_BYTES, PipeEnd, connect_pipe, feed
 from serving.gateway.upstream import ConnectFailed, ConnectionBroken, UpstreamPool
 from tests.certs import certificate, new_key, pem
 
 NODE_ADDRESS = "10.255.0.7"  # only a name in the certificate: nothing is dialled
+HOST = "node-7.tunnel.invalid"  # an in-process host, as serving/gateway/tunnel.py names them
 
 
 class Recorder(asyncio.Protocol):
@@ -160,19 +161,19 @@ class Echo(asyncio.Protocol):
 
 
 def serve_in_process(pool: UpstreamPool, server_tls: ssl.SSLContext | None) -> list[int]:
-    """Make `tunnel.node-7` an in-process host of `pool` whose ports echo; return the ports
+    """Make `HOST` an in-process host of `pool` whose ports echo; return the ports
     dialled."""
     dialled: list[int] = []
     loop = asyncio.get_running_loop()
 
-    def dial(port: int, protocol: asyncio.BaseProtocol) -> None:
+    def dial(port: int, protocol: asyncio.BaseProtocol) -> asyncio.Transport:
         dialled.append(port)
         replica: asyncio.BaseProtocol = Echo()
         if server_tls is not None:
             replica = sslproto.SSLProtocol(loop, replica, server_tls, None, server_side=True)
-        connect_pipe(loop, replica, protocol)
+        return connect_pipe(loop, replica, protocol)[1]
 
-    pool.local_hosts["tunnel.node-7"] = dial
+    pool.local_hosts[HOST] = dial
     return dialled
 
 
@@ -180,7 +181,7 @@ async def test_the_pool_reaches_an_in_process_host_and_reuses_the_connection() -
     pool = UpstreamPool()
     dialled = serve_in_process(pool, None)
     for body in (b"first", b"second"):
-        answer = await pool.request("tunnel.node-7", 8101, b"POST", b"/x", [], body)
+        answer = await pool.request(HOST, 8101, b"POST", b"/x", [], body)
         assert (answer.status, answer.body) == (200, body)
     assert dialled == [8101] and pool.connections_opened == 1
     pool.close()
@@ -192,20 +193,20 @@ async def test_tls_runs_end_to_end_through_the_pipe_and_the_pin_is_checked(
     pool = UpstreamPool()
     serve_in_process(pool, server_tls)
     tls = upstream_tls(ca_pem, pin, NODE_ADDRESS)
-    answer = await pool.request("tunnel.node-7", 8101, b"POST", b"/x", [], b"secret", tls=tls)
+    answer = await pool.request(HOST, 8101, b"POST", b"/x", [], b"secret", tls=tls)
     assert (answer.status, answer.body) == (200, b"secret")
-    [connection] = pool._idle[("tunnel.node-7", 8101)]
+    [connection] = pool._idle[(HOST, 8101)]
     assert connection.transport is not None
     assert not isinstance(connection.transport, PipeEnd)  # TLS's transport, over the pipe
     assert connection.transport.get_extra_info("ssl_object") is not None
 
     wrong_pin = upstream_tls(ca_pem, "0" * 64, NODE_ADDRESS)
     with pytest.raises(ConnectFailed) as refused:
-        await pool.request("tunnel.node-7", 8102, b"POST", b"/x", [], b"", tls=wrong_pin)
+        await pool.request(HOST, 8102, b"POST", b"/x", [], b"", tls=wrong_pin)
     assert isinstance(refused.value.__cause__, PinMismatch)
     wrong_name = upstream_tls(ca_pem, pin, "10.255.0.8")
     with pytest.raises(ConnectFailed, match="certificate"):
-        await pool.request("tunnel.node-7", 8103, b"POST", b"/x", [], b"", tls=wrong_name)
+        await pool.request(HOST, 8103, b"POST", b"/x", [], b"", tls=wrong_name)
     pool.close()
 
 
@@ -213,22 +214,70 @@ async def test_a_dial_that_fails_is_a_connect_failure_and_a_reset_a_broken_conne
         ) -> None:
     pool = UpstreamPool()
 
-    def no_tunnel(port: int, protocol: asyncio.BaseProtocol) -> None:
+    def no_tunnel(port: int, protocol: asyncio.BaseProtocol) -> asyncio.Transport:
         raise ConnectionError("node 7 has no tunnel to this gateway")
 
-    pool.local_hosts["tunnel.node-7"] = no_tunnel
+    pool.local_hosts[HOST] = no_tunnel
     with pytest.raises(ConnectFailed, match="no tunnel"):
-        await pool.request("tunnel.node-7", 8101, b"GET", b"/", [])
+        await pool.request(HOST, 8101, b"GET", b"/", [])
 
     ends: list[PipeEnd] = []
 
-    def silent(port: int, protocol: asyncio.BaseProtocol) -> None:
+    def silent(port: int, protocol: asyncio.BaseProtocol) -> asyncio.Transport:
         ends.append(connect_pipe(asyncio.get_running_loop(), Recorder(), protocol)[0])
+        return ends[-1].peer  # type: ignore[return-value]
 
-    pool.local_hosts["tunnel.node-7"] = silent
-    request = asyncio.ensure_future(pool.request("tunnel.node-7", 8101, b"GET", b"/", []))
+    pool.local_hosts[HOST] = silent
+    request = asyncio.ensure_future(pool.request(HOST, 8101, b"GET", b"/", []))
     while not ends:
         await asyncio.sleep(0)
     ends[0].abort()  # the tunnel went away mid-request
     with pytest.raises(ConnectionBroken):
         await request
+
+
+async def test_an_in_process_host_without_its_dial_fails_at_once_without_dns() -> None:
+    pool = UpstreamPool()  # e.g. its tunnel dropped while a request was on its way
+    with pytest.raises(ConnectFailed, match="not reachable now"):
+        await pool.request(HOST, 8101, b"GET", b"/", [])
+
+
+async def test_a_tls_handshake_given_up_closes_its_stream() -> None:
+    pool = UpstreamPool(connect_timeout_s=0.2)
+    replicas: list[Recorder] = []
+
+    def mute(port: int, protocol: asyncio.BaseProtocol) -> asyncio.Transport:
+        replicas.append(Recorder())  # takes the ClientHello, never answers
+        return connect_pipe(asyncio.get_running_loop(), replicas[-1], protocol)[1]
+
+    pool.local_hosts[HOST] = mute
+    tls = upstream_tls("", "0" * 64, NODE_ADDRESS)
+    with pytest.raises(ConnectFailed, match="timed out"):
+        await pool.request(HOST, 8101, b"GET", b"/", [], tls=tls)
+    await settle()
+    assert replicas[0].received and replicas[0].lost  # the stream went with the attempt
+
+
+class Pausable(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused: list[bool] = []
+
+    def pause_writing(self) -> None:
+        self.paused.append(True)
+
+    def resume_writing(self) -> None:
+        self.paused.append(False)
+
+
+async def test_a_paused_reader_pauses_the_writer_past_the_high_water_mark() -> None:
+    writer, reader = Pausable(), Recorder()
+    writer_end, reader_end = connect_pipe(asyncio.get_running_loop(), writer, reader)
+    reader_end.pause_reading()  # a slow client behind the pool's connection
+    writer_end.write(b"x" * HIGH_WATER_BYTES)
+    assert writer.paused == []
+    writer_end.write(b"y")  # past the mark: the tunnel stream stops granting credit
+    assert writer.paused == [True] and writer_end.get_write_buffer_size() > HIGH_WATER_BYTES
+    reader_end.resume_reading()
+    await settle()
+    assert writer.paused == [True, False] and len(reader.received) == HIGH_WATER_BYTES + 1

@@ -9,14 +9,23 @@ event-loop wake-ups per request (measured in docs/benchmarks.md).
 Either end's protocol may be an `asyncio.Protocol` or an `asyncio.BufferedProtocol`
 (asyncio's SSLProtocol is one: node TLS runs end to end through the pipe and the tunnel).
 `write` hands the bytes to the other end's protocol at once, as a socket pair would have
-them read on the next loop turn; `close` and `abort` end both ends on the next turn,
-with EOF (a clean close) or a ConnectionResetError (an abort) at the other end.
+them read on the next loop turn; while that end's reading is paused they are held there,
+and past HIGH_WATER_BYTES the writer's protocol is paused (`pause_writing`) until they
+drain, as a socket's full write buffer would pause it (the tunnel stream then stops
+granting credit, so a slow client slows only its own stream); `close` and `abort` end
+both ends on the next turn, with EOF (a clean close) or a ConnectionResetError (an abort)
+at the other end.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+# Bytes held for a paused reader above which the writer's protocol is paused
+# (pause_writing), and below which it resumes: what a socket's write buffer would do.
+HIGH_WATER_BYTES = 256 * 1024
+LOW_WATER_BYTES = 64 * 1024
 
 
 def feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
@@ -49,7 +58,9 @@ class PipeEnd(asyncio.Transport):
         self._lost = False
         self._reading_paused = False
         self._held: list[bytes] = []  # arrived while reading was paused
+        self._held_bytes = 0
         self._eof_held = False  # the peer closed after what is held: EOF once it is read
+        self._writer_paused = False  # the peer's protocol was told to pause_writing
 
     # asyncio.BaseTransport
 
@@ -103,10 +114,10 @@ class PipeEnd(asyncio.Transport):
         return False
 
     def get_write_buffer_size(self) -> int:
-        return 0  # delivered on write: nothing is ever buffered on this side
+        return self.peer._held_bytes if self.peer is not None else 0  # held for its reader
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (0, 0)
+        return (LOW_WATER_BYTES, HIGH_WATER_BYTES)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
@@ -116,13 +127,22 @@ class PipeEnd(asyncio.Transport):
     def _arrive(self, data: bytes) -> None:
         if self._reading_paused or self._held:
             self._held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes > HIGH_WATER_BYTES and not self._writer_paused:
+                self._writer_paused = True
+                self._peer_protocol_call("pause_writing")
         elif self._protocol is not None:
             feed(self._protocol, data)
 
     def _deliver_held(self) -> None:
         while self._held and not self._reading_paused and not self._closing \
                 and self._protocol is not None:
-            feed(self._protocol, self._held.pop(0))
+            data = self._held.pop(0)
+            self._held_bytes -= len(data)
+            feed(self._protocol, data)
+        if self._writer_paused and self._held_bytes <= LOW_WATER_BYTES:
+            self._writer_paused = False
+            self._peer_protocol_call("resume_writing")
         if self._eof_held and not self._held:
             self._eof_held = False
             self._eof()
@@ -150,11 +170,17 @@ class PipeEnd(asyncio.Transport):
         if not keep_open:
             self._end(None)
 
+    def _peer_protocol_call(self, name: str) -> None:
+        peer = self.peer
+        if peer is not None and peer._protocol is not None and not peer._closing:
+            getattr(peer._protocol, name)()
+
     def _lose(self, exc: Exception | None) -> None:
         if self._lost:
             return
         self._lost = True
         self._held.clear()
+        self._held_bytes = 0
         if self._protocol is not None:
             self._protocol.connection_lost(exc)
 

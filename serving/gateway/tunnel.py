@@ -4,7 +4,7 @@ A node behind NAT (the portal found it unreachable at join, or it asked with
 `swarm-worker --tunnel`) connects here with one WebSocket, authenticated by its node id
 and its tunnel key; the routing table carries only the key's sha256 per node
 (`RouteTable.tunnels`). The routing table gives that node's replicas the host
-`tunnel.node-<id>`, which the upstream pool reaches in process (`UpstreamPool.local_hosts`):
+`node-<id>.tunnel.invalid`, which the upstream pool reaches in process (`UpstreamPool.local_hosts`):
 each connection the pool opens there is an in-memory pipe (serving/gateway/pipe.py) into a
 new stream of the tunnel (swarm_protocol/tunnel.py), which the agent pipes to the replica
 on its own loopback. So the pool, the balancer, the retries, the replica key and the
@@ -38,7 +38,7 @@ from websockets.http11 import Request, Response
 
 from serving.gateway.pipe import connect_pipe
 from serving.gateway.routes import DeploymentRoute, RouteTable
-from serving.gateway.upstream import UpstreamPool
+from serving.gateway.upstream import IN_PROCESS_SUFFIX, UpstreamPool
 from swarm_protocol.tunnel import (
     CLOSE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
@@ -72,7 +72,7 @@ def parse_node_id(text: str | None) -> int | None:
 def tunnel_host(node_id: int) -> str:
     """Return the host name the routing table gives a tunnel node's replicas in this
     gateway: the upstream pool reaches it in process (`UpstreamPool.local_hosts`)."""
-    return f"tunnel.node-{node_id}"
+    return f"node-{node_id}.tunnel{IN_PROCESS_SUFFIX}"
 
 
 class TunnelRegistry:
@@ -115,15 +115,17 @@ class TunnelRegistry:
             for r in route.replicas if not r.tunnel or r.node_id in self._muxes)
         return dataclasses.replace(route, replicas=replicas)
 
-    def dial(self, node_id: int, port: int, protocol: asyncio.BaseProtocol) -> None:
+    def dial(self, node_id: int, port: int,
+             protocol: asyncio.BaseProtocol) -> asyncio.Transport:
         """Join `protocol` to a new stream on the node's tunnel, to `port` on the node's
         loopback (the pool's LocalDial); ConnectionError when the node has no tunnel."""
         mux = self._muxes.get(node_id)
         if mux is None:
             raise ConnectionError(f"node {node_id} has no tunnel to this gateway")
         stream = mux.new_stream(port)  # ConnectionError: closed, or too many streams
-        connect_pipe(asyncio.get_running_loop(), stream, protocol,
-                     right_extra={"peername": (tunnel_host(node_id), port)})
+        _, transport = connect_pipe(asyncio.get_running_loop(), stream, protocol,
+                                    right_extra={"peername": (tunnel_host(node_id), port)})
+        return transport
 
     # the WebSocket server
 

@@ -27,8 +27,11 @@ from serving.gateway.node_tls import UpstreamTls, check_pinned
 
 Headers = list[tuple[bytes, bytes]]
 # (port, protocol): join `protocol` to that port of an in-process host at once (a tunnel
-# node: serving/gateway/tunnel.py); raises ConnectionError when it cannot.
-LocalDial = Callable[[int, asyncio.BaseProtocol], None]
+# node: serving/gateway/tunnel.py) and return its transport; ConnectionError when it cannot.
+LocalDial = Callable[[int, asyncio.BaseProtocol], asyncio.Transport]
+# In-process hosts are named under RFC 6761's `.invalid`, which never resolves: one whose
+# dial is gone (its tunnel dropped) fails at once instead of going to DNS.
+IN_PROCESS_SUFFIX = ".invalid"
 
 
 class UpstreamError(Exception):
@@ -300,6 +303,8 @@ class UpstreamPool:
         if deadline is not None:
             limit_s = min(limit_s, deadline - loop.time())
         dial = self.local_hosts.get(key[0])
+        if dial is None and key[0].endswith(IN_PROCESS_SUFFIX):
+            raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: not reachable now")
         try:
             async with asyncio.timeout(limit_s):
                 if dial is not None:
@@ -335,10 +340,14 @@ async def _connect_local(dial: LocalDial, port: int, tls: UpstreamTls | None,
     handshake: asyncio.Future[None] = loop.create_future()
     # The protocol asyncio's create_connection(ssl=...) puts on a socket's transport: TLS
     # runs end to end from here to the replica, whatever carries the bytes.
-    dial(port, sslproto.SSLProtocol(loop, connection, tls.context, handshake,
-                                    server_hostname=tls.server_name,
-                                    ssl_handshake_timeout=max(1, math.ceil(limit_s))))
-    await handshake
+    transport = dial(port, sslproto.SSLProtocol(
+        loop, connection, tls.context, handshake, server_hostname=tls.server_name,
+        ssl_handshake_timeout=max(1, math.ceil(limit_s))))
+    try:
+        await handshake
+    except BaseException:
+        transport.abort()  # timed out or cancelled: the stream must not outlive the attempt
+        raise
     return connection
 
 

@@ -82,6 +82,10 @@ def do_register_node(message: RegisterRequest, now: datetime | None = None,
     `reach_mode` (the probe's finding) is stored in the same insert: no reader ever sees a
     tunnel node as direct."""
     now = now or timezone.now()
+    if message.address.lower().rstrip(".").endswith(".invalid"):
+        # Gateways name tunnel nodes' in-process hosts under .invalid (RFC 6761, never
+        # resolves): a node advertising one could have its traffic sent into another's.
+        raise ServiceError("address: a name under .invalid is not an address")
     token = _claim_join_token(message.join_token, now)
     csr = node_certs.certificate_request(message)  # refused: the transaction gives the use back
     node = Node.objects.create(
