@@ -368,7 +368,9 @@ def fake_replica_main(argv: list[str]) -> int:
     Path("launch.json").write_text(json.dumps({"argv": argv, "key": key}))
     if mode == "port-taken-once" and not Path("clashed").exists():
         Path("clashed").write_text("once")  # the next launch (this folder) serves
-        print("OSError: [Errno 98] Address already in use", file=sys.stderr)
+        # uvicorn's own words, as the real replica server prints them on a taken port
+        print("ERROR:    [Errno 98] error while attempting to bind on address "
+              f"('{args.host}', {args.port}): address already in use", file=sys.stderr)
         return 1
     if mode == "crash":
         print("Traceback (most recent call last):", file=sys.stderr)

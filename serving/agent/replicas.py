@@ -314,7 +314,9 @@ class ReplicaManager:
                 or replica.port_clashes >= MAX_PORT_CLASHES):
             return False
         line = processes.last_stderr_line(self._replica_dir(replica)) or ""
-        if "Address already in use" not in line:
+        # Python's OSError says "Address already in use", uvicorn (the real replica's
+        # server) "address already in use": errno 98 either way.
+        if "address already in use" not in line.lower():
             return False
         replica.port_clashes += 1
         log.warning("replica %d: port %s was taken before it could listen: starting it on "
