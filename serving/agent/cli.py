@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 from serving.agent.agent import EXIT_FAILED, Agent, AgentConfig
 from serving.agent.credentials import NodeDirBusy, TokenFileError, read_join_token_file
 from serving.agent.devices import BACKEND_CHOICES, DeviceBackendError, detect_backend
+from swarm_protocol.addresses import is_loopback_host
 
 log = logging.getLogger("serving.agent")
 DEFAULT_CACHE_DIR = Path("~/.cache/swarm-worker")
@@ -152,34 +152,24 @@ def _float(text: str) -> float:
 
 
 def default_bind_host(address: str) -> str:
-    """Return where replicas listen: loopback for a loopback address, else every interface."""
-    if address == "localhost":
-        return "127.0.0.1"
-    try:
-        loopback = ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        loopback = False  # a DNS name: the portal reaches us from elsewhere
-    return "127.0.0.1" if loopback else "0.0.0.0"  # noqa: S104 - replicas check their key
-
-
-def is_loopback(address: str) -> bool:
-    """Return whether `address` names this machine only (127.0.0.0/8, ::1, localhost)."""
-    return default_bind_host(address) == "127.0.0.1"
+    """Return where replicas listen: loopback for a loopback address, else every interface
+    (a DNS name: the portal reaches us from elsewhere; replicas check their key)."""
+    return "127.0.0.1" if is_loopback_host(address) else "0.0.0.0"  # noqa: S104
 
 
 def tls_enabled(choice: str, address: str) -> bool:
     """Return whether replicas serve TLS; ValueError for plain HTTP on a network address."""
-    if choice == "off" and not is_loopback(address):
+    if choice == "off" and not is_loopback_host(address):
         raise ValueError(f"--tls off would send requests and the replica key in clear to "
                          f"{address}: plain HTTP is for loopback addresses only")
-    return choice == "on" or (choice == "auto" and not is_loopback(address))
+    return choice == "on" or (choice == "auto" and not is_loopback_host(address))
 
 
 def check_portal_scheme(url: str, allow_http: bool) -> None:
     """Raise ValueError for a plain http:// portal on a network address unless allowed:
     the join token, then the node secret in every heartbeat, would cross it in clear."""
     parts = urlsplit(url)
-    if parts.scheme == "https" or allow_http or is_loopback(parts.hostname or ""):
+    if parts.scheme == "https" or allow_http or is_loopback_host(parts.hostname or ""):
         return
     raise ValueError(f"--portal {url} is plain HTTP on a network address: the join token and "
                      "the node secret would cross the network in clear. Use the portal's "

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from websockets.http11 import Request, Response
 from serving.gateway.pipe import connect_pipe
 from serving.gateway.routes import DeploymentRoute, RouteTable
 from serving.gateway.upstream import IN_PROCESS_SUFFIX, UpstreamPool
+from swarm_protocol.addresses import is_loopback_host
 from swarm_protocol.tunnel import (
     CLOSE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
@@ -260,16 +260,6 @@ def add_tunnel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the private key of --tunnel-tls-cert-file (PEM)")
 
 
-def _is_loopback_host(host: str) -> bool:
-    """Return whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a DNS name or "" (every interface): reached from elsewhere
-
-
 def attach_tunnels(args: argparse.Namespace, fleet: Any, pool: UpstreamPool,
                    advertise: Callable[[str], None]) -> TunnelServer | None:
     """Return the tunnel server --tunnel-port asks for (None without it); `advertise`
@@ -287,7 +277,7 @@ def attach_tunnels(args: argparse.Namespace, fleet: Any, pool: UpstreamPool,
         context.load_cert_chain(args.tunnel_tls_cert_file, args.tunnel_tls_key_file)
     # A warning, not a refusal: production may terminate TLS in a proxy in front.
     if context is None and not (args.tunnel_url or "").lower().startswith("wss://") \
-            and not _is_loopback_host(args.host):
+            and not is_loopback_host(args.host):
         log.warning("the tunnel port (%s:%d) serves plain ws://: each node's tunnel key "
                     "crosses the network in clear, and whoever reads it can pose as that "
                     "node's tunnel; use --tunnel-tls-cert-file/--tunnel-tls-key-file, or "

@@ -7,7 +7,6 @@ third of its life. Gateways pin the key (Node.cert_sha256), so a renewal changes
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from datetime import datetime
 
@@ -16,19 +15,10 @@ from cryptography import x509
 from serving import node_ca
 from serving.models import Node
 from swarm_portal.errors import ServiceError
+from swarm_protocol.addresses import is_loopback_host
 from swarm_protocol.agent_messages import RegisterRequest
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback_address(address: str) -> bool:
-    """Return whether `address` names this host only (127.0.0.0/8, ::1, localhost)."""
-    if address.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def certificate_request(message: RegisterRequest) -> x509.CertificateSigningRequest | None:
@@ -39,7 +29,7 @@ def certificate_request(message: RegisterRequest) -> x509.CertificateSigningRequ
     """
     if message.csr_pem:
         return node_ca.parse_csr(message.csr_pem)
-    if not is_loopback_address(message.address):
+    if not is_loopback_host(message.address):
         raise ServiceError("this node must serve TLS: send csr_pem (a certificate signing "
                            "request for its key; swarm-worker does so unless --tls off, "
                            "which only loopback addresses may use)")
