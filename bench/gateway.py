@@ -78,7 +78,7 @@ from replica import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "swk_bench_gateway_key"
 GATEWAY_HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-BARE_PROXIES = ("bare-pool", "bare-aiohttp")
+BARE_PROXIES = ("bare-pool", "bare-aiohttp", "bare-splice")
 GRPC = "grpc"  # the gateway's gRPC port, as a target of its own
 UVICORN_GATEWAY = "gateway-uvicorn"  # the gateway on uvicorn's HTTP protocol (--compare-uvicorn)
 CLIENTS = ("wrk", "aiohttp")
@@ -170,10 +170,59 @@ def bare_proxy(kind: str, upstream_port: int) -> Any:
     return app
 
 
+def serve_splice(port: int, upstream_port: int) -> None:
+    """Serve the floor of any Python proxy here: uvloop relaying bytes between each client
+    connection and one replica connection of its own, with no parsing and no task per
+    request (two callbacks: client bytes to the replica, replica bytes to the client)."""
+    import uvloop
+
+    class Back(asyncio.Protocol):
+        def __init__(self, front: asyncio.Transport) -> None:
+            self.front = front
+
+        def data_received(self, data: bytes) -> None:
+            self.front.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.front.close()
+
+    class Front(asyncio.Protocol):
+        back: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            transport.pause_reading()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().create_task(self.dial())
+
+        async def dial(self) -> None:
+            loop = asyncio.get_running_loop()
+            self.back, _ = await loop.create_connection(lambda: Back(self.transport),
+                                                        "127.0.0.1", upstream_port)
+            self.transport.resume_reading()
+
+        def data_received(self, data: bytes) -> None:
+            assert self.back is not None
+            self.back.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.back is not None:
+                self.back.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Front, "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
 def serve_bare(kind: str, port: int, upstream_port: int) -> None:
     """Serve a bare proxy with the standalone gateway's uvicorn settings."""
     import uvicorn
     import uvloop
+
+    if kind == "bare-splice":
+        serve_splice(port, upstream_port)
+        return
 
     config = uvicorn.Config(bare_proxy(kind, upstream_port), host="127.0.0.1", port=port,
                             loop="none", http="httptools", lifespan="off", access_log=False,

@@ -23,6 +23,7 @@ from typing import cast
 
 import httptools
 
+from serving.gateway.deadlines import Deadlines
 from serving.gateway.node_tls import UpstreamTls, check_pinned
 
 Headers = list[tuple[bytes, bytes]]
@@ -152,16 +153,18 @@ class PooledConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    async def exchange(self, head: bytes, body: bytes, deadline: float | None,
-                       ) -> UpstreamResponse:
-        """Send one request and return its response (UpstreamTimeout after `deadline`)."""
+    async def exchange(self, head: bytes, body: bytes, deadlines: Deadlines,
+                       deadline: float | None) -> UpstreamResponse:
+        """Send one request and return its response (UpstreamTimeout after `deadline`,
+        event-loop time, kept by `deadlines`: cheaper than a timer of its own, and than
+        asyncio.timeout(), which cancels the task)."""
         transport, loop = self._transport, self._loop
         if self.closed or transport is None or loop is None or transport.is_closing():
             raise ConnectionBroken("the connection is closed", response_started=False)
         waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._waiter = waiter
-        # A timer on the loop is cheaper than asyncio.timeout(), which cancels the task.
-        timer = loop.call_at(deadline, self._time_out) if deadline is not None else None
+        if deadline is not None:
+            deadlines.add(loop, self, deadline, self._time_out)
         if len(body) <= 65536:
             transport.write(head + body)  # one syscall; the copy is cheap at this size
         else:
@@ -170,8 +173,8 @@ class PooledConnection(asyncio.Protocol):
         try:
             return await waiter
         finally:
-            if timer is not None:
-                timer.cancel()
+            if deadline is not None:
+                deadlines.discard(self)
 
 
 class UpstreamPool:
@@ -186,6 +189,7 @@ class UpstreamPool:
         self._clock = clock
         self._idle: dict[tuple[str, int], list[PooledConnection]] = {}
         self._host_headers: dict[tuple[str, int], bytes] = {}
+        self.deadlines = Deadlines()  # of the requests in flight
         self.connections_opened = 0  # for tests and the benchmark: reuse shows as few opens
         # Hosts reached in process, not over a socket: {host name: its dial}.
         self.local_hosts: dict[str, LocalDial] = {}
@@ -244,7 +248,7 @@ class UpstreamPool:
     async def _exchange(self, connection: PooledConnection, head: bytes, body: bytes,
                         deadline: float | None) -> UpstreamResponse:
         try:
-            return await connection.exchange(head, body, deadline)
+            return await connection.exchange(head, body, self.deadlines, deadline)
         except BaseException:
             connection.close()  # broken, or cancelled mid-response: never reuse it
             raise
