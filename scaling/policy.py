@@ -239,7 +239,7 @@ def _update_panic(config: ScalingPolicyConfig, view: _View,
     last_over = state.panic_last_over_s
     if state.in_panic and last_over is not None \
             and view.now_s - last_over >= config.stable_window_s:
-        note = (f"panic over ({view.now_s - last_over:g} s below "
+        note = (f"panic over ({_s(view.now_s - last_over)} s below "
                 f"{config.panic_threshold:g}x capacity), ")
         return _replace(state, panic_since_s=None, panic_last_over_s=None), note
     return state, ""
@@ -262,7 +262,7 @@ def _idle_to_zero(config: ScalingPolicyConfig, view: _View, state: ScalingState)
 
 def _idle_reason(config: ScalingPolicyConfig, view: _View, state: ScalingState) -> str:
     # Zero skips the step limit: with no demand there is no capacity to protect.
-    return (f"no demand for {_idle_for_s(view, state):g} s "
+    return (f"no demand for {_s(_idle_for_s(view, state))} s "
             f"(idle_before_zero {config.idle_before_zero_s:g} s)")
 
 
@@ -283,9 +283,9 @@ def _raw_desired(config: ScalingPolicyConfig, view: _View,
     assert state.last_needed_s is not None  # decide() sets it before this is called
     below_for_s = view.now_s - state.last_needed_s
     if below_for_s >= config.scale_down_delay_s:
-        return view.down_desired, f"{stable}, {spare}, below {view.current} for {below_for_s:g} s"
+        return view.down_desired, f"{stable}, {spare}, below {view.current} for {_s(below_for_s)} s"
     wait_s = config.scale_down_delay_s - below_for_s
-    return view.current, f"{stable}, {spare}, scale-down waits {wait_s:g} s more"
+    return view.current, f"{stable}, {spare}, scale-down waits {_s(wait_s)} s more"
 
 
 def _cold_start_desired(config: ScalingPolicyConfig, view: _View) -> tuple[int, str]:
@@ -355,3 +355,8 @@ def _after(state: ScalingState, view: _View, desired: int) -> ScalingState:
     if view.down_desired >= desired or state.in_panic:
         return _replace(state, last_needed_s=view.now_s)
     return state
+
+
+def _s(duration_s: float) -> str:
+    """Return a measured duration for a reason: to 0.1 s, no trailing zeros ("30.2", "300")."""
+    return f"{round(duration_s, 1):g}"

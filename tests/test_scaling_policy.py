@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -38,12 +39,13 @@ class Tick:
 
 def drive(config: ScalingPolicyConfig, demands: Sequence[float], *, replicas: int,
           start_s: float = 0.0, state: ScalingState | None = None,
-          between: Callable[[ScalingState], ScalingState] = lambda s: s) -> list[Tick]:
+          between: Callable[[ScalingState], ScalingState] = lambda s: s,
+          tick_s: float = TICK_S) -> list[Tick]:
     """Feed one demand per tick; replicas follow each decision at once."""
     state = state or ScalingState()
     ticks = []
     for index, demand in enumerate(demands):
-        now_s = start_s + index * TICK_S
+        now_s = start_s + index * tick_s
         # At zero replicas the gateway holds what arrives.
         samples = (ReplicaSample(demand, 0.0),) if replicas else ()
         held = 0 if replicas else math.ceil(demand)
@@ -286,3 +288,13 @@ def test_decisions_stay_within_bounds(steps, to_zero, step_up):
         if replicas == 0 and held:
             assert decision.desired_replicas >= 1
         state, replicas = decision.state, decision.desired_replicas
+
+
+def test_measured_durations_in_reasons_are_given_to_a_tenth_of_a_second():
+    # ticks 0.317 s apart: the durations measured between them are not round numbers
+    demands = [80.0 - 72.0 * i / seconds(600) for i in range(seconds(600))] + [8.0] * 200
+    ticks = drive(CONFIG, demands, replicas=10, tick_s=0.317)
+    durations = [float(number) for t in ticks
+                 for number in re.findall(r"(?:for|waits|over \() ?([\d.]+) s", t.decision.reason)]
+    assert durations, "no reason gave a measured duration"
+    assert all(round(d, 1) == d for d in durations)
