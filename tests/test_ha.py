@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,40 +231,44 @@ def create_api_key(api: httpx.Client, name: str) -> str | None:
     return response.json()["key"] if response.status_code == 201 else None
 
 
-# Issue 11's goal is 1 s for a change made after the portal comes back; run alone (load
-# average 4-5 from this test's own processes) it took 0.05-0.16 s. In CI this test runs
-# beside the other xdist worker's tests, and the first change after a minute's outage
-# (the portal catching up on what queued meanwhile) took 1.27 s and 2.14 s once each in
-# ~10 runs. The bound keeps the mechanism honest: without the revision poll and the early
-# poll for an unknown key, a change waits for the next full reload (5 s).
-FIRST_CHANGE_WITHIN_S = 3.0
+# Issue 11's goal: 1 s for a change made after the portal comes back. Run alone (load
+# average 4-5 from this test's own processes) it took 0.05-0.16 s. In CI it took 1.27 s
+# and 2.14 s once each in ~10 runs while the gateways were checked one after the other:
+# a request to the first could wait up to 1 s on its early poll of a loaded portal before
+# the second was asked at all, so its figure included the first's wait. Each gateway is
+# now watched on its own (change_reaches_gateways). Without the revision poll and the
+# early poll for an unknown key, a change would wait for the next full reload (5 s). The
+# bound leaves CI's load a second: a portal that takes over a second to build the table
+# makes the goal unreachable for any gateway; the figure is printed either way.
+FIRST_CHANGE_WITHIN_S = 2.0
 
 
 def change_reaches_gateways(stack: Stack, name: str) -> tuple[float, float]:
     """Create an API key; return the seconds until every gateway serves it, counted from
     the portal's answer (the key was committed a moment before) and from the request."""
-    clients = {g.port: httpx.Client(base_url=g.url) for g in stack.gateways}
-    served_s: dict[int, float] = {}
     asked_s = [0.0]
 
     def create() -> str | None:
         asked_s[0] = time.monotonic()
         return create_api_key(stack.api, name)
 
-    def every_gateway_serves() -> bool:
-        for port, client in clients.items():
-            if port not in served_s and infer_status(client, key) == 200:
-                served_s[port] = time.monotonic()
-        return len(served_s) == len(clients)
+    key = wait_until(create, 60, "the portal to create a key")
+    created_s = time.monotonic()
+    # Each gateway is watched from its own thread: a request to one that waits on its
+    # early table poll (up to 1 s) must not delay the figure of the other.
+    with ThreadPoolExecutor(len(stack.gateways)) as pool:
+        served_s = list(pool.map(lambda gateway: first_served_s(gateway.url, key),
+                                 stack.gateways))
+    return max(served_s) - created_s, max(served_s) - asked_s[0]
 
-    try:
-        key = wait_until(create, 60, "the portal to create a key")
-        created_s = time.monotonic()
-        wait_until(every_gateway_serves, 30, f"the gateways to serve the key {name}", 0.01)
-    finally:
-        for client in clients.values():
-            client.close()
-    return max(served_s.values()) - created_s, max(served_s.values()) - asked_s[0]
+
+def first_served_s(url: str, key: str) -> float:
+    """Return when (monotonic s) the gateway at `url` first answered 200 for `key`."""
+    with httpx.Client(base_url=url) as client:
+        served: float = wait_until(
+            lambda: time.monotonic() if infer_status(client, key) == 200 else None,
+            30, f"the gateway at {url} to serve a new key", 0.01)
+    return served
 
 
 def check_the_portal_through_nginx(stack: Stack, operator: object) -> None:
