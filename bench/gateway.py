@@ -29,9 +29,11 @@ against REST from a Python client (`--client aiohttp`): the `client CPU` column 
 `--compare-uvicorn` adds the same gateway served by uvicorn's own HTTP protocol
 (`--http uvicorn`) beside the lean one it serves with by default (fast_http.py).
 
-`--compare-bare` adds two bare proxies as targets (uvicorn and a forward with no auth,
-balancing or metrics): one on the gateway's upstream pool, one on an aiohttp session, to
-show what the hop itself costs and why the gateway does not use aiohttp.
+`--compare-bare` adds the reference proxies of bench/bare_proxies.py as targets (a forward
+with no auth, balancing or metrics): a callback-only floor, the gateway's own HTTP server
+and pool with nothing else, uvicorn on the pool, uvicorn with aiohttp. They show what the
+hop itself costs in Python here, what the gateway's logic adds, and why it has its own
+HTTP server and pool.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from typing import Any
 
 import aiohttp
 import torch
+from bare_proxies import BARE_PROXIES  # bench/bare_proxies.py: the reference proxies
 from common import add_cell_options, load_average, median_round, stop
 from gateway_load import (  # bench/gateway_load.py: targets, cells and the wrk load generator
     INFER_PATH,
@@ -78,7 +81,6 @@ from replica import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "swk_bench_gateway_key"
 GATEWAY_HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-BARE_PROXIES = ("bare-pool", "bare-aiohttp", "bare-splice")
 GRPC = "grpc"  # the gateway's gRPC port, as a target of its own
 UVICORN_GATEWAY = "gateway-uvicorn"  # the gateway on uvicorn's HTTP protocol (--compare-uvicorn)
 CLIENTS = ("wrk", "aiohttp")
@@ -104,16 +106,16 @@ def write_table(path: Path, replica_port: int) -> None:
 
 def start_proxy(name: str, table_path: Path, replica_port: int, port: int,
                 grpc_port: int = 0) -> subprocess.Popen[bytes]:
-    """Start the gateway (with gRPC on `grpc_port` if set), or a bare proxy (this script
-    with --serve-bare)."""
+    """Start the gateway (with gRPC on `grpc_port` if set), or a bare proxy
+    (bench/bare_proxies.py)."""
     if name in ("gateway", UVICORN_GATEWAY):
         command = [sys.executable, "-m", "serving.gateway.standalone", "--table",
                    str(table_path), "--port", str(port)]
         command += ["--http", "uvicorn"] if name == UVICORN_GATEWAY else \
             ["--grpc-port", str(grpc_port)]
     else:
-        command = [sys.executable, __file__, "--serve-bare", name, "--port", str(port),
-                   "--upstream-port", str(replica_port)]
+        command = [sys.executable, str(Path(__file__).with_name("bare_proxies.py")), name,
+                   "--port", str(port), "--upstream-port", str(replica_port)]
     return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
 
 
@@ -132,103 +134,6 @@ async def wait_proxy(session: aiohttp.ClientSession, target: Target,
             pass
         await asyncio.sleep(0.05)
     raise SystemExit(f"{target.name} did not get ready")
-
-
-def bare_proxy(kind: str, upstream_port: int) -> Any:
-    """Return an ASGI app that forwards every request to the replica and nothing else."""
-    sys.path.insert(0, str(REPO_ROOT))  # run as a script: bench/ is on the path, not the root
-    from serving.gateway.upstream import UpstreamPool
-
-    pool, sessions = UpstreamPool(), []
-    replica_auth = (b"authorization", f"Bearer {KEY}".encode())
-    url = f"http://127.0.0.1:{upstream_port}{INFER_PATH}"
-
-    async def forward_aiohttp(body: bytes) -> tuple[int, bytes, bytes]:
-        if not sessions:
-            sessions.append(aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30)))
-        async with sessions[0].post(url, data=body, headers={
-                "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}) as reply:
-            return reply.status, reply.headers["Content-Type"].encode(), await reply.read()
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = (await receive()).get("body", b"")
-        if kind == "bare-aiohttp":
-            status, content_type, answer = await forward_aiohttp(body)
-        else:
-            reply = await pool.request("127.0.0.1", upstream_port, b"POST", INFER_PATH.encode(),
-                                       [(b"content-type", b"application/json"), replica_auth],
-                                       body)
-            status, answer = reply.status, reply.body
-            content_type = dict(reply.headers).get(b"content-type", b"application/json")
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", content_type), (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer})
-
-    return app
-
-
-def serve_splice(port: int, upstream_port: int) -> None:
-    """Serve the floor of any Python proxy here: uvloop relaying bytes between each client
-    connection and one replica connection of its own, with no parsing and no task per
-    request (two callbacks: client bytes to the replica, replica bytes to the client)."""
-    import uvloop
-
-    class Back(asyncio.Protocol):
-        def __init__(self, front: asyncio.Transport) -> None:
-            self.front = front
-
-        def data_received(self, data: bytes) -> None:
-            self.front.write(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.front.close()
-
-    class Front(asyncio.Protocol):
-        back: asyncio.Transport | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-            transport.pause_reading()  # type: ignore[attr-defined]
-            asyncio.get_running_loop().create_task(self.dial())
-
-        async def dial(self) -> None:
-            loop = asyncio.get_running_loop()
-            self.back, _ = await loop.create_connection(lambda: Back(self.transport),
-                                                        "127.0.0.1", upstream_port)
-            self.transport.resume_reading()
-
-        def data_received(self, data: bytes) -> None:
-            assert self.back is not None
-            self.back.write(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.back is not None:
-                self.back.close()
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Front, "127.0.0.1", port)
-        await server.serve_forever()
-
-    uvloop.run(main())
-
-
-def serve_bare(kind: str, port: int, upstream_port: int) -> None:
-    """Serve a bare proxy with the standalone gateway's uvicorn settings."""
-    import uvicorn
-    import uvloop
-
-    if kind == "bare-splice":
-        serve_splice(port, upstream_port)
-        return
-
-    config = uvicorn.Config(bare_proxy(kind, upstream_port), host="127.0.0.1", port=port,
-                            loop="none", http="httptools", lifespan="off", access_log=False,
-                            log_level="warning", server_header=False, date_header=False,
-                            proxy_headers=False)
-    uvloop.run(uvicorn.Server(config).serve())
 
 
 def grpc_stub(address: str) -> tuple[Any, Any, Any]:
@@ -424,14 +329,8 @@ def main() -> None:
                         help=f"add `{UVICORN_GATEWAY}`: the same gateway on uvicorn's HTTP "
                              "protocol instead of the lean one (serving/gateway/fast_http.py)")
     parser.add_argument("--compare-bare", action="store_true",
-                        help="also measure bare proxies (our pool, aiohttp) for reference")
-    parser.add_argument("--serve-bare", choices=BARE_PROXIES, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)
+                        help="also measure bare proxies for reference (bench/bare_proxies.py)")
     args = parser.parse_args()
-    if args.serve_bare:
-        serve_bare(args.serve_bare, args.port, args.upstream_port)
-        return
     if args.client == "wrk" and shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install wrk), or use --client aiohttp")
     args.load_before = load_average()
