@@ -133,6 +133,15 @@ class LivePortal:
         return self._socket_dir / "portal.sock" if self._socket_dir is not None else None
 
     def start(self, timeout_s: float = 60) -> LivePortal:
+        """Start the portal (and its gateway); on any failure stop what was started, and
+        close the held port, before raising: callers only stop a portal that started."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> LivePortal:
         where = (["--uds", str(self.portal_uds), "--forwarded-allow-ips", "*"]
                  if self.portal_uds is not None
                  else ["--host", self.host, "--port", str(self.port)])
@@ -191,3 +200,4 @@ class LivePortal:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
         if self._listener is not None:
             self._listener.close()
+            self._listener = None
