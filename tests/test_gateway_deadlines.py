@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any, cast
+
+import pytest
 
 from serving.gateway.deadlines import SLACK_S, Deadlines
 
@@ -113,3 +116,53 @@ async def test_on_a_real_loop_a_deadline_times_out_its_request() -> None:
     deadlines.add(loop, "a", loop.time() + 0.02, lambda: fired.set_result(loop.time()))
     started_s = loop.time()
     assert await asyncio.wait_for(fired, timeout=5.0) >= started_s + 0.02 - SLACK_S
+
+
+def test_a_time_out_that_raises_leaves_the_other_deadlines_kept() -> None:
+    manual, deadlines, timed_out = ManualLoop(), Deadlines(), []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in one time-out")
+
+    deadlines.add(loop_of(manual), "a", 101.0, broken)
+    deadlines.add(loop_of(manual), "b", 105.0, lambda: timed_out.append("b"))
+    with pytest.raises(RuntimeError):
+        manual.run_until(101.0)
+    assert [timer.when for timer in manual.armed()] == [105.0]
+    manual.run_until(105.0)
+    assert timed_out == ["b"]
+
+
+def test_a_time_out_may_discard_another_due_request() -> None:
+    manual, deadlines, timed_out = ManualLoop(), Deadlines(), []
+    deadlines.add(loop_of(manual), "a", 101.0,
+                  lambda: (timed_out.append("a"), deadlines.discard("b")))
+    deadlines.add(loop_of(manual), "b", 101.0, lambda: timed_out.append("b"))
+    manual.run_until(101.0)
+    assert timed_out == ["a"] and len(deadlines) == 0
+
+
+def test_the_core_finds_each_threads_own_running_loop() -> None:
+    from serving.gateway.core import GatewayCore
+    from tests.gateway_helpers import MemoryTableSource, table
+
+    core = GatewayCore(MemoryTableSource(table()))
+    seen: dict[str, tuple[object, object]] = {}
+    started, looked = threading.Barrier(2), threading.Barrier(2)
+
+    def run(name: str) -> None:
+        async def look() -> None:
+            started.wait(5)
+            seen[name] = (core._running_loop(), asyncio.get_running_loop())
+            looked.wait(5)  # each loop still runs while the other thread looks
+            seen[name + " again"] = (core._running_loop(), asyncio.get_running_loop())
+
+        asyncio.run(look())
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("one", "two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(seen) == 4
+    assert all(found is running for found, running in seen.values())

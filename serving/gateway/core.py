@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Literal, overload
@@ -98,7 +99,7 @@ class GatewayCore:
             "name": SERVER_NAME, "version": SERVER_VERSION,
             "extensions": ["binary_tensor_data"]})
         self._model_paths: dict[str, ModelPath | None] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None  # see _running_loop
+        self._loop: tuple[asyncio.AbstractEventLoop, int] | None = None  # _running_loop
 
     # introspection, for tests and the portal
 
@@ -326,11 +327,13 @@ class GatewayCore:
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """Return the running event loop. On Python 3.11 asyncio.get_running_loop() makes a
         getpid() system call each time (4 % of the gateway's CPU at concurrency 1 on a 2-core
-        VM, py-spy); a loop seen before that is still running is this thread's: a gateway
-        serves from one thread, and tests run one loop at a time."""
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            loop = self._loop = asyncio.get_running_loop()
+        VM, py-spy). A loop seen on this thread that is still running is this thread's
+        running loop: a thread runs one loop at a time (tests may run others elsewhere)."""
+        cached = self._loop
+        if cached is not None and cached[1] == threading.get_ident() and cached[0].is_running():
+            return cached[0]  # running, and seen on this thread: no other loop can run here
+        loop = asyncio.get_running_loop()
+        self._loop = (loop, threading.get_ident())
         return loop
 
     def _count_stream(self, name: str, version: int, response: StreamingResponse,

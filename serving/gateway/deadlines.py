@@ -57,8 +57,11 @@ class Deadlines:
             return
         passed_s = loop.time() + SLACK_S
         due = [key for key, (deadline, _) in self._pending.items() if deadline <= passed_s]
-        for key in due:
-            _, time_out = self._pending.pop(key)
-            time_out()
-        if self._pending:
-            self._arm(loop, min(deadline for deadline, _ in self._pending.values()))
+        try:
+            for key in due:
+                entry = self._pending.pop(key, None)  # a time-out may discard another key
+                if entry is not None:
+                    entry[1]()
+        finally:  # even if a time-out raised: the deadlines left must still be kept
+            if self._pending and self._timer is None:
+                self._arm(loop, min(deadline for deadline, _ in self._pending.values()))
