@@ -7,7 +7,7 @@ from swarm_protocol.addresses import is_loopback_host
 
 @pytest.mark.parametrize(("host", "expected"), [
     ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True),
-    ("localhost", True), ("LocalHost.", True),
+    ("localhost", True), ("LocalHost", True), ("localhost.", False),
     ("10.0.0.1", False), ("0.0.0.0", False), ("::", False), ("", False),  # noqa: S104
     ("localhost.example.com", False), ("gpu-1.example.com", False), ("::ffff:10.0.0.1", False),
 ])

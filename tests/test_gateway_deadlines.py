@@ -166,3 +166,14 @@ def test_the_core_finds_each_threads_own_running_loop() -> None:
         thread.join(10)
     assert len(seen) == 4
     assert all(found is running for found, running in seen.values())
+
+
+def test_a_time_out_that_adds_a_later_deadline_keeps_the_earlier_ones_on_time() -> None:
+    manual, deadlines, timed_out = ManualLoop(), Deadlines(), []
+    deadlines.add(loop_of(manual), "a", 101.0, lambda: deadlines.add(
+        loop_of(manual), "late", 200.0, lambda: timed_out.append("late")))
+    deadlines.add(loop_of(manual), "b", 102.0, lambda: timed_out.append("b"))
+    manual.run_until(101.0)
+    assert min(timer.when for timer in manual.armed()) == 102.0
+    manual.run_until(102.0)
+    assert timed_out == ["b"]

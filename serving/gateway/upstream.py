@@ -159,7 +159,8 @@ class PooledConnection(asyncio.Protocol):
         event-loop time, kept by `deadlines`: cheaper than a timer of its own, and than
         asyncio.timeout(), which cancels the task)."""
         transport, loop = self._transport, self._loop
-        if self.closed or transport is None or loop is None or transport.is_closing():
+        if self.closed or transport is None or loop is None or transport.is_closing() \
+                or loop.is_closed():  # made on an earlier event loop (tests): a fresh one
             raise ConnectionBroken("the connection is closed", response_started=False)
         waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._waiter = waiter
