@@ -2,6 +2,12 @@
 
 import ipaddress
 
+# Gateways name the hosts they reach in process (a tunnel node's replicas) under RFC 6761's
+# `.invalid`, which never resolves: such a host whose dial is gone fails at once instead of
+# going to DNS, and the portal refuses it as a node's address (a node advertising one could
+# have its traffic sent into another node's tunnel).
+IN_PROCESS_SUFFIX = ".invalid"
+
 
 def is_loopback_host(host: str) -> bool:
     """Return whether `host` (an IP literal or a name) names this machine only.
@@ -18,3 +24,9 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_in_process_host(host: str) -> bool:
+    """Return whether `host` is a name under IN_PROCESS_SUFFIX (any case, with or without
+    the root's dot): a gateway's in-process host, never a real address."""
+    return host.lower().rstrip(".").endswith(IN_PROCESS_SUFFIX)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from swarm_protocol.addresses import is_loopback_host
+from swarm_protocol.addresses import is_in_process_host, is_loopback_host
 
 
 @pytest.mark.parametrize(("host", "expected"), [
@@ -13,3 +13,11 @@ from swarm_protocol.addresses import is_loopback_host
 ])
 def test_loopback_hosts_are_this_machine_only(host: str, expected: bool) -> None:
     assert is_loopback_host(host) is expected
+
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("node-5.tunnel.invalid", True), ("NODE-5.TUNNEL.INVALID.", True), ("invalid", False),
+    ("gpu.invalid.example.com", False), ("127.0.0.1", False),
+])
+def test_in_process_hosts_are_names_under_invalid(host: str, expected: bool) -> None:
+    assert is_in_process_host(host) is expected

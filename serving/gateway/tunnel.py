@@ -37,8 +37,8 @@ from websockets.http11 import Request, Response
 
 from serving.gateway.pipe import connect_pipe
 from serving.gateway.routes import DeploymentRoute, RouteTable
-from serving.gateway.upstream import IN_PROCESS_SUFFIX, UpstreamPool
-from swarm_protocol.addresses import is_loopback_host
+from serving.gateway.upstream import UpstreamPool
+from swarm_protocol.addresses import IN_PROCESS_SUFFIX, is_loopback_host
 from swarm_protocol.tunnel import (
     CLOSE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,

@@ -25,14 +25,12 @@ import httptools
 
 from serving.gateway.deadlines import Deadlines
 from serving.gateway.node_tls import UpstreamTls, check_pinned
+from swarm_protocol.addresses import is_in_process_host
 
 Headers = list[tuple[bytes, bytes]]
 # (port, protocol): join `protocol` to that port of an in-process host at once (a tunnel
 # node: serving/gateway/tunnel.py) and return its transport; ConnectionError when it cannot.
 LocalDial = Callable[[int, asyncio.BaseProtocol], asyncio.Transport]
-# In-process hosts are named under RFC 6761's `.invalid`, which never resolves: one whose
-# dial is gone (its tunnel dropped) fails at once instead of going to DNS.
-IN_PROCESS_SUFFIX = ".invalid"
 
 
 class UpstreamError(Exception):
@@ -308,7 +306,7 @@ class UpstreamPool:
         if deadline is not None:
             limit_s = min(limit_s, deadline - loop.time())
         dial = self.local_hosts.get(key[0])
-        if dial is None and key[0].endswith(IN_PROCESS_SUFFIX):
+        if dial is None and is_in_process_host(key[0]):  # its tunnel dropped: no DNS
             raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: not reachable now")
         try:
             async with asyncio.timeout(limit_s):

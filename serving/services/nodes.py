@@ -20,6 +20,7 @@ from serving.services.reconcile import desired_for_node, reconcile_deployments_o
 from swarm_portal import live_events, stopping
 from swarm_portal.errors import ServiceError
 from swarm_portal.live_events import NodeFigures, NodeStatusChanged, ReplicasChanged
+from swarm_protocol.addresses import IN_PROCESS_SUFFIX, is_in_process_host
 from swarm_protocol.agent_messages import (
     GENERATION_FIELDS,
     HeartbeatRequest,
@@ -82,10 +83,8 @@ def do_register_node(message: RegisterRequest, now: datetime | None = None,
     `reach_mode` (the probe's finding) is stored in the same insert: no reader ever sees a
     tunnel node as direct."""
     now = now or timezone.now()
-    if message.address.lower().rstrip(".").endswith(".invalid"):
-        # Gateways name tunnel nodes' in-process hosts under .invalid (RFC 6761, never
-        # resolves): a node advertising one could have its traffic sent into another's.
-        raise ServiceError("address: a name under .invalid is not an address")
+    if is_in_process_host(message.address):  # a gateway's name for a tunnel node's replicas
+        raise ServiceError(f"address: a name under {IN_PROCESS_SUFFIX} is not an address")
     token = _claim_join_token(message.join_token, now)
     csr = node_certs.certificate_request(message)  # refused: the transaction gives the use back
     node = Node.objects.create(
